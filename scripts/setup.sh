@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what building and testing need on a fresh Debian machine (as root).
+# Idempotent: skips what is already there.
+set -euo pipefail
+need=()
+command -v gcc >/dev/null || need+=(gcc)
+command -v make >/dev/null || need+=(make)
+command -v ld >/dev/null || need+=(binutils)
+# userfaultfd-sys generates its bindings with bindgen, which needs libclang.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -e /dev/kvm ]; then
+  echo "setup: /dev/kvm is missing: the tests need KVM" >&2
+  exit 1
+fi

@@ -1,0 +1,94 @@
+//! Helpers shared by the integration tests: run the real `vmm` binary on
+//! the machine's /dev/kvm and capture what it printed.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The test guests built by vmm's build script.
+pub fn guest(name: &str) -> PathBuf {
+    PathBuf::from(env!("VMM_GUEST_DIR")).join(format!("{name}.elf"))
+}
+
+pub fn vmm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// The result of one `vmm` run.
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn assert_no_panic(&self) {
+        assert!(
+            !self.stderr.contains("panicked") && self.status != Some(101) && self.status.is_some(),
+            "vmm crashed: status {:?}\nstderr:\n{}",
+            self.status,
+            self.stderr
+        );
+    }
+    pub fn assert_ok(&self) {
+        assert_eq!(
+            self.status,
+            Some(0),
+            "vmm failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+    /// Assert a clear error: non-zero status, message containing `needle`, no panic.
+    pub fn assert_error(&self, needle: &str) {
+        self.assert_no_panic();
+        assert_ne!(
+            self.status,
+            Some(0),
+            "vmm succeeded unexpectedly:\n{}",
+            self.stdout
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
+    }
+}
+
+/// Run `vmm` with `args`, killing it after `timeout`.
+pub fn run_with(mut cmd: Command, timeout: Duration) -> Run {
+    let start = Instant::now();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn vmm");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out: Output = match rx.recv_timeout(timeout) {
+        Ok(o) => o.expect("wait for vmm"),
+        Err(_) => {
+            // SAFETY: killing the child we spawned.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("vmm did not finish within {timeout:?}");
+        }
+    };
+    Run {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+pub fn run(args: &[&str]) -> Run {
+    let mut c = vmm();
+    c.args(args);
+    run_with(c, Duration::from_secs(300))
+}

@@ -1,0 +1,3 @@
+//! Architecture-specific boot state.
+
+pub mod x86_64;

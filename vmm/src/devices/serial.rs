@@ -1,0 +1,237 @@
+//! 8250 UART at 0x3f8 (vm-superio) with its interrupt on IRQ 4 through an
+//! irqfd, output to the VMM's stdout and input from its stdin through an
+//! `event-manager` subscriber.
+
+use std::io::{self, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vm_superio::{serial::SerialEvents, Serial, Trigger};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{lock, BusDevice};
+
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt by writing to an eventfd registered as an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals the input side when the guest has drained the receive FIFO, so
+/// reading from stdin resumes (input is paused while the FIFO is full).
+pub struct InputEvents {
+    pub drained: EventFd,
+}
+
+impl SerialEvents for InputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.drained.write(1);
+    }
+}
+
+/// Serial output goes to stdout, flushed per write so that a guest's partial
+/// line (a prompt) is visible at once.
+pub struct FlushingStdout;
+
+impl Write for FlushingStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+type Uart = Serial<IrqTrigger, Arc<InputEvents>, Box<dyn Write + Send>>;
+
+pub struct SerialDevice {
+    uart: Uart,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, events: Arc<InputEvents>, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::with_events(IrqTrigger(irq), events, out),
+        }
+    }
+
+    /// Queue bytes for the guest; returns how many fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = self.uart.read(offset as u8);
+        data.fill(v);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            if let Err(e) = self.uart.write(offset as u8, b) {
+                log::warn!("serial: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feeds stdin (or any readable fd) to the UART.
+pub struct SerialInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    events: Arc<InputEvents>,
+    fd: RawFd,
+    reading: bool,
+    eof: bool,
+}
+
+impl SerialInput {
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, events: Arc<InputEvents>, fd: RawFd) -> Self {
+        Self {
+            serial,
+            events,
+            fd,
+            reading: false,
+            eof: false,
+        }
+    }
+
+    /// An eventfd for [`InputEvents::drained`].
+    pub fn new_events() -> io::Result<Arc<InputEvents>> {
+        Ok(Arc::new(InputEvents {
+            drained: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+
+    fn start_reading(&mut self, ops: &mut EventOps) {
+        if self.reading || self.eof {
+            return;
+        }
+        match ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            Ok(()) => self.reading = true,
+            Err(e) => {
+                // A regular file or /dev/null cannot be polled: no input.
+                log::debug!("serial input disabled: cannot poll fd {}: {e:?}", self.fd);
+                self.eof = true;
+            }
+        }
+    }
+
+    fn stop_reading(&mut self, ops: &mut EventOps) {
+        if self.reading {
+            let _ = ops.remove(Events::empty_raw(self.fd));
+            self.reading = false;
+        }
+    }
+
+    fn read_input(&mut self, ops: &mut EventOps) {
+        let mut dev = lock(&self.serial);
+        let room = dev.input_capacity();
+        if room == 0 {
+            drop(dev);
+            self.stop_reading(ops);
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let want = room.min(buf.len());
+        // SAFETY: reading into a stack buffer of at least `want` bytes.
+        let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), want) };
+        match n {
+            n if n > 0 => {
+                dev.enqueue_input(&buf[..n as usize]);
+            }
+            0 => {
+                drop(dev);
+                self.eof = true;
+                self.stop_reading(ops);
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                    drop(dev);
+                    log::debug!("serial input stopped: {e}");
+                    self.eof = true;
+                    self.stop_reading(ops);
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.events.drained, EventSet::IN)) {
+            log::warn!("serial input: cannot watch the FIFO-drained event: {e:?}");
+        }
+        self.start_reading(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.events.drained.as_raw_fd() {
+            let _ = self.events.drained.read();
+            self.start_reading(ops);
+        } else if events.fd() == self.fd {
+            if events.event_set().contains(EventSet::IN) {
+                self.read_input(ops);
+            } else {
+                // HUP or error without data: input is over.
+                self.eof = true;
+                self.stop_reading(ops);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input_with_interrupts() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq2 = irq.try_clone().unwrap();
+        let ev = SerialInput::new_events().unwrap();
+        let mut dev = SerialDevice::new(irq, ev, Box::new(Capture(out.clone())));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.lock().unwrap(), b"hi\n");
+        // Enable the received-data interrupt (IER bit 0), then feed input.
+        dev.write(1, &[1]);
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        assert!(irq2.read().unwrap() >= 1);
+        let mut d = [0u8];
+        dev.read(0, &mut d);
+        assert_eq!(d[0], b'o');
+    }
+}

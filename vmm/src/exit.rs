@@ -1,0 +1,115 @@
+//! How the VM ends. Any vCPU or device may request the end; the first request
+//! wins and fixes the exit status. All vCPU threads are then kicked out of
+//! `KVM_RUN` (a signal whose handler sets `immediate_exit`) and joined.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest wrote a status to the debug-exit port.
+    GuestStatus(u8),
+    /// The guest reset the machine through the i8042 (treated as power-off).
+    Reset,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN) on the given vCPU.
+    TripleFault { vcpu: usize, rip: u64 },
+    /// All vCPUs halted with interrupts disabled: nothing can wake them.
+    AllHalted,
+    /// A VMM-side failure while running the guest (message says what).
+    Error(String),
+}
+
+impl ExitReason {
+    /// The process exit status for this reason.
+    pub fn status(&self) -> i32 {
+        match self {
+            ExitReason::GuestStatus(s) => i32::from(*s),
+            ExitReason::Reset => 0,
+            ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Error(_) => 1,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::GuestStatus(s) => write!(f, "guest exited with status {s}"),
+            ExitReason::Reset => write!(f, "guest reset the machine (i8042)"),
+            ExitReason::TripleFault { vcpu, rip } => {
+                write!(
+                    f,
+                    "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
+                )
+            }
+            ExitReason::AllHalted => write!(f, "all vCPUs halted with no way to wake them"),
+            ExitReason::Error(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// Shared stop state. Cheap to poll from the vCPU loop.
+#[derive(Default)]
+pub struct VmExit {
+    stopping: AtomicBool,
+    reason: Mutex<Option<ExitReason>>,
+    cond: Condvar,
+}
+
+impl VmExit {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Request the VM to end. Only the first reason is kept. Returns true if
+    /// this call was the first.
+    pub fn request(&self, reason: ExitReason) -> bool {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let first = r.is_none();
+        if first {
+            *r = Some(reason);
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.cond.notify_all();
+        first
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Block until some thread requests the end; returns the reason.
+    pub fn wait(&self) -> ExitReason {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(reason) = r.as_ref() {
+                return reason.clone();
+            }
+            r = self.cond.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_request_wins() {
+        let e = VmExit::new();
+        assert!(!e.is_stopping());
+        assert!(e.request(ExitReason::GuestStatus(3)));
+        assert!(!e.request(ExitReason::Reset));
+        assert!(e.is_stopping());
+        assert_eq!(e.wait(), ExitReason::GuestStatus(3));
+        assert_eq!(e.reason().unwrap().status(), 3);
+    }
+}

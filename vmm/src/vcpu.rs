@@ -1,0 +1,206 @@
+//! The vCPU thread: `KVM_RUN` in a loop and dispatch of every exit.
+//!
+//! Stopping: [`kick`] sends [`kick_signal`] to a vCPU thread; its handler sets
+//! `immediate_exit` in that thread's `kvm_run`, so `KVM_RUN` returns `EINTR`
+//! whether the signal lands inside the ioctl or just before it. The loop then
+//! sees [`VmExit::is_stopping`] and returns.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::exit::{ExitReason, VmExit};
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<VmExit>,
+}
+
+pub struct Vcpu {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub shared: Arc<VcpuShared>,
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Only async-signal-safe work: a const-initialised thread-local read and
+    // one byte store.
+    let p = KVM_RUN_PTR.with(|p| p.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+        // `Vcpu::run` and cleared before the mapping can go away.
+        unsafe { (*p).immediate_exit = 1 };
+    }
+}
+
+/// Install the kick handler (process-wide; once, before vCPU threads start).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// Kick a vCPU thread out of `KVM_RUN`.
+pub fn kick(thread: libc::pthread_t) {
+    // SAFETY: `thread` is a live thread (the caller joins it afterwards).
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
+/// Read one GPR-free snapshot of where the vCPU is, for error reports.
+fn where_is(fd: &VcpuFd) -> (u64, u8) {
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+    let cpl = fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0xff);
+    (rip, cpl)
+}
+
+/// Describe a `KVM_EXIT_INTERNAL_ERROR`: suberror, RIP, CPL, instruction bytes.
+pub fn describe_internal_error(index: usize, run: &kvm_run, rip: u64, cpl: u8) -> String {
+    // SAFETY: called only for KVM_EXIT_INTERNAL_ERROR, whose union member is `internal`.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let ndata = (internal.ndata as usize).min(internal.data.len());
+    let mut msg = format!(
+        "vCPU {index}: KVM_EXIT_INTERNAL_ERROR suberror {} at RIP {rip:#x} (CPL {cpl})",
+        internal.suberror
+    );
+    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+        msg.push_str(": the host could not emulate the instruction");
+        if let Some(bytes) = emulation_insn_bytes(run) {
+            msg.push_str(&format!(", instruction bytes {}", hex(&bytes)));
+        }
+    } else if ndata > 0 {
+        msg.push_str(&format!(", data {:x?}", &internal.data[..ndata]));
+    }
+    msg
+}
+
+/// Instruction bytes of an emulation failure, when the kernel supplies them
+/// (`KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`: data[0] = flags,
+/// then a size byte and up to 15 bytes).
+pub fn emulation_insn_bytes(run: &kvm_run) -> Option<Vec<u8>> {
+    // SAFETY: called only for KVM_EXIT_INTERNAL_ERROR.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    if internal.ndata < 2 {
+        return None;
+    }
+    let raw: Vec<u8> = internal.data[1..]
+        .iter()
+        .flat_map(|d| d.to_le_bytes())
+        .collect();
+    let len = usize::from(raw[0]).min(15);
+    (len > 0).then(|| raw[1..1 + len].to_vec())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the loop does after an exit.
+enum Next {
+    Continue,
+    Stop(ExitReason),
+}
+
+impl Vcpu {
+    /// Run until the VM stops. Any failure ends the whole VM with a reason.
+    pub fn run(mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        let exit = self.shared.exit.clone();
+        while !exit.is_stopping() {
+            match self.run_once() {
+                Next::Continue => {}
+                Next::Stop(reason) => {
+                    exit.request(reason);
+                    break;
+                }
+            }
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run_once(&mut self) -> Next {
+        let index = self.index;
+        let shared = &*self.shared;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(index, u64::from(port), data);
+                Next::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                shared.pio.read(index, u64::from(port), data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio.write(index, addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                shared.mmio.read(index, addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC, HLT is handled by KVM; an HLT exit
+                // means this vCPU can never be woken.
+                let (rip, _) = where_is(&self.fd);
+                log::info!("vCPU {index} halted at RIP {rip:#x}");
+                Next::Stop(ExitReason::AllHalted)
+            }
+            Ok(VcpuExit::Shutdown) => {
+                let (rip, _) = where_is(&self.fd);
+                Next::Stop(ExitReason::TripleFault { vcpu: index, rip })
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => Next::Stop(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(ExitReason::GuestStatus(0)),
+                other => Next::Stop(ExitReason::Error(format!(
+                    "vCPU {index}: unsupported system event {other}"
+                ))),
+            },
+            Ok(VcpuExit::InternalError) => {
+                let (rip, cpl) = where_is(&self.fd);
+                let msg = describe_internal_error(index, self.fd.get_kvm_run(), rip, cpl);
+                Next::Stop(ExitReason::Error(msg))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(ExitReason::Error(format!(
+                "vCPU {index}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU {cpu}"
+            ))),
+            Ok(VcpuExit::Intr) => Next::Continue,
+            Ok(other) => {
+                let what = format!("{other:?}");
+                let (rip, _) = where_is(&self.fd);
+                Next::Stop(ExitReason::Error(format!(
+                    "vCPU {index}: unhandled exit {what} at RIP {rip:#x}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => {
+                let (rip, cpl) = where_is(&self.fd);
+                Next::Stop(ExitReason::Error(format!(
+                    "vCPU {index}: KVM_RUN failed at RIP {rip:#x} (CPL {cpl}): {e}"
+                )))
+            }
+        }
+    }
+}
