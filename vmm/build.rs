@@ -19,11 +19,9 @@ fn main() {
         .status()
         .expect("running make for guest-images (needs make and gcc)");
     assert!(status.success(), "building guest-images failed");
-    let demo = out.join("demo.elf");
-    std::fs::copy(
-        &demo,
-        PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("demo.elf"),
-    )
-    .expect("copy demo.elf");
+    for embedded in ["demo.elf", "memstress.elf"] {
+        let dst = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(embedded);
+        std::fs::copy(out.join(embedded), dst).expect("copy an embedded guest");
+    }
     println!("cargo:rustc-env=VMM_GUEST_DIR={}", out.display());
 }

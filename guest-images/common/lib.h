@@ -38,6 +38,15 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v)
 
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 
+/* Phase marker: 32-bit outl of v to port 0x502 tells the VMM a test phase boundary
+ * was reached. The VMM may act synchronously during that exit (e.g. discard guest
+ * pages) before the vCPU continues, hence the memory clobber. */
+#define MARKER_PORT     0x502
+static inline void marker(u32 v)
+{
+    __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"((u16)MARKER_PORT) : "memory");
+}
+
 /* Halt this vCPU forever (interrupts disabled). */
 NORETURN void halt_forever(void);
 

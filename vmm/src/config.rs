@@ -15,6 +15,14 @@ pub enum ConfigError {
     MemNotPageAligned(u64),
     #[error("--mem {got} bytes is more than this VMM supports ({max} bytes)")]
     MemTooLarge { got: u64, max: u64 },
+    #[error("--mem-source needs a userfaultfd fault mode (vcpu or handler), not {0}")]
+    SourceNeedsUffd(&'static str),
+    #[error("--mem-source must be file:PATH (got {0:?})")]
+    BadSource(String),
+    #[error("--fault-threads must be between 1 and 64")]
+    BadFaultThreads,
+    #[error("--fault-around must be between 1 and 512 pages")]
+    BadFaultAround,
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {got} is more than this host allows ({max})")]
@@ -52,11 +60,39 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 }
 
 /// How guest RAM is populated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FaultMode {
-    /// The host kernel fills anonymous memory on first touch (no VMM involvement).
-    #[default]
+    /// Userfaultfd (SIGBUS mode): the faulting vCPU thread serves its own fault.
+    Vcpu,
+    /// Blocking userfaultfd served by handler threads (Firecracker/QEMU).
+    Handler,
+    /// All RAM populated before the guest starts: no faults.
+    Prefault,
+    /// Anonymous memory filled by the host kernel (benchmark baseline).
     Kernel,
+}
+
+impl FaultMode {
+    pub fn uses_uffd(self) -> bool {
+        matches!(self, FaultMode::Vcpu | FaultMode::Handler)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultMode::Vcpu => "vcpu",
+            FaultMode::Handler => "handler",
+            FaultMode::Prefault => "prefault",
+            FaultMode::Kernel => "kernel",
+        }
+    }
+}
+
+/// Where serial output goes.
+#[derive(Debug, Clone, Default)]
+pub enum SerialOut {
+    #[default]
+    Stdout,
+    /// Into a buffer (benchmarks and in-process tests).
+    Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>),
 }
 
 /// A validated VM configuration.
@@ -70,8 +106,34 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// Command line handed to the guest.
     pub cmdline: String,
-    /// How guest RAM is populated.
-    pub fault_mode: FaultMode,
+    /// How guest RAM is populated; `None` picks `vcpu` where the host
+    /// delivers faulting addresses to the vCPU, `handler` elsewhere.
+    pub fault_mode: Option<FaultMode>,
+    /// Memory image backing guest RAM (read lazily at first touch).
+    pub mem_source: Option<PathBuf>,
+    /// Handler threads in `handler` mode.
+    pub fault_threads: usize,
+    /// Pages installed per fault on a sequential pattern (1 = off).
+    pub fault_around: u64,
+    /// Serial output destination.
+    pub serial: SerialOut,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the image.
+    pub fn new(kernel: Option<PathBuf>) -> Self {
+        Self {
+            kernel,
+            mem_size: 512 << 20,
+            vcpus: 2,
+            cmdline: String::new(),
+            fault_mode: None,
+            mem_source: None,
+            fault_threads: 1,
+            fault_around: 1,
+            serial: SerialOut::Stdout,
+        }
+    }
 }
 
 impl VmConfig {
@@ -81,6 +143,17 @@ impl VmConfig {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
+        if self.fault_threads == 0 || self.fault_threads > 64 {
+            return Err(ConfigError::BadFaultThreads);
+        }
+        if self.fault_around == 0 || self.fault_around > 512 {
+            return Err(ConfigError::BadFaultAround);
+        }
+        if let (Some(_), Some(m)) = (&self.mem_source, self.fault_mode) {
+            if !m.uses_uffd() {
+                return Err(ConfigError::SourceNeedsUffd(m.name()));
+            }
+        }
         if self.vcpus > max_vcpus {
             return Err(ConfigError::TooManyVcpus {
                 got: self.vcpus,
@@ -88,6 +161,14 @@ impl VmConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// Parse `--mem-source file:PATH`.
+pub fn parse_mem_source(s: &str) -> Result<PathBuf, ConfigError> {
+    match s.strip_prefix("file:") {
+        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        _ => Err(ConfigError::BadSource(s.to_string())),
     }
 }
 

@@ -4,7 +4,9 @@
 //! Module map (see `docs/ARCHITECTURE.md`):
 //! - [`config`]: validated VM configuration and size parsing.
 //! - [`host`]: what KVM this host has (hardware or PVM) and its limits.
-//! - [`memory`]: guest RAM and its memslots.
+//! - [`memory`]: guest RAM, the memslot table and run-time memslot changes.
+//! - [`fault`]: the stage-2 fault engine (speculative install, slow path,
+//!   handler threads, SIGBUS).
 //! - [`loader`]: ELF loading of test guests and kernels.
 //! - [`arch`]: x86_64 boot state (page tables, GDT, registers, CPUID, MSRs).
 //! - [`devices`]: port-I/O and MMIO buses and the legacy devices.
@@ -13,15 +15,22 @@
 //! - [`exit`]: how any thread ends the VM and with what status.
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod fault;
 pub mod host;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod summary;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;
+
+/// The memory stress guest (`guest-images/memstress`), used by benchmarks.
+pub static MEMSTRESS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf"));
 
 /// The default guest embedded in the binary (built from `guest-images/demo`).
 pub static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use vmm::config::{parse_size, FaultMode, VmConfig};
+use vmm::bench::{self, BenchArgs};
+use vmm::config::{parse_mem_source, parse_size, FaultMode, SerialOut, VmConfig};
 use vmm::vm::Vm;
 
 #[derive(Parser)]
@@ -23,6 +24,15 @@ struct Cli {
 enum Command {
     /// Boot a guest and run it until it ends; exit with the guest's status.
     Run(RunArgs),
+    /// Benchmarks (numbers side by side, one run).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Fault throughput and latency under each fault mode.
+    Faults(BenchArgs),
 }
 
 #[derive(Parser)]
@@ -40,10 +50,31 @@ struct RunArgs {
     /// Command line handed to the guest.
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// How guest RAM is populated. Default: vcpu where the host reports
+    /// faulting addresses to the vCPU, handler elsewhere.
+    #[arg(long, value_enum)]
+    fault_mode: Option<FaultMode>,
+    /// Back guest RAM with a memory image, read lazily at first touch
+    /// (file:PATH; needs --fault-mode vcpu or handler).
+    #[arg(long, value_parser = parse_source)]
+    mem_source: Option<PathBuf>,
+    /// Handler threads in handler mode.
+    #[arg(long, default_value_t = 1)]
+    fault_threads: usize,
+    /// Pages installed per fault when faults are sequential (1 = off).
+    #[arg(long, default_value_t = 1)]
+    fault_around: u64,
+    /// Do not print the fault summary at the end.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_source(s: &str) -> Result<PathBuf, String> {
+    parse_mem_source(s).map_err(|e| e.to_string())
 }
 
 /// Make sure fds 0..=2 are open, so that no file we open later lands on them
@@ -58,35 +89,50 @@ fn ensure_std_fds() {
     }
 }
 
+fn run(a: RunArgs) -> ExitCode {
+    let config = VmConfig {
+        kernel: a.kernel,
+        mem_size: a.mem,
+        vcpus: a.vcpus,
+        cmdline: a.cmdline,
+        fault_mode: a.fault_mode,
+        mem_source: a.mem_source,
+        fault_threads: a.fault_threads,
+        fault_around: a.fault_around,
+        serial: SerialOut::Stdout,
+    };
+    match Vm::new(config).and_then(|vm| vm.run()) {
+        Ok(report) => {
+            if !a.quiet {
+                eprint!("{}", vmm::summary::render(&report));
+            }
+            let status = report.reason.status();
+            if status == 0 {
+                log::info!("{}", report.reason);
+            } else {
+                eprintln!("vmm: {}", report.reason);
+            }
+            ExitCode::from(status as u8)
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     ensure_std_fds();
     vmm::logger::init(log::LevelFilter::Warn);
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(a) => {
-            let config = VmConfig {
-                kernel: a.kernel,
-                mem_size: a.mem,
-                vcpus: a.vcpus,
-                cmdline: a.cmdline,
-                fault_mode: FaultMode::default(),
-            };
-            let result = Vm::new(config).and_then(|vm| vm.run());
-            match result {
-                Ok(reason) => {
-                    let status = reason.status();
-                    if status == 0 {
-                        log::info!("{reason}");
-                    } else {
-                        eprintln!("vmm: {reason}");
-                    }
-                    ExitCode::from(status as u8)
-                }
-                Err(e) => {
-                    eprintln!("vmm: error: {e}");
-                    ExitCode::from(1)
-                }
+        Command::Run(a) => run(a),
+        Command::Bench(BenchCmd::Faults(a)) => match bench::faults(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm: bench: {e}");
+                ExitCode::from(1)
             }
-        }
+        },
     }
 }

@@ -16,18 +16,25 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::fault::{
+    sigbus, Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved,
+};
 
 /// What every vCPU thread shares.
 pub struct VcpuShared {
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: Arc<VmExit>,
+    /// Set in `vcpu` mode: faults are served on the vCPU thread.
+    pub fault: Option<Arc<FaultEngine>>,
 }
 
 pub struct Vcpu {
     pub index: usize,
     pub fd: VcpuFd,
     pub shared: Arc<VcpuShared>,
+    pub stats: Arc<FaultStats>,
+    pub ctx: FaultCtx,
 }
 
 thread_local! {
@@ -120,10 +127,24 @@ enum Next {
 }
 
 impl Vcpu {
+    pub fn new(index: usize, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
+        let stats = Arc::new(FaultStats::default());
+        Self {
+            index,
+            fd,
+            shared,
+            ctx: FaultCtx::new(stats.clone()),
+            stats,
+        }
+    }
+
     /// Run until the VM stops. Any failure ends the whole VM with a reason.
     pub fn run(mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        if self.shared.fault.is_some() {
+            sigbus::prepare_thread(self.stats.clone());
+        }
         let exit = self.shared.exit.clone();
         while !exit.is_stopping() {
             match self.run_once() {
@@ -140,7 +161,46 @@ impl Vcpu {
     fn run_once(&mut self) -> Next {
         let index = self.index;
         let shared = &*self.shared;
-        match self.fd.run() {
+        let engine = shared.fault.as_deref();
+        let result = self.fd.run();
+        // Fault latency is measured from here (the exit) to the next entry.
+        let exited = std::time::Instant::now();
+        match result {
+            // In `vcpu` mode an MMIO exit inside a RAM memslot is a stage-2
+            // fault: install the page, complete the access, re-enter. A GPA
+            // outside RAM falls through to the MMIO bus.
+            Ok(VcpuExit::MmioWrite(addr, data)) if engine.is_some() => {
+                let len = data.len() as u64;
+                match engine
+                    .unwrap()
+                    .resolve_range(&mut self.ctx, addr, len, Access::Write(data))
+                {
+                    Err(FaultError::NotRam(_)) => {
+                        shared.mmio.write(index, addr, data);
+                        Next::Continue
+                    }
+                    r => self.fault_done(FaultKind::Mmio, addr, r, exited),
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) if engine.is_some() => {
+                let len = data.len() as u64;
+                match engine.unwrap().resolve_range(
+                    &mut self.ctx,
+                    addr,
+                    len,
+                    Access::Read(&mut *data),
+                ) {
+                    Err(FaultError::NotRam(_)) => {
+                        shared.mmio.read(index, addr, data);
+                        Next::Continue
+                    }
+                    r => self.fault_done(FaultKind::Mmio, addr, r, exited),
+                }
+            }
+            Ok(VcpuExit::MemoryFault { gpa, .. }) if engine.is_some() => {
+                let r = engine.unwrap().resolve(&mut self.ctx, gpa, Access::None);
+                self.fault_done(FaultKind::MemoryFault, gpa, r, exited)
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 shared.pio.write(index, u64::from(port), data);
                 Next::Continue
@@ -176,6 +236,9 @@ impl Vcpu {
                 ))),
             },
             Ok(VcpuExit::InternalError) => {
+                if let Some(next) = self.fetch_fault(exited) {
+                    return next;
+                }
                 let (rip, cpl) = where_is(&self.fd);
                 let msg = describe_internal_error(index, self.fd.get_kvm_run(), rip, cpl);
                 Next::Stop(ExitReason::Error(msg))
@@ -195,6 +258,14 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
+            Err(e) if e.errno() == libc::EFAULT && engine.is_some() => {
+                let (rip, cpl) = where_is(&self.fd);
+                Next::Stop(ExitReason::Error(format!(
+                    "vCPU {index}: KVM_RUN returned EFAULT without the faulting address at RIP \
+                     {rip:#x} (CPL {cpl}): this host does not report missing pages to the vCPU \
+                     here; use --fault-mode handler"
+                )))
+            }
             Err(e) => {
                 let (rip, cpl) = where_is(&self.fd);
                 Next::Stop(ExitReason::Error(format!(
@@ -202,5 +273,72 @@ impl Vcpu {
                 )))
             }
         }
+    }
+
+    /// Account a served fault; a fault that cannot be served ends the VM.
+    fn fault_done(
+        &mut self,
+        kind: FaultKind,
+        gpa: u64,
+        r: Result<Resolved, FaultError>,
+        exited: std::time::Instant,
+    ) -> Next {
+        match r {
+            Ok(_) => {
+                self.stats.by_kind[kind as usize].add(1);
+                self.stats
+                    .record_latency(exited.elapsed().as_nanos() as u64);
+                Next::Continue
+            }
+            Err(e) => {
+                let (rip, _) = where_is(&self.fd);
+                Next::Stop(ExitReason::Error(format!(
+                    "vCPU {}: guest access to GPA {gpa:#x} at RIP {rip:#x}: {e}",
+                    self.index
+                )))
+            }
+        }
+    }
+
+    /// An emulation failure whose instruction lies on a missing page: the
+    /// host could not fetch it. Install the page(s) the instruction spans and
+    /// re-enter. Returns `None` when this is not such a fault.
+    fn fetch_fault(&mut self, exited: std::time::Instant) -> Option<Next> {
+        let engine = self.shared.fault.clone()?;
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR.
+        let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if sub != KVM_INTERNAL_ERROR_EMULATION {
+            return None;
+        }
+        let rip = self.fd.get_regs().ok()?.rip;
+        let mut installed = false;
+        // An instruction is at most 15 bytes: it spans at most two pages.
+        for gva in [rip, rip.wrapping_add(14)] {
+            let t = self.fd.translate_gva(gva).ok()?;
+            if t.valid == 0 || !engine.is_ram(t.physical_address) {
+                continue;
+            }
+            match engine.resolve(&mut self.ctx, t.physical_address, Access::None) {
+                Ok(Resolved::Installed) => installed = true,
+                Ok(Resolved::AlreadyPresent) => {}
+                Err(e) => {
+                    return Some(self.fault_done(
+                        FaultKind::EmulationFailure,
+                        t.physical_address,
+                        Err(e),
+                        exited,
+                    ))
+                }
+            }
+        }
+        // Nothing was missing: a genuine emulation failure, reported as such.
+        installed.then(|| {
+            self.fault_done(
+                FaultKind::EmulationFailure,
+                rip,
+                Ok(Resolved::Installed),
+                exited,
+            )
+        })
     }
 }

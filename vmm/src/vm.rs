@@ -1,26 +1,33 @@
 //! Builds a VM from a [`VmConfig`] and runs it to its end.
 //!
 //! Order matters: the in-kernel irqchip and PIT exist before any vCPU; guest
-//! RAM is written (image, page tables, GDT, command line) before vCPUs start.
+//! RAM is written (image, page tables, GDT, command line) and registered with
+//! KVM before userfaultfd takes over the missing pages and vCPUs start.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
+use userfaultfd::{FeatureFlags, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{cpuid, gdt, layout, paging, regs};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, FaultMode, SerialOut, VmConfig};
+use crate::devices::marker::{MarkerHook, MarkerLog, MarkerPort, MARKER_PORT};
 use crate::devices::{exit_port, i8042, serial, Bus, BusDevice, BusOverlap, Sink};
 use crate::exit::{ExitReason, VmExit};
-use crate::host::{Host, HostError};
+use crate::fault::{handler, sigbus, FaultEngine, FaultSnapshot, FaultStats};
+use crate::host::{Host, HostError, KvmFlavor};
 use crate::loader::{self, LoaderError};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{
+    GuestRam, ImageFile, MemError, MemoryError, MemoryManager, PageSource, SourceError,
+};
 use crate::vcpu::{self, Vcpu, VcpuShared};
 
 #[derive(Debug, Error)]
@@ -31,6 +38,10 @@ pub enum VmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error("{what} failed: {source}")]
@@ -45,6 +56,8 @@ pub enum VmError {
     },
     #[error("writing boot structures to guest memory failed: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("cannot create a userfaultfd ({0}); /dev/userfaultfd or the userfaultfd syscall is needed for --fault-mode vcpu/handler")]
+    Uffd(userfaultfd::Error),
     #[error("device setup: {0}")]
     Device(String),
     #[error(transparent)]
@@ -57,18 +70,64 @@ fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmEr
     r.map_err(|source| VmError::Kvm { what, source })
 }
 
+/// What a finished run reports.
+pub struct RunReport {
+    pub reason: ExitReason,
+    pub mode: FaultMode,
+    /// Per-vCPU fault counters, indexed by vCPU.
+    pub vcpus: Vec<FaultSnapshot>,
+    /// Handler threads' counters (`handler` mode).
+    pub handlers: Vec<FaultSnapshot>,
+    /// Marker-port writes: time since the vCPUs started, value.
+    pub markers: Vec<(Duration, u32)>,
+    pub memslot_changes: u64,
+    pub generation: u64,
+    pub discarded_pages: u64,
+    pub resident_pages: u64,
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    /// All fault counters added up (vCPUs and handlers).
+    pub fn total(&self) -> FaultSnapshot {
+        let mut t = FaultSnapshot::default();
+        for s in self.vcpus.iter().chain(&self.handlers) {
+            t.add(s);
+        }
+        t
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
     config: VmConfig,
-    host: Host,
+    mode: FaultMode,
     // Field order is drop order: vCPUs and the VM fd go before guest RAM.
     vcpus: Vec<VcpuFd>,
-    vm_fd: VmFd,
     exit: Arc<VmExit>,
     shared: Option<Arc<VcpuShared>>,
     serial_input: Option<serial::SerialInput>,
-    entry: u64,
-    ram: GuestRam,
+    markers: Arc<Mutex<MarkerLog>>,
+    engine: Option<Arc<FaultEngine>>,
+    memory: Arc<MemoryManager>,
+    _vm_fd: Arc<VmFd>,
+    _ram: GuestRam,
+    _host: Host,
+}
+
+/// Where the host delivers a missing page's address to the faulting vCPU:
+/// PVM does (an MMIO exit at the GPA, or an emulation failure on a fetch);
+/// hardware KVM returns a bare EFAULT until exit-on-missing is merged.
+fn auto_mode(flavor: KvmFlavor) -> FaultMode {
+    match flavor {
+        KvmFlavor::Pvm => FaultMode::Vcpu,
+        other => {
+            log::info!(
+                "fault mode: handler ({other} returns a bare EFAULT for missing pages, so the vCPU cannot learn the address)"
+            );
+            FaultMode::Handler
+        }
+    }
 }
 
 impl Vm {
@@ -76,18 +135,27 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         let host = Host::open()?;
         config.validate(host.max_vcpus)?;
+        let mode = config.fault_mode.unwrap_or_else(|| auto_mode(host.flavor));
+        if config.mem_source.is_some() && !mode.uses_uffd() {
+            return Err(ConfigError::SourceNeedsUffd(mode.name()).into());
+        }
         log::info!(
-            "host: {}, max {} vCPUs, {} memslots",
+            "host: {}, max {} vCPUs, {} memslots; fault mode {}",
             host.flavor,
             host.max_vcpus,
-            host.max_memslots
+            host.max_memslots,
+            mode.name()
         );
         let image = match &config.kernel {
             Some(path) => loader::read_image(path)?,
             None => crate::DEFAULT_GUEST.to_vec(),
         };
+        let source = match &config.mem_source {
+            Some(p) => PageSource::File(ImageFile::open(p, config.mem_size)?),
+            None => PageSource::Zero,
+        };
 
-        let vm_fd = kvm("KVM_CREATE_VM", host.kvm.create_vm())?;
+        let vm_fd = Arc::new(kvm("KVM_CREATE_VM", host.kvm.create_vm())?);
         kvm(
             "KVM_SET_TSS_ADDR",
             vm_fd.set_tss_address(layout::KVM_TSS_ADDR),
@@ -105,7 +173,59 @@ impl Vm {
         ram.register(&vm_fd)?;
 
         let exit = Arc::new(VmExit::new());
-        let (shared, serial_input) = build_devices(&vm_fd, &exit)?;
+        let mut offset = 0;
+        let boot_slots = ram
+            .mappings()
+            .into_iter()
+            .map(|(gpa, mapping)| {
+                let o = offset;
+                offset += mapping.size() as u64;
+                (gpa, mapping, source.clone(), o)
+            })
+            .collect();
+        let mut memory = MemoryManager::new(vm_fd.clone(), boot_slots, host.max_memslots);
+        let engine = match mode {
+            FaultMode::Vcpu | FaultMode::Handler => {
+                let mut b = UffdBuilder::new();
+                b.close_on_exec(true)
+                    .non_blocking(true)
+                    .user_mode_only(false);
+                if mode == FaultMode::Vcpu {
+                    b.require_features(FeatureFlags::SIGBUS);
+                }
+                let uffd = Arc::new(b.create().map_err(VmError::Uffd)?);
+                memory.attach_uffd(uffd.clone())?;
+                let memory = Arc::new(memory);
+                let e = Arc::new(FaultEngine::new(
+                    memory.clone(),
+                    uffd,
+                    exit.clone(),
+                    mode == FaultMode::Handler,
+                    config.fault_around,
+                ));
+                (Some(e), memory)
+            }
+            FaultMode::Prefault => {
+                memory.populate_all()?;
+                (None, Arc::new(memory))
+            }
+            FaultMode::Kernel => (None, Arc::new(memory)),
+        };
+        let (engine, memory) = engine;
+        if mode == FaultMode::Vcpu {
+            if let Some(e) = &engine {
+                sigbus::register(e).map_err(|e| VmError::Device(format!("SIGBUS handler: {e}")))?;
+            }
+        }
+
+        let markers = Arc::new(Mutex::new(MarkerLog::default()));
+        let vcpu_engine = if mode == FaultMode::Vcpu {
+            engine.clone()
+        } else {
+            None
+        };
+        let (shared, serial_input) =
+            build_devices(&vm_fd, &exit, &config.serial, &markers, vcpu_engine)?;
 
         let base = kvm(
             "KVM_GET_SUPPORTED_CPUID",
@@ -153,14 +273,17 @@ impl Vm {
         );
         Ok(Vm {
             config,
-            host,
+            mode,
             vcpus,
-            vm_fd,
             exit,
             shared: Some(shared),
             serial_input: Some(serial_input),
-            entry: loaded.entry,
-            ram,
+            markers,
+            engine,
+            memory,
+            _vm_fd: vm_fd,
+            _ram: ram,
+            _host: host,
         })
     }
 
@@ -168,18 +291,43 @@ impl Vm {
         &self.config
     }
 
+    pub fn mode(&self) -> FaultMode {
+        self.mode
+    }
+
+    /// Run-time memslot changes (hotplug, unplug, discards).
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
+    /// A handle that ends the VM (e.g. from a test's churn thread).
+    pub fn exit_handle(&self) -> Arc<VmExit> {
+        self.exit.clone()
+    }
+
+    /// Run `hook(value)` on the vCPU thread at each marker-port write.
+    pub fn on_marker(&self, hook: MarkerHook) {
+        self.markers.lock().unwrap_or_else(|e| e.into_inner()).hook = Some(hook);
+    }
+
     /// Run the guest until any vCPU or device ends it.
-    pub fn run(mut self) -> Result<ExitReason, VmError> {
+    pub fn run(mut self) -> Result<RunReport, VmError> {
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Device(format!("kick signal handler: {e}")))?;
         let shared = self.shared.take().expect("run called once");
+        let (handlers, handler_stats) = match (&self.engine, self.mode) {
+            (Some(e), FaultMode::Handler) => {
+                handler::spawn_handlers(e.clone(), self.exit.clone(), self.config.fault_threads)
+                    .map_err(VmError::Thread)?
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        let start = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut stats: Vec<Arc<FaultStats>> = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let v = Vcpu {
-                index,
-                fd,
-                shared: shared.clone(),
-            };
+            let v = Vcpu::new(index, fd, shared.clone());
+            stats.push(v.stats.clone());
             let t = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || v.run())
@@ -200,11 +348,36 @@ impl Vm {
                 log::error!("a vCPU thread panicked");
             }
         }
+        let elapsed = start.elapsed();
+        for t in handlers {
+            let _ = t.join();
+        }
         if let Some(Ok(t)) = input {
             let _ = t.join();
         }
-        let _ = (&self.host, &self.vm_fd, self.entry, &self.ram);
-        Ok(reason)
+        let markers = self
+            .markers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .marks
+            .iter()
+            .map(|(t, v)| (t.saturating_duration_since(start), *v))
+            .collect();
+        let counters = &self.memory.counters;
+        Ok(RunReport {
+            reason,
+            mode: self.mode,
+            vcpus: stats.iter().map(|s| s.snapshot()).collect(),
+            handlers: handler_stats.iter().map(|s| s.snapshot()).collect(),
+            markers,
+            memslot_changes: counters.changes.load(std::sync::atomic::Ordering::Relaxed),
+            generation: self.memory.slots.snapshot().generation,
+            discarded_pages: counters
+                .discarded_pages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            resident_pages: self.memory.resident_pages(),
+            elapsed,
+        })
     }
 }
 
@@ -244,6 +417,9 @@ fn host_has_1g_pages(host: &Host) -> bool {
 fn build_devices(
     vm_fd: &VmFd,
     exit: &Arc<VmExit>,
+    out: &SerialOut,
+    markers: &Arc<Mutex<MarkerLog>>,
+    fault: Option<Arc<FaultEngine>>,
 ) -> Result<(Arc<VcpuShared>, serial::SerialInput), VmError> {
     let dev_err = |what: &str, e: std::io::Error| VmError::Device(format!("{what}: {e}"));
     let mut pio = Bus::new("port-I/O");
@@ -255,10 +431,14 @@ fn build_devices(
     )?;
     let events =
         serial::SerialInput::new_events().map_err(|e| dev_err("serial input eventfd", e))?;
+    let writer: Box<dyn std::io::Write + Send> = match out {
+        SerialOut::Stdout => Box::new(serial::FlushingStdout),
+        SerialOut::Capture(buf) => Box::new(serial::CaptureWriter(buf.clone())),
+    };
     let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
         irq,
         events.clone(),
-        Box::new(serial::FlushingStdout),
+        writer,
     )));
     pio.insert(serial::COM1_BASE, serial::COM1_LEN, uart.clone())?;
     let input = serial::SerialInput::new(uart, events, libc::STDIN_FILENO);
@@ -267,8 +447,13 @@ fn build_devices(
     pio.insert(i8042::I8042_BASE, i8042::I8042_LEN, i8042)?;
     pio.insert(
         exit_port::EXIT_PORT,
-        4,
+        1,
         Arc::new(Mutex::new(exit_port::ExitPort::new(exit.clone()))),
+    )?;
+    pio.insert(
+        MARKER_PORT,
+        1,
+        Arc::new(Mutex::new(MarkerPort(markers.clone()))),
     )?;
     pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
 
@@ -276,6 +461,7 @@ fn build_devices(
         pio,
         mmio: Bus::new("MMIO"),
         exit: exit.clone(),
+        fault,
     });
     Ok((shared, input))
 }

@@ -7,6 +7,7 @@
 
 pub mod exit_port;
 pub mod i8042;
+pub mod marker;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};

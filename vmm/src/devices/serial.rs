@@ -57,6 +57,19 @@ impl Write for FlushingStdout {
     }
 }
 
+/// Serial output into a shared buffer (benchmarks, in-process tests).
+pub struct CaptureWriter(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        lock(&self.0).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 type Uart = Serial<IrqTrigger, Arc<InputEvents>, Box<dyn Write + Send>>;
 
 pub struct SerialDevice {

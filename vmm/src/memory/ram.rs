@@ -108,6 +108,14 @@ impl GuestRam {
         self.regions.iter().map(|r| r.as_ptr() as u64).collect()
     }
 
+    /// Each range's guest address and host mapping.
+    pub fn mappings(&self) -> Vec<(u64, Arc<MmapRegion<()>>)> {
+        self.regions
+            .iter()
+            .map(|r| (r.start_addr().0, r.get_mmap()))
+            .collect()
+    }
+
     /// Register every range with KVM, as slots 0..n.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
         for (slot, region) in self.regions.iter().enumerate() {

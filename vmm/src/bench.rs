@@ -1,0 +1,195 @@
+//! `vmm bench faults`: the same guest under each fault mode, in one run,
+//! printed side by side. Times are ratios' raw material, not absolutes (the
+//! machines are shared).
+//!
+//! The guest is `memstress` (mode 0, one round): every vCPU writes one word
+//! per page over its share of `pages` pages, then writes the marker port.
+//! The time from vCPU start to that marker is the fault phase.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::config::{FaultMode, SerialOut, VmConfig};
+use crate::exit::ExitReason;
+use crate::memory::PageSource;
+use crate::vm::{RunReport, Vm};
+
+#[derive(Parser, Debug, Clone)]
+pub struct BenchArgs {
+    /// vCPU counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub vcpus: Vec<usize>,
+    /// Pages the guest touches (one word per 4 KiB page).
+    #[arg(long, default_value_t = 20000)]
+    pub pages: u64,
+    /// Runs per configuration; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Fault-around size for the extra `vcpu+fa` row (pages).
+    #[arg(long, default_value_t = 16)]
+    pub fault_around: u64,
+    /// Memslot changes per second for the churn row.
+    #[arg(long, default_value_t = 100)]
+    pub churn_hz: u64,
+}
+
+const BASE: u64 = 16 << 20;
+
+struct Sample {
+    secs: f64,
+    report: RunReport,
+}
+
+fn one_run(
+    guest: &Path,
+    mode: FaultMode,
+    vcpus: usize,
+    pages: u64,
+    fault_around: u64,
+    churn_hz: u64,
+) -> Result<Sample, String> {
+    let bytes = pages * 4096;
+    let mut config = VmConfig::new(Some(guest.to_path_buf()));
+    config.mem_size = (BASE + bytes + (16 << 20)).next_multiple_of(2 << 20);
+    config.vcpus = vcpus;
+    config.cmdline = format!("mode=0 rounds=1 base={BASE} bytes={bytes} stride=4096");
+    config.fault_mode = Some(mode);
+    config.fault_around = fault_around;
+    config.serial = SerialOut::Capture(Default::default());
+    let SerialOut::Capture(out) = config.serial.clone() else {
+        unreachable!()
+    };
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let churn = (churn_hz > 0).then(|| spawn_churn(&vm, churn_hz));
+    let report = vm.run().map_err(|e| e.to_string())?;
+    if let Some((stop, t, _)) = churn {
+        stop.store(true, Ordering::Relaxed);
+        let _ = t.join();
+    }
+    let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    if report.reason != ExitReason::GuestStatus(0) || !text.contains("bad=0") {
+        return Err(format!(
+            "guest failed under {} ({}): {text}",
+            mode.name(),
+            report.reason
+        ));
+    }
+    let t = report
+        .markers
+        .iter()
+        .find(|(_, v)| *v == 1)
+        .map(|(t, _)| *t)
+        .ok_or("guest wrote no marker")?;
+    Ok(Sample {
+        secs: t.as_secs_f64(),
+        report,
+    })
+}
+
+/// A thread that adds and removes a 2 MiB memslot above guest RAM at `hz`
+/// changes per second (each add and each remove is one change).
+fn spawn_churn(vm: &Vm, hz: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mem = vm.memory().clone();
+    let exit = vm.exit_handle();
+    let gpa = 0x1_0000_0000 + (64 << 30);
+    let (s, c) = (stop.clone(), count.clone());
+    let t = std::thread::spawn(move || {
+        let period = Duration::from_nanos(1_000_000_000 / hz.max(1));
+        let mut next = Instant::now();
+        let mut present = false;
+        while !s.load(Ordering::Relaxed) && !exit.is_stopping() {
+            let r = if present {
+                mem.remove_slot(gpa)
+            } else {
+                mem.add_slot(gpa, 2 << 20, PageSource::Zero).map(|_| ())
+            };
+            if r.is_ok() {
+                present = !present;
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            next += period;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    });
+    (stop, t, count)
+}
+
+fn median(mut v: Vec<Sample>) -> Sample {
+    v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let mid = v.len() / 2;
+    v.swap_remove(mid)
+}
+
+fn us(ns: Option<u64>) -> String {
+    ns.map(|n| format!("{:.1}", n as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Run the fault benchmark and print its table.
+pub fn faults(a: &BenchArgs) -> Result<(), String> {
+    let guest =
+        std::env::temp_dir().join(format!("vmm-bench-memstress-{}.elf", std::process::id()));
+    std::fs::write(&guest, crate::MEMSTRESS_GUEST).map_err(|e| e.to_string())?;
+    println!(
+        "fault benchmark: {} pages (one store per 4 KiB page), median of {} runs",
+        a.pages, a.repeat
+    );
+    println!(
+        "{:<10} {:>5} {:>12} {:>10} {:>10} {:>9} {:>8} {:>8}",
+        "mode", "vcpus", "pages/s", "p50_us", "p99_us", "faults", "retries", "changes"
+    );
+    let mut last_ratio = String::new();
+    for &vcpus in &a.vcpus {
+        let mut rate = std::collections::HashMap::new();
+        let rows: Vec<(&str, FaultMode, u64, u64)> = vec![
+            ("vcpu", FaultMode::Vcpu, 1, 0),
+            ("handler", FaultMode::Handler, 1, 0),
+            ("prefault", FaultMode::Prefault, 1, 0),
+            ("kernel", FaultMode::Kernel, 1, 0),
+            ("vcpu+fa", FaultMode::Vcpu, a.fault_around, 0),
+            ("vcpu+churn", FaultMode::Vcpu, 1, a.churn_hz),
+        ];
+        for (name, mode, fa, churn) in rows {
+            let mut samples = Vec::new();
+            for _ in 0..a.repeat.max(1) {
+                samples.push(one_run(&guest, mode, vcpus, a.pages, fa, churn)?);
+            }
+            let s = median(samples);
+            let total = s.report.total();
+            let pps = a.pages as f64 / s.secs;
+            rate.insert(name, pps);
+            let faults = if mode.uses_uffd() {
+                total.faults().to_string()
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<10} {:>5} {:>12.0} {:>10} {:>10} {:>9} {:>8} {:>8}",
+                name,
+                vcpus,
+                pps,
+                us(total.latency_quantile_ns(0.5)),
+                us(total.latency_quantile_ns(0.99)),
+                faults,
+                total.retries,
+                s.report.memslot_changes
+            );
+        }
+        last_ratio = format!(
+            "ratios: vcpu/handler={:.2} vcpu/kernel={:.2} (vcpus={vcpus}) vcpu+fa/kernel={:.2}",
+            rate["vcpu"] / rate["handler"],
+            rate["vcpu"] / rate["kernel"],
+            rate["vcpu+fa"] / rate["kernel"],
+        );
+        println!("{last_ratio}");
+    }
+    let _ = std::fs::remove_file(&guest);
+    let _ = last_ratio;
+    Ok(())
+}

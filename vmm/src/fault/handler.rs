@@ -1,0 +1,82 @@
+//! `handler` mode: a blocking userfaultfd served by handler threads (the
+//! Firecracker/QEMU design). The faulting thread sleeps in the kernel until a
+//! handler installs the page and wakes it.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::thread;
+
+use userfaultfd::{Event, EventBuffer};
+
+use super::engine::{Access, FaultCtx, FaultEngine};
+use super::stats::{FaultKind, FaultStats};
+use crate::exit::{ExitReason, VmExit};
+
+/// Handler threads and their counters.
+pub type Handlers = (Vec<thread::JoinHandle<()>>, Vec<Arc<FaultStats>>);
+
+/// Start `n` handler threads; they end when the VM stops.
+pub fn spawn_handlers(
+    engine: Arc<FaultEngine>,
+    exit: Arc<VmExit>,
+    n: usize,
+) -> std::io::Result<Handlers> {
+    let mut threads = Vec::with_capacity(n);
+    let mut stats = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = Arc::new(FaultStats::default());
+        stats.push(s.clone());
+        let engine = engine.clone();
+        let exit = exit.clone();
+        threads.push(
+            thread::Builder::new()
+                .name(format!("uffd{i}"))
+                .spawn(move || serve(engine, exit, s))?,
+        );
+    }
+    Ok((threads, stats))
+}
+
+fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
+    let uffd = engine.uffd().clone();
+    let mut ctx = FaultCtx::new(stats.clone());
+    let mut events = EventBuffer::new(16);
+    let mut pfd = libc::pollfd {
+        fd: uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !exit.is_stopping() {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if r <= 0 {
+            continue;
+        }
+        let batch = match uffd.read_events(&mut events) {
+            Ok(b) => b,
+            Err(e) => {
+                exit.request(ExitReason::Error(format!("userfaultfd read failed: {e}")));
+                return;
+            }
+        };
+        for ev in batch {
+            let Ok(Event::Pagefault { addr, .. }) = ev else {
+                continue;
+            };
+            let start = std::time::Instant::now();
+            let hva = addr as u64;
+            let Some(gpa) = engine.gpa_of_hva(hva) else {
+                log::warn!("userfault at {hva:#x} outside guest RAM");
+                continue;
+            };
+            stats.by_kind[FaultKind::Userfault as usize].add(1);
+            if let Err(e) = engine.resolve(&mut ctx, gpa, Access::None) {
+                exit.request(ExitReason::Error(format!("fault at GPA {gpa:#x}: {e}")));
+                // Unblock the faulting thread so the VM can stop.
+                engine.install_zero_hva(hva);
+                return;
+            }
+            stats.record_latency(start.elapsed().as_nanos() as u64);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! SIGBUS on guest RAM: with `UFFD_FEATURE_SIGBUS` a VMM thread that touches
+//! a missing page (the host delivers it for `fxrstor` inside `KVM_RUN`, and
+//! for any VMM access to guest memory) gets SIGBUS instead of blocking. The
+//! handler resolves the fault and returns, so the access is retried; a guest
+//! access can never kill the VMM this way.
+//!
+//! Signal safety: SIGBUS is synchronous, raised by an access to guest RAM,
+//! which the VMM never makes from inside the allocator or while holding the
+//! slots lock; the handler's work (an arc-swap load, a lock-free install
+//! attempt, an ioctl) is safe at such points. A thread's first SIGBUS may
+//! allocate its bounce page; vCPU threads allocate theirs up front.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+
+use super::engine::{Access, FaultCtx, FaultEngine};
+use super::stats::{FaultKind, FaultStats};
+use crate::exit::ExitReason;
+
+/// Engines of the VMs in this process (tests run several at once).
+static ENGINES: std::sync::LazyLock<ArcSwap<Vec<Weak<FaultEngine>>>> =
+    std::sync::LazyLock::new(|| ArcSwap::from_pointee(Vec::new()));
+static REGISTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+thread_local! {
+    static CTX: RefCell<Option<FaultCtx>> = const { RefCell::new(None) };
+}
+
+/// Give this thread a fault context for SIGBUS (call from vCPU threads).
+pub fn prepare_thread(stats: Arc<FaultStats>) {
+    CTX.with(|c| *c.borrow_mut() = Some(FaultCtx::new(stats)));
+}
+
+/// Register `engine` and install the handler (idempotent).
+pub fn register(engine: &Arc<FaultEngine>) -> Result<(), vmm_sys_util::errno::Error> {
+    let _g = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<Weak<FaultEngine>> = ENGINES
+        .load()
+        .iter()
+        .filter(|w| w.strong_count() > 0)
+        .cloned()
+        .collect();
+    v.push(Arc::downgrade(engine));
+    ENGINES.store(Arc::new(v));
+    vmm_sys_util::signal::register_signal_handler(libc::SIGBUS, handle_sigbus)
+}
+
+extern "C" fn handle_sigbus(
+    _num: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let hva = unsafe { (*info).si_addr() } as u64;
+    let engines = ENGINES.load();
+    for engine in engines.iter().filter_map(Weak::upgrade) {
+        if let Some(gpa) = engine.gpa_of_hva(hva) {
+            CTX.with(|c| {
+                let mut slot = match c.try_borrow_mut() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // Re-entered (cannot happen: the handler completes
+                        // nothing itself); install zero to make progress.
+                        engine.install_zero_hva(hva);
+                        return;
+                    }
+                };
+                let ctx =
+                    slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
+                ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);
+                if let Err(e) = engine.resolve(ctx, gpa, Access::None) {
+                    engine.exit().request(ExitReason::Error(format!(
+                        "SIGBUS fault at GPA {gpa:#x}: {e}"
+                    )));
+                    engine.install_zero_hva(hva);
+                }
+            });
+            return;
+        }
+    }
+    // Not guest RAM: a genuine bus error. Restore the default action; the
+    // access repeats and the process dies as it would have.
+    // SAFETY: resetting a signal disposition to SIG_DFL.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}

@@ -1,0 +1,200 @@
+//! Per-vCPU fault counters: written only by their owner thread with relaxed
+//! atomics (no lock, no allocation on the fault path), read by anyone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How a fault reached the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// `KVM_EXIT_MMIO` at a GPA inside a RAM memslot.
+    Mmio = 0,
+    /// `KVM_EXIT_INTERNAL_ERROR` (emulation failure) with RIP on a missing page.
+    EmulationFailure = 1,
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    MemoryFault = 2,
+    /// SIGBUS in a VMM thread on guest RAM.
+    Sigbus = 3,
+    /// A blocking userfaultfd event served by a handler thread.
+    Userfault = 4,
+}
+
+pub const FAULT_KINDS: [(FaultKind, &str); 5] = [
+    (FaultKind::Mmio, "mmio"),
+    (FaultKind::EmulationFailure, "emulation_failure"),
+    (FaultKind::MemoryFault, "memory_fault"),
+    (FaultKind::Sigbus, "sigbus"),
+    (FaultKind::Userfault, "userfault"),
+];
+
+/// Latency histogram buckets: upper bounds in ns, powers of two from 1 µs
+/// to ~8.4 ms, plus +Inf.
+pub const LATENCY_BUCKETS: usize = 15;
+
+pub fn bucket_bound_ns(i: usize) -> Option<u64> {
+    (i + 1 < LATENCY_BUCKETS).then(|| 1024u64 << i)
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns <= 1024 {
+        return 0;
+    }
+    let b = (64 - (ns - 1).leading_zeros()) as usize - 10;
+    b.min(LATENCY_BUCKETS - 1)
+}
+
+/// One owner-written counter on its own cache line.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Owner-only increment: a relaxed load and store (no locked RMW).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of one fault-serving thread (a vCPU or a handler thread).
+#[derive(Default)]
+pub struct FaultStats {
+    pub by_kind: [Counter; 5],
+    /// Installs done on the speculative path (trylock succeeded).
+    pub speculative_installs: Counter,
+    /// Speculative attempts that bailed out (generation, invalid, contended).
+    pub retries: Counter,
+    /// Installs done under the slots lock after a retry.
+    pub slow_path_installs: Counter,
+    /// Faults whose page another thread had already installed (EEXIST).
+    pub already_present: Counter,
+    /// Pages installed (a fault-around install counts every page).
+    pub pages_installed: Counter,
+    /// Bytes read from page sources (image files).
+    pub source_bytes: Counter,
+    pub latency_buckets: [Counter; LATENCY_BUCKETS],
+    pub latency_sum_ns: Counter,
+    pub latency_count: Counter,
+}
+
+impl FaultStats {
+    #[inline]
+    pub fn record_latency(&self, ns: u64) {
+        self.latency_buckets[bucket_of(ns)].add(1);
+        self.latency_sum_ns.add(ns);
+        self.latency_count.add(1);
+    }
+
+    pub fn faults(&self) -> u64 {
+        self.by_kind.iter().map(Counter::get).sum()
+    }
+
+    /// A plain copy for reporting.
+    pub fn snapshot(&self) -> FaultSnapshot {
+        FaultSnapshot {
+            by_kind: std::array::from_fn(|i| self.by_kind[i].get()),
+            speculative_installs: self.speculative_installs.get(),
+            retries: self.retries.get(),
+            slow_path_installs: self.slow_path_installs.get(),
+            already_present: self.already_present.get(),
+            pages_installed: self.pages_installed.get(),
+            source_bytes: self.source_bytes.get(),
+            latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
+            latency_sum_ns: self.latency_sum_ns.get(),
+            latency_count: self.latency_count.get(),
+        }
+    }
+}
+
+/// A copy of [`FaultStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultSnapshot {
+    pub by_kind: [u64; 5],
+    pub speculative_installs: u64,
+    pub retries: u64,
+    pub slow_path_installs: u64,
+    pub already_present: u64,
+    pub pages_installed: u64,
+    pub source_bytes: u64,
+    pub latency_buckets: [u64; LATENCY_BUCKETS],
+    pub latency_sum_ns: u64,
+    pub latency_count: u64,
+}
+
+impl FaultSnapshot {
+    pub fn faults(&self) -> u64 {
+        self.by_kind.iter().sum()
+    }
+
+    pub fn add(&mut self, o: &FaultSnapshot) {
+        for i in 0..self.by_kind.len() {
+            self.by_kind[i] += o.by_kind[i];
+        }
+        self.speculative_installs += o.speculative_installs;
+        self.retries += o.retries;
+        self.slow_path_installs += o.slow_path_installs;
+        self.already_present += o.already_present;
+        self.pages_installed += o.pages_installed;
+        self.source_bytes += o.source_bytes;
+        for i in 0..LATENCY_BUCKETS {
+            self.latency_buckets[i] += o.latency_buckets[i];
+        }
+        self.latency_sum_ns += o.latency_sum_ns;
+        self.latency_count += o.latency_count;
+    }
+
+    /// Latency quantile estimated from the histogram (upper bucket bound, ns).
+    pub fn latency_quantile_ns(&self, q: f64) -> Option<u64> {
+        if self.latency_count == 0 {
+            return None;
+        }
+        let target = ((self.latency_count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency_buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Some(bucket_bound_ns(i).unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(1024), 0);
+        assert_eq!(bucket_of(1025), 1);
+        assert_eq!(bucket_of(2048), 1);
+        assert_eq!(bucket_of(2049), 2);
+        assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
+        assert_eq!(bucket_bound_ns(0), Some(1024));
+        assert_eq!(bucket_bound_ns(LATENCY_BUCKETS - 1), None);
+    }
+
+    #[test]
+    fn quantiles_and_counts() {
+        let s = FaultStats::default();
+        for _ in 0..99 {
+            s.record_latency(1500);
+        }
+        s.record_latency(1_000_000);
+        s.by_kind[FaultKind::Mmio as usize].add(100);
+        let snap = s.snapshot();
+        assert_eq!(snap.faults(), 100);
+        assert_eq!(snap.latency_count, 100);
+        assert_eq!(snap.latency_quantile_ns(0.5), Some(2048));
+        assert_eq!(snap.latency_quantile_ns(0.99), Some(2048));
+        assert_eq!(snap.latency_quantile_ns(1.0), Some(1 << 20));
+    }
+}

@@ -1,0 +1,84 @@
+//! Where a page's first content comes from.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error("cannot open memory image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "memory image {path} is {len} bytes, smaller than the {need} bytes of guest RAM it backs"
+    )]
+    TooSmall { path: PathBuf, len: u64, need: u64 },
+    #[error("reading memory image {path} at offset {offset:#x} failed: {reason}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+/// The content of pages at first touch.
+#[derive(Clone)]
+pub enum PageSource {
+    /// Zero-filled.
+    Zero,
+    /// Read from a file; the slot's byte `o` is the file's byte `offset + o`.
+    File(Arc<ImageFile>),
+}
+
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+impl ImageFile {
+    /// Open an image that must cover `need` bytes.
+    pub fn open(path: &Path, need: u64) -> Result<Arc<ImageFile>, SourceError> {
+        let file = File::open(path).map_err(|source| SourceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| SourceError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if len < need {
+            return Err(SourceError::TooSmall {
+                path: path.to_path_buf(),
+                len,
+                need,
+            });
+        }
+        Ok(Arc::new(ImageFile {
+            path: path.to_path_buf(),
+            file,
+        }))
+    }
+
+    /// Fill `buf` from `offset`; a short read (the file shrank) is an error.
+    pub fn read_page(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| SourceError::Read {
+                path: self.path.clone(),
+                offset,
+                reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "the file ends before this page (was it truncated?)".to_string()
+                } else {
+                    e.to_string()
+                },
+            })
+    }
+}

@@ -1,0 +1,63 @@
+//! The fault summary printed when a VM ends.
+
+use std::fmt::Write;
+
+use crate::fault::stats::FAULT_KINDS;
+use crate::fault::FaultSnapshot;
+use crate::vm::RunReport;
+
+fn us(ns: Option<u64>) -> String {
+    ns.map(|n| format!("{:.1}", n as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn row(out: &mut String, name: &str, s: &FaultSnapshot) {
+    let _ = write!(out, "  {name:<8} {:>8}", s.faults());
+    for (k, _) in FAULT_KINDS {
+        let _ = write!(out, " {:>8}", s.by_kind[k as usize]);
+    }
+    let _ = writeln!(
+        out,
+        " {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        s.speculative_installs,
+        s.retries,
+        s.slow_path_installs,
+        s.already_present,
+        s.pages_installed,
+        s.source_bytes,
+        us(s.latency_quantile_ns(0.5)),
+        us(s.latency_quantile_ns(0.99)),
+    );
+}
+
+/// A table of per-thread fault counters and memslot activity.
+pub fn render(r: &RunReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "fault summary: mode {}, {:.3} s, generation {}, memslot changes {}, discarded pages {}, resident pages {}",
+        r.mode.name(),
+        r.elapsed.as_secs_f64(),
+        r.generation,
+        r.memslot_changes,
+        r.discarded_pages,
+        r.resident_pages
+    );
+    let _ = write!(out, "  {:<8} {:>8}", "thread", "faults");
+    for (_, name) in FAULT_KINDS {
+        let short: String = name.chars().take(8).collect();
+        let _ = write!(out, " {short:>8}");
+    }
+    let _ = writeln!(
+        out,
+        " {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "specul", "retries", "slow", "present", "pages", "src_bytes", "p50_us", "p99_us"
+    );
+    for (i, s) in r.vcpus.iter().enumerate() {
+        row(&mut out, &format!("vcpu{i}"), s);
+    }
+    for (i, s) in r.handlers.iter().enumerate() {
+        row(&mut out, &format!("uffd{i}"), s);
+    }
+    out
+}
