@@ -393,6 +393,9 @@ void region_setup(struct region *r, u64 cpu, const char *tag, const char *cmdlin
     u64 stride = allow_stride ? cmdline_u64(cmdline, "stride", stride_def) : stride_def;
     u64 img_end = (u64)__image_end;
 
+    /* memtop= overrides the RAM size for regions in hotplugged memory above
+     * boot RAM (the caller promises it is mapped). */
+    memsize = cmdline_u64(cmdline, "memtop", memsize);
     if (stride == 0 || (stride & 7)) {
         region_fail("%s: error: stride=%lu must be a non-zero multiple of 8\n", tag, stride);
     }

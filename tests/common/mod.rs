@@ -92,3 +92,47 @@ pub fn run(args: &[&str]) -> Run {
     c.args(args);
     run_with(c, Duration::from_secs(300))
 }
+
+/// In-process runs through the library (tests that change memslots or hook
+/// the marker port while the guest runs).
+pub mod inproc {
+    use std::sync::{Arc, Mutex};
+
+    use vmm::config::{FaultMode, SerialOut, VmConfig};
+
+    pub type Output = Arc<Mutex<Vec<u8>>>;
+
+    pub fn config(
+        name: &str,
+        vcpus: usize,
+        mem: u64,
+        cmdline: &str,
+        mode: FaultMode,
+    ) -> (VmConfig, Output) {
+        let out: Output = Default::default();
+        let mut c = VmConfig::new(Some(super::guest(name)));
+        c.vcpus = vcpus;
+        c.mem_size = mem;
+        c.cmdline = cmdline.to_string();
+        c.fault_mode = Some(mode);
+        c.serial = SerialOut::Capture(out.clone());
+        (c, out)
+    }
+
+    pub fn text(out: &Output) -> String {
+        String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
+    }
+
+    /// `key=value` from the first line starting with `prefix`.
+    pub fn field(text: &str, prefix: &str, key: &str) -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(prefix))?;
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Every line starting with `prefix`.
+    pub fn lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+        text.lines().filter(move |l| l.starts_with(prefix))
+    }
+}

@@ -14,20 +14,35 @@
 //! - [`vm`]: builds a VM from a configuration and runs it to its end.
 //! - [`exit`]: how any thread ends the VM and with what status.
 
+#[cfg(not(loom))]
 pub mod arch;
+#[cfg(not(loom))]
 pub mod bench;
+#[cfg(not(loom))]
 pub mod config;
+#[cfg(not(loom))]
 pub mod devices;
+#[cfg(not(loom))]
 pub mod exit;
+#[cfg(not(loom))]
 pub mod fault;
+#[cfg(not(loom))]
 pub mod host;
+#[cfg(not(loom))]
 pub mod loader;
+#[cfg(not(loom))]
 pub mod logger;
 pub mod memory;
+#[cfg(not(loom))]
 pub mod summary;
 pub mod sync;
+#[cfg(not(loom))]
 pub mod vcpu;
+#[cfg(not(loom))]
 pub mod vm;
+
+// Under `--cfg loom` only the memslot protocol (`memory::slots`, `sync`) is
+// built: the rest uses std primitives that loom cannot model.
 
 /// The memory stress guest (`guest-images/memstress`), used by benchmarks.
 pub static MEMSTRESS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf"));

@@ -188,11 +188,29 @@ pub fn load_elf(
         return Err(LoaderError::BadEntry(entry));
     }
     let r = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(LoaderError::Load)?;
+    // Zero each segment's tail past its file data (.bss) explicitly: guest
+    // RAM is not always fresh zeroes (it may be backed by a memory image).
+    for s in &segs {
+        if s.memsz > s.filesz {
+            zero_fill(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
+        }
+    }
     let end = segs.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
     Ok(LoadedImage {
         entry: r.kernel_load.0,
         end,
     })
+}
+
+fn zero_fill(mem: &GuestMemory, mut gpa: u64, mut len: u64) -> Result<(), LoaderError> {
+    let zeros = [0u8; 4096];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64);
+        mem.write_slice(&zeros[..n as usize], GuestAddress(gpa))?;
+        gpa += n;
+        len -= n;
+    }
+    Ok(())
 }
 
 /// Write the NUL-terminated command line at `addr`.

@@ -393,6 +393,8 @@ mod loom_tests {
     const REMOVED: usize = 4;
     /// Set by a discarder together with its zap, guard still held.
     const DISCARDED: usize = 8;
+    /// Set by a remover once the slot is unpublished, before `begin_removal`.
+    const UNPUBLISHED: usize = 16;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Content {
@@ -423,11 +425,32 @@ mod loom_tests {
         bail: Option<Bail>,
         /// Prepared as image, switched to zero by the re-check under the guard.
         rechecked: bool,
+        /// Installed after the slot was unpublished (its remover then waits
+        /// for this installer's guard in `begin_removal`).
+        during_removal: bool,
+    }
+
+    impl Fault {
+        fn not_ram(bail: Option<Bail>) -> Self {
+            Fault {
+                outcome: Outcome::NotRam,
+                bail,
+                rechecked: false,
+                during_removal: false,
+            }
+        }
     }
 
     /// The host mapping of a one-page slot whose source is an image.
     struct Fake {
         host: AtomicUsize,
+        /// Touched by installers just before `map_trylock` and by writers
+        /// just after taking the install lock exclusively. Loom 0.7 does not
+        /// make a lock's release a scheduling point, so without a dependency
+        /// between the trylock and something inside the writer's critical
+        /// section it never explores a trylock that fails against a held
+        /// lock (`Bail::Contended`). `Relaxed` RMWs: no ordering added.
+        probe: AtomicUsize,
     }
 
     type Slots = Memslots<Fake>;
@@ -439,12 +462,20 @@ mod loom_tests {
             PAGE_SIZE,
             Fake {
                 host: AtomicUsize::new(ABSENT),
+                probe: AtomicUsize::new(0),
             },
         ))
     }
 
     fn host_update(s: &Memslot<Fake>, f: impl FnMut(usize) -> usize) -> usize {
-        s.backing.host.update(Ordering::Relaxed, Ordering::Relaxed, f)
+        s.backing
+            .host
+            .update(Ordering::Relaxed, Ordering::Relaxed, f)
+    }
+
+    /// See `Fake::probe`.
+    fn poke(s: &Memslot<Fake>) {
+        s.backing.probe.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Host state once every thread is joined (joins order the reads).
@@ -463,7 +494,7 @@ mod loom_tests {
 
     /// Step 4, guard held: re-check the discard, then install with `EEXIST`
     /// semantics. Panics on an I1 or I3 violation.
-    fn install(s: &Memslot<Fake>, page: u64, prepared: Content, _held: &InstallGuard) -> (Outcome, bool) {
+    fn install(s: &Memslot<Fake>, page: u64, prepared: Content, _held: &InstallGuard) -> Fault {
         let content = if prepared == Content::Image && s.is_discarded(page) {
             Content::Zero
         } else {
@@ -481,15 +512,26 @@ mod loom_tests {
             "I1 violated: install into slot {} after its removal completed",
             s.id
         );
+        let during_removal = prev & UNPUBLISHED != 0;
         if prev & CONTENT != ABSENT {
-            return (Outcome::AlreadyPresent, false);
+            return Fault {
+                outcome: Outcome::AlreadyPresent,
+                bail: None,
+                rechecked: false,
+                during_removal,
+            };
         }
         assert!(
             !(content == Content::Image && prev & DISCARDED != 0),
             "I3 violated: image content installed into slot {} after the discard completed",
             s.id
         );
-        (Outcome::Installed(content), content != prepared)
+        Fault {
+            outcome: Outcome::Installed(content),
+            bail: None,
+            rechecked: content != prepared,
+            during_removal,
+        }
     }
 
     /// The engine's `resolve` for one page: speculative path, then on any
@@ -498,15 +540,16 @@ mod loom_tests {
         let snap = m.snapshot();
         let generation = snap.generation;
         let Some(s) = snap.lookup(gpa) else {
-            return Fault { outcome: Outcome::NotRam, bail: None, rechecked: false };
+            return Fault::not_ram(None);
         };
         let page = s.page_index(gpa);
         let prepared = prepare(s, page);
+        poke(s);
         let bail = match s.map_trylock(generation, m.generation()) {
             Ok(guard) => {
-                let (outcome, rechecked) = install(s, page, prepared, &guard);
+                let done = install(s, page, prepared, &guard);
                 drop(guard);
-                return Fault { outcome, bail: None, rechecked };
+                return done;
             }
             Err(bail) => bail,
         };
@@ -514,15 +557,18 @@ mod loom_tests {
         let locked = m.lock_slots();
         let snap = locked.snapshot();
         let Some(s) = snap.lookup(gpa) else {
-            return Fault { outcome: Outcome::NotRam, bail: Some(bail), rechecked: false };
+            return Fault::not_ram(Some(bail));
         };
         let prepared = prepare(s, page);
         // The slots lock rules out a removal of a slot in the current table.
         let guard = s.map_lock().expect("map_lock failed under the slots lock");
-        let (outcome, rechecked) = install(s, page, prepared, &guard);
+        let done = install(s, page, prepared, &guard);
         drop(guard);
         drop(locked);
-        Fault { outcome, bail: Some(bail), rechecked }
+        Fault {
+            bail: Some(bail),
+            ..done
+        }
     }
 
     /// `MemoryManager::remove_slot`, with the "removal complete" mark where
@@ -530,7 +576,9 @@ mod loom_tests {
     fn remove(m: &Slots, gpa: u64) {
         let locked = m.lock_slots();
         let s = locked.unpublish(gpa).expect("slot to remove is published");
+        host_update(&s, |w| w | UNPUBLISHED);
         let exclusive = s.begin_removal();
+        poke(&s);
         host_update(&s, |w| w | REMOVED);
         drop(exclusive);
         drop(locked);
@@ -546,17 +594,32 @@ mod loom_tests {
     /// `MemoryManager::discard` of one page: mark, zap, with the guard held.
     fn discard(s: &Memslot<Fake>, page: u64) {
         let exclusive = s.begin_discard(page, 1);
+        poke(s);
         host_update(s, |w| (w & !CONTENT) | DISCARDED);
         drop(exclusive);
     }
 
-    fn check(preemption_bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    /// Explore every interleaving with at most `preemption_bound` preemptions
+    /// (`None`: all of them); print how many there were (`--nocapture`).
+    fn check(name: &str, preemption_bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
         let mut b = loom::model::Builder::new();
         // LOOM_MAX_PREEMPTIONS in the environment wins.
         if b.preemption_bound.is_none() {
-            b.preemption_bound = Some(preemption_bound);
+            b.preemption_bound = preemption_bound;
         }
-        b.check(f);
+        let runs = std::sync::Arc::new(Count::new(0));
+        let counted = runs.clone();
+        let started = std::time::Instant::now();
+        b.check(move || {
+            bump(&counted);
+            f()
+        });
+        eprintln!(
+            "{name}: {} interleavings in {:?} (preemption bound {:?})",
+            seen(&runs),
+            started.elapsed(),
+            b.preemption_bound
+        );
     }
 
     fn bump(c: &Count) {
@@ -573,7 +636,9 @@ mod loom_tests {
         static INSTALLED: Count = Count::new(0);
         static NOT_RAM_AFTER_RETRY: Count = Count::new(0);
         static NOT_RAM_AT_ONCE: Count = Count::new(0);
-        check(3, || {
+        static BAILS: [Count; 3] = [Count::new(0), Count::new(0), Count::new(0)];
+        static DURING_REMOVAL: Count = Count::new(0);
+        check("i1_no_install_after_removal", None, || {
             let a = slot(0, A);
             let m = Arc::new(Memslots::new(vec![a.clone()]));
             let installer = {
@@ -591,11 +656,32 @@ mod loom_tests {
                 Outcome::NotRam => bump(&NOT_RAM_AT_ONCE),
                 o => panic!("I4: unexpected fault outcome {o:?} ({f:?})"),
             }
+            if let Some(bail) = f.bail {
+                bump(&BAILS[bail as usize]);
+            }
+            if f.during_removal {
+                bump(&DURING_REMOVAL);
+            }
         });
         // Every ending was reached, so the model is not vacuous.
         assert!(seen(&INSTALLED) > 0);
         assert!(seen(&NOT_RAM_AFTER_RETRY) > 0);
         assert!(seen(&NOT_RAM_AT_ONCE) > 0);
+        // The remover was met holding the install lock, and after it.
+        assert!(seen(&BAILS[Bail::Contended as usize]) > 0);
+        assert!(seen(&BAILS[Bail::SlotInvalid as usize]) > 0);
+        // An installer held its guard while the remover waited for it.
+        assert!(seen(&DURING_REMOVAL) > 0);
+        eprintln!(
+            "  installs while the removal was under way: {}",
+            seen(&DURING_REMOVAL)
+        );
+        eprintln!(
+            "  bails: generation changed {}, slot invalid {}, contended {}",
+            seen(&BAILS[0]),
+            seen(&BAILS[1]),
+            seen(&BAILS[2])
+        );
     }
 
     /// I4: an installer on slot A races the hotplug of an unrelated slot B;
@@ -604,7 +690,7 @@ mod loom_tests {
     fn generation_change_retries_and_installs() {
         static RETRIES: Count = Count::new(0);
         static GENERATION_BAILS: Count = Count::new(0);
-        check(3, || {
+        check("generation_change_retries_and_installs", None, || {
             let m = Arc::new(Memslots::new(vec![slot(0, A)]));
             let installer = {
                 let m = m.clone();
@@ -612,7 +698,11 @@ mod loom_tests {
             };
             add(&m, slot(1, B));
             let f = installer.join().unwrap();
-            assert_eq!(f.outcome, Outcome::Installed(Content::Image), "I4: fault lost ({f:?})");
+            assert_eq!(
+                f.outcome,
+                Outcome::Installed(Content::Image),
+                "I4: fault lost ({f:?})"
+            );
             let snap = m.snapshot();
             assert_eq!(host(snap.lookup(A).unwrap()) & CONTENT, IMAGE);
             assert_eq!(host(snap.lookup(B).unwrap()), ABSENT);
@@ -623,7 +713,10 @@ mod loom_tests {
                 }
             }
         });
-        assert!(seen(&RETRIES) > 0, "no interleaving made the installer retry");
+        assert!(
+            seen(&RETRIES) > 0,
+            "no interleaving made the installer retry"
+        );
         assert!(seen(&GENERATION_BAILS) > 0);
     }
 
@@ -636,7 +729,8 @@ mod loom_tests {
         static IMAGE_THEN_ZAPPED: Count = Count::new(0);
         static ZERO_AFTER_DISCARD: Count = Count::new(0);
         static RECHECK_SWITCHED: Count = Count::new(0);
-        check(3, || {
+        static CONTENDED: Count = Count::new(0);
+        check("i3_discarded_page_refaults_as_zero", None, || {
             let a = slot(0, A);
             let m = Arc::new(Memslots::new(vec![a.clone()]));
             let installer = {
@@ -647,7 +741,11 @@ mod loom_tests {
             let f = installer.join().unwrap();
             let w = host(&a);
             assert!(a.is_discarded(0));
-            assert_ne!(w & CONTENT, IMAGE, "I3: image content survived the discard ({f:?})");
+            assert_ne!(
+                w & CONTENT,
+                IMAGE,
+                "I3: image content survived the discard ({f:?})"
+            );
             match f.outcome {
                 Outcome::Installed(Content::Image) => {
                     assert_eq!(w & CONTENT, ABSENT);
@@ -662,11 +760,17 @@ mod loom_tests {
             if f.rechecked {
                 bump(&RECHECK_SWITCHED);
             }
+            if f.bail == Some(Bail::Contended) {
+                bump(&CONTENDED);
+            }
         });
         assert!(seen(&IMAGE_THEN_ZAPPED) > 0);
         assert!(seen(&ZERO_AFTER_DISCARD) > 0);
-        // The window between prepare and the lock was exercised.
+        // The window between prepare and the lock was exercised, and the
+        // installer met the discarder holding the lock (then waited for it
+        // in `map_lock`).
         assert!(seen(&RECHECK_SWITCHED) > 0);
+        assert!(seen(&CONTENDED) > 0);
     }
 
     /// I4: two installers on the same page while slot B is hotplugged:
@@ -674,7 +778,7 @@ mod loom_tests {
     #[test]
     fn two_installers_one_installs() {
         static RETRIES: Count = Count::new(0);
-        check(2, || {
+        check("two_installers_one_installs", Some(4), || {
             let a = slot(0, A);
             let m = Arc::new(Memslots::new(vec![a.clone()]));
             let installers: Vec<_> = (0..2)
@@ -689,7 +793,10 @@ mod loom_tests {
                 .iter()
                 .filter(|f| f.outcome == Outcome::Installed(Content::Image))
                 .count();
-            let present = faults.iter().filter(|f| f.outcome == Outcome::AlreadyPresent).count();
+            let present = faults
+                .iter()
+                .filter(|f| f.outcome == Outcome::AlreadyPresent)
+                .count();
             assert_eq!((installed, present), (1, 1), "{faults:?}");
             assert_eq!(host(&a) & CONTENT, IMAGE);
             if faults.iter().any(|f| f.bail.is_some()) {
@@ -704,7 +811,7 @@ mod loom_tests {
     #[test]
     #[should_panic(expected = "I1 violated")]
     fn harness_catches_install_without_trylock() {
-        check(3, || {
+        check("harness_catches_install_without_trylock", None, || {
             let a = slot(0, A);
             let m = Arc::new(Memslots::new(vec![a.clone()]));
             let installer = {
@@ -713,13 +820,12 @@ mod loom_tests {
                     let snap = m.snapshot();
                     if let Some(s) = snap.lookup(A) {
                         let prepared = prepare(s, 0);
-                        // The guard from the slots lock's table, not the
-                        // slot's own install lock: a stand-in that excludes
-                        // nothing.
+                        // A guard on another slot's install lock: a
+                        // stand-in that excludes nothing.
                         let dummy = slot(9, B);
                         let guard = dummy.map_lock().unwrap();
                         install(s, 0, prepared, &guard);
-                    }
+                    };
                 })
             };
             remove(&m, A);
@@ -732,7 +838,7 @@ mod loom_tests {
     #[test]
     #[should_panic(expected = "I3")]
     fn harness_catches_missing_discard_recheck() {
-        check(3, || {
+        check("harness_catches_missing_discard_recheck", None, || {
             let a = slot(0, A);
             let m = Arc::new(Memslots::new(vec![a.clone()]));
             let installer = {
@@ -751,16 +857,21 @@ mod loom_tests {
                             }
                         });
                         assert!(
-                            !(prepared == Content::Image && prev & (DISCARDED | CONTENT) == DISCARDED),
+                            !(prepared == Content::Image
+                                && prev & (DISCARDED | CONTENT) == DISCARDED),
                             "I3 violated: stale image installed"
                         );
                         drop(guard);
-                    }
+                    };
                 })
             };
             discard(&a, 0);
             installer.join().unwrap();
-            assert_ne!(host(&a) & CONTENT, IMAGE, "I3: image content survived the discard");
+            assert_ne!(
+                host(&a) & CONTENT,
+                IMAGE,
+                "I3: image content survived the discard"
+            );
         });
     }
 }
