@@ -130,11 +130,17 @@ static void take_totals(u64 *ok, u64 *zero, u64 *bad)
     tot_ok = tot_zero = tot_bad = 0;
 }
 
+/* hold=1 on the command line: do not end the VM after the done line, so a
+ * test can scrape the VMM's metrics of a finished but live guest. */
+static u64 hold;
+
 static NORETURN void finish(u64 cpu, u64 rounds, u64 words, u64 bad)
 {
     if (cpu != 0)
         halt_forever();
     printk("memstress: done rounds=%lu words=%lu bad=%lu\n", rounds, words, bad);
+    if (hold)
+        halt_forever();
     exit_vm(bad ? 1 : 0);
 }
 
@@ -149,6 +155,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     u64 rounds = cmdline_u64(cmdline, "rounds", 1);
     u64 mode = cmdline_u64(cmdline, "mode", MODE_PATTERN);
     u64 seed = cmdline_u64(cmdline, "seed", 1);
+    hold = cmdline_u64(cmdline, "hold", 0);
 
     if (mode > MODE_WRITE_VERIFY || (rounds == 0 && mode != MODE_IMAGE)) {
         if (cpu != 0)

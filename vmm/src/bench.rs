@@ -44,14 +44,25 @@ struct Sample {
     report: RunReport,
 }
 
-fn one_run(
-    guest: &Path,
+/// One benchmark configuration.
+#[derive(Clone, Copy)]
+struct Row {
+    name: &'static str,
     mode: FaultMode,
-    vcpus: usize,
-    pages: u64,
     fault_around: u64,
     churn_hz: u64,
-) -> Result<Sample, String> {
+    /// Serve metrics and scrape them every 100 ms.
+    scrape: bool,
+}
+
+fn one_run(guest: &Path, row: Row, vcpus: usize, pages: u64) -> Result<Sample, String> {
+    let Row {
+        mode,
+        fault_around,
+        churn_hz,
+        scrape,
+        ..
+    } = row;
     let bytes = pages * 4096;
     let mut config = VmConfig::new(Some(guest.to_path_buf()));
     config.mem_size = (BASE + bytes + (16 << 20)).next_multiple_of(2 << 20);
@@ -60,14 +71,23 @@ fn one_run(
     config.fault_mode = Some(mode);
     config.fault_around = fault_around;
     config.serial = SerialOut::Capture(Default::default());
+    if scrape {
+        config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
     let SerialOut::Capture(out) = config.serial.clone() else {
         unreachable!()
     };
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     let churn = (churn_hz > 0).then(|| spawn_churn(&vm, churn_hz));
+    let scraper = vm
+        .metrics_addr()
+        .map(|a| spawn_scraper(a, vm.exit_handle()));
     let report = vm.run().map_err(|e| e.to_string())?;
     if let Some((stop, t, _)) = churn {
         stop.store(true, Ordering::Relaxed);
+        let _ = t.join();
+    }
+    if let Some(t) = scraper {
         let _ = t.join();
     }
     let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
@@ -120,6 +140,27 @@ fn spawn_churn(vm: &Vm, hz: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()
     (stop, t, count)
 }
 
+/// Scrape `/metrics` every 100 ms until the VM stops (a Prometheus server's
+/// behaviour, ten times more often than usual).
+fn spawn_scraper(
+    addr: std::net::SocketAddr,
+    exit: Arc<crate::exit::VmExit>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        while !exit.is_stopping() {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                let _ = s.write_all(
+                    b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+                );
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
 fn median(mut v: Vec<Sample>) -> Sample {
     v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     let mid = v.len() / 2;
@@ -147,19 +188,32 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
     let mut last_ratio = String::new();
     for &vcpus in &a.vcpus {
         let mut rate = std::collections::HashMap::new();
-        let rows: Vec<(&str, FaultMode, u64, u64)> = vec![
-            ("vcpu", FaultMode::Vcpu, 1, 0),
-            ("handler", FaultMode::Handler, 1, 0),
-            ("prefault", FaultMode::Prefault, 1, 0),
-            ("kernel", FaultMode::Kernel, 1, 0),
-            ("vcpu+fa", FaultMode::Vcpu, a.fault_around, 0),
-            ("vcpu+churn", FaultMode::Vcpu, 1, a.churn_hz),
+        let row = |name, mode, fault_around, churn_hz, scrape| Row {
+            name,
+            mode,
+            fault_around,
+            churn_hz,
+            scrape,
+        };
+        let rows = [
+            row("vcpu", FaultMode::Vcpu, 1, 0, false),
+            row("handler", FaultMode::Handler, 1, 0, false),
+            row("prefault", FaultMode::Prefault, 1, 0, false),
+            row("kernel", FaultMode::Kernel, 1, 0, false),
+            row("vcpu+fa", FaultMode::Vcpu, a.fault_around, 0, false),
+            row("vcpu+churn", FaultMode::Vcpu, 1, a.churn_hz, false),
+            row("vcpu+scrape", FaultMode::Vcpu, 1, 0, true),
         ];
-        for (name, mode, fa, churn) in rows {
-            let mut samples = Vec::new();
-            for _ in 0..a.repeat.max(1) {
-                samples.push(one_run(&guest, mode, vcpus, a.pages, fa, churn)?);
+        // Repetitions interleave the rows (all rows once, then again), so
+        // drift in the shared machine's load hits every row alike.
+        let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..a.repeat.max(1) {
+            for (i, r) in rows.iter().enumerate() {
+                samples[i].push(one_run(&guest, *r, vcpus, a.pages)?);
             }
+        }
+        for (r, samples) in rows.iter().zip(samples) {
+            let (name, mode) = (r.name, r.mode);
             let s = median(samples);
             let total = s.report.total();
             let pps = a.pages as f64 / s.secs;
@@ -182,10 +236,11 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
             );
         }
         last_ratio = format!(
-            "ratios: vcpu/handler={:.2} vcpu/kernel={:.2} (vcpus={vcpus}) vcpu+fa/kernel={:.2}",
+            "ratios: vcpu/handler={:.2} vcpu/kernel={:.2} (vcpus={vcpus}) vcpu+fa/kernel={:.2} vcpu+scrape/vcpu={:.3}",
             rate["vcpu"] / rate["handler"],
             rate["vcpu"] / rate["kernel"],
             rate["vcpu+fa"] / rate["kernel"],
+            rate["vcpu+scrape"] / rate["vcpu"],
         );
         println!("{last_ratio}");
     }

@@ -117,6 +117,10 @@ pub struct VmConfig {
     pub fault_around: u64,
     /// Serial output destination.
     pub serial: SerialOut,
+    /// Serve metrics over HTTP at this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow a non-loopback metrics address.
+    pub metrics_allow_remote: bool,
 }
 
 impl VmConfig {
@@ -132,6 +136,8 @@ impl VmConfig {
             fault_threads: 1,
             fault_around: 1,
             serial: SerialOut::Stdout,
+            metrics_addr: None,
+            metrics_allow_remote: false,
         }
     }
 }

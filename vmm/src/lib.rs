@@ -34,6 +34,8 @@ pub mod loader;
 pub mod logger;
 pub mod memory;
 #[cfg(not(loom))]
+pub mod metrics;
+#[cfg(not(loom))]
 pub mod summary;
 pub mod sync;
 #[cfg(not(loom))]

@@ -64,6 +64,13 @@ struct RunArgs {
     /// Pages installed per fault when faults are sequential (1 = off).
     #[arg(long, default_value_t = 1)]
     fault_around: u64,
+    /// Serve fault metrics over HTTP at ADDR (e.g. 127.0.0.1:9464):
+    /// /metrics (OpenMetrics text), /metrics.json, /healthz.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr to be a non-loopback address.
+    #[arg(long)]
+    metrics_allow_remote: bool,
     /// Do not print the fault summary at the end.
     #[arg(long)]
     quiet: bool,
@@ -100,6 +107,8 @@ fn run(a: RunArgs) -> ExitCode {
         fault_threads: a.fault_threads,
         fault_around: a.fault_around,
         serial: SerialOut::Stdout,
+        metrics_addr: a.metrics_addr,
+        metrics_allow_remote: a.metrics_allow_remote,
     };
     match Vm::new(config).and_then(|vm| vm.run()) {
         Ok(report) => {

@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::fault::stats::ExitKind;
 use crate::fault::{
     sigbus, Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved,
 };
@@ -120,6 +121,21 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
+fn exit_kind(r: &Result<VcpuExit, kvm_ioctls::Error>) -> ExitKind {
+    match r {
+        Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => ExitKind::Io,
+        Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => ExitKind::Mmio,
+        Ok(VcpuExit::Hlt) => ExitKind::Hlt,
+        Ok(VcpuExit::Shutdown) => ExitKind::Shutdown,
+        Ok(VcpuExit::InternalError) => ExitKind::InternalError,
+        Ok(VcpuExit::MemoryFault { .. }) => ExitKind::MemoryFault,
+        Ok(VcpuExit::SystemEvent(..)) => ExitKind::SystemEvent,
+        Ok(VcpuExit::Intr) => ExitKind::Intr,
+        Err(e) if e.errno() == libc::EINTR => ExitKind::Intr,
+        _ => ExitKind::Other,
+    }
+}
+
 /// What the loop does after an exit.
 enum Next {
     Continue,
@@ -127,8 +143,7 @@ enum Next {
 }
 
 impl Vcpu {
-    pub fn new(index: usize, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
-        let stats = Arc::new(FaultStats::default());
+    pub fn new(index: usize, fd: VcpuFd, shared: Arc<VcpuShared>, stats: Arc<FaultStats>) -> Self {
         Self {
             index,
             fd,
@@ -165,6 +180,7 @@ impl Vcpu {
         let result = self.fd.run();
         // Fault latency is measured from here (the exit) to the next entry.
         let exited = std::time::Instant::now();
+        self.stats.exits[exit_kind(&result) as usize].add(1);
         match result {
             // In `vcpu` mode an MMIO exit inside a RAM memslot is a stage-2
             // fault: install the page, complete the access, re-enter. A GPA

@@ -28,6 +28,7 @@ use crate::loader::{self, LoaderError};
 use crate::memory::{
     GuestRam, ImageFile, MemError, MemoryError, MemoryManager, PageSource, SourceError,
 };
+use crate::metrics::{MetricsServer, VmMetrics};
 use crate::vcpu::{self, Vcpu, VcpuShared};
 
 #[derive(Debug, Error)]
@@ -58,6 +59,8 @@ pub enum VmError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("cannot create a userfaultfd ({0}); /dev/userfaultfd or the userfaultfd syscall is needed for --fault-mode vcpu/handler")]
     Uffd(userfaultfd::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("device setup: {0}")]
     Device(String),
     #[error(transparent)]
@@ -109,6 +112,8 @@ pub struct Vm {
     serial_input: Option<serial::SerialInput>,
     markers: Arc<Mutex<MarkerLog>>,
     engine: Option<Arc<FaultEngine>>,
+    metrics: Arc<VmMetrics>,
+    metrics_server: Option<MetricsServer>,
     memory: Arc<MemoryManager>,
     _vm_fd: Arc<VmFd>,
     _ram: GuestRam,
@@ -218,6 +223,30 @@ impl Vm {
             }
         }
 
+        // Bind the metrics endpoint before anything runs: a port in use is
+        // an error now, not after the guest started.
+        let metrics_server = match config.metrics_addr {
+            Some(addr) => {
+                let server = MetricsServer::bind(addr, config.metrics_allow_remote)?;
+                eprintln!("vmm: metrics on http://{}/metrics", server.addr());
+                Some(server)
+            }
+            None => None,
+        };
+        let metrics = Arc::new(VmMetrics {
+            vcpus: (0..config.vcpus)
+                .map(|_| Arc::new(FaultStats::default()))
+                .collect(),
+            handlers: match mode {
+                FaultMode::Handler => (0..config.fault_threads)
+                    .map(|_| Arc::new(FaultStats::default()))
+                    .collect(),
+                _ => Vec::new(),
+            },
+            memory: memory.clone(),
+            mode,
+        });
+
         let markers = Arc::new(Mutex::new(MarkerLog::default()));
         let vcpu_engine = if mode == FaultMode::Vcpu {
             engine.clone()
@@ -280,6 +309,8 @@ impl Vm {
             serial_input: Some(serial_input),
             markers,
             engine,
+            metrics,
+            metrics_server,
             memory,
             _vm_fd: vm_fd,
             _ram: ram,
@@ -293,6 +324,11 @@ impl Vm {
 
     pub fn mode(&self) -> FaultMode {
         self.mode
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::addr)
     }
 
     /// Run-time memslot changes (hotplug, unplug, discards).
@@ -315,19 +351,24 @@ impl Vm {
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Device(format!("kick signal handler: {e}")))?;
         let shared = self.shared.take().expect("run called once");
-        let (handlers, handler_stats) = match (&self.engine, self.mode) {
+        let handlers = match (&self.engine, self.mode) {
             (Some(e), FaultMode::Handler) => {
-                handler::spawn_handlers(e.clone(), self.exit.clone(), self.config.fault_threads)
+                handler::spawn_handlers(e.clone(), self.exit.clone(), &self.metrics.handlers)
                     .map_err(VmError::Thread)?
             }
-            _ => (Vec::new(), Vec::new()),
+            _ => Vec::new(),
+        };
+        let server = match self.metrics_server.take() {
+            Some(s) => Some(
+                s.spawn(self.metrics.clone(), self.exit.clone())
+                    .map_err(VmError::Thread)?,
+            ),
+            None => None,
         };
         let start = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut stats: Vec<Arc<FaultStats>> = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let v = Vcpu::new(index, fd, shared.clone());
-            stats.push(v.stats.clone());
+            let v = Vcpu::new(index, fd, shared.clone(), self.metrics.vcpus[index].clone());
             let t = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || v.run())
@@ -349,7 +390,7 @@ impl Vm {
             }
         }
         let elapsed = start.elapsed();
-        for t in handlers {
+        for t in handlers.into_iter().chain(server) {
             let _ = t.join();
         }
         if let Some(Ok(t)) = input {
@@ -367,8 +408,8 @@ impl Vm {
         Ok(RunReport {
             reason,
             mode: self.mode,
-            vcpus: stats.iter().map(|s| s.snapshot()).collect(),
-            handlers: handler_stats.iter().map(|s| s.snapshot()).collect(),
+            vcpus: self.metrics.vcpus.iter().map(|s| s.snapshot()).collect(),
+            handlers: self.metrics.handlers.iter().map(|s| s.snapshot()).collect(),
             markers,
             memslot_changes: counters.changes.load(std::sync::atomic::Ordering::Relaxed),
             generation: self.memory.slots.snapshot().generation,

@@ -12,20 +12,16 @@ use super::engine::{Access, FaultCtx, FaultEngine};
 use super::stats::{FaultKind, FaultStats};
 use crate::exit::{ExitReason, VmExit};
 
-/// Handler threads and their counters.
-pub type Handlers = (Vec<thread::JoinHandle<()>>, Vec<Arc<FaultStats>>);
-
-/// Start `n` handler threads; they end when the VM stops.
+/// Start one handler thread per counter set in `stats`; they end when the
+/// VM stops.
 pub fn spawn_handlers(
     engine: Arc<FaultEngine>,
     exit: Arc<VmExit>,
-    n: usize,
-) -> std::io::Result<Handlers> {
-    let mut threads = Vec::with_capacity(n);
-    let mut stats = Vec::with_capacity(n);
-    for i in 0..n {
-        let s = Arc::new(FaultStats::default());
-        stats.push(s.clone());
+    stats: &[Arc<FaultStats>],
+) -> std::io::Result<Vec<thread::JoinHandle<()>>> {
+    let mut threads = Vec::with_capacity(stats.len());
+    for (i, s) in stats.iter().enumerate() {
+        let s = s.clone();
         let engine = engine.clone();
         let exit = exit.clone();
         threads.push(
@@ -34,7 +30,7 @@ pub fn spawn_handlers(
                 .spawn(move || serve(engine, exit, s))?,
         );
     }
-    Ok((threads, stats))
+    Ok(threads)
 }
 
 fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {

@@ -26,6 +26,32 @@ pub const FAULT_KINDS: [(FaultKind, &str); 5] = [
     (FaultKind::Userfault, "userfault"),
 ];
 
+/// `KVM_RUN` exits by reason, counted per vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Io = 0,
+    Mmio = 1,
+    Hlt = 2,
+    Shutdown = 3,
+    InternalError = 4,
+    MemoryFault = 5,
+    SystemEvent = 6,
+    Intr = 7,
+    Other = 8,
+}
+
+pub const EXIT_KINDS: [(ExitKind, &str); 9] = [
+    (ExitKind::Io, "io"),
+    (ExitKind::Mmio, "mmio"),
+    (ExitKind::Hlt, "hlt"),
+    (ExitKind::Shutdown, "shutdown"),
+    (ExitKind::InternalError, "internal_error"),
+    (ExitKind::MemoryFault, "memory_fault"),
+    (ExitKind::SystemEvent, "system_event"),
+    (ExitKind::Intr, "intr"),
+    (ExitKind::Other, "other"),
+];
+
 /// Latency histogram buckets: upper bounds in ns, powers of two from 1 µs
 /// to ~8.4 ms, plus +Inf.
 pub const LATENCY_BUCKETS: usize = 15;
@@ -81,6 +107,8 @@ pub struct FaultStats {
     pub latency_buckets: [Counter; LATENCY_BUCKETS],
     pub latency_sum_ns: Counter,
     pub latency_count: Counter,
+    /// Exits by [`ExitKind`] (vCPU threads only).
+    pub exits: [Counter; 9],
 }
 
 impl FaultStats {
@@ -108,12 +136,13 @@ impl FaultStats {
             latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
             latency_sum_ns: self.latency_sum_ns.get(),
             latency_count: self.latency_count.get(),
+            exits: std::array::from_fn(|i| self.exits[i].get()),
         }
     }
 }
 
 /// A copy of [`FaultStats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FaultSnapshot {
     pub by_kind: [u64; 5],
     pub speculative_installs: u64,
@@ -125,6 +154,7 @@ pub struct FaultSnapshot {
     pub latency_buckets: [u64; LATENCY_BUCKETS],
     pub latency_sum_ns: u64,
     pub latency_count: u64,
+    pub exits: [u64; 9],
 }
 
 impl FaultSnapshot {
@@ -147,6 +177,9 @@ impl FaultSnapshot {
         }
         self.latency_sum_ns += o.latency_sum_ns;
         self.latency_count += o.latency_count;
+        for i in 0..self.exits.len() {
+            self.exits[i] += o.exits[i];
+        }
     }
 
     /// Latency quantile estimated from the histogram (upper bucket bound, ns).

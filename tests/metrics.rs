@@ -1,0 +1,325 @@
+//! The metrics endpoint against a running 2-vCPU guest on real KVM.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{guest, vmm};
+
+/// A `vmm run` with metrics on an ephemeral port; stdout lines and the
+/// metrics address are collected as they appear.
+struct Live {
+    child: Child,
+    addr: SocketAddr,
+    stdout: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Live {
+    fn start(cmdline: &str) -> Live {
+        let mut c = vmm();
+        c.args([
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "256M",
+            "--fault-mode",
+            "vcpu",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--kernel")
+        .arg(guest("memstress"))
+        .args(["--cmdline", cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn vmm");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let (atx, arx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("vmm: metrics on http://") {
+                    let _ = atx.send(
+                        a.trim_end_matches("/metrics")
+                            .parse::<SocketAddr>()
+                            .unwrap(),
+                    );
+                }
+            }
+        });
+        let addr = arx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("metrics address");
+        Live {
+            child,
+            addr,
+            stdout: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a stdout line starting with `prefix`.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Ok(l) = self
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(l.clone());
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+        panic!("no line {prefix:?}; saw {:?}", self.seen);
+    }
+
+    fn poll_lines(&mut self) {
+        while let Ok(l) = self.stdout.try_recv() {
+            self.seen.push(l);
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Samples of a text exposition: "name{labels}" -> value.
+fn samples(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(m: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| panic!("no sample {key}"))
+}
+
+const PER_VCPU: &[&str] = &[
+    "vmm_faults_total{vcpu=\"N\",kind=\"mmio\"}",
+    "vmm_speculative_installs_total{vcpu=\"N\"}",
+    "vmm_fault_retries_total{vcpu=\"N\"}",
+    "vmm_slow_path_installs_total{vcpu=\"N\"}",
+    "vmm_already_present_total{vcpu=\"N\"}",
+    "vmm_pages_installed_total{vcpu=\"N\"}",
+    "vmm_source_read_bytes_total{vcpu=\"N\"}",
+    "vmm_exits_total{vcpu=\"N\",reason=\"io\"}",
+    "vmm_exits_total{vcpu=\"N\",reason=\"mmio\"}",
+    "vmm_fault_latency_seconds_count{vcpu=\"N\"}",
+    "vmm_fault_latency_seconds_sum{vcpu=\"N\"}",
+    "vmm_fault_latency_seconds_bucket{le=\"+Inf\",vcpu=\"N\"}",
+];
+
+#[test]
+fn scrapes_of_a_running_guest() {
+    let mut live = Live::start("mode=0 rounds=30 bytes=96M stride=4096 hold=1");
+    let mut last: Option<BTreeMap<String, f64>> = None;
+    let mut scrapes = 0;
+    let mut mid_run = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        live.poll_lines();
+        let done = live.seen.iter().any(|l| l.starts_with("memstress: done"));
+        let (status, body) = http(live.addr, "GET", "/metrics");
+        assert_eq!(status, 200);
+        let m = samples(&body);
+        for vcpu in ["0", "1"] {
+            for key in PER_VCPU {
+                get(&m, &key.replace('N', vcpu));
+            }
+        }
+        for key in [
+            "vmm_memslot_generation",
+            "vmm_memslot_changes_total",
+            "vmm_resident_pages",
+            "vmm_discarded_pages_total",
+            "vmm_fault_mode{mode=\"vcpu\"}",
+        ] {
+            get(&m, key);
+        }
+        if let Some(prev) = &last {
+            for (k, v) in prev {
+                if k.contains("_total") || k.contains("_count") || k.contains("_bucket") {
+                    assert!(get(&m, k) >= *v, "{k} went down: {v} -> {}", get(&m, k));
+                }
+            }
+        }
+        if !done && get(&m, "vmm_pages_installed_total{vcpu=\"0\"}") > 0.0 {
+            mid_run += 1;
+        }
+        last = Some(m);
+        scrapes += 1;
+        if done || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(scrapes >= 3, "only {scrapes} scrapes");
+    assert!(mid_run >= 1, "no scrape saw the guest mid-run");
+    let done = live.wait_line("memstress: done");
+    let words: f64 = done
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("words="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(done.contains("bad=0"), "{done}");
+    // Final scrape of the finished (halted, still live) guest.
+    let (_, body) = http(live.addr, "GET", "/metrics");
+    let m = samples(&body);
+    let installed: f64 = ["0", "1"]
+        .iter()
+        .map(|v| get(&m, &format!("vmm_pages_installed_total{{vcpu=\"{v}\"}}")))
+        .sum();
+    assert_eq!(
+        installed, words,
+        "pages installed over vCPUs != pages the guest touched"
+    );
+    for v in ["0", "1"] {
+        let faults: f64 = [
+            "mmio",
+            "emulation_failure",
+            "memory_fault",
+            "sigbus",
+            "userfault",
+        ]
+        .iter()
+        .map(|k| {
+            get(
+                &m,
+                &format!("vmm_faults_total{{vcpu=\"{v}\",kind=\"{k}\"}}"),
+            )
+        })
+        .sum();
+        let count = get(
+            &m,
+            &format!("vmm_fault_latency_seconds_count{{vcpu=\"{v}\"}}"),
+        );
+        assert_eq!(count, faults, "vCPU {v}: histogram count != faults");
+        let inf = get(
+            &m,
+            &format!("vmm_fault_latency_seconds_bucket{{le=\"+Inf\",vcpu=\"{v}\"}}"),
+        );
+        assert_eq!(inf, count);
+    }
+    // JSON carries the same numbers.
+    let (status, json) = http(live.addr, "GET", "/metrics.json");
+    assert_eq!(status, 200);
+    let j: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let jsum: u64 = j["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["pages_installed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(jsum as f64, words);
+    assert_eq!(j["fault_mode"], "vcpu");
+    assert_eq!(http(live.addr, "GET", "/healthz").0, 200);
+}
+
+#[test]
+fn unknown_paths_and_methods() {
+    let live = Live::start("mode=0 rounds=1 bytes=8M hold=1");
+    assert_eq!(http(live.addr, "GET", "/nope").0, 404);
+    assert_eq!(http(live.addr, "GET", "/").0, 404);
+    assert_eq!(http(live.addr, "POST", "/metrics").0, 405);
+    assert_eq!(http(live.addr, "DELETE", "/healthz").0, 405);
+    assert_eq!(http(live.addr, "GET", "/healthz").0, 200);
+}
+
+#[test]
+fn bad_clients_do_not_hurt_the_vm_or_other_scrapes() {
+    let mut live = Live::start("mode=0 rounds=40 bytes=64M stride=4096 hold=1");
+    // Half a request, then silence, on several connections.
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(live.addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    assert_eq!(http(live.addr, "GET", "/metrics").0, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "scrape held up by stalled clients"
+    );
+    // Oversized headers: rejected or closed, never a crash.
+    {
+        let mut s = TcpStream::connect(live.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let big = "a".repeat(64 * 1024);
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+        );
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    assert_eq!(http(live.addr, "GET", "/metrics").0, 200);
+    // A burst of 1,000 requests from 4 threads: every one answered.
+    let addr = live.addr;
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..250)
+                    .filter(|_| http(addr, "GET", "/healthz").0 == 200)
+                    .count()
+            })
+        })
+        .collect();
+    let ok: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(ok, 1000);
+    assert_eq!(http(live.addr, "GET", "/metrics").0, 200);
+    drop(stalled);
+    // The guest was unaffected: it finished every round correctly.
+    let done = live.wait_line("memstress: done");
+    assert!(done.contains("bad=0"), "{done}");
+}

@@ -1,0 +1,117 @@
+//! Fault metrics published over HTTP while the VM runs (`--metrics-addr`).
+//!
+//! The fault path only bumps its own thread's counters (`fault::stats`); the
+//! HTTP thread reads them on each scrape and aggregates. See docs/METRICS.md.
+
+mod http;
+mod prometheus;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use http::{MetricsError, MetricsServer};
+
+use crate::config::FaultMode;
+use crate::fault::stats::{bucket_bound_ns, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS};
+use crate::fault::{FaultSnapshot, FaultStats};
+use crate::memory::MemoryManager;
+
+/// What a scrape reads.
+pub struct VmMetrics {
+    pub vcpus: Vec<Arc<FaultStats>>,
+    pub handlers: Vec<Arc<FaultStats>>,
+    pub memory: Arc<MemoryManager>,
+    pub mode: FaultMode,
+}
+
+/// One consistent-enough copy of every metric (each counter is read once).
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsSnapshot {
+    pub fault_mode: &'static str,
+    pub memslot_generation: u64,
+    pub memslot_changes: u64,
+    pub resident_pages: u64,
+    pub discarded_pages: u64,
+    pub vcpus: Vec<ThreadMetrics>,
+    pub handlers: Vec<ThreadMetrics>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThreadMetrics {
+    pub faults: std::collections::BTreeMap<&'static str, u64>,
+    pub speculative_installs: u64,
+    pub retries: u64,
+    pub slow_path_installs: u64,
+    pub already_present: u64,
+    pub pages_installed: u64,
+    pub source_bytes: u64,
+    pub exits: std::collections::BTreeMap<&'static str, u64>,
+    pub fault_latency: Histogram,
+}
+
+/// A histogram in seconds, per-bucket (not cumulative) counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Histogram {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// (upper bound in seconds, +Inf as `null` in JSON; count in that bucket)
+    pub buckets: Vec<(Option<f64>, u64)>,
+}
+
+impl ThreadMetrics {
+    fn from(s: &FaultSnapshot) -> Self {
+        Self {
+            faults: FAULT_KINDS
+                .iter()
+                .map(|(k, n)| (*n, s.by_kind[*k as usize]))
+                .collect(),
+            speculative_installs: s.speculative_installs,
+            retries: s.retries,
+            slow_path_installs: s.slow_path_installs,
+            already_present: s.already_present,
+            pages_installed: s.pages_installed,
+            source_bytes: s.source_bytes,
+            exits: EXIT_KINDS
+                .iter()
+                .map(|(k, n)| (*n, s.exits[*k as usize]))
+                .collect(),
+            fault_latency: Histogram {
+                sum_seconds: s.latency_sum_ns as f64 / 1e9,
+                count: s.latency_count,
+                buckets: (0..LATENCY_BUCKETS)
+                    .map(|i| {
+                        (
+                            bucket_bound_ns(i).map(|b| b as f64 / 1e9),
+                            s.latency_buckets[i],
+                        )
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+impl VmMetrics {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let c = &self.memory.counters;
+        MetricsSnapshot {
+            fault_mode: self.mode.name(),
+            memslot_generation: self.memory.slots.generation().load(Ordering::Acquire),
+            memslot_changes: c.changes.load(Ordering::Relaxed),
+            resident_pages: self.memory.resident_pages(),
+            discarded_pages: c.discarded_pages.load(Ordering::Relaxed),
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(|s| ThreadMetrics::from(&s.snapshot()))
+                .collect(),
+            handlers: self
+                .handlers
+                .iter()
+                .map(|s| ThreadMetrics::from(&s.snapshot()))
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Prometheus/OpenMetrics text for a [`MetricsSnapshot`], through
+//! `prometheus-client`'s encoder (a collector that encodes each scrape's
+//! snapshot: the counters live on the fault path, not in the registry).
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::{MetricsSnapshot, ThreadMetrics};
+
+#[derive(Debug)]
+struct Snap(MetricsSnapshot);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Per-thread series: `vcpu="N"` for vCPUs, `handler="N"` for handler threads.
+fn threads(s: &MetricsSnapshot) -> impl Iterator<Item = (Labels, &ThreadMetrics)> {
+    let v = s
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (vec![("vcpu", i.to_string())], t));
+    let h = s
+        .handlers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (vec![("handler", i.to_string())], t));
+    v.chain(h)
+}
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: Vec<(Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: Labels,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m.encode_family(&labels)?)
+}
+
+impl Collector for Snap {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let per = |f: &dyn Fn(&ThreadMetrics) -> u64| -> Vec<(Labels, u64)> {
+            threads(s).map(|(l, t)| (l, f(t))).collect()
+        };
+        let mut faults = Vec::new();
+        for (l, t) in threads(s) {
+            for (kind, v) in &t.faults {
+                let mut l = l.clone();
+                l.push(("kind", kind.to_string()));
+                faults.push((l, *v));
+            }
+        }
+        counter_family(
+            &mut enc,
+            "vmm_faults",
+            "Stage-2 faults served, by how they reached the VMM",
+            faults,
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_speculative_installs",
+            "Pages installed on the speculative (lock-free lookup + trylock) path",
+            per(&|t| t.speculative_installs),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_fault_retries",
+            "Speculative attempts that bailed out (memslot change, removal, contention) and retried under the slots lock",
+            per(&|t| t.retries),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_slow_path_installs",
+            "Pages installed under the slots lock after a retry",
+            per(&|t| t.slow_path_installs),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_already_present",
+            "Faults whose page another thread had installed first",
+            per(&|t| t.already_present),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_pages_installed",
+            "Pages installed by this thread",
+            per(&|t| t.pages_installed),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_source_read_bytes",
+            "Bytes read from page sources (memory image files)",
+            per(&|t| t.source_bytes),
+        )?;
+        let mut exits = Vec::new();
+        for (l, t) in s
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (vec![("vcpu", i.to_string())], t))
+        {
+            for (reason, v) in &t.exits {
+                let mut l = l.clone();
+                l.push(("reason", reason.to_string()));
+                exits.push((l, *v));
+            }
+        }
+        counter_family(&mut enc, "vmm_exits", "KVM_RUN exits, by reason", exits)?;
+        {
+            let mut m = enc.encode_descriptor(
+                "vmm_fault_latency_seconds",
+                "Fault latency from the exit (or event) to re-entry (or wake)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (labels, t) in threads(s) {
+                let h = &t.fault_latency;
+                let buckets: Vec<(f64, u64)> = h
+                    .buckets
+                    .iter()
+                    .map(|(b, n)| (b.unwrap_or(f64::INFINITY), *n))
+                    .collect();
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        h.sum_seconds,
+                        h.count,
+                        &buckets,
+                        None,
+                    )?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "vmm_memslot_generation",
+            "Generation of the memslot table (bumped by every committed change)",
+            vec![],
+            s.memslot_generation as i64,
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_memslot_changes",
+            "Memslot changes (hotplug, unplug)",
+            vec![(vec![], s.memslot_changes)],
+        )?;
+        gauge(
+            &mut enc,
+            "vmm_resident_pages",
+            "Guest RAM pages resident on the host",
+            vec![],
+            s.resident_pages as i64,
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_discarded_pages",
+            "Guest RAM pages discarded (balloon)",
+            vec![(vec![], s.discarded_pages)],
+        )?;
+        gauge(
+            &mut enc,
+            "vmm_fault_mode",
+            "How guest RAM is populated (1 for the active mode)",
+            vec![("mode", s.fault_mode.to_string())],
+            1,
+        )?;
+        Ok(())
+    }
+}
+
+/// OpenMetrics text of one snapshot.
+pub fn render(s: MetricsSnapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snap(s)));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
