@@ -106,6 +106,8 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// Command line handed to the guest.
     pub cmdline: String,
+    /// Initramfs for a Linux kernel.
+    pub initrd: Option<PathBuf>,
     /// How guest RAM is populated; `None` picks `vcpu` where the host
     /// delivers faulting addresses to the vCPU, `handler` elsewhere.
     pub fault_mode: Option<FaultMode>,
@@ -131,6 +133,7 @@ impl VmConfig {
             mem_size: 512 << 20,
             vcpus: 2,
             cmdline: String::new(),
+            initrd: None,
             fault_mode: None,
             mem_source: None,
             fault_threads: 1,

@@ -19,6 +19,8 @@ pub mod arch;
 #[cfg(not(loom))]
 pub mod bench;
 #[cfg(not(loom))]
+pub mod boot;
+#[cfg(not(loom))]
 pub mod config;
 #[cfg(not(loom))]
 pub mod devices;

@@ -37,8 +37,8 @@ enum BenchCmd {
 
 #[derive(Parser)]
 struct RunArgs {
-    /// ELF image to boot (a test guest or a Linux vmlinux). Without it, the
-    /// embedded default guest runs.
+    /// Kernel to boot: a Linux bzImage or ELF vmlinux, or an ELF test guest.
+    /// Without it, the embedded default guest runs.
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Guest RAM: a size like 512M or 2G (a bare number is MiB).
@@ -47,9 +47,13 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
     vcpus: usize,
-    /// Command line handed to the guest.
+    /// Command line handed to the guest (Linux: appended to the VMM's
+    /// defaults, e.g. `console=ttyS0`).
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// Initramfs for a Linux kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// How guest RAM is populated. Default: vcpu where the host reports
     /// faulting addresses to the vCPU, handler elsewhere.
     #[arg(long, value_enum)]
@@ -102,6 +106,7 @@ fn run(a: RunArgs) -> ExitCode {
         mem_size: a.mem,
         vcpus: a.vcpus,
         cmdline: a.cmdline,
+        initrd: a.initrd,
         fault_mode: a.fault_mode,
         mem_source: a.mem_source,
         fault_threads: a.fault_threads,

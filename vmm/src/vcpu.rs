@@ -28,6 +28,8 @@ pub struct VcpuShared {
     pub exit: Arc<VmExit>,
     /// Set in `vcpu` mode: faults are served on the vCPU thread.
     pub fault: Option<Arc<FaultEngine>>,
+    /// Complete instructions the host's emulator cannot (PVM hosts).
+    pub emulation_assists: bool,
 }
 
 pub struct Vcpu {
@@ -255,6 +257,9 @@ impl Vcpu {
                 if let Some(next) = self.fetch_fault(exited) {
                     return next;
                 }
+                if self.shared.emulation_assists && self.assist() {
+                    return Next::Continue;
+                }
                 let (rip, cpl) = where_is(&self.fd);
                 let msg = describe_internal_error(index, self.fd.get_kvm_run(), rip, cpl);
                 Next::Stop(ExitReason::Error(msg))
@@ -314,6 +319,63 @@ impl Vcpu {
                 )))
             }
         }
+    }
+
+    /// PVM's emulator fails on a few instructions a stock kernel executes in
+    /// supervisor mode; where the architectural effect is simple, do it here
+    /// (each one measured failing on this host, ../shared/PLATFORM.md):
+    /// `int3` -> RIP+1 and inject #BP (the kernel's int3 self-test and text
+    /// patching rely on the handler running); `clac`/`stac` -> clear/set
+    /// RFLAGS.AC; `fwait` -> no-op (no pending x87 exceptions: CR0.NE and no
+    /// unmasked FPU faults at boot). Returns whether it assisted.
+    fn assist(&mut self) -> bool {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR.
+        let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if sub != KVM_INTERNAL_ERROR_EMULATION {
+            return false;
+        }
+        let Some(bytes) = emulation_insn_bytes(self.fd.get_kvm_run()) else {
+            return false;
+        };
+        let Ok(mut regs) = self.fd.get_regs() else {
+            return false;
+        };
+        const RFLAGS_AC: u64 = 1 << 18;
+        let ok = match bytes.as_slice() {
+            [0xcc, ..] => {
+                regs.rip += 1;
+                let Ok(mut ev) = self.fd.get_vcpu_events() else {
+                    return false;
+                };
+                ev.exception.injected = 1;
+                ev.exception.nr = 3;
+                ev.exception.has_error_code = 0;
+                ev.flags = 0;
+                self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&ev).is_ok()
+            }
+            [0x0f, 0x01, op @ (0xca | 0xcb), ..] => {
+                if *op == 0xca {
+                    regs.rflags &= !RFLAGS_AC;
+                } else {
+                    regs.rflags |= RFLAGS_AC;
+                }
+                regs.rip += 3;
+                self.fd.set_regs(&regs).is_ok()
+            }
+            [0x9b, ..] => {
+                regs.rip += 1;
+                self.fd.set_regs(&regs).is_ok()
+            }
+            _ => false,
+        };
+        if ok {
+            log::debug!(
+                "vCPU {}: assisted {:02x?}",
+                self.index,
+                &bytes[..bytes.len().min(3)]
+            );
+        }
+        ok
     }
 
     /// An emulation failure whose instruction lies on a missing page: the

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{cpuid, gdt, layout, paging, regs};
+use crate::boot::{self, BootError, BootKind};
 use crate::config::{ConfigError, FaultMode, SerialOut, VmConfig};
 use crate::devices::marker::{MarkerHook, MarkerLog, MarkerPort, MARKER_PORT};
 use crate::devices::{exit_port, i8042, serial, Bus, BusDevice, BusOverlap, Sink};
@@ -45,6 +46,13 @@ pub enum VmError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot read initramfs {path}: {source}")]
+    Initrd {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,
@@ -172,9 +180,31 @@ impl Vm {
         };
         kvm("KVM_CREATE_PIT2", vm_fd.create_pit2(pit))?;
 
+        let initrd = match &config.initrd {
+            Some(p) => Some(std::fs::read(p).map_err(|source| VmError::Initrd {
+                path: p.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
         let ram = GuestRam::new(&layout::ram_ranges(config.mem_size))?;
-        let loaded = loader::load_elf(ram.memory(), ram.ranges(), &image)?;
-        write_boot_structures(&host, &ram, &config)?;
+        write_boot_structures(&host, &ram)?;
+        let image_name = config
+            .kernel
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the embedded demo guest".into());
+        let boot = boot::load(
+            ram.memory(),
+            ram.ranges(),
+            &image,
+            &image_name,
+            initrd.as_deref(),
+            &config.cmdline,
+            config.vcpus,
+            host.flavor,
+        )?;
+        drop(initrd);
         ram.register(&vm_fd)?;
 
         let exit = Arc::new(VmExit::new());
@@ -253,8 +283,14 @@ impl Vm {
         } else {
             None
         };
-        let (shared, serial_input) =
-            build_devices(&vm_fd, &exit, &config.serial, &markers, vcpu_engine)?;
+        let (shared, serial_input) = build_devices(
+            &vm_fd,
+            &exit,
+            &config.serial,
+            &markers,
+            vcpu_engine,
+            host.flavor == KvmFlavor::Pvm,
+        )?;
 
         let base = kvm(
             "KVM_GET_SUPPORTED_CPUID",
@@ -274,22 +310,30 @@ impl Vm {
                 },
             );
             kvm("KVM_SET_CPUID2", fd.set_cpuid2(&c))?;
-            let args = [
-                index as u64,
-                config.vcpus as u64,
-                config.mem_size,
-                layout::CMDLINE_ADDR,
-            ];
+            let args = match boot.kind {
+                BootKind::TestGuest => [
+                    index as u64,
+                    config.vcpus as u64,
+                    config.mem_size,
+                    layout::CMDLINE_ADDR,
+                ],
+                // Linux's 64-bit entry takes boot_params in RSI.
+                BootKind::Linux => [0, boot.zero_page, 0, 0],
+            };
             let setup = || -> Result<(), regs::RegsError> {
                 regs::setup_msrs(&fd)?;
                 regs::setup_sregs(&fd)?;
                 regs::setup_fpu(&fd)?;
-                regs::setup_regs(&fd, loaded.entry, args)?;
+                regs::setup_regs(&fd, boot.entry, args)?;
                 regs::setup_lapic(&fd)?;
                 // With the in-kernel LAPIC, vCPUs other than 0 start in
-                // UNINITIALIZED, waiting for INIT/SIPI. Test guests start every
-                // vCPU at the entry point, as KVM's selftests do.
-                regs::make_runnable(&fd)
+                // UNINITIALIZED, waiting for INIT/SIPI: right for Linux, which
+                // starts them itself. Test guests start every vCPU at the
+                // entry point, as KVM's selftests do.
+                if boot.kind == BootKind::TestGuest || index == 0 {
+                    regs::make_runnable(&fd)?;
+                }
+                Ok(())
             };
             setup().map_err(|source| VmError::VcpuSetup { index, source })?;
             vcpus.push(fd);
@@ -298,7 +342,7 @@ impl Vm {
             "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
             config.vcpus,
             config.mem_size >> 20,
-            loaded.entry
+            boot.entry
         );
         Ok(Vm {
             config,
@@ -422,8 +466,8 @@ impl Vm {
     }
 }
 
-/// Page tables, GDT, and the command line.
-fn write_boot_structures(host: &Host, ram: &GuestRam, config: &VmConfig) -> Result<(), VmError> {
+/// Page tables and the GDT (the image and its command line come after).
+fn write_boot_structures(host: &Host, ram: &GuestRam) -> Result<(), VmError> {
     let mem = ram.memory();
     let ram_top = ram.ranges().iter().map(|r| r.end()).max().unwrap_or(0);
     let gib_pages = host_has_1g_pages(host);
@@ -437,12 +481,6 @@ fn write_boot_structures(host: &Host, ram: &GuestRam, config: &VmConfig) -> Resu
         mem.write_obj(*e, GuestAddress(layout::GDT_ADDR + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR))?;
-    loader::write_cmdline(
-        mem,
-        layout::CMDLINE_ADDR,
-        &config.cmdline,
-        layout::CMDLINE_MAX,
-    )?;
     Ok(())
 }
 
@@ -461,6 +499,7 @@ fn build_devices(
     out: &SerialOut,
     markers: &Arc<Mutex<MarkerLog>>,
     fault: Option<Arc<FaultEngine>>,
+    emulation_assists: bool,
 ) -> Result<(Arc<VcpuShared>, serial::SerialInput), VmError> {
     let dev_err = |what: &str, e: std::io::Error| VmError::Device(format!("{what}: {e}"));
     let mut pio = Bus::new("port-I/O");
@@ -503,6 +542,7 @@ fn build_devices(
         mmio: Bus::new("MMIO"),
         exit: exit.clone(),
         fault,
+        emulation_assists,
     });
     Ok((shared, input))
 }
