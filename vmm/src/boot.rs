@@ -45,15 +45,19 @@ pub struct Boot {
 /// (../shared/PLATFORM.md): the guest sees XSAVE, PKU, FSGSBASE and many
 /// other features whatever CPUID says, and the host's emulator cannot run
 /// `xrstor` or SMAP's `clac`/`stac` reliably; `nokaslr` keeps addresses
-/// stable for diagnosis; `reboot=k` makes a guest reboot an i8042 reset.
+/// stable for diagnosis. Emulated boot code is slow (~1 µs per instruction):
+/// ftrace's boot-time check of weak functions (a workqueue scanning every
+/// ftrace record) then runs for minutes with soft-lockup splats (measured
+/// here: `test_for_valid_rec` at 121 s), so its initcall is skipped.
 pub const PVM_CMDLINE: &str = "noxsave nopku nofsgsbase \
 clearcpuid=smap,smep,rdrand,rdseed,aes,pclmulqdq,sha_ni,popcnt,invpcid,pcid,avx,avx2,f16c,fma,movbe,bmi1,bmi2,adx,vaes,vpclmulqdq,clflushopt,clwb,rdpid,umip \
-mitigations=off nokaslr";
+mitigations=off nokaslr initcall_blacklist=ftrace_check_for_weak_functions";
 
 /// Defaults every Linux boot gets: reboot through the i8042 (which ends the
 /// VMM), reboot at once on panic (the VMM reports the panic it saw on the
-/// console), no waiting for a PS/2 keyboard.
-pub const LINUX_CMDLINE: &str = "reboot=k panic=-1 i8042.noaux";
+/// console), no waiting for a PS/2 keyboard, and no PCI probing (this VMM
+/// has no PCI bus; config-space ports read as all ones).
+pub const LINUX_CMDLINE: &str = "reboot=k panic=-1 i8042.noaux pci=off";
 
 /// Whether an ELF image is a Linux kernel: it carries a "Linux" or "Xen"
 /// (PVH) ELF note; the project's test guests carry none.

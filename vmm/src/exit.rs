@@ -19,6 +19,8 @@ pub enum ExitReason {
     AllHalted,
     /// A VMM-side failure while running the guest (message says what).
     Error(String),
+    /// The VMM was asked to stop (SIGINT, SIGTERM).
+    Signal(i32),
 }
 
 impl ExitReason {
@@ -28,6 +30,7 @@ impl ExitReason {
             ExitReason::GuestStatus(s) => i32::from(*s),
             ExitReason::Reset => 0,
             ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Error(_) => 1,
+            ExitReason::Signal(n) => 128 + n,
         }
     }
 }
@@ -45,6 +48,7 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::AllHalted => write!(f, "all vCPUs halted with no way to wake them"),
             ExitReason::Error(m) => write!(f, "{m}"),
+            ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
         }
     }
 }

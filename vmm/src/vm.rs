@@ -409,6 +409,10 @@ impl Vm {
             ),
             None => None,
         };
+        // SIGINT/SIGTERM stop the VM cleanly (counters reported, threads
+        // joined): blocked in every thread started from here on, and taken
+        // by one waiter thread.
+        let signals = spawn_signal_waiter(self.exit.clone());
         let start = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
@@ -434,7 +438,7 @@ impl Vm {
             }
         }
         let elapsed = start.elapsed();
-        for t in handlers.into_iter().chain(server) {
+        for t in handlers.into_iter().chain(server).chain(signals) {
             let _ = t.join();
         }
         if let Some(Ok(t)) = input {
@@ -545,6 +549,36 @@ fn build_devices(
         emulation_assists,
     });
     Ok((shared, input))
+}
+
+/// Block SIGINT and SIGTERM in this thread (inherited by threads it starts)
+/// and wait for them on a dedicated thread, which ends the VM.
+fn spawn_signal_waiter(exit: Arc<VmExit>) -> Option<thread::JoinHandle<()>> {
+    // SAFETY: plain sigset manipulation on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let timeout = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            while !exit.is_stopping() {
+                // SAFETY: waiting on a valid set; no siginfo wanted.
+                let n = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+                if n > 0 {
+                    exit.request(ExitReason::Signal(n));
+                }
+            }
+        })
+        .ok()
 }
 
 /// The device event loop (serial input) on its own thread; it ends with the VM.

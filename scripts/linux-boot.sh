@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Boot Debian's cloud kernel under vmm (all RAM demand-paged, vcpu mode) and,
+# in the same run, under QEMU (-enable-kvm, PVH boot of the same vmlinux and
+# initramfs); print host wall-clock time to each console milestone side by
+# side, and the stage-2 faults vmm served. Each VMM gets LIMIT seconds
+# (default 600). Needs guest-images/build.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LIMIT=${LIMIT:-600}
+L=guest-images/out/linux
+[ -f $L/vmlinuz-cloud ] || guest-images/build.sh >/dev/null
+scripts/setup.sh >/dev/null
+cargo build --release -p vmm >/dev/null 2>&1
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null 2>&1 || true
+fi
+milestones=("Linux version" "Memory: " "smp: Brought up" "Run /init as init process" "VMM-INIT-MARKER: /init started" "VMM-INIT-CHECKSUM: ok")
+stamp() { # read lines, prefix with seconds since $1
+  local t0=$1; while IFS= read -r l; do printf '%.1f %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$l"; done
+}
+out=$(mktemp -d)
+t0=$(date +%s.%N)
+timeout "$LIMIT" target/release/vmm run --kernel $L/vmlinuz-cloud --initrd $L/initramfs.cpio \
+  --mem 512M --vcpus 2 --fault-mode vcpu --cmdline "console=ttyS0" 2>"$out/vmm.err" </dev/null | stamp "$t0" >"$out/vmm.log"
+if command -v qemu-system-x86_64 >/dev/null && [ -f $L/vmlinux-cloud ]; then
+  t0=$(date +%s.%N)
+  timeout "$LIMIT" qemu-system-x86_64 -enable-kvm -machine microvm,acpi=on -cpu host -smp 2 -m 512M \
+    -kernel $L/vmlinux-cloud -initrd $L/initramfs.cpio -nographic -no-reboot \
+    -append "console=ttyS0 reboot=k panic=-1 pci=off" </dev/null 2>"$out/qemu.err" | stamp "$t0" >"$out/qemu.log"
+else
+  echo "(qemu-system-x86_64 not available)" >"$out/qemu.log"
+fi
+printf '%-34s %12s %12s\n' "milestone (s since start)" "vmm" "qemu"
+for m in "${milestones[@]}"; do
+  v=$(grep -m1 -F "$m" "$out/vmm.log" | cut -d' ' -f1); q=$(grep -m1 -F "$m" "$out/qemu.log" | cut -d' ' -f1)
+  printf '%-34s %12s %12s\n' "$m" "${v:--}" "${q:--}"
+done
+echo "vmm last console line:  $(tail -n1 "$out/vmm.log" | cut -c1-100)"
+echo "qemu last console line: $(tail -n1 "$out/qemu.log" | cut -c1-100)"
+echo "qemu stderr: $(grep -v '^$' "$out/qemu.err" | head -3 | tr '\n' ' ' | cut -c1-200)"
+grep -A3 "fault summary" "$out/vmm.err" || echo "(vmm was stopped at the time limit: no fault summary)"
+echo "logs: $out"

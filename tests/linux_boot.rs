@@ -1,0 +1,136 @@
+//! Boot Debian's stock cloud kernel (bzImage) under vmm with all guest RAM
+//! demand-paged (vcpu mode) and follow the serial console through the boot
+//! milestones. Needs `guest-images/build.sh` (scripts/test.sh runs it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{run, vmm};
+
+fn linux_file(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/linux").join(name);
+    assert!(p.exists(), "{} is missing: run guest-images/build.sh", p.display());
+    p.display().to_string()
+}
+
+/// Console milestones, in boot order.
+const MILESTONES: &[&str] = &[
+    "Linux version",
+    "Memory: ",
+    "smp: Brought up",
+    "Run /init as init process",
+    "VMM-INIT-MARKER: /init started",
+    "VMM-INIT-CHECKSUM: ok",
+];
+
+/// How far this host takes the kernel, measured (docs/BENCHMARKS.md): the
+/// test requires every milestone up to and including this one, in order.
+const FURTHEST: &str = "smp: Brought up";
+
+#[test]
+fn debian_cloud_kernel_boots_demand_paged() {
+    let mut c = vmm();
+    c.args(["run", "--mem", "512M", "--vcpus", "2", "--fault-mode", "vcpu"])
+        .args(["--kernel", &linux_file("vmlinuz-cloud")])
+        .args(["--initrd", &linux_file("initramfs.cpio")])
+        .args(["--cmdline", "console=ttyS0 pci=off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn vmm");
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let err = child.stderr.take().unwrap();
+    let errlog = std::thread::spawn(move || {
+        BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.contains("unclaimed"))
+            .collect::<Vec<_>>()
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(17 * 60);
+    let want = MILESTONES.iter().position(|m| *m == FURTHEST).unwrap();
+    let mut reached: Vec<(usize, Duration)> = Vec::new();
+    let mut console = Vec::new();
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            break; // vmm ended (or the deadline passed)
+        };
+        let next = reached.len();
+        if next < MILESTONES.len() && line.contains(MILESTONES[next]) {
+            eprintln!("[{:7.1}s] milestone: {}", start.elapsed().as_secs_f64(), MILESTONES[next]);
+            reached.push((next, start.elapsed()));
+        }
+        console.push(line);
+        if reached.len() > want && reached.len() == MILESTONES.len() {
+            break;
+        }
+        if reached.len() > want && FURTHEST != MILESTONES[MILESTONES.len() - 1] {
+            // The furthest milestone this host reaches: stop here.
+            break;
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    let errors = errlog.join().unwrap();
+    let tail = console.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n");
+    assert!(
+        reached.len() > want,
+        "reached {:?} of {MILESTONES:?} in {:?}; status {status}\nconsole tail:\n{tail}\nvmm stderr:\n{}",
+        reached.iter().map(|(i, _)| MILESTONES[*i]).collect::<Vec<_>>(),
+        start.elapsed(),
+        errors.join("\n")
+    );
+    if reached.len() == MILESTONES.len() {
+        let expected = std::fs::read_to_string(linux_file("expected-checksum")).unwrap();
+        assert!(console.iter().any(|l| l.contains(expected.trim())), "checksum differs: {tail}");
+    }
+}
+
+#[test]
+fn bad_linux_inputs_are_clear_errors() {
+    let bz = std::fs::read(linux_file("vmlinuz-cloud")).unwrap();
+    let dir = std::env::temp_dir().join(format!("vmm-linux-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, b: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, b).unwrap();
+        p.display().to_string()
+    };
+    // Truncated: the payload is cut short.
+    let p = write("truncated", &bz[..bz.len() / 2]);
+    run(&["run", "--kernel", &p]).assert_error("bzImage");
+    // Corrupted payload: LZ4 block structure damaged.
+    let mut c = bz.clone();
+    let off = u32::from_le_bytes(c[0x248..0x24c].try_into().unwrap()) as usize
+        + ((c[0x1f1] as usize + 1) * 512);
+    for b in &mut c[off + 8..off + 64] {
+        *b = 0xff;
+    }
+    let p = write("corrupt", &c);
+    run(&["run", "--kernel", &p]).assert_error("bzImage");
+    // Unknown compression magic.
+    let mut u = bz.clone();
+    u[off..off + 4].copy_from_slice(b"WHAT");
+    let p = write("unknown", &u);
+    run(&["run", "--kernel", &p]).assert_error("compression");
+    // An initramfs larger than guest RAM.
+    let big = dir.join("big.cpio");
+    std::fs::File::create(&big).unwrap().set_len(300 << 20).unwrap();
+    run(&["run", "--kernel", &linux_file("vmlinuz-cloud"), "--mem", "256M", "--initrd", big.to_str().unwrap()])
+        .assert_error("does not fit in guest RAM");
+    // A command line longer than the kernel accepts (its setup header says 2047).
+    let long = "x".repeat(3000);
+    run(&["run", "--kernel", &linux_file("vmlinuz-cloud"), "--cmdline", &long]).assert_error("command line");
+    let _ = std::fs::remove_dir_all(&dir);
+}
