@@ -21,12 +21,15 @@ stamp() { # read lines, prefix with seconds since $1
 out=$(mktemp -d)
 t0=$(date +%s.%N)
 timeout "$LIMIT" target/release/vmm run --kernel $L/vmlinuz-cloud --initrd $L/initramfs.cpio \
-  --mem 512M --vcpus 2 --fault-mode vcpu --cmdline "console=ttyS0" 2>"$out/vmm.err" </dev/null | stamp "$t0" >"$out/vmm.log"
+  --mem 512M --vcpus 2 --fault-mode vcpu --cmdline "console=ttyS0 earlyprintk=serial,ttyS0" 2>"$out/vmm.err" </dev/null | stamp "$t0" >"$out/vmm.log"
 if command -v qemu-system-x86_64 >/dev/null && [ -f $L/vmlinux-cloud ]; then
+  # The same kernel command line vmm used (its defaults included), and the
+  # same CPUID fix (no CX16); -cpu host fails here (QEMU cannot set MSR 0x10a).
+  cmdline=$(grep -m1 'Command line:' "$out/vmm.log" | sed 's/.*Command line: //')
   t0=$(date +%s.%N)
-  timeout "$LIMIT" qemu-system-x86_64 -enable-kvm -machine microvm,acpi=on -cpu host -smp 2 -m 512M \
+  timeout "$LIMIT" qemu-system-x86_64 -enable-kvm -machine microvm,acpi=on -cpu qemu64,-cx16 -smp 2 -m 512M \
     -kernel $L/vmlinux-cloud -initrd $L/initramfs.cpio -nographic -no-reboot \
-    -append "console=ttyS0 reboot=k panic=-1 pci=off" </dev/null 2>"$out/qemu.err" | stamp "$t0" >"$out/qemu.log"
+    -append "${cmdline:-console=ttyS0}" </dev/null 2>"$out/qemu.err" | stamp "$t0" >"$out/qemu.log"
 else
   echo "(qemu-system-x86_64 not available)" >"$out/qemu.log"
 fi

@@ -4,17 +4,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{run, vmm};
+use common::{run, spawn_lines, vmm};
 
 fn linux_file(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/linux").join(name);
-    assert!(p.exists(), "{} is missing: run guest-images/build.sh", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-images/out/linux")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build.sh",
+        p.display()
+    );
     p.display().to_string()
 }
 
@@ -35,28 +38,19 @@ const FURTHEST: &str = "smp: Brought up";
 #[test]
 fn debian_cloud_kernel_boots_demand_paged() {
     let mut c = vmm();
-    c.args(["run", "--mem", "512M", "--vcpus", "2", "--fault-mode", "vcpu"])
-        .args(["--kernel", &linux_file("vmlinuz-cloud")])
-        .args(["--initrd", &linux_file("initramfs.cpio")])
-        .args(["--cmdline", "console=ttyS0 pci=off"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn vmm");
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let err = child.stderr.take().unwrap();
-    let errlog = std::thread::spawn(move || {
-        BufReader::new(err)
-            .lines()
-            .map_while(Result::ok)
-            .filter(|l| !l.contains("unclaimed"))
-            .collect::<Vec<_>>()
-    });
+    c.args([
+        "run",
+        "--mem",
+        "512M",
+        "--vcpus",
+        "2",
+        "--fault-mode",
+        "vcpu",
+    ])
+    .args(["--kernel", &linux_file("vmlinuz-cloud")])
+    .args(["--initrd", &linux_file("initramfs.cpio")])
+    .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0"]);
+    let (mut child, rx, err) = spawn_lines(c);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(17 * 60);
     let want = MILESTONES.iter().position(|m| *m == FURTHEST).unwrap();
@@ -68,7 +62,11 @@ fn debian_cloud_kernel_boots_demand_paged() {
         };
         let next = reached.len();
         if next < MILESTONES.len() && line.contains(MILESTONES[next]) {
-            eprintln!("[{:7.1}s] milestone: {}", start.elapsed().as_secs_f64(), MILESTONES[next]);
+            eprintln!(
+                "[{:7.1}s] milestone: {}",
+                start.elapsed().as_secs_f64(),
+                MILESTONES[next]
+            );
             reached.push((next, start.elapsed()));
         }
         console.push(line);
@@ -82,8 +80,18 @@ fn debian_cloud_kernel_boots_demand_paged() {
     }
     let _ = child.kill();
     let status = child.wait().unwrap();
-    let errors = errlog.join().unwrap();
-    let tail = console.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n");
+    let errors: Vec<String> = err
+        .try_iter()
+        .filter(|l| !l.contains("unclaimed"))
+        .collect();
+    let tail = console
+        .iter()
+        .rev()
+        .take(30)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(
         reached.len() > want,
         "reached {:?} of {MILESTONES:?} in {:?}; status {status}\nconsole tail:\n{tail}\nvmm stderr:\n{}",
@@ -93,7 +101,10 @@ fn debian_cloud_kernel_boots_demand_paged() {
     );
     if reached.len() == MILESTONES.len() {
         let expected = std::fs::read_to_string(linux_file("expected-checksum")).unwrap();
-        assert!(console.iter().any(|l| l.contains(expected.trim())), "checksum differs: {tail}");
+        assert!(
+            console.iter().any(|l| l.contains(expected.trim())),
+            "checksum differs: {tail}"
+        );
     }
 }
 
@@ -126,11 +137,29 @@ fn bad_linux_inputs_are_clear_errors() {
     run(&["run", "--kernel", &p]).assert_error("compression");
     // An initramfs larger than guest RAM.
     let big = dir.join("big.cpio");
-    std::fs::File::create(&big).unwrap().set_len(300 << 20).unwrap();
-    run(&["run", "--kernel", &linux_file("vmlinuz-cloud"), "--mem", "256M", "--initrd", big.to_str().unwrap()])
-        .assert_error("does not fit in guest RAM");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    run(&[
+        "run",
+        "--kernel",
+        &linux_file("vmlinuz-cloud"),
+        "--mem",
+        "256M",
+        "--initrd",
+        big.to_str().unwrap(),
+    ])
+    .assert_error("does not fit in guest RAM");
     // A command line longer than the kernel accepts (its setup header says 2047).
     let long = "x".repeat(3000);
-    run(&["run", "--kernel", &linux_file("vmlinuz-cloud"), "--cmdline", &long]).assert_error("command line");
+    run(&[
+        "run",
+        "--kernel",
+        &linux_file("vmlinuz-cloud"),
+        "--cmdline",
+        &long,
+    ])
+    .assert_error("command line");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,13 +3,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{guest, vmm};
+use common::{guest, spawn_lines, vmm};
 
 /// A `vmm run` with metrics on an ephemeral port; stdout lines and the
 /// metrics address are collected as they appear.
@@ -36,21 +36,11 @@ impl Live {
         ])
         .arg("--kernel")
         .arg(guest("memstress"))
-        .args(["--cmdline", cmdline])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn vmm");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
+        .args(["--cmdline", cmdline]);
+        let (child, rx, err) = spawn_lines(c);
         let (atx, arx) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
+            for line in err {
                 if let Some(a) = line.strip_prefix("vmm: metrics on http://") {
                     let _ = atx.send(
                         a.trim_end_matches("/metrics")

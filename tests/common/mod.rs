@@ -136,3 +136,29 @@ pub mod inproc {
         text.lines().filter(move |l| l.starts_with(prefix))
     }
 }
+
+/// Spawn `cmd` with stdout and stderr piped; each stream's lines arrive on
+/// its own channel as the child writes them.
+pub fn spawn_lines(
+    mut cmd: Command,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::{BufRead, BufReader, Read};
+    fn pump<R: Read + Send + 'static>(r: R) -> std::sync::mpsc::Receiver<String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        rx
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let out = pump(child.stdout.take().unwrap());
+    let err = pump(child.stderr.take().unwrap());
+    (child, out, err)
+}

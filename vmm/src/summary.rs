@@ -59,5 +59,12 @@ pub fn render(r: &RunReport) -> String {
     for (i, s) in r.handlers.iter().enumerate() {
         row(&mut out, &format!("uffd{i}"), s);
     }
+    let at: Vec<String> = r
+        .stopped_at
+        .iter()
+        .enumerate()
+        .map(|(i, (rip, cpl))| format!("vcpu{i} RIP {rip:#x} CPL {cpl}"))
+        .collect();
+    let _ = writeln!(out, "  stopped at: {}", at.join(", "));
     out
 }

@@ -156,7 +156,8 @@ impl Vcpu {
     }
 
     /// Run until the VM stops. Any failure ends the whole VM with a reason.
-    pub fn run(mut self) {
+    /// Returns where the vCPU was when it stopped (RIP, CPL), for reports.
+    pub fn run(mut self) -> (u64, u8) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         if self.shared.fault.is_some() {
@@ -173,6 +174,7 @@ impl Vcpu {
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        where_is(&self.fd)
     }
 
     fn run_once(&mut self) -> Next {

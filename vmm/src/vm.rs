@@ -96,6 +96,8 @@ pub struct RunReport {
     pub discarded_pages: u64,
     pub resident_pages: u64,
     pub elapsed: Duration,
+    /// Where each vCPU was when the VM stopped: (RIP, CPL).
+    pub stopped_at: Vec<(u64, u8)>,
 }
 
 impl RunReport {
@@ -432,11 +434,15 @@ impl Vm {
         for t in &threads {
             vcpu::kick(t.as_pthread_t());
         }
-        for t in threads {
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
+        let stopped_at = threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    log::error!("a vCPU thread panicked");
+                    (u64::MAX, 0xff)
+                })
+            })
+            .collect();
         let elapsed = start.elapsed();
         for t in handlers.into_iter().chain(server).chain(signals) {
             let _ = t.join();
@@ -466,6 +472,7 @@ impl Vm {
                 .load(std::sync::atomic::Ordering::Relaxed),
             resident_pages: self.memory.resident_pages(),
             elapsed,
+            stopped_at,
         })
     }
 }
