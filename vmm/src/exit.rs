@@ -21,6 +21,8 @@ pub enum ExitReason {
     Error(String),
     /// The VMM was asked to stop (SIGINT, SIGTERM).
     Signal(i32),
+    /// A Linux guest panicked (seen on its console) and then reset.
+    KernelPanic,
 }
 
 impl ExitReason {
@@ -31,6 +33,7 @@ impl ExitReason {
             ExitReason::Reset => 0,
             ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Error(_) => 1,
             ExitReason::Signal(n) => 128 + n,
+            ExitReason::KernelPanic => 1,
         }
     }
 }
@@ -49,6 +52,9 @@ impl fmt::Display for ExitReason {
             ExitReason::AllHalted => write!(f, "all vCPUs halted with no way to wake them"),
             ExitReason::Error(m) => write!(f, "{m}"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
+            ExitReason::KernelPanic => {
+                write!(f, "the guest kernel panicked (see its console) and reset")
+            }
         }
     }
 }
@@ -57,6 +63,8 @@ impl fmt::Display for ExitReason {
 #[derive(Default)]
 pub struct VmExit {
     stopping: AtomicBool,
+    /// The guest's console showed a kernel panic: its next reset is a crash.
+    panicked: AtomicBool,
     reason: Mutex<Option<ExitReason>>,
     cond: Condvar,
 }
@@ -77,6 +85,20 @@ impl VmExit {
         self.stopping.store(true, Ordering::Release);
         self.cond.notify_all();
         first
+    }
+
+    /// Note that the guest kernel panicked.
+    pub fn note_panic(&self) {
+        self.panicked.store(true, Ordering::Release);
+    }
+
+    /// A guest reset: after a panic it ends the VM as a crash.
+    pub fn request_reset(&self) -> bool {
+        if self.panicked.load(Ordering::Acquire) {
+            self.request(ExitReason::KernelPanic)
+        } else {
+            self.request(ExitReason::Reset)
+        }
     }
 
     pub fn is_stopping(&self) -> bool {

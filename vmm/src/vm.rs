@@ -523,8 +523,14 @@ fn build_devices(
     let events =
         serial::SerialInput::new_events().map_err(|e| dev_err("serial input eventfd", e))?;
     let writer: Box<dyn std::io::Write + Send> = match out {
-        SerialOut::Stdout => Box::new(serial::FlushingStdout),
-        SerialOut::Capture(buf) => Box::new(serial::CaptureWriter(buf.clone())),
+        SerialOut::Stdout => Box::new(serial::PanicWatch::new(
+            serial::FlushingStdout,
+            exit.clone(),
+        )),
+        SerialOut::Capture(buf) => Box::new(serial::PanicWatch::new(
+            serial::CaptureWriter(buf.clone()),
+            exit.clone(),
+        )),
     };
     let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
         irq,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_superio::{I8042Device, Trigger};
 
 use super::BusDevice;
-use crate::exit::{ExitReason, VmExit};
+use crate::exit::VmExit;
 
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
@@ -18,7 +18,7 @@ impl Trigger for ResetTrigger {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
         log::info!("guest reset the CPU through the i8042");
-        self.0.request(ExitReason::Reset);
+        self.0.request_reset();
         Ok(())
     }
 }

@@ -70,6 +70,48 @@ impl Write for CaptureWriter {
     }
 }
 
+/// Watches serial output for Linux's panic banner ("Kernel panic - not
+/// syncing"), so that the reset `panic=-1` triggers ends `vmm` as a crash.
+pub struct PanicWatch<W> {
+    inner: W,
+    exit: Arc<crate::exit::VmExit>,
+    /// The last bytes seen, to match across writes (the UART writes bytes).
+    tail: Vec<u8>,
+}
+
+const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
+
+impl<W: Write> PanicWatch<W> {
+    pub fn new(inner: W, exit: Arc<crate::exit::VmExit>) -> Self {
+        Self {
+            inner,
+            exit,
+            tail: Vec::with_capacity(2 * PANIC_BANNER.len()),
+        }
+    }
+}
+
+impl<W: Write> Write for PanicWatch<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tail.extend_from_slice(buf);
+        if self
+            .tail
+            .windows(PANIC_BANNER.len())
+            .any(|w| w == PANIC_BANNER)
+        {
+            self.exit.note_panic();
+        }
+        let keep = PANIC_BANNER.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 type Uart = Serial<IrqTrigger, Arc<InputEvents>, Box<dyn Write + Send>>;
 
 pub struct SerialDevice {
@@ -226,6 +268,22 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn panic_banner_is_seen_across_byte_writes() {
+        let exit = Arc::new(crate::exit::VmExit::new());
+        let mut w = PanicWatch::new(io::sink(), exit.clone());
+        for b in b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
+            w.write_all(&[*b]).unwrap();
+        }
+        exit.request_reset();
+        assert_eq!(exit.reason(), Some(crate::exit::ExitReason::KernelPanic));
+        let calm = Arc::new(crate::exit::VmExit::new());
+        let mut w = PanicWatch::new(io::sink(), calm.clone());
+        w.write_all(b"reboot: Restarting system\n").unwrap();
+        calm.request_reset();
+        assert_eq!(calm.reason(), Some(crate::exit::ExitReason::Reset));
     }
 
     #[test]
