@@ -296,6 +296,18 @@ else
 	mkcpio "$OUT/init" "$OUT/initramfs.cpio"
 fi
 
+# init80: a freestanding 32-bit /init using `int $0x80` system calls (no
+# libc), to show what this host does with a software interrupt from guest
+# user mode (scripts/linux-boot.sh INITRD=initramfs-int80.cpio).
+if uptodate "$OUT/initramfs-int80.cpio" -- "$SRC/init80.c" "$SELF"; then
+	note "up to date: initramfs-int80.cpio"
+else
+	log "building init80 (32-bit, int \$0x80, freestanding)"
+	gcc -m32 -Os -ffreestanding -fno-pic -fno-pie -no-pie -nostdlib -static -mgeneral-regs-only \
+		-fno-stack-protector -e start -o "$OUT/init80" "$SRC/init80.c"
+	mkcpio "$OUT/init80" "$OUT/initramfs-int80.cpio"
+fi
+
 INIT32_STATUS="not built"
 if [ "${SKIP_32:-0}" = 1 ]; then
 	INIT32_STATUS="skipped (SKIP_32=1)"

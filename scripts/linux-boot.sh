@@ -3,11 +3,21 @@
 # in the same run, under QEMU (-enable-kvm, PVH boot of the same vmlinux and
 # initramfs); print host wall-clock time to each console milestone side by
 # side, and the stage-2 faults vmm served. Each VMM gets LIMIT seconds
-# (default 600). Needs guest-images/build.sh.
+# (default 600). KERNEL=cloud (default: Debian's vmlinuz-cloud) or micro
+# (bzImage-micro; build it with guest-images/build.sh without SKIP_MICRO);
+# INITRD=initramfs.cpio (default), initramfs32.cpio or initramfs-int80.cpio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=${LIMIT:-600}
 L=guest-images/out/linux
+KERNEL=${KERNEL:-cloud}
+INITRD=${INITRD:-initramfs.cpio}
+case $KERNEL in
+  cloud) BZ=$L/vmlinuz-cloud; ELF=$L/vmlinux-cloud ;;
+  micro) BZ=$L/bzImage-micro; ELF=$L/vmlinux-micro ;;
+  *) echo "KERNEL must be cloud or micro" >&2; exit 2 ;;
+esac
+echo "kernel $BZ, initramfs $L/$INITRD, limit ${LIMIT}s per VMM"
 [ -f $L/vmlinuz-cloud ] || guest-images/build.sh >/dev/null
 scripts/setup.sh >/dev/null
 cargo build --release -p vmm >/dev/null 2>&1
@@ -20,15 +30,15 @@ stamp() { # read lines, prefix with seconds since $1
 }
 out=$(mktemp -d)
 t0=$(date +%s.%N)
-timeout "$LIMIT" target/release/vmm run --kernel $L/vmlinuz-cloud --initrd $L/initramfs.cpio \
+timeout "$LIMIT" target/release/vmm run --kernel $BZ --initrd $L/$INITRD \
   --mem 512M --vcpus 2 --fault-mode vcpu --cmdline "console=ttyS0 earlyprintk=serial,ttyS0" 2>"$out/vmm.err" </dev/null | stamp "$t0" >"$out/vmm.log"
-if command -v qemu-system-x86_64 >/dev/null && [ -f $L/vmlinux-cloud ]; then
+if command -v qemu-system-x86_64 >/dev/null && [ -f $ELF ]; then
   # The same kernel command line vmm used (its defaults included), and the
   # same CPUID fix (no CX16); -cpu host fails here (QEMU cannot set MSR 0x10a).
   cmdline=$(grep -m1 'Command line:' "$out/vmm.log" | sed 's/.*Command line: //')
   t0=$(date +%s.%N)
   timeout "$LIMIT" qemu-system-x86_64 -enable-kvm -machine microvm,acpi=on -cpu qemu64,-cx16 -smp 2 -m 512M \
-    -kernel $L/vmlinux-cloud -initrd $L/initramfs.cpio -nographic -no-reboot \
+    -kernel $ELF -initrd $L/$INITRD -nographic -no-reboot \
     -append "${cmdline:-console=ttyS0}" </dev/null 2>"$out/qemu.err" | stamp "$t0" >"$out/qemu.log"
 else
   echo "(qemu-system-x86_64 not available)" >"$out/qemu.log"
@@ -41,5 +51,6 @@ done
 echo "vmm last console line:  $(tail -n1 "$out/vmm.log" | cut -c1-100)"
 echo "qemu last console line: $(tail -n1 "$out/qemu.log" | cut -c1-100)"
 echo "qemu stderr: $(grep -v '^$' "$out/qemu.err" | head -3 | tr '\n' ' ' | cut -c1-200)"
-grep -A3 "fault summary" "$out/vmm.err" || echo "(vmm was stopped at the time limit: no fault summary)"
+grep -v unclaimed "$out/vmm.err" | grep -A6 "fault summary" || echo "(no fault summary)"
+grep -E "^vmm: " "$out/vmm.err" | tail -1
 echo "logs: $out"

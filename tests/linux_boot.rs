@@ -31,8 +31,12 @@ const MILESTONES: &[&str] = &[
     "VMM-INIT-CHECKSUM: ok",
 ];
 
-/// How far this host takes the kernel, measured (docs/BENCHMARKS.md): the
-/// test requires every milestone up to and including this one, in order.
+/// How far this host takes the kernel within the test's budget, measured
+/// (docs/BENCHMARKS.md, scripts/linux-boot.sh): the test requires every
+/// milestone up to and including this one, in order. Past it the stock
+/// kernel spends minutes in tracing initcalls under PVM's emulation, and its
+/// /init cannot make a system call on this host: user-mode `syscall` lands at
+/// LSTAR still at CPL 3, and `int $0x80` raises #UD (docs/BENCHMARKS.md).
 const FURTHEST: &str = "smp: Brought up";
 
 #[test]
@@ -70,10 +74,7 @@ fn debian_cloud_kernel_boots_demand_paged() {
             reached.push((next, start.elapsed()));
         }
         console.push(line);
-        if reached.len() > want && reached.len() == MILESTONES.len() {
-            break;
-        }
-        if reached.len() > want && FURTHEST != MILESTONES[MILESTONES.len() - 1] {
+        if reached.len() > want {
             // The furthest milestone this host reaches: stop here.
             break;
         }
