@@ -185,7 +185,6 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         "{:<10} {:>5} {:>12} {:>10} {:>10} {:>9} {:>8} {:>8}",
         "mode", "vcpus", "pages/s", "p50_us", "p99_us", "faults", "retries", "changes"
     );
-    let mut last_ratio = String::new();
     for &vcpus in &a.vcpus {
         let mut rate = std::collections::HashMap::new();
         let row = |name, mode, fault_around, churn_hz, scrape| Row {
@@ -235,16 +234,14 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
                 s.report.memslot_changes
             );
         }
-        last_ratio = format!(
+        println!(
             "ratios: vcpu/handler={:.2} vcpu/kernel={:.2} (vcpus={vcpus}) vcpu+fa/kernel={:.2} vcpu+scrape/vcpu={:.3}",
             rate["vcpu"] / rate["handler"],
             rate["vcpu"] / rate["kernel"],
             rate["vcpu+fa"] / rate["kernel"],
             rate["vcpu+scrape"] / rate["vcpu"],
         );
-        println!("{last_ratio}");
     }
     let _ = std::fs::remove_file(&guest);
-    let _ = last_ratio;
     Ok(())
 }

@@ -158,11 +158,6 @@ impl VmConfig {
         if self.fault_around == 0 || self.fault_around > 512 {
             return Err(ConfigError::BadFaultAround);
         }
-        if let (Some(_), Some(m)) = (&self.mem_source, self.fault_mode) {
-            if !m.uses_uffd() {
-                return Err(ConfigError::SourceNeedsUffd(m.name()));
-            }
-        }
         if self.vcpus > max_vcpus {
             return Err(ConfigError::TooManyVcpus {
                 got: self.vcpus,
