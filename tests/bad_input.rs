@@ -101,8 +101,23 @@ fn kvm_device_missing() {
 
 #[test]
 fn kvm_device_not_permitted() {
-    // /dev/kvm is root-only here; drop to nobody.
-    let mut c = vmm();
-    c.args(["run"]).uid(65534).gid(65534);
-    run_with(c, Duration::from_secs(30)).assert_error("permission denied");
+    // /dev/kvm is root-only here; drop to nobody. The checkout may sit in a
+    // directory nobody cannot enter (a CI clone in a 0700 temp dir), so run a
+    // copy of the binary from a world-readable place.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vmm-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("vmm");
+    std::fs::copy(env!("CARGO_BIN_EXE_vmm"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = std::process::Command::new(&bin);
+    c.stdin(std::process::Stdio::null())
+        .current_dir(&dir)
+        .args(["run"])
+        .uid(65534)
+        .gid(65534);
+    let r = run_with(c, Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    r.assert_error("permission denied");
 }
