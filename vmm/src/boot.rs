@@ -59,20 +59,50 @@ mitigations=off nokaslr initcall_blacklist=ftrace_check_for_weak_functions";
 /// has no PCI bus; config-space ports read as all ones).
 pub const LINUX_CMDLINE: &str = "reboot=k panic=-1 i8042.noaux pci=off";
 
-/// Whether an ELF image is a Linux kernel: it carries a "Linux" or "Xen"
-/// (PVH) ELF note; the project's test guests carry none.
+/// Whether an ELF image is a Linux kernel: one of its PT_NOTE segments has a
+/// note owned by "Linux" or "Xen" (the PVH entry note); the project's test
+/// guests carry no notes.
 pub fn elf_is_linux(image: &[u8]) -> bool {
-    let note_owner = |owner: &[u8]| image.windows(owner.len()).any(|w| w == owner);
-    // Cheap and sufficient: the strings sit in the notes segment.
-    loader::check_elf(
-        image,
-        &[RamRange {
-            gpa: 0,
-            size: u64::MAX / 2,
-        }],
-    )
-    .is_ok()
-        && (note_owner(b"Linux\0") && note_owner(b"Xen\0"))
+    elf_note_owners(image)
+        .iter()
+        .any(|o| o == b"Linux" || o == b"Xen")
+}
+
+/// Owner names of every note in the PT_NOTE segments of an ELF64 image.
+/// Malformed headers or notes end the walk (the result is then partial).
+pub fn elf_note_owners(image: &[u8]) -> Vec<Vec<u8>> {
+    let rd = |o: usize, n: usize| image.get(o..o + n);
+    let u16_at = |o| rd(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o| rd(o, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
+    let u64_at = |o| rd(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+    let mut owners = Vec::new();
+    if rd(0, 4) != Some(b"\x7fELF") {
+        return owners;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return owners;
+    };
+    for i in 0..phnum {
+        let ph = phoff.saturating_add(i.saturating_mul(phentsize));
+        if u32_at(ph) != Some(4) {
+            continue; // not PT_NOTE
+        }
+        let (Some(mut off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
+            break;
+        };
+        let end = off.saturating_add(size).min(image.len());
+        // Each note: namesz, descsz, type, then name and desc, 4-aligned.
+        while off + 12 <= end {
+            let (Some(namesz), Some(descsz)) = (u32_at(off), u32_at(off + 4)) else {
+                break;
+            };
+            let name = off + 12;
+            let Some(n) = rd(name, namesz) else { break };
+            owners.push(n.strip_suffix(b"\0").unwrap_or(n).to_vec());
+            off = name + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
+        }
+    }
+    owners
 }
 
 /// The full Linux command line.
@@ -143,5 +173,37 @@ pub fn load(
                 zero_page: layout.zero_page,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_guests_are_not_linux() {
+        assert!(!elf_is_linux(crate::DEFAULT_GUEST));
+        assert!(elf_note_owners(crate::DEFAULT_GUEST).is_empty());
+        assert!(!elf_is_linux(b"not an elf"));
+        assert!(!elf_is_linux(&crate::DEFAULT_GUEST[..70]));
+    }
+
+    #[test]
+    fn debian_vmlinux_is_linux() {
+        let bz = crate::arch::x86_64::bzimage::debian_kernel_tests::debian_bzimage();
+        let vmlinux = bzimage::extract_vmlinux(&bz).unwrap();
+        let owners = elf_note_owners(&vmlinux);
+        assert!(owners.iter().any(|o| o == b"Xen"), "{owners:?}");
+        assert!(owners.iter().any(|o| o == b"Linux"), "{owners:?}");
+        assert!(elf_is_linux(&vmlinux));
+    }
+
+    #[test]
+    fn linux_command_line_adds_pvm_options_only_on_pvm() {
+        let hw = linux_cmdline("console=ttyS0", KvmFlavor::Hardware);
+        assert!(hw.starts_with(LINUX_CMDLINE) && hw.ends_with("console=ttyS0"));
+        assert!(!hw.contains("clearcpuid"));
+        let pvm = linux_cmdline("", KvmFlavor::Pvm);
+        assert!(pvm.contains("clearcpuid=") && !pvm.ends_with(' '));
     }
 }
