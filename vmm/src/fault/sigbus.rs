@@ -69,12 +69,18 @@ extern "C" fn handle_sigbus(
                 };
                 let ctx =
                     slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
+                // clock_gettime is a vDSO call: fine in a signal handler.
+                let start = std::time::Instant::now();
                 ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);
-                if let Err(e) = engine.resolve(ctx, gpa, Access::None) {
-                    engine.exit().request(ExitReason::Error(format!(
-                        "SIGBUS fault at GPA {gpa:#x}: {e}"
-                    )));
-                    engine.install_zero_hva(hva);
+                match engine.resolve(ctx, gpa, Access::None) {
+                    // Like every other fault kind: histogram count == faults.
+                    Ok(_) => ctx.stats.record_latency(start.elapsed().as_nanos() as u64),
+                    Err(e) => {
+                        engine.exit().request(ExitReason::Error(format!(
+                            "SIGBUS fault at GPA {gpa:#x}: {e}"
+                        )));
+                        engine.install_zero_hva(hva);
+                    }
                 }
             });
             return;
