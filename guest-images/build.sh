@@ -8,8 +8,12 @@
 #   expected-checksum  versions.txt
 # Work already done is skipped: each output is rebuilt only when missing, older
 # than its inputs, or when the Debian package version it came from changed.
-# The kernel build tree lives in $BUILD_DIR (default OUT/build) so re-runs are
-# incremental.
+# Slow work is cached outside the clone, in $BUILD_DIR (default
+# /var/cache/vmm/guest-images): the Debian .debs, the kernel source tree and its
+# objects, and each micro kernel built, keyed by a hash of its inputs (config
+# fragment, patches, source package version). A fresh clone on a machine that
+# built the same kernel before copies it in seconds; CI builds it once per
+# machine (~12 min on 2 cores).
 #
 # Environment: BUILD_DIR, JOBS (make -j, default 2), FORCE=1 (redo every step), SKIP_MICRO=1 (no micro kernel),
 #   LINUX_SOURCE_PKG (default: linux-source-6.12 if apt has it, else the newest
@@ -23,12 +27,13 @@ SELF=$HERE/build.sh
 OUT=${1:-$HERE/out/linux}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-BUILD=${BUILD_DIR:-$OUT/build}
+BUILD=${BUILD_DIR:-/var/cache/vmm/guest-images}
 mkdir -p "$BUILD"
 BUILD=$(cd "$BUILD" && pwd)
 JOBS=${JOBS:-2}
 FORCE=${FORCE:-0}
 FRAGMENT=$SRC/microvm.config
+PATCHES=$SRC/patches
 INIT_C=$SRC/init.c
 export LC_ALL=C
 
@@ -128,12 +133,10 @@ CLOUD_PKG=$(apt-cache show --no-all-versions "$CLOUD_META=$CLOUD_META_VER" |
 [ -n "$CLOUD_PKG" ] || die "cannot resolve $CLOUD_META's kernel image package"
 CLOUD_VER=$(candidate "$CLOUD_PKG")
 CLOUD_KREL=${CLOUD_PKG#linux-image-}
-CLOUD_STAMP=$BUILD/cloud.stamp
+CLOUD_CACHE=$BUILD/cloud-$(printf '%s' "$CLOUD_PKG=$CLOUD_VER" | tr '~:+=' '____')
 log "1. cloud kernel: $CLOUD_META $CLOUD_META_VER -> $CLOUD_PKG $CLOUD_VER ($CLOUD_KREL)"
-if [ "$FORCE" != 1 ] && [ -s "$OUT/vmlinuz-cloud" ] && [ -s "$OUT/config-cloud" ] &&
-	[ "$(cat "$OUT/vmlinuz-cloud.version" 2>/dev/null)" = "$CLOUD_KREL" ] &&
-	[ "$(cat "$CLOUD_STAMP" 2>/dev/null)" = "$CLOUD_PKG=$CLOUD_VER" ]; then
-	note "up to date: vmlinuz-cloud ($CLOUD_KREL)"
+if [ "$FORCE" != 1 ] && [ -s "$CLOUD_CACHE/vmlinuz" ] && [ -s "$CLOUD_CACHE/config" ]; then
+	note "cached: $CLOUD_CACHE"
 else
 	tmp=$(mktempdir)
 	note "apt-get download $CLOUD_PKG=$CLOUD_VER (not installed on the host)"
@@ -141,13 +144,19 @@ else
 	note "dpkg-deb -x $(basename "$deb")"
 	dpkg-deb -x "$deb" "$tmp/x"
 	[ -f "$tmp/x/boot/vmlinuz-$CLOUD_KREL" ] || die "no /boot/vmlinuz-$CLOUD_KREL in $deb"
-	install -m 0644 "$tmp/x/boot/vmlinuz-$CLOUD_KREL" "$OUT/vmlinuz-cloud"
-	install -m 0644 "$tmp/x/boot/config-$CLOUD_KREL" "$OUT/config-cloud"
-	printf '%s\n' "$CLOUD_KREL" >"$OUT/vmlinuz-cloud.version"
-	printf '%s\n' "$CLOUD_PKG=$CLOUD_VER" >"$CLOUD_STAMP"
-	rm -f "$OUT/vmlinux-cloud"
+	rm -rf "$CLOUD_CACHE"
+	mkdir -p "$tmp/c"
+	install -m 0644 "$tmp/x/boot/vmlinuz-$CLOUD_KREL" "$tmp/c/vmlinuz"
+	install -m 0644 "$tmp/x/boot/config-$CLOUD_KREL" "$tmp/c/config"
+	mv "$tmp/c" "$CLOUD_CACHE"
 	rm -rf "$tmp"
 fi
+if ! cmp -s "$CLOUD_CACHE/vmlinuz" "$OUT/vmlinuz-cloud" 2>/dev/null; then
+	install -m 0644 "$CLOUD_CACHE/vmlinuz" "$OUT/vmlinuz-cloud"
+	rm -f "$OUT/vmlinux-cloud"
+fi
+install -m 0644 "$CLOUD_CACHE/config" "$OUT/config-cloud"
+printf '%s\n' "$CLOUD_KREL" >"$OUT/vmlinuz-cloud.version"
 
 # ------------------------------------------- 2. micro kernel from linux-source
 # SKIP_MICRO=1 skips it (~12 min on 2 cores): the tests boot the cloud kernel.
@@ -188,7 +197,7 @@ else
 	[ -d "$tmp/linux-source-$SRC_SERIES" ] || die "unexpected tarball layout"
 	# Remove trees of other source versions (each is ~1.5 GB with objects).
 	for old in "$BUILD"/linux-source-*; do
-		[ -d "$old" ] && [ "$old" != "$TREE" ] && { note "removing old tree $old"; rm -rf "$old"; }
+		if [ -d "$old" ] && [ "$old" != "$TREE" ]; then note "removing old tree $old"; rm -rf "$old"; fi
 	done
 	rm -rf "$TREE"
 	mv "$tmp/linux-source-$SRC_SERIES" "$TREE"
@@ -211,37 +220,79 @@ check_config() {
 
 KMAKE=(make -C "$TREE" KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=guest-images)
 MICRO_LOG=$BUILD/micro-kernel.log
-if uptodate "$OUT/vmlinux-micro" "$OUT/bzImage-micro" "$OUT/config-micro" -- "$FRAGMENT" "$TREE/.vmm-extracted"; then
-	note "up to date: vmlinux-micro bzImage-micro ($(cat "$OUT/vmlinux-micro.version" 2>/dev/null))"
+# The kernel's identity: source package, config fragment, patches (in order).
+MICRO_KEY=$({
+	printf '%s\n' "$SRC_PKG=$SRC_VER"
+	cat "$FRAGMENT"
+	for p in "$PATCHES"/*.patch; do
+		if [ -e "$p" ]; then printf '%s\n' "${p##*/}"; cat "$p"; fi
+	done
+} | sha256sum | cut -c1-16)
+MICRO_CACHE=$BUILD/micro-$MICRO_KEY
+# apply_patches: make the tree carry exactly the patches in $PATCHES (reverting
+# the ones a previous build applied, from the copies it kept).
+apply_patches() {
+	local applied=$TREE/.vmm-patches p
+	if [ -d "$applied" ]; then
+		for p in $(ls "$applied"/*.patch 2>/dev/null | sort -r); do
+			patch -d "$TREE" -p1 -R -s <"$p" || die "cannot revert $p"
+		done
+		rm -rf "$applied"
+	fi
+	mkdir -p "$applied"
+	for p in "$PATCHES"/*.patch; do
+		[ -e "$p" ] || continue
+		patch -d "$TREE" -p1 -s --forward <"$p" || die "patch $p does not apply to $SRC_PKG $SRC_VER"
+		cp "$p" "$applied/"
+	done
+}
+if [ "$FORCE" != 1 ] && [ -s "$MICRO_CACHE/vmlinux" ] && [ -s "$MICRO_CACHE/bzImage" ]; then
+	note "cached: micro kernel $MICRO_KEY ($(cat "$MICRO_CACHE/version"))"
 else
+	need_pkgs patch
+	apply_patches
 	note "make tinyconfig; merge_config.sh -m .config microvm.config; make olddefconfig"
 	{
 		"${KMAKE[@]}" tinyconfig
 		(cd "$TREE" && scripts/kconfig/merge_config.sh -m .config "$FRAGMENT")
 		"${KMAKE[@]}" olddefconfig
 	} >"$MICRO_LOG.config" 2>&1 || { tail -n 40 "$MICRO_LOG.config"; die "kernel configuration failed (log: $MICRO_LOG.config)"; }
-	check_config "$FRAGMENT" "$TREE/.config" >"$BUILD/config-micro.dropped"
-	if [ -s "$BUILD/config-micro.dropped" ]; then
+	tmp=$(mktempdir)
+	check_config "$FRAGMENT" "$TREE/.config" >"$tmp/dropped"
+	if [ -s "$tmp/dropped" ]; then
 		note "WARNING: fragment options not in the final .config (unmet dependencies):"
-		sed 's/^/      /' "$BUILD/config-micro.dropped"
+		sed 's/^/      /' "$tmp/dropped"
 	else
 		note "all fragment options are in the final .config"
 	fi
-	note "make -j$JOBS vmlinux bzImage (log: $MICRO_LOG; ~10 min on 2 cores from scratch)"
+	note "make -j$JOBS vmlinux bzImage (log: $MICRO_LOG; ~11 min on 2 cores from scratch)"
 	t0=$(date +%s)
+	# Progress: a line a minute while make runs (it is silent otherwise).
+	( while sleep 60; do note "... still building ($(( $(date +%s) - t0 )) s, $(grep -c '^  CC' "$MICRO_LOG" 2>/dev/null || echo 0) files compiled)"; done ) &
+	ticker=$!
 	if ! "${KMAKE[@]}" -j"$JOBS" vmlinux bzImage >"$MICRO_LOG" 2>&1; then
+		kill "$ticker" 2>/dev/null || true
 		tail -n 40 "$MICRO_LOG"
 		die "micro kernel build failed (log: $MICRO_LOG)"
 	fi
+	kill "$ticker" 2>/dev/null || true
 	t1=$(date +%s)
 	note "micro kernel built in $((t1 - t0)) s"
-	printf '%s\n' "$((t1 - t0))" >"$BUILD/micro-build-seconds"
-	"${KMAKE[@]}" -s kernelrelease >"$OUT/vmlinux-micro.version"
-	install -m 0644 "$TREE/.config" "$OUT/config-micro"
-	install -m 0644 "$BUILD/config-micro.dropped" "$OUT/config-micro.dropped"
-	install -m 0644 "$TREE/arch/x86/boot/bzImage" "$OUT/bzImage-micro"
-	install -m 0755 "$TREE/vmlinux" "$OUT/vmlinux-micro"
+	printf '%s\n' "$((t1 - t0))" >"$tmp/build-seconds"
+	"${KMAKE[@]}" -s kernelrelease >"$tmp/version"
+	install -m 0644 "$TREE/.config" "$tmp/config"
+	install -m 0644 "$TREE/arch/x86/boot/bzImage" "$tmp/bzImage"
+	install -m 0755 "$TREE/vmlinux" "$tmp/vmlinux"
+	rm -rf "$MICRO_CACHE"
+	mv "$tmp" "$MICRO_CACHE"
+	chmod 0755 "$MICRO_CACHE"
 fi
+install -m 0755 "$MICRO_CACHE/vmlinux" "$OUT/vmlinux-micro"
+install -m 0644 "$MICRO_CACHE/bzImage" "$OUT/bzImage-micro"
+install -m 0644 "$MICRO_CACHE/config" "$OUT/config-micro"
+install -m 0644 "$MICRO_CACHE/dropped" "$OUT/config-micro.dropped"
+install -m 0644 "$MICRO_CACHE/version" "$OUT/vmlinux-micro.version"
+printf '%s\n' "$MICRO_KEY" >"$OUT/vmlinux-micro.key"
 
 fi
 
@@ -375,7 +426,7 @@ fi
 	echo "cloud-kernel-release=$CLOUD_KREL"
 	echo "$SRC_PKG=$SRC_VER"
 	echo "micro-kernel-release=$(cat "$OUT/vmlinux-micro.version" 2>/dev/null || echo absent)"
-	echo "micro-kernel-last-make-seconds=$(cat "$BUILD/micro-build-seconds" 2>/dev/null || echo '?')"
+	echo "micro-kernel-key=$(cat "$OUT/vmlinux-micro.key" 2>/dev/null || echo absent)"
 	echo "gcc=$(dpkg-query -W -f='${Version}' gcc-12 2>/dev/null || gcc -dumpversion)"
 	echo "libc6-dev=$(dpkg-query -W -f='${Version}' libc6-dev 2>/dev/null || echo '?')"
 	echo "init32=$INIT32_STATUS"

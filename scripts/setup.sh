@@ -6,8 +6,17 @@ need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v ld >/dev/null || need+=(binutils)
-# userfaultfd-sys generates its bindings with bindgen, which needs libclang.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# userfaultfd-sys generates its bindings with bindgen, which loads libclang
+# itself (libclang.so / libclang-N.so.M from libclang1-N; libclang-dev adds the
+# unversioned name). libclang-cpp*.so is a different library: not enough.
+has_libclang() {
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+has_libclang || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
