@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Run every test: unit tests, loom model tests of the memslot protocol, and
-# integration tests that boot guests on the machine's real /dev/kvm (test
-# guests, and Debian's cloud kernel). Installs what it needs first.
+# Run every check: formatting, clippy (unsafe blocks must say why they are
+# sound), unit tests, the loom models of the fault protocol and the planted
+# defects they must catch, and the integration tests that boot guests on the
+# machine's real /dev/kvm (test guests, the microVM kernel, Debian's cloud
+# kernel). Installs what it needs first; arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup"
 scripts/setup.sh
-# Linux guest images from Debian packages (the cloud kernel and an
-# initramfs); the optional microVM kernel build is skipped here.
-SKIP_MICRO=1 guest-images/build.sh >/dev/null
+step "guest images (cached outside the clone after the first build)"
+guest-images/build.sh
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --release -- -D warnings
+step "unit and integration tests"
 cargo build --release -p vmm
 cargo test --workspace --release "$@"
-# The memslot install protocol under loom (its own target dir: --cfg loom
-# rebuilds every dependency).
-CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" \
-  cargo test --release -p vmm --lib loom_tests -- --test-threads=1
+step "loom models of the fault protocol (own target dir: --cfg loom rebuilds loom)"
+CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \
+  cargo test --release -p memslots -- --test-threads=1
+step "planted defects the loom models must catch"
+scripts/mutants.sh

@@ -1,5 +1,6 @@
-//! Seeded stress tests of the fault engine on real KVM, checking DESIGN.md's
-//! invariants while memslots change under running vCPUs:
+//! Seeded stress tests of the fault engine on real KVM, checking the
+//! fault-path invariants (docs/FAULT-PATH.md) while memslots change under
+//! running vCPUs:
 //! I1 nothing installed into a slot after its removal began; I2 no guest
 //! write lost; I3 discarded pages refault as zero; I4 every fault ends
 //! installed or already present.
@@ -10,14 +11,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::inproc::{config, field, lines, text};
+use common::inproc::{all_modes, config, demand_modes, field, host_mode, lines, text};
 use vmm::config::FaultMode;
 use vmm::exit::ExitReason;
 use vmm::fault::FaultSnapshot;
-use vmm::memory::{resident_pages, PageSource};
+use vmm::memory::{resident_pages, NewSlot, PageSource};
 use vmm::vm::{RunReport, Vm};
 
 const MIB: u64 = 1 << 20;
+
+fn zero_slot(gpa: u64, size: u64) -> NewSlot {
+    NewSlot {
+        gpa,
+        size,
+        source: PageSource::Zero,
+        block_size: None,
+    }
+}
 
 /// A small deterministic generator (xorshift64*), seeded per test so a
 /// failure can be replayed; the seed is printed.
@@ -71,7 +81,7 @@ fn writes_survive_memslot_churn() {
         2,
         128 * MIB,
         "mode=2 rounds=2 bytes=96M stride=4096",
-        FaultMode::Vcpu,
+        host_mode(),
     );
     c.mem_source = Some(img.clone());
     let vm = Vm::new(c).unwrap();
@@ -83,7 +93,7 @@ fn writes_survive_memslot_churn() {
         let gpa = 2 * 1024 * MIB + (rng.next() % 64) * 2 * MIB;
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                mem.add_slot(gpa, 2 * MIB, PageSource::Zero).unwrap();
+                mem.add_slot(zero_slot(gpa, 2 * MIB)).unwrap();
                 mem.remove_slot(gpa).unwrap();
                 changes.fetch_add(2, Ordering::Relaxed);
             }
@@ -99,12 +109,15 @@ fn writes_survive_memslot_churn() {
     let t = report.total();
     assert!(t.faults() >= 24_000, "too few faults: {t:?}");
     // The churn thread ran on after the report was taken: at most as many.
-    assert!(report.memslot_changes >= 100, "churn made too few changes");
-    assert!(report.memslot_changes <= changes.load(Ordering::Relaxed));
+    assert!(
+        report.memory.memslot_changes >= 100,
+        "churn made too few changes"
+    );
+    assert!(report.memory.memslot_changes <= changes.load(Ordering::Relaxed));
     assert!(
         t.retries > 0,
         "no retries counted with {} memslot changes",
-        report.memslot_changes
+        report.memory.memslot_changes
     );
     assert!(t.slow_path_installs + t.already_present > 0 || t.retries > 0);
     for v in &report.vcpus {
@@ -115,7 +128,7 @@ fn writes_survive_memslot_churn() {
         t.faults(),
         t.retries,
         t.slow_path_installs,
-        report.memslot_changes
+        report.memory.memslot_changes
     );
 }
 
@@ -130,43 +143,47 @@ fn nothing_installed_after_slot_removal() {
         "mode=0 rounds=1 base={base} bytes={bytes} stride=4096 memtop={}",
         base + bytes
     );
-    let (c, out) = config("memstress", 2, 64 * MIB, &cmd, FaultMode::Vcpu);
+    let (c, out) = config("memstress", 2, 64 * MIB, &cmd, host_mode());
     let vm = Vm::new(c).unwrap();
     let mem = vm.memory().clone();
-    mem.add_slot(base, bytes, PageSource::Zero).unwrap();
-    let slot = mem.slots.snapshot().lookup(base).unwrap().clone();
-    let (hva, size) = (slot.backing.hva, slot.size);
-    let seen = Arc::new(Mutex::new((0u64, 0u64)));
+    mem.add_slot(zero_slot(base, bytes)).unwrap();
+    let slot = mem.snapshot().lookup(base).unwrap().clone();
+    let (hva, size) = (slot.backing.hva(), slot.size);
+    let seen = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
     let remover = {
         let seen = seen.clone();
         std::thread::spawn(move || {
             // Wait until the guest is faulting on the slot, then pull it.
             let deadline = Instant::now() + Duration::from_secs(60);
-            while resident_pages(hva, size) < 2000 && Instant::now() < deadline {
+            let mut before = 0;
+            while before < 2000 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
+                before = resident_pages(hva, size);
             }
             mem.remove_slot(base).unwrap();
+            // The removal dropped the slot's pages; none may come back.
             let at_removal = resident_pages(hva, size);
             std::thread::sleep(Duration::from_millis(300));
             let later = resident_pages(hva, size);
-            *seen.lock().unwrap() = (at_removal, later);
+            *seen.lock().unwrap() = (before, at_removal, later);
         })
     };
     let report = vm.run().unwrap();
     remover.join().unwrap();
-    let (at_removal, later) = *seen.lock().unwrap();
+    let (before, at_removal, later) = *seen.lock().unwrap();
     let out = text(&out);
     assert!(
-        at_removal >= 2000,
-        "removal did not happen mid-run ({at_removal} pages)"
+        before >= 2000,
+        "removal did not happen mid-run ({before} pages)"
     );
     assert!(
-        at_removal < size / 4096,
+        before < size / 4096,
         "the guest finished before the removal"
     );
     assert_eq!(
-        at_removal, later,
-        "pages installed into a removed slot (I1)"
+        (at_removal, later),
+        (0, 0),
+        "pages resident in a removed slot (I1)"
     );
     // The guest saw its memory disappear: it reports bad words and exits 1.
     assert_eq!(report.reason, ExitReason::GuestStatus(1), "{out}");
@@ -184,7 +201,7 @@ fn discarded_pages_read_back_as_zero() {
     let bytes = 32 * MIB;
     let rounds = 4;
     let cmd = format!("mode=0 rounds={rounds} base={base} bytes={bytes} stride=4096");
-    let (c, out) = config("memstress", 2, 128 * MIB, &cmd, FaultMode::Vcpu);
+    let (c, out) = config("memstress", 2, 128 * MIB, &cmd, host_mode());
     let vm = Vm::new(c).unwrap();
     let mem = vm.memory().clone();
     let expected = Arc::new(Mutex::new(Vec::new()));
@@ -219,7 +236,7 @@ fn discarded_pages_read_back_as_zero() {
             i + 1
         );
     }
-    assert_eq!(report.discarded_pages, expected.iter().sum::<u64>());
+    assert_eq!(report.memory.discarded_pages, expected.iter().sum::<u64>());
     for v in &report.vcpus {
         assert_faults_accounted(v);
     }
@@ -234,7 +251,7 @@ fn discards_racing_with_faults() {
     let base = 16 * MIB;
     let bytes = 48 * MIB;
     let cmd = format!("mode=0 rounds=6 base={base} bytes={bytes} stride=4096");
-    let (c, out) = config("memstress", 2, 128 * MIB, &cmd, FaultMode::Vcpu);
+    let (c, out) = config("memstress", 2, 128 * MIB, &cmd, host_mode());
     let vm = Vm::new(c).unwrap();
     let mem = vm.memory().clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -306,7 +323,7 @@ fn image_run(mode: FaultMode) -> (RunReport, String, u64) {
 /// content; after a discard those pages read zero, never image content (I3).
 #[test]
 fn image_backed_memory_matches_the_file() {
-    for mode in [FaultMode::Vcpu, FaultMode::Handler] {
+    for mode in demand_modes() {
         let (report, out, discarded) = image_run(mode);
         assert_eq!(
             report.reason,
@@ -346,7 +363,7 @@ fn truncated_image_is_a_clear_error() {
         2,
         mem_size,
         "mode=1 base=16M bytes=32M stride=4096",
-        FaultMode::Vcpu,
+        host_mode(),
     );
     c.mem_source = Some(img.clone());
     let vm = Vm::new(c).unwrap();
@@ -358,25 +375,19 @@ fn truncated_image_is_a_clear_error() {
         .unwrap();
     let report = vm.run().unwrap();
     let _ = std::fs::remove_file(&img);
-    match &report.reason {
-        ExitReason::Error(m) => assert!(
-            m.contains("truncated") && m.contains("vmm-img-trunc"),
-            "{m}"
-        ),
-        other => panic!("expected an error, got {other}"),
-    }
+    let m = report.reason.to_string();
+    assert_eq!(report.reason.status(), 1, "{m}");
+    assert!(
+        m.contains("truncated") && m.contains("vmm-img-trunc"),
+        "{m}"
+    );
 }
 
 /// Each fault mode boots `touch` with 2 vCPUs and passes; the modes that
 /// populate on demand see faults, prefault sees none.
 #[test]
 fn every_fault_mode_runs_touch() {
-    for mode in [
-        FaultMode::Vcpu,
-        FaultMode::Handler,
-        FaultMode::Prefault,
-        FaultMode::Kernel,
-    ] {
+    for mode in all_modes() {
         let (c, out) = config("touch", 2, 128 * MIB, "bytes=4M stride=64", mode);
         let report = Vm::new(c).unwrap().run().unwrap();
         let out = text(&out);

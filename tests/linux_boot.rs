@@ -49,7 +49,7 @@ fn debian_cloud_kernel_boots_demand_paged() {
         "--vcpus",
         "2",
         "--fault-mode",
-        "vcpu",
+        common::inproc::host_mode().name(),
     ])
     .args(["--kernel", &linux_file("vmlinuz-cloud")])
     .args(["--initrd", &linux_file("initramfs.cpio")])

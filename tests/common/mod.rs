@@ -119,6 +119,30 @@ pub mod inproc {
         (c, out)
     }
 
+    /// The fault mode users get on this host (the VMM's own auto-selection:
+    /// `vcpu` where the host reports missing pages to the vCPU, `handler`
+    /// elsewhere), named in the test's output.
+    pub fn host_mode() -> FaultMode {
+        let m = vmm::fault::choose_mode(None, vmm::host::detect_flavor());
+        eprintln!("fault mode (auto-selected for this host): {}", m.name());
+        m
+    }
+
+    /// Every demand-paging mode this host can run.
+    pub fn demand_modes() -> Vec<FaultMode> {
+        match host_mode() {
+            FaultMode::Vcpu => vec![FaultMode::Vcpu, FaultMode::Handler],
+            m => vec![m],
+        }
+    }
+
+    /// Every fault mode this host can run.
+    pub fn all_modes() -> Vec<FaultMode> {
+        let mut v = demand_modes();
+        v.extend([FaultMode::Prefault, FaultMode::Kernel]);
+        v
+    }
+
     pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
     }

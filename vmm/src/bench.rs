@@ -15,7 +15,7 @@ use clap::Parser;
 
 use crate::config::{FaultMode, SerialOut, VmConfig};
 use crate::exit::ExitReason;
-use crate::memory::PageSource;
+use crate::memory::{NewSlot, PageSource};
 use crate::vm::{RunReport, Vm};
 
 #[derive(Parser, Debug, Clone)]
@@ -127,7 +127,13 @@ fn spawn_churn(vm: &Vm, hz: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()
             let r = if present {
                 mem.remove_slot(gpa)
             } else {
-                mem.add_slot(gpa, 2 << 20, PageSource::Zero).map(|_| ())
+                mem.add_slot(NewSlot {
+                    gpa,
+                    size: 2 << 20,
+                    source: PageSource::Zero,
+                    block_size: None,
+                })
+                .map(|_| ())
             };
             if r.is_ok() {
                 present = !present;
@@ -231,7 +237,7 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
                 us(total.latency_quantile_ns(0.99)),
                 faults,
                 total.retries,
-                s.report.memslot_changes
+                s.report.memory.memslot_changes
             );
         }
         println!(

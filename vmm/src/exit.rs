@@ -19,6 +19,8 @@ pub enum ExitReason {
     AllHalted,
     /// A VMM-side failure while running the guest (message says what).
     Error(String),
+    /// A vCPU could not go on (emulation failure, unservable fault, ...).
+    Vcpu(crate::vcpu::VcpuError),
     /// The VMM was asked to stop (SIGINT, SIGTERM).
     Signal(i32),
     /// A Linux guest panicked (seen on its console) and then reset.
@@ -31,7 +33,10 @@ impl ExitReason {
         match self {
             ExitReason::GuestStatus(s) => i32::from(*s),
             ExitReason::Reset => 0,
-            ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Error(_) => 1,
+            ExitReason::TripleFault { .. }
+            | ExitReason::AllHalted
+            | ExitReason::Error(_)
+            | ExitReason::Vcpu(_) => 1,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::KernelPanic => 1,
         }
@@ -51,6 +56,7 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::AllHalted => write!(f, "all vCPUs halted with no way to wake them"),
             ExitReason::Error(m) => write!(f, "{m}"),
+            ExitReason::Vcpu(e) => write!(f, "{e}"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
             ExitReason::KernelPanic => {
                 write!(f, "the guest kernel panicked (see its console) and reset")

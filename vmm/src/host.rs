@@ -1,6 +1,6 @@
 //! What KVM this host has. PVM (`kvm_pvm`) emulates guest supervisor code and
-//! needs assists that hardware KVM does not (see docs/ARCHITECTURE.md and
-//! ../shared/PLATFORM.md).
+//! needs assists that hardware KVM does not (docs/ARCHITECTURE.md, "PVM
+//! hosts").
 
 use std::fmt;
 use std::path::Path;

@@ -38,9 +38,9 @@ pub fn render(r: &RunReport) -> String {
         "fault summary: mode {}, {:.3} s, generation {}, memslot changes {}, discarded pages {}, resident pages {}",
         r.mode.name(),
         r.elapsed.as_secs_f64(),
-        r.generation,
-        r.memslot_changes,
-        r.discarded_pages,
+        r.memory.generation,
+        r.memory.memslot_changes,
+        r.memory.discarded_pages,
         r.resident_pages
     );
     let _ = write!(out, "  {:<8} {:>8}", "thread", "faults");

@@ -1,8 +1,11 @@
 //! Builds a VM from a [`VmConfig`] and runs it to its end.
 //!
-//! Order matters: the in-kernel irqchip and PIT exist before any vCPU; guest
-//! RAM is written (image, page tables, GDT, command line) and registered with
-//! KVM before userfaultfd takes over the missing pages and vCPUs start.
+//! [`Vm::new`] runs named phases, in an order that matters: the in-kernel
+//! irqchip and PIT exist before any vCPU; guest RAM is mapped and
+//! registered ([`MemoryManager`]), then written (page tables, image, command
+//! line) before userfaultfd takes over its missing pages; devices exist
+//! before the boot image is loaded (Linux learns of them from the command
+//! line and the DSDT); vCPUs come last.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
@@ -10,27 +13,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
-use userfaultfd::{FeatureFlags, UffdBuilder};
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::{cpuid, gdt, layout, paging, regs};
-use crate::boot::{self, BootError, BootKind};
-use crate::config::{ConfigError, FaultMode, SerialOut, VmConfig};
-use crate::devices::marker::{MarkerHook, MarkerLog, MarkerPort, MARKER_PORT};
-use crate::devices::{exit_port, i8042, serial, Bus, BusDevice, BusOverlap, Sink};
+use crate::arch::x86_64::{self as arch, layout, vcpu::VcpuBoot};
+use crate::boot::{self, Boot, BootError, BootSpec};
+use crate::config::{ConfigError, FaultMode, VmConfig};
+use crate::devices::marker::{MarkerHook, MarkerLog};
+use crate::devices::{legacy, serial, Bus, DeviceError};
 use crate::exit::{ExitReason, VmExit};
-use crate::fault::{handler, sigbus, FaultEngine, FaultSnapshot, FaultStats};
+use crate::fault::{self, handler, FaultEngine, FaultSetupError, FaultSnapshot, FaultStats};
 use crate::host::{Host, HostError, KvmFlavor};
-use crate::loader::{self, LoaderError};
-use crate::memory::{
-    GuestRam, ImageFile, MemError, MemoryError, MemoryManager, PageSource, SourceError,
-};
+use crate::memory::{ImageFile, MemError, MemoryManager, MemoryStats, PageSource, SourceError};
 use crate::metrics::{MetricsServer, VmMetrics};
-use crate::vcpu::{self, Vcpu, VcpuShared};
+use crate::vcpu::{self, Assists, Vcpu, VcpuShared};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -39,15 +36,13 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Mem(#[from] MemError),
+    Memory(#[from] MemError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
-    Loader(#[from] LoaderError),
-    #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Fault(#[from] FaultSetupError),
     #[error("cannot read initramfs {path}: {source}")]
     Initrd {
         path: String,
@@ -61,18 +56,19 @@ pub enum VmError {
     #[error("vCPU {index} setup: {source}")]
     VcpuSetup {
         index: usize,
-        source: regs::RegsError,
+        source: arch::regs::RegsError,
     },
     #[error("writing boot structures to guest memory failed: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
-    #[error("cannot create a userfaultfd ({0}); /dev/userfaultfd or the userfaultfd syscall is needed for --fault-mode vcpu/handler")]
-    Uffd(userfaultfd::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("device setup: {0}")]
-    Device(String),
-    #[error(transparent)]
-    Bus(#[from] BusOverlap),
+    Device(#[from] DeviceError),
+    #[error("cannot install the {what} signal handler: {source}")]
+    Signal {
+        what: &'static str,
+        source: vmm_sys_util::errno::Error,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -91,9 +87,7 @@ pub struct RunReport {
     pub handlers: Vec<FaultSnapshot>,
     /// Marker-port writes: time since the vCPUs started, value.
     pub markers: Vec<(Duration, u32)>,
-    pub memslot_changes: u64,
-    pub generation: u64,
-    pub discarded_pages: u64,
+    pub memory: MemoryStats,
     pub resident_pages: u64,
     pub elapsed: Duration,
     /// Where each vCPU was when the VM stopped: (RIP, CPL).
@@ -118,7 +112,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM fd go before guest RAM.
     vcpus: Vec<VcpuFd>,
     exit: Arc<VmExit>,
-    shared: Option<Arc<VcpuShared>>,
+    shared: Arc<VcpuShared>,
     serial_input: Option<serial::SerialInput>,
     markers: Arc<Mutex<MarkerLog>>,
     engine: Option<Arc<FaultEngine>>,
@@ -126,23 +120,7 @@ pub struct Vm {
     metrics_server: Option<MetricsServer>,
     memory: Arc<MemoryManager>,
     _vm_fd: Arc<VmFd>,
-    _ram: GuestRam,
     _host: Host,
-}
-
-/// Where the host delivers a missing page's address to the faulting vCPU:
-/// PVM does (an MMIO exit at the GPA, or an emulation failure on a fetch);
-/// hardware KVM returns a bare EFAULT until exit-on-missing is merged.
-fn auto_mode(flavor: KvmFlavor) -> FaultMode {
-    match flavor {
-        KvmFlavor::Pvm => FaultMode::Vcpu,
-        other => {
-            log::info!(
-                "fault mode: handler ({other} returns a bare EFAULT for missing pages, so the vCPU cannot learn the address)"
-            );
-            FaultMode::Handler
-        }
-    }
 }
 
 impl Vm {
@@ -150,7 +128,7 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         let host = Host::open()?;
         config.validate(host.max_vcpus)?;
-        let mode = config.fault_mode.unwrap_or_else(|| auto_mode(host.flavor));
+        let mode = fault::choose_mode(config.fault_mode, host.flavor);
         if config.mem_source.is_some() && !mode.uses_uffd() {
             return Err(ConfigError::SourceNeedsUffd(mode.name()).into());
         }
@@ -162,99 +140,32 @@ impl Vm {
             mode.name()
         );
         let image = match &config.kernel {
-            Some(path) => loader::read_image(path)?,
+            Some(path) => boot::read_image(path)?,
             None => crate::DEFAULT_GUEST.to_vec(),
         };
-        let source = match &config.mem_source {
-            Some(p) => PageSource::File(ImageFile::open(p, config.mem_size)?),
-            None => PageSource::Zero,
-        };
-
-        let vm_fd = Arc::new(kvm("KVM_CREATE_VM", host.kvm.create_vm())?);
-        kvm(
-            "KVM_SET_TSS_ADDR",
-            vm_fd.set_tss_address(layout::KVM_TSS_ADDR),
+        let initrd = read_initrd(&config)?;
+        let supported = kvm(
+            "KVM_GET_SUPPORTED_CPUID",
+            host.kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
         )?;
-        kvm("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        kvm("KVM_CREATE_PIT2", vm_fd.create_pit2(pit))?;
 
-        let initrd = match &config.initrd {
-            Some(p) => Some(std::fs::read(p).map_err(|source| VmError::Initrd {
-                path: p.display().to_string(),
-                source,
-            })?),
-            None => None,
-        };
-        let ram = GuestRam::new(&layout::ram_ranges(config.mem_size))?;
-        write_boot_structures(&host, &ram)?;
-        let image_name = config
-            .kernel
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the embedded demo guest".into());
-        let boot = boot::load(
-            ram.memory(),
-            ram.ranges(),
+        let vm_fd = create_vm(&host)?;
+        let memory = Arc::new(create_memory(&config, &host, &vm_fd)?);
+        let exit = Arc::new(VmExit::new());
+        let markers = Arc::new(Mutex::new(MarkerLog::default()));
+        let (pio, serial_input) = legacy::build(&vm_fd, &exit, &config.serial, &markers)?;
+        let boot = load_boot_image(
+            &config,
+            &host,
+            &memory,
+            &supported,
             &image,
-            &image_name,
             initrd.as_deref(),
-            &config.cmdline,
-            config.vcpus,
-            host.flavor,
         )?;
         drop(initrd);
-        ram.register(&vm_fd)?;
 
-        let exit = Arc::new(VmExit::new());
-        let mut offset = 0;
-        let boot_slots = ram
-            .mappings()
-            .into_iter()
-            .map(|(gpa, mapping)| {
-                let o = offset;
-                offset += mapping.size() as u64;
-                (gpa, mapping, source.clone(), o)
-            })
-            .collect();
-        let mut memory = MemoryManager::new(vm_fd.clone(), boot_slots, host.max_memslots);
-        let engine = match mode {
-            FaultMode::Vcpu | FaultMode::Handler => {
-                let mut b = UffdBuilder::new();
-                b.close_on_exec(true)
-                    .non_blocking(true)
-                    .user_mode_only(false);
-                if mode == FaultMode::Vcpu {
-                    b.require_features(FeatureFlags::SIGBUS);
-                }
-                let uffd = Arc::new(b.create().map_err(VmError::Uffd)?);
-                memory.attach_uffd(uffd.clone())?;
-                let memory = Arc::new(memory);
-                let e = Arc::new(FaultEngine::new(
-                    memory.clone(),
-                    uffd,
-                    exit.clone(),
-                    mode == FaultMode::Handler,
-                    config.fault_around,
-                ));
-                (Some(e), memory)
-            }
-            FaultMode::Prefault => {
-                memory.populate_all()?;
-                (None, Arc::new(memory))
-            }
-            FaultMode::Kernel => (None, Arc::new(memory)),
-        };
-        let (engine, memory) = engine;
-        if mode == FaultMode::Vcpu {
-            if let Some(e) = &engine {
-                sigbus::register(e).map_err(|e| VmError::Device(format!("SIGBUS handler: {e}")))?;
-            }
-        }
-
+        let engine = fault::setup(mode, &memory, &exit, config.fault_around)?;
         // Bind the metrics endpoint before anything runs: a port in use is
         // an error now, not after the guest started.
         let metrics_server = match config.metrics_addr {
@@ -265,81 +176,26 @@ impl Vm {
             }
             None => None,
         };
-        let metrics = Arc::new(VmMetrics {
-            vcpus: (0..config.vcpus)
-                .map(|_| Arc::new(FaultStats::default()))
-                .collect(),
-            handlers: match mode {
-                FaultMode::Handler => (0..config.fault_threads)
-                    .map(|_| Arc::new(FaultStats::default()))
-                    .collect(),
-                _ => Vec::new(),
+        let metrics = Arc::new(VmMetrics::new(
+            config.vcpus,
+            match mode {
+                FaultMode::Handler => config.fault_threads,
+                _ => 0,
             },
-            memory: memory.clone(),
+            memory.clone(),
             mode,
+        ));
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio: Bus::new("MMIO"),
+            exit: exit.clone(),
+            fault: engine.clone().filter(|_| mode == FaultMode::Vcpu),
+            assists: match host.flavor {
+                KvmFlavor::Pvm => Assists::Pvm,
+                _ => Assists::None,
+            },
         });
-
-        let markers = Arc::new(Mutex::new(MarkerLog::default()));
-        let vcpu_engine = if mode == FaultMode::Vcpu {
-            engine.clone()
-        } else {
-            None
-        };
-        let (shared, serial_input) = build_devices(
-            &vm_fd,
-            &exit,
-            &config.serial,
-            &markers,
-            vcpu_engine,
-            host.flavor == KvmFlavor::Pvm,
-        )?;
-
-        let base = kvm(
-            "KVM_GET_SUPPORTED_CPUID",
-            host.kvm
-                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
-        )?;
-        let mut vcpus = Vec::with_capacity(config.vcpus);
-        for index in 0..config.vcpus {
-            let fd = kvm("KVM_CREATE_VCPU", vm_fd.create_vcpu(index as u64))?;
-            let mut c = base.clone();
-            cpuid::normalize(
-                &mut c,
-                index,
-                config.vcpus,
-                cpuid::CpuidPolicy {
-                    flavor: host.flavor,
-                },
-            );
-            kvm("KVM_SET_CPUID2", fd.set_cpuid2(&c))?;
-            let args = match boot.kind {
-                BootKind::TestGuest => [
-                    index as u64,
-                    config.vcpus as u64,
-                    config.mem_size,
-                    layout::CMDLINE_ADDR,
-                ],
-                // Linux's 64-bit entry takes boot_params in RSI.
-                BootKind::Linux => [0, boot.zero_page, 0, 0],
-            };
-            let setup = || -> Result<(), regs::RegsError> {
-                regs::setup_msrs(&fd)?;
-                regs::setup_sregs(&fd)?;
-                regs::setup_fpu(&fd)?;
-                regs::setup_regs(&fd, boot.entry, args)?;
-                regs::setup_lapic(&fd)?;
-                // With the in-kernel LAPIC, vCPUs other than 0 start in
-                // UNINITIALIZED, waiting for INIT/SIPI: right for Linux, which
-                // starts them itself. Test guests start every vCPU at the
-                // entry point, as KVM's selftests do.
-                if boot.kind == BootKind::TestGuest || index == 0 {
-                    regs::make_runnable(&fd)?;
-                }
-                Ok(())
-            };
-            setup().map_err(|source| VmError::VcpuSetup { index, source })?;
-            vcpus.push(fd);
-        }
+        let vcpus = create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
         log::info!(
             "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
             config.vcpus,
@@ -351,7 +207,7 @@ impl Vm {
             mode,
             vcpus,
             exit,
-            shared: Some(shared),
+            shared,
             serial_input: Some(serial_input),
             markers,
             engine,
@@ -359,7 +215,6 @@ impl Vm {
             metrics_server,
             memory,
             _vm_fd: vm_fd,
-            _ram: ram,
             _host: host,
         })
     }
@@ -394,9 +249,10 @@ impl Vm {
 
     /// Run the guest until any vCPU or device ends it.
     pub fn run(mut self) -> Result<RunReport, VmError> {
-        vcpu::install_kick_handler()
-            .map_err(|e| VmError::Device(format!("kick signal handler: {e}")))?;
-        let shared = self.shared.take().expect("run called once");
+        vcpu::install_kick_handler().map_err(|source| VmError::Signal {
+            what: "vCPU kick",
+            source,
+        })?;
         let handlers = match (&self.engine, self.mode) {
             (Some(e), FaultMode::Handler) => {
                 handler::spawn_handlers(e.clone(), self.exit.clone(), &self.metrics.handlers)
@@ -418,17 +274,25 @@ impl Vm {
         let start = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let v = Vcpu::new(index, fd, shared.clone(), self.metrics.vcpus[index].clone());
+            let v = Vcpu::new(
+                index,
+                fd,
+                self.shared.clone(),
+                self.metrics.vcpus[index].clone(),
+            );
             let t = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || v.run())
                 .map_err(VmError::Thread)?;
             threads.push(t);
         }
-        let input = self
-            .serial_input
-            .take()
-            .map(|i| spawn_event_loop(i, self.exit.clone()));
+        let input = self.serial_input.take().map(|i| {
+            spawn_event_loop(
+                i,
+                self.exit.clone(),
+                self.engine.is_some().then(|| self.metrics.thread("events")),
+            )
+        });
 
         let reason = self.exit.wait();
         for t in &threads {
@@ -458,18 +322,13 @@ impl Vm {
             .iter()
             .map(|(t, v)| (t.saturating_duration_since(start), *v))
             .collect();
-        let counters = &self.memory.counters;
         Ok(RunReport {
             reason,
             mode: self.mode,
             vcpus: self.metrics.vcpus.iter().map(|s| s.snapshot()).collect(),
             handlers: self.metrics.handlers.iter().map(|s| s.snapshot()).collect(),
             markers,
-            memslot_changes: counters.changes.load(std::sync::atomic::Ordering::Relaxed),
-            generation: self.memory.slots.snapshot().generation,
-            discarded_pages: counters
-                .discarded_pages
-                .load(std::sync::atomic::Ordering::Relaxed),
+            memory: self.memory.stats(),
             resident_pages: self.memory.resident_pages(),
             elapsed,
             stopped_at,
@@ -477,91 +336,110 @@ impl Vm {
     }
 }
 
-/// Page tables and the GDT (the image and its command line come after).
-fn write_boot_structures(host: &Host, ram: &GuestRam) -> Result<(), VmError> {
-    let mem = ram.memory();
-    let ram_top = ram.ranges().iter().map(|r| r.end()).max().unwrap_or(0);
-    let gib_pages = host_has_1g_pages(host);
-    let mapped = paging::setup_identity_map(mem, ram_top, gib_pages)?;
-    if mapped < ram_top {
-        log::warn!(
-            "identity map covers {mapped:#x} bytes of {ram_top:#x}: the host has no 1 GiB pages"
-        );
-    }
-    for (i, e) in gdt::BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::GDT_ADDR + 8 * i as u64))?;
-    }
-    mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR))?;
-    Ok(())
+fn read_initrd(config: &VmConfig) -> Result<Option<Vec<u8>>, VmError> {
+    config
+        .initrd
+        .as_ref()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| VmError::Initrd {
+                path: p.display().to_string(),
+                source,
+            })
+        })
+        .transpose()
 }
 
-fn host_has_1g_pages(host: &Host) -> bool {
-    host.kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .ok()
-        .and_then(|c| cpuid::leaf(&c, 0x8000_0001, 0))
-        .is_some_and(|e| e.edx & (1 << 26) != 0)
-}
-
-/// The legacy devices on the port-I/O bus.
-fn build_devices(
-    vm_fd: &VmFd,
-    exit: &Arc<VmExit>,
-    out: &SerialOut,
-    markers: &Arc<Mutex<MarkerLog>>,
-    fault: Option<Arc<FaultEngine>>,
-    emulation_assists: bool,
-) -> Result<(Arc<VcpuShared>, serial::SerialInput), VmError> {
-    let dev_err = |what: &str, e: std::io::Error| VmError::Device(format!("{what}: {e}"));
-    let mut pio = Bus::new("port-I/O");
-
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err("serial eventfd", e))?;
+/// The VM with its in-kernel irqchip and PIT (before any vCPU).
+fn create_vm(host: &Host) -> Result<Arc<VmFd>, VmError> {
+    let vm_fd = Arc::new(kvm("KVM_CREATE_VM", host.kvm.create_vm())?);
     kvm(
-        "KVM_IRQFD (serial)",
-        vm_fd.register_irqfd(&irq, serial::COM1_IRQ),
+        "KVM_SET_TSS_ADDR",
+        vm_fd.set_tss_address(layout::KVM_TSS_ADDR),
     )?;
-    let events =
-        serial::SerialInput::new_events().map_err(|e| dev_err("serial input eventfd", e))?;
-    let writer: Box<dyn std::io::Write + Send> = match out {
-        SerialOut::Stdout => Box::new(serial::PanicWatch::new(
-            serial::FlushingStdout,
-            exit.clone(),
-        )),
-        SerialOut::Capture(buf) => Box::new(serial::PanicWatch::new(
-            serial::CaptureWriter(buf.clone()),
-            exit.clone(),
-        )),
+    kvm("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
     };
-    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
-        irq,
-        events.clone(),
-        writer,
-    )));
-    pio.insert(serial::COM1_BASE, serial::COM1_LEN, uart.clone())?;
-    let input = serial::SerialInput::new(uart, events, libc::STDIN_FILENO);
+    kvm("KVM_CREATE_PIT2", vm_fd.create_pit2(pit))?;
+    Ok(vm_fd)
+}
 
-    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(i8042::I8042::new(exit.clone())));
-    pio.insert(i8042::I8042_BASE, i8042::I8042_LEN, i8042)?;
-    pio.insert(
-        exit_port::EXIT_PORT,
-        1,
-        Arc::new(Mutex::new(exit_port::ExitPort::new(exit.clone()))),
-    )?;
-    pio.insert(
-        MARKER_PORT,
-        1,
-        Arc::new(Mutex::new(MarkerPort(markers.clone()))),
-    )?;
-    pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
+/// Boot RAM, mapped and registered with KVM, backed by the memory image if
+/// one was given.
+fn create_memory(
+    config: &VmConfig,
+    host: &Host,
+    vm_fd: &Arc<VmFd>,
+) -> Result<MemoryManager, VmError> {
+    let source = match &config.mem_source {
+        Some(p) => PageSource::File(ImageFile::open(p, config.mem_size)?),
+        None => PageSource::Zero,
+    };
+    Ok(MemoryManager::new(
+        vm_fd.clone(),
+        &layout::ram_ranges(config.mem_size),
+        source,
+        host.max_memslots,
+    )?)
+}
 
-    let shared = Arc::new(VcpuShared {
-        pio,
-        mmio: Bus::new("MMIO"),
-        exit: exit.clone(),
-        fault,
-        emulation_assists,
-    });
-    Ok((shared, input))
+/// Page tables, GDT, the image and what it boots with, written into RAM.
+fn load_boot_image(
+    config: &VmConfig,
+    host: &Host,
+    memory: &MemoryManager,
+    supported: &CpuId,
+    image: &[u8],
+    initrd: Option<&[u8]>,
+) -> Result<Boot, VmError> {
+    let mem = memory.memory();
+    let ram = memory.boot_ranges();
+    let ram_top = ram.iter().map(|r| r.end()).max().unwrap_or(0);
+    arch::write_boot_structures(&mem, ram_top, arch::has_1g_pages(supported))?;
+    let image_name = config
+        .kernel
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the embedded demo guest".into());
+    Ok(boot::load(
+        &mem,
+        ram,
+        &BootSpec {
+            image,
+            image_name: &image_name,
+            initrd,
+            cmdline: &config.cmdline,
+            vcpus: config.vcpus,
+            flavor: host.flavor,
+            devices: &[],
+        },
+    )?)
+}
+
+fn create_vcpus(
+    config: &VmConfig,
+    host: &Host,
+    vm_fd: &VmFd,
+    supported: &CpuId,
+    boot: &Boot,
+) -> Result<Vec<VcpuFd>, VmError> {
+    let b = VcpuBoot {
+        boot,
+        cpuid: supported,
+        flavor: host.flavor,
+        vcpus: config.vcpus,
+        mem_size: config.mem_size,
+        cmdline_addr: layout::CMDLINE_ADDR,
+    };
+    (0..config.vcpus)
+        .map(|index| {
+            let fd = kvm("KVM_CREATE_VCPU", vm_fd.create_vcpu(index as u64))?;
+            arch::vcpu::configure(&fd, index, &b)
+                .map_err(|source| VmError::VcpuSetup { index, source })?;
+            Ok(fd)
+        })
+        .collect()
 }
 
 /// Block SIGINT and SIGTERM in this thread (inherited by threads it starts)
@@ -598,8 +476,14 @@ fn spawn_signal_waiter(exit: Arc<VmExit>) -> Option<thread::JoinHandle<()>> {
 fn spawn_event_loop(
     input: serial::SerialInput,
     exit: Arc<VmExit>,
+    fault_stats: Option<Arc<FaultStats>>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new().name("events".into()).spawn(move || {
+        // Devices on this thread that touch a missing page of guest RAM
+        // serve the fault here (SIGBUS), counted in this thread's stats.
+        if let Some(stats) = fault_stats {
+            fault::sigbus::prepare_thread(stats);
+        }
         let mut em = match EventManager::<Box<dyn MutEventSubscriber + Send>>::new() {
             Ok(em) => em,
             Err(e) => {

@@ -1,7 +1,7 @@
 //! bzImage handling: read the setup header (boot protocol 2.08+) and turn the
 //! compressed payload back into the ELF vmlinux on the host, so the kernel
 //! boots directly in 64-bit mode (its own decompressor would run under
-//! emulation on this host: see PLATFORM.md).
+//! emulation on PVM hosts: docs/ARCHITECTURE.md).
 //!
 //! Layout (Documentation/arch/x86/boot.rst): `setup_sects + 1` sectors of
 //! real-mode setup (the setup header at 0x1f1 inside it), then the
@@ -13,6 +13,7 @@ use thiserror::Error;
 use vm_memory::ByteValued;
 
 use super::decompress::{self, Compression, DecompressError, MAGIC_PEEK};
+use super::{elf, le};
 
 /// Where the setup header starts in the image (and in `boot_params`).
 pub const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -54,7 +55,7 @@ pub enum BzImageError {
     NotElf {
         format: Compression,
         len: usize,
-        why: &'static str,
+        why: String,
     },
 }
 
@@ -107,33 +108,45 @@ impl SetupHeaderInfo {
     }
 }
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from(u32_at(b, o)) | u64::from(u32_at(b, o + 4)) << 32
+/// Setup-header fields this module reads (offsets in the image).
+const SETUP_SECTS: u64 = 0x1f1;
+const JUMP_LEN: u64 = 0x201;
+const VERSION: u64 = 0x206;
+const LOADFLAGS: u64 = 0x211;
+const INITRD_ADDR_MAX: u64 = 0x22c;
+const KERNEL_ALIGNMENT: u64 = 0x230;
+const RELOCATABLE: u64 = 0x234;
+const MIN_ALIGNMENT: u64 = 0x235;
+const XLOADFLAGS: u64 = 0x236;
+const CMDLINE_SIZE: u64 = 0x238;
+const PAYLOAD_OFFSET: u64 = 0x248;
+const PAYLOAD_LENGTH: u64 = 0x24c;
+const PREF_ADDRESS: u64 = 0x258;
+const INIT_SIZE: u64 = 0x260;
+/// `setup_sects == 0` means 4 (boot.rst).
+const DEFAULT_SETUP_SECTS: u8 = 4;
+
+fn has_magic(image: &[u8]) -> bool {
+    le::bytes(image, HDRS_OFFSET as u64, HDRS_MAGIC.len() as u64) == Some(&HDRS_MAGIC[..])
 }
 
 /// Whether `image` has a bzImage setup header of protocol 2.08 or newer.
 pub fn is_bzimage(image: &[u8]) -> bool {
     image.len() >= HEADER_END_2_08
-        && &image[HDRS_OFFSET..HDRS_OFFSET + 4] == HDRS_MAGIC
-        && u16_at(image, 0x206) >= MIN_PROTOCOL
+        && has_magic(image)
+        && le::u16_at(image, VERSION).is_some_and(|v| v >= MIN_PROTOCOL)
 }
 
 /// Read the setup header.
 pub fn setup_header(image: &[u8]) -> Result<SetupHeaderInfo, BzImageError> {
-    if image.len() < HDRS_OFFSET + 6 || &image[HDRS_OFFSET..HDRS_OFFSET + 4] != HDRS_MAGIC {
-        let end = image.len().min(HDRS_OFFSET + 4);
+    let version = le::u16_at(image, VERSION);
+    let (true, Some(version)) = (has_magic(image), version) else {
+        let end = image.len().min(HDRS_OFFSET + HDRS_MAGIC.len());
         return Err(BzImageError::NotBzImage {
             found: image.get(HDRS_OFFSET..end).unwrap_or(&[]).to_vec(),
             len: image.len(),
         });
-    }
-    let version = u16_at(image, 0x206);
+    };
     if version < MIN_PROTOCOL {
         return Err(BzImageError::ProtocolTooOld { version });
     }
@@ -150,36 +163,38 @@ pub fn setup_header(image: &[u8]) -> Result<SetupHeaderInfo, BzImageError> {
             version,
         });
     }
+    // The image holds every field below (`need` covers them): the reads
+    // cannot fail, and a default would never be used.
+    let b = |o| le::u8_at(image, o).unwrap_or_default();
+    let w = |o| le::u16_at(image, o).unwrap_or_default();
+    let d = |o| le::u32_at(image, o).unwrap_or_default();
+    let q = |o| le::u64_at(image, o).unwrap_or_default();
     // The header's own length: the jump at 0x200 lands right after it.
-    let declared_end = HDRS_OFFSET + usize::from(image[0x201]);
+    let declared_end = HDRS_OFFSET + usize::from(b(JUMP_LEN));
     let mut raw = setup_header::default();
     let raw_len = std::mem::size_of::<setup_header>()
         .min(declared_end.saturating_sub(SETUP_HEADER_OFFSET))
         .min(image.len() - SETUP_HEADER_OFFSET);
     raw.as_mut_slice()[..raw_len]
         .copy_from_slice(&image[SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + raw_len]);
-    let setup_sects = match image[0x1f1] {
-        0 => 4,
+    let setup_sects = match b(SETUP_SECTS) {
+        0 => DEFAULT_SETUP_SECTS,
         n => n,
     };
     Ok(SetupHeaderInfo {
         version,
         setup_sects,
-        loadflags: image[0x211],
-        kernel_alignment: u32_at(image, 0x230),
-        relocatable: image[0x234] != 0,
-        min_alignment: if v2_10 { image[0x235] } else { 0 },
-        xloadflags: if version >= 0x020c {
-            u16_at(image, 0x236)
-        } else {
-            0
-        },
-        cmdline_size: u32_at(image, 0x238),
-        initrd_addr_max: u32_at(image, 0x22c),
-        init_size: if v2_10 { u32_at(image, 0x260) } else { 0 },
-        pref_address: if v2_10 { u64_at(image, 0x258) } else { 0 },
-        payload_offset: u32_at(image, 0x248),
-        payload_length: u32_at(image, 0x24c),
+        loadflags: b(LOADFLAGS),
+        kernel_alignment: d(KERNEL_ALIGNMENT),
+        relocatable: b(RELOCATABLE) != 0,
+        min_alignment: if v2_10 { b(MIN_ALIGNMENT) } else { 0 },
+        xloadflags: if version >= 0x020c { w(XLOADFLAGS) } else { 0 },
+        cmdline_size: d(CMDLINE_SIZE),
+        initrd_addr_max: d(INITRD_ADDR_MAX),
+        init_size: if v2_10 { d(INIT_SIZE) } else { 0 },
+        pref_address: if v2_10 { q(PREF_ADDRESS) } else { 0 },
+        payload_offset: d(PAYLOAD_OFFSET),
+        payload_length: d(PAYLOAD_LENGTH),
         raw,
     })
 }
@@ -213,41 +228,20 @@ pub fn extract_vmlinux(image: &[u8]) -> Result<Vec<u8>, BzImageError> {
         len: data.len(),
         source,
     })?;
-    let why = elf_problem(&elf);
-    match why {
-        Some(why) => Err(BzImageError::NotElf {
+    match elf::parse(&elf) {
+        Ok(_) => Ok(elf),
+        Err(why) => Err(BzImageError::NotElf {
             format,
             len: elf.len(),
-            why,
+            why: why.to_string(),
         }),
-        None => Ok(elf),
     }
-}
-
-/// What keeps `elf` from being an x86_64 ELF64 (little-endian) file.
-fn elf_problem(elf: &[u8]) -> Option<&'static str> {
-    if elf.len() < 64 {
-        return Some("shorter than an ELF64 header");
-    }
-    if &elf[..4] != b"\x7fELF" {
-        return Some("no ELF magic");
-    }
-    if elf[4] != 2 {
-        return Some("not ELFCLASS64");
-    }
-    if elf[5] != 1 {
-        return Some("not little-endian");
-    }
-    if u16_at(elf, 18) != 62 {
-        return Some("machine is not x86_64");
-    }
-    None
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::arch::x86_64::decompress::tests::compress;
+    use crate::boot::decompress::tests::compress;
 
     /// A synthetic bzImage around `payload` (already compressed, trailer
     /// included): protocol `version`, 2 setup sectors, 0x100 bytes of
@@ -458,10 +452,7 @@ pub(crate) mod tests {
         let img = make_bzimage(&compress(Compression::Zstd, &elf32), 0x020f);
         assert!(matches!(
             extract_vmlinux(&img),
-            Err(BzImageError::NotElf {
-                why: "not ELFCLASS64",
-                ..
-            })
+            Err(BzImageError::NotElf { ref why, .. }) if why.contains("not ELFCLASS64")
         ));
     }
 }
@@ -471,7 +462,7 @@ pub(crate) mod tests {
 pub(crate) mod debian_kernel_tests {
     use super::*;
     use crate::arch::x86_64::layout;
-    use crate::loader::check_elf;
+    use crate::boot::elf;
 
     const DEFAULT_PATH: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -523,9 +514,11 @@ pub(crate) mod debian_kernel_tests {
         let elf = extract_vmlinux(&img).unwrap();
         assert_eq!(&elf[..4], b"\x7fELF");
         assert_eq!(elf[4], 2, "ELFCLASS64");
-        assert_eq!(u16_at(&elf, 18), 62, "EM_X86_64");
+        assert_eq!(le::u16_at(&elf, 18), Some(62), "EM_X86_64");
         let ram = layout::ram_ranges(512 << 20);
-        let (entry, segs) = check_elf(&elf, &ram).unwrap();
+        let info = elf::parse(&elf).unwrap();
+        info.check_placement(&ram).unwrap();
+        let (entry, segs) = (info.entry, info.segments);
         assert!(!segs.is_empty());
         assert!(
             segs.iter()
@@ -559,7 +552,7 @@ pub(crate) mod debian_kernel_tests {
         let start = setup_header(&img).unwrap().payload_range().start as usize;
         // LZ4 legacy has no checksum, so damage the structure: 0xff from the
         // first token of the second block on (a literal run past the block).
-        let first = u32_at(&img, start + 4) as usize;
+        let first = le::u32_at(&img, start as u64 + 4).unwrap() as usize;
         let second = start + 8 + first + 4;
         let mut bad = img.clone();
         for b in &mut bad[second..second + 4096] {

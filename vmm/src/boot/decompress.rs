@@ -175,7 +175,7 @@ pub const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 /// less than 8 MiB must be its stream's last. Output is bounded by the size
 /// trailer (`expected`): decoding stops at the first block that passes it.
 fn lz4_legacy(data: &[u8], expected: u32) -> Result<Vec<u8>, DecompressError> {
-    let le32 = |p: usize| u32::from_le_bytes([data[p], data[p + 1], data[p + 2], data[p + 3]]);
+    let le32 = |p: usize| super::le::u32_at(data, p as u64).unwrap_or_default();
     if data.len() < 4 || le32(0) != LZ4_LEGACY_MAGIC {
         return Err(DecompressError::Corrupt(
             "the stream does not start with the LZ4 legacy magic 0x184c2102".into(),

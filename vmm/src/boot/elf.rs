@@ -1,31 +1,28 @@
-//! Loading ELF images (test guests, and later Linux vmlinux) into guest RAM.
+//! The one ELF64 walker: header checks, PT_LOAD segments, PT_NOTE owners,
+//! and loading into guest RAM (test guests and Linux vmlinux).
 //!
 //! The image is checked here first so that every malformed input gets an
 //! error that names the problem (truncation, a segment outside RAM, ...);
-//! the copy itself is done by `linux-loader`.
+//! the copy itself is done by `linux-loader`. Every offset read from the
+//! file goes through [`super::le`] (checked arithmetic).
 
 use std::io::Cursor;
-use std::path::Path;
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::le;
 use crate::memory::{GuestMemory, RamRange};
 
 #[derive(Debug, Error)]
-pub enum LoaderError {
-    #[error("cannot read kernel image {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+pub enum ElfError {
     #[error("kernel image is empty")]
     Empty,
     #[error("kernel image is not an ELF file (bad magic {0:02x?})")]
     NotElf(Vec<u8>),
     #[error("kernel image is not a 64-bit little-endian x86_64 ELF executable ({0})")]
-    WrongElfKind(&'static str),
+    WrongKind(&'static str),
     #[error("kernel image is truncated: {0}")]
     Truncated(String),
     #[error("ELF segment {index} [{start:#x}..{end:#x}) does not fit in guest RAM ({ram})")]
@@ -41,35 +38,21 @@ pub enum LoaderError {
     BadEntry(u64),
     #[error("loading the ELF into guest memory failed: {0}")]
     Load(linux_loader::loader::Error),
-    #[error("command line is {len} bytes; at most {max} are accepted")]
-    CmdlineTooLong { len: usize, max: usize },
-    #[error("command line contains a NUL byte")]
-    CmdlineNul,
-    #[error("writing boot data to guest memory failed: {0}")]
+    #[error("writing the ELF into guest memory failed: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Where a loaded image starts running.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadedImage {
-    pub entry: u64,
-    /// First byte past the highest loaded segment.
-    pub end: u64,
-}
-
-const EHDR_SIZE: usize = 64;
-const PHDR_SIZE: usize = 56;
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const EHDR_SIZE: u64 = 64;
+const PHDR_SIZE: u64 = 56;
+const ELFCLASS64: u8 = 2;
+const ELFDATA2LSB: u8 = 1;
+const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
-
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]))
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]))
-}
+const PT_NOTE: u32 = 4;
+/// Note header: namesz, descsz, type.
+const NOTE_HEADER: u64 = 12;
+const NOTE_ALIGN: u64 = 4;
 
 /// A PT_LOAD segment's placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,84 +63,161 @@ pub struct Segment {
     pub filesz: u64,
 }
 
-/// Check the ELF header and program headers against the file and RAM;
-/// return the entry point and loadable segments.
-pub fn check_elf(image: &[u8], ram: &[RamRange]) -> Result<(u64, Vec<Segment>), LoaderError> {
+/// What the walker read from an ELF64 image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfInfo {
+    pub entry: u64,
+    /// PT_LOAD segments, each inside the file.
+    pub segments: Vec<Segment>,
+    /// File ranges (offset, size) of the PT_NOTE segments, clamped to the file.
+    notes: Vec<(u64, u64)>,
+}
+
+/// Check the ELF header and program headers against the file.
+pub fn parse(image: &[u8]) -> Result<ElfInfo, ElfError> {
     if image.is_empty() {
-        return Err(LoaderError::Empty);
+        return Err(ElfError::Empty);
     }
-    if image.len() < 4 || &image[..4] != b"\x7fELF" {
-        return Err(LoaderError::NotElf(image[..image.len().min(4)].to_vec()));
+    if image.get(..4) != Some(ELF_MAGIC) {
+        return Err(ElfError::NotElf(image[..image.len().min(4)].to_vec()));
     }
-    if image.len() < EHDR_SIZE {
-        return Err(LoaderError::Truncated(format!(
+    if (image.len() as u64) < EHDR_SIZE {
+        return Err(ElfError::Truncated(format!(
             "{} bytes is shorter than an ELF64 header",
             image.len()
         )));
     }
-    if image[4] != 2 {
-        return Err(LoaderError::WrongElfKind("not ELFCLASS64"));
+    // The header is complete: these reads are in bounds.
+    let hdr = |off, n| le::bytes(image, off, n).unwrap_or_default();
+    if hdr(4, 1) != [ELFCLASS64] {
+        return Err(ElfError::WrongKind("not ELFCLASS64"));
     }
-    if image[5] != 1 {
-        return Err(LoaderError::WrongElfKind("not little-endian"));
+    if hdr(5, 1) != [ELFDATA2LSB] {
+        return Err(ElfError::WrongKind("not little-endian"));
     }
-    if u16_at(image, 18) != 62 {
-        return Err(LoaderError::WrongElfKind("machine is not x86_64"));
+    if le::u16_at(image, 18) != Some(EM_X86_64) {
+        return Err(ElfError::WrongKind("machine is not x86_64"));
     }
-    let entry = u64_at(image, 24);
-    let phoff = u64_at(image, 32);
-    let phentsize = u16_at(image, 54) as usize;
-    let phnum = u16_at(image, 56) as usize;
-    if phentsize != PHDR_SIZE {
-        return Err(LoaderError::WrongElfKind("unexpected program header size"));
+    let entry = le::u64_at(image, 24).unwrap_or_default();
+    let phoff = le::u64_at(image, 32).unwrap_or_default();
+    let phentsize = le::u16_at(image, 54).unwrap_or_default();
+    let phnum = u64::from(le::u16_at(image, 56).unwrap_or_default());
+    if u64::from(phentsize) != PHDR_SIZE {
+        return Err(ElfError::WrongKind("unexpected program header size"));
     }
-    let ph_end = phoff
-        .checked_add((phnum * PHDR_SIZE) as u64)
-        .filter(|&e| e <= image.len() as u64)
+    let table = phnum
+        .checked_mul(PHDR_SIZE)
+        .and_then(|n| le::bytes(image, phoff, n))
         .ok_or_else(|| {
-            LoaderError::Truncated(format!(
+            ElfError::Truncated(format!(
                 "program headers at {phoff:#x} ({phnum} entries) run past the end of the {}-byte file",
                 image.len()
             ))
         })?;
-    let _ = ph_end;
-    let mut segs = Vec::new();
+    let mut segments = Vec::new();
+    let mut notes = Vec::new();
     for i in 0..phnum {
-        let p = phoff as usize + i * PHDR_SIZE;
-        if u32_at(image, p) != PT_LOAD {
+        let p = i * PHDR_SIZE;
+        // Inside `table`, which holds phnum whole entries.
+        let word = |o| le::u64_at(table, p + o).unwrap_or_default();
+        let kind = le::u32_at(table, p).unwrap_or_default();
+        let (offset, filesz) = (word(8), word(32));
+        if kind == PT_NOTE {
+            let len = image.len() as u64;
+            notes.push((offset.min(len), filesz.min(len - offset.min(len))));
+            continue;
+        }
+        if kind != PT_LOAD {
             continue;
         }
         let s = Segment {
-            offset: u64_at(image, p + 8),
-            paddr: u64_at(image, p + 24),
-            filesz: u64_at(image, p + 32),
-            memsz: u64_at(image, p + 40),
+            offset,
+            paddr: word(24),
+            filesz,
+            memsz: word(40),
         };
-        let file_end = s.offset.checked_add(s.filesz);
-        if file_end.is_none_or(|e| e > image.len() as u64) {
-            return Err(LoaderError::Truncated(format!(
+        if le::bytes(image, s.offset, s.filesz).is_none() {
+            return Err(ElfError::Truncated(format!(
                 "segment {i} needs file bytes [{:#x}..{:#x}) but the file has {} bytes",
                 s.offset,
                 s.offset.saturating_add(s.filesz),
                 image.len()
             )));
         }
-        let end = s.paddr.checked_add(s.memsz.max(s.filesz));
-        let fits = end.is_some_and(|end| ram.iter().any(|r| s.paddr >= r.gpa && end <= r.end()));
-        if !fits {
-            return Err(LoaderError::SegmentOutsideRam {
-                index: i,
-                start: s.paddr,
-                end: s.paddr.saturating_add(s.memsz),
-                ram: describe_ram(ram),
-            });
+        segments.push(s);
+    }
+    Ok(ElfInfo {
+        entry,
+        segments,
+        notes,
+    })
+}
+
+impl ElfInfo {
+    /// Owner names of every note in the PT_NOTE segments. A malformed note
+    /// ends the walk of its segment (the result is then partial).
+    pub fn note_owners(&self, image: &[u8]) -> Vec<Vec<u8>> {
+        let mut owners = Vec::new();
+        for &(start, size) in &self.notes {
+            let Some(seg) = le::bytes(image, start, size) else {
+                continue;
+            };
+            let mut off = 0u64;
+            while let (Some(namesz), Some(descsz)) =
+                (le::u32_at(seg, off), le::u32_at(seg, off + 4))
+            {
+                let name_at = off + NOTE_HEADER;
+                let Some(name) = le::bytes(seg, name_at, u64::from(namesz)) else {
+                    break;
+                };
+                owners.push(name.strip_suffix(b"\0").unwrap_or(name).to_vec());
+                off = name_at
+                    + u64::from(namesz).next_multiple_of(NOTE_ALIGN)
+                    + u64::from(descsz).next_multiple_of(NOTE_ALIGN);
+            }
         }
-        segs.push(s);
+        owners
     }
-    if segs.is_empty() {
-        return Err(LoaderError::NoSegments);
+
+    /// Check every PT_LOAD segment and the entry point against guest RAM.
+    pub fn check_placement(&self, ram: &[RamRange]) -> Result<(), ElfError> {
+        if self.segments.is_empty() {
+            return Err(ElfError::NoSegments);
+        }
+        for (index, s) in self.segments.iter().enumerate() {
+            let end = s.paddr.checked_add(s.memsz.max(s.filesz));
+            let fits =
+                end.is_some_and(|end| ram.iter().any(|r| s.paddr >= r.gpa && end <= r.end()));
+            if !fits {
+                return Err(ElfError::SegmentOutsideRam {
+                    index,
+                    start: s.paddr,
+                    end: s.paddr.saturating_add(s.memsz),
+                    ram: describe_ram(ram),
+                });
+            }
+        }
+        let in_segment = |a: u64| {
+            self.segments
+                .iter()
+                .any(|s| a >= s.paddr && a - s.paddr < s.memsz)
+        };
+        if !in_segment(self.entry) {
+            return Err(ElfError::BadEntry(self.entry));
+        }
+        Ok(())
     }
-    Ok((entry, segs))
+}
+
+/// Whether an ELF image is a Linux kernel: one of its PT_NOTE segments has a
+/// note owned by "Linux" or "Xen" (the PVH entry note); the project's test
+/// guests carry no notes.
+pub fn is_linux(image: &[u8]) -> bool {
+    parse(image).is_ok_and(|e| {
+        e.note_owners(image)
+            .iter()
+            .any(|o| o == b"Linux" || o == b"Xen")
+    })
 }
 
 fn describe_ram(ram: &[RamRange]) -> String {
@@ -167,70 +227,49 @@ fn describe_ram(ram: &[RamRange]) -> String {
         .join(", ")
 }
 
-/// Read a kernel image file.
-pub fn read_image(path: &Path) -> Result<Vec<u8>, LoaderError> {
-    std::fs::read(path).map_err(|source| LoaderError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+/// Where a loaded image starts running.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedImage {
+    pub entry: u64,
+    /// First byte past the highest loaded segment.
+    pub end: u64,
 }
 
 /// Load an ELF image at its physical addresses. The entry point is taken as
 /// a physical address (the image is identity mapped).
-pub fn load_elf(
-    mem: &GuestMemory,
-    ram: &[RamRange],
-    image: &[u8],
-) -> Result<LoadedImage, LoaderError> {
-    let (entry, segs) = check_elf(image, ram)?;
-    let in_segment = |a: u64| segs.iter().any(|s| a >= s.paddr && a < s.paddr + s.memsz);
-    if !in_segment(entry) {
-        return Err(LoaderError::BadEntry(entry));
-    }
-    let r = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(LoaderError::Load)?;
+pub fn load(mem: &GuestMemory, ram: &[RamRange], image: &[u8]) -> Result<LoadedImage, ElfError> {
+    let info = parse(image)?;
+    info.check_placement(ram)?;
+    let r = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(ElfError::Load)?;
     // Zero each segment's tail past its file data (.bss) explicitly: guest
     // RAM is not always fresh zeroes (it may be backed by a memory image).
-    for s in &segs {
+    for s in &info.segments {
         if s.memsz > s.filesz {
             zero_fill(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
         }
     }
-    let end = segs.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
+    // check_placement proved paddr + memsz fits in RAM: no overflow.
+    let end = info
+        .segments
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(0);
     Ok(LoadedImage {
         entry: r.kernel_load.0,
         end,
     })
 }
 
-fn zero_fill(mem: &GuestMemory, mut gpa: u64, mut len: u64) -> Result<(), LoaderError> {
-    let zeros = [0u8; 4096];
+fn zero_fill(mem: &GuestMemory, mut gpa: u64, mut len: u64) -> Result<(), ElfError> {
+    const CHUNK: usize = 4096;
+    let zeros = [0u8; CHUNK];
     while len > 0 {
-        let n = len.min(zeros.len() as u64);
+        let n = len.min(CHUNK as u64);
         mem.write_slice(&zeros[..n as usize], GuestAddress(gpa))?;
         gpa += n;
         len -= n;
     }
-    Ok(())
-}
-
-/// Write the NUL-terminated command line at `addr`.
-pub fn write_cmdline(
-    mem: &GuestMemory,
-    addr: u64,
-    cmdline: &str,
-    max: usize,
-) -> Result<(), LoaderError> {
-    if cmdline.as_bytes().contains(&0) {
-        return Err(LoaderError::CmdlineNul);
-    }
-    if cmdline.len() + 1 > max {
-        return Err(LoaderError::CmdlineTooLong {
-            len: cmdline.len(),
-            max: max - 1,
-        });
-    }
-    mem.write_slice(cmdline.as_bytes(), GuestAddress(addr))?;
-    mem.write_obj(0u8, GuestAddress(addr + cmdline.len() as u64))?;
     Ok(())
 }
 
@@ -245,57 +284,92 @@ mod tests {
 
     #[test]
     fn the_default_guest_is_a_valid_image() {
-        let (entry, segs) = check_elf(crate::DEFAULT_GUEST, &RAM).unwrap();
-        assert!(entry >= 0x100000);
-        assert!(!segs.is_empty());
+        let info = parse(crate::DEFAULT_GUEST).unwrap();
+        info.check_placement(&RAM).unwrap();
+        assert!(info.entry >= 0x100000);
+        assert!(!info.segments.is_empty());
+        assert!(info.note_owners(crate::DEFAULT_GUEST).is_empty());
+        assert!(!is_linux(crate::DEFAULT_GUEST));
     }
 
     #[test]
     fn malformed_images_are_named() {
         let good = crate::DEFAULT_GUEST;
-        assert!(matches!(check_elf(&[], &RAM), Err(LoaderError::Empty)));
-        assert!(matches!(
-            check_elf(b"MZ\x90\x00junk", &RAM),
-            Err(LoaderError::NotElf(_))
-        ));
-        assert!(matches!(
-            check_elf(&good[..40], &RAM),
-            Err(LoaderError::Truncated(_))
-        ));
-        assert!(matches!(
-            check_elf(&good[..200], &RAM),
-            Err(LoaderError::Truncated(_))
-        ));
+        assert!(matches!(parse(&[]), Err(ElfError::Empty)));
+        assert!(matches!(parse(b"MZ\x90\x00junk"), Err(ElfError::NotElf(_))));
+        assert!(matches!(parse(&good[..40]), Err(ElfError::Truncated(_))));
+        assert!(matches!(parse(&good[..200]), Err(ElfError::Truncated(_))));
         let small = [RamRange {
             gpa: 0,
             size: 0x100000,
         }];
         assert!(matches!(
-            check_elf(good, &small),
-            Err(LoaderError::SegmentOutsideRam { .. })
+            parse(good).unwrap().check_placement(&small),
+            Err(ElfError::SegmentOutsideRam { .. })
         ));
         let mut be = good.to_vec();
         be[5] = 2;
+        assert!(matches!(parse(&be), Err(ElfError::WrongKind(_))));
+        assert!(!is_linux(b"not an elf"));
+        assert!(!is_linux(&good[..70]));
+    }
+
+    /// Offsets from the file near `u64::MAX` are errors, never a panic or a
+    /// wrap (debug builds check overflow).
+    #[test]
+    fn huge_offsets_are_errors_not_panics() {
+        let good = crate::DEFAULT_GUEST;
+        let info = parse(good).unwrap();
+        // Program header table offset near u64::MAX.
+        let mut img = good.to_vec();
+        img[32..40].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        assert!(matches!(parse(&img), Err(ElfError::Truncated(_))));
+        // A segment's file offset, and then its paddr, near u64::MAX.
+        let phoff = le::u64_at(good, 32).unwrap() as usize;
+        let first_load = (0..info.segments.len() + 8)
+            .map(|i| phoff + i * PHDR_SIZE as usize)
+            .find(|&p| le::u32_at(good, p as u64) == Some(PT_LOAD))
+            .unwrap();
+        let mut img = good.to_vec();
+        img[first_load + 8..first_load + 16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        assert!(matches!(parse(&img), Err(ElfError::Truncated(_))));
+        let mut img = good.to_vec();
+        img[first_load + 24..first_load + 32].copy_from_slice(&(u64::MAX - 0xfff).to_le_bytes());
         assert!(matches!(
-            check_elf(&be, &RAM),
-            Err(LoaderError::WrongElfKind(_))
+            parse(&img).unwrap().check_placement(&RAM),
+            Err(ElfError::SegmentOutsideRam { .. })
+        ));
+        // Entry point at u64::MAX.
+        let mut img = good.to_vec();
+        img[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            parse(&img).unwrap().check_placement(&RAM),
+            Err(ElfError::BadEntry(_))
         ));
     }
 
+    /// Notes with sizes that run past their segment end the walk.
     #[test]
-    fn cmdline_limits() {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        write_cmdline(&mem, 0x20000, "console=ttyS0", 2048).unwrap();
-        let mut b = [0u8; 14];
-        mem.read_slice(&mut b, GuestAddress(0x20000)).unwrap();
-        assert_eq!(&b, b"console=ttyS0\0");
-        assert!(matches!(
-            write_cmdline(&mem, 0x20000, &"x".repeat(2048), 2048),
-            Err(LoaderError::CmdlineTooLong { .. })
-        ));
-        assert!(matches!(
-            write_cmdline(&mem, 0x20000, "a\0b", 2048),
-            Err(LoaderError::CmdlineNul)
-        ));
+    fn malformed_notes_end_the_walk() {
+        let mut seg = Vec::new();
+        for (name, desc) in [(&b"Xen\0"[..], 8u32), (&b"Linux\0"[..], 4)] {
+            seg.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            seg.extend_from_slice(&desc.to_le_bytes());
+            seg.extend_from_slice(&1u32.to_le_bytes());
+            seg.extend_from_slice(name);
+            seg.resize(seg.len().next_multiple_of(4) + desc as usize, 0);
+        }
+        let ok = ElfInfo {
+            entry: 0,
+            segments: vec![],
+            notes: vec![(0, seg.len() as u64)],
+        };
+        assert_eq!(
+            ok.note_owners(&seg),
+            vec![b"Xen".to_vec(), b"Linux".to_vec()]
+        );
+        let mut bad = seg.clone();
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ok.note_owners(&bad).is_empty());
     }
 }

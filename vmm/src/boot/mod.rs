@@ -1,21 +1,41 @@
-//! What kind of image is booting and how: a freestanding test guest (every
-//! vCPU at the ELF entry, arguments in registers) or Linux (a bzImage, whose
-//! payload is decompressed on the host, or an ELF vmlinux; 64-bit boot
-//! protocol with boot_params, e820 and ACPI; secondary vCPUs wait for
-//! INIT/SIPI from the guest).
+//! Boot images: what kind of image is booting and how, and everything it
+//! needs written into guest memory.
+//!
+//! - a freestanding test guest (ELF, every vCPU at its entry, arguments in
+//!   registers);
+//! - Linux: a bzImage, whose payload is decompressed on the host
+//!   ([`bzimage`], [`decompress`]), or an ELF vmlinux ([`elf`]); the 64-bit
+//!   boot protocol with boot_params, e820 and ACPI ([`params`]); secondary
+//!   vCPUs wait for INIT/SIPI from the guest.
+//!
+//! Every offset read from an image goes through [`le`] (checked).
+
+pub mod bzimage;
+pub mod decompress;
+pub mod elf;
+mod le;
+pub mod params;
+
+use std::path::Path;
 
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::x86_64::bootparams::{self, BootParamsError, LinuxBoot};
-use crate::arch::x86_64::{acpi, bzimage, layout};
+use crate::arch::x86_64::{acpi, layout};
 use crate::host::KvmFlavor;
-use crate::loader::{self, LoaderError};
 use crate::memory::{GuestMemory, RamRange};
+use elf::ElfError;
+use params::{BootParamsError, LinuxBoot};
 
 #[derive(Debug, Error)]
 pub enum BootError {
+    #[error("cannot read kernel image {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
-    Loader(#[from] LoaderError),
+    Elf(#[from] ElfError),
     #[error("bzImage: {0}")]
     BzImage(#[from] bzimage::BzImageError),
     #[error(transparent)]
@@ -24,6 +44,12 @@ pub enum BootError {
     Acpi(#[from] acpi::AcpiError),
     #[error("--initrd is only for Linux kernels; {0} is a test guest (no Linux ELF notes)")]
     InitrdForTestGuest(String),
+    #[error("command line is {len} bytes; at most {max} are accepted")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("writing boot data to guest memory failed: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +67,30 @@ pub struct Boot {
     pub zero_page: u64,
 }
 
+/// A virtio-mmio device as the guest is told about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDeviceInfo {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
+/// What to boot and with what.
+pub struct BootSpec<'a> {
+    pub image: &'a [u8],
+    /// For messages: the image's path, or what it is.
+    pub image_name: &'a str,
+    pub initrd: Option<&'a [u8]>,
+    pub cmdline: &'a str,
+    pub vcpus: usize,
+    pub flavor: KvmFlavor,
+    /// virtio-mmio devices, announced to Linux on the command line and in the
+    /// DSDT.
+    pub devices: &'a [MmioDeviceInfo],
+}
+
 /// Command-line additions on PVM hosts, each for a failure measured there
-/// (../shared/PLATFORM.md): the guest sees XSAVE, PKU, FSGSBASE and many
+/// (docs/ARCHITECTURE.md, "PVM hosts"): the guest sees XSAVE, PKU, FSGSBASE and many
 /// other features whatever CPUID says, and the host's emulator cannot run
 /// `xrstor` or SMAP's `clac`/`stac` reliably; `nokaslr` keeps addresses
 /// stable for diagnosis. Emulated boot code is slow (~1 µs per instruction):
@@ -59,52 +107,6 @@ mitigations=off nokaslr initcall_blacklist=ftrace_check_for_weak_functions";
 /// has no PCI bus; config-space ports read as all ones).
 pub const LINUX_CMDLINE: &str = "reboot=k panic=-1 i8042.noaux pci=off";
 
-/// Whether an ELF image is a Linux kernel: one of its PT_NOTE segments has a
-/// note owned by "Linux" or "Xen" (the PVH entry note); the project's test
-/// guests carry no notes.
-pub fn elf_is_linux(image: &[u8]) -> bool {
-    elf_note_owners(image)
-        .iter()
-        .any(|o| o == b"Linux" || o == b"Xen")
-}
-
-/// Owner names of every note in the PT_NOTE segments of an ELF64 image.
-/// Malformed headers or notes end the walk (the result is then partial).
-pub fn elf_note_owners(image: &[u8]) -> Vec<Vec<u8>> {
-    let rd = |o: usize, n: usize| image.get(o..o + n);
-    let u16_at = |o| rd(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o| rd(o, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
-    let u64_at = |o| rd(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
-    let mut owners = Vec::new();
-    if rd(0, 4) != Some(b"\x7fELF") {
-        return owners;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
-        return owners;
-    };
-    for i in 0..phnum {
-        let ph = phoff.saturating_add(i.saturating_mul(phentsize));
-        if u32_at(ph) != Some(4) {
-            continue; // not PT_NOTE
-        }
-        let (Some(mut off), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
-            break;
-        };
-        let end = off.saturating_add(size).min(image.len());
-        // Each note: namesz, descsz, type, then name and desc, 4-aligned.
-        while off + 12 <= end {
-            let (Some(namesz), Some(descsz)) = (u32_at(off), u32_at(off + 4)) else {
-                break;
-            };
-            let name = off + 12;
-            let Some(n) = rd(name, namesz) else { break };
-            owners.push(n.strip_suffix(b"\0").unwrap_or(n).to_vec());
-            off = name + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
-        }
-    }
-    owners
-}
-
 /// The full Linux command line.
 pub fn linux_cmdline(user: &str, flavor: KvmFlavor) -> String {
     let mut parts = vec![LINUX_CMDLINE];
@@ -116,33 +118,64 @@ pub fn linux_cmdline(user: &str, flavor: KvmFlavor) -> String {
     parts.join(" ")
 }
 
-/// Load `image` and write everything the boot needs into guest memory.
-#[allow(clippy::too_many_arguments)]
-pub fn load(
+/// The `virtio_mmio.device=` command-line entry of a device.
+pub fn virtio_mmio_cmdline(d: &MmioDeviceInfo) -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        d.len >> 10,
+        d.base,
+        d.gsi
+    )
+}
+
+/// Read a kernel image file.
+pub fn read_image(path: &Path) -> Result<Vec<u8>, BootError> {
+    std::fs::read(path).map_err(|source| BootError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Write the NUL-terminated command line at `addr` (at most `max` bytes with
+/// the NUL).
+pub fn write_cmdline(
     mem: &GuestMemory,
-    ram: &[RamRange],
-    image: &[u8],
-    image_name: &str,
-    initrd: Option<&[u8]>,
+    addr: u64,
     cmdline: &str,
-    vcpus: usize,
-    flavor: KvmFlavor,
-) -> Result<Boot, BootError> {
+    max: usize,
+) -> Result<(), BootError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::CmdlineNul);
+    }
+    if cmdline.len() + 1 > max {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: max - 1,
+        });
+    }
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(addr))?;
+    mem.write_obj(0u8, GuestAddress(addr + cmdline.len() as u64))?;
+    Ok(())
+}
+
+/// Load the image and write everything the boot needs into guest memory.
+pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot, BootError> {
+    let image = spec.image;
     let (kind, vmlinux, header) = if bzimage::is_bzimage(image) {
         let h = bzimage::setup_header(image)?;
         (BootKind::Linux, bzimage::extract_vmlinux(image)?, Some(h))
-    } else if elf_is_linux(image) {
+    } else if elf::is_linux(image) {
         (BootKind::Linux, image.to_vec(), None)
     } else {
         (BootKind::TestGuest, image.to_vec(), None)
     };
-    let loaded = loader::load_elf(mem, ram, &vmlinux)?;
+    let loaded = elf::load(mem, ram, &vmlinux)?;
     match kind {
         BootKind::TestGuest => {
-            if initrd.is_some() {
-                return Err(BootError::InitrdForTestGuest(image_name.to_string()));
+            if spec.initrd.is_some() {
+                return Err(BootError::InitrdForTestGuest(spec.image_name.to_string()));
             }
-            loader::write_cmdline(mem, layout::CMDLINE_ADDR, cmdline, layout::CMDLINE_MAX)?;
+            write_cmdline(mem, layout::CMDLINE_ADDR, spec.cmdline, layout::CMDLINE_MAX)?;
             Ok(Boot {
                 kind,
                 entry: loaded.entry,
@@ -150,14 +183,18 @@ pub fn load(
             })
         }
         BootKind::Linux => {
-            let rsdp = acpi::setup_acpi(mem, vcpus)?;
-            let line = linux_cmdline(cmdline, flavor);
-            let layout = bootparams::setup_linux_boot(
+            let rsdp = acpi::setup_acpi(mem, spec.vcpus, spec.devices)?;
+            let mut line = linux_cmdline(spec.cmdline, spec.flavor);
+            for d in spec.devices {
+                line.push(' ');
+                line.push_str(&virtio_mmio_cmdline(d));
+            }
+            let layout = params::setup_linux_boot(
                 mem,
                 ram,
                 &LinuxBoot {
                     cmdline: &line,
-                    initramfs: initrd,
+                    initramfs: spec.initrd,
                     header: header.as_ref(),
                     kernel_end: loaded.end,
                     rsdp_addr: Some(rsdp),
@@ -181,21 +218,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_guests_are_not_linux() {
-        assert!(!elf_is_linux(crate::DEFAULT_GUEST));
-        assert!(elf_note_owners(crate::DEFAULT_GUEST).is_empty());
-        assert!(!elf_is_linux(b"not an elf"));
-        assert!(!elf_is_linux(&crate::DEFAULT_GUEST[..70]));
+    fn cmdline_limits() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_cmdline(&mem, 0x20000, "console=ttyS0", 2048).unwrap();
+        let mut b = [0u8; 14];
+        mem.read_slice(&mut b, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&b, b"console=ttyS0\0");
+        assert!(matches!(
+            write_cmdline(&mem, 0x20000, &"x".repeat(2048), 2048),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
+        assert!(matches!(
+            write_cmdline(&mem, 0x20000, "a\0b", 2048),
+            Err(BootError::CmdlineNul)
+        ));
+    }
+
+    #[test]
+    fn virtio_devices_on_the_command_line() {
+        let d = MmioDeviceInfo {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        };
+        assert_eq!(
+            virtio_mmio_cmdline(&d),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 
     #[test]
     fn debian_vmlinux_is_linux() {
-        let bz = crate::arch::x86_64::bzimage::debian_kernel_tests::debian_bzimage();
+        let bz = bzimage::debian_kernel_tests::debian_bzimage();
         let vmlinux = bzimage::extract_vmlinux(&bz).unwrap();
-        let owners = elf_note_owners(&vmlinux);
+        let owners = elf::parse(&vmlinux).unwrap().note_owners(&vmlinux);
         assert!(owners.iter().any(|o| o == b"Xen"), "{owners:?}");
         assert!(owners.iter().any(|o| o == b"Linux"), "{owners:?}");
-        assert!(elf_is_linux(&vmlinux));
+        assert!(elf::is_linux(&vmlinux));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bzimage::SetupHeaderInfo;
-use super::e820::{self, E820Entry, E820Error};
-use super::layout;
+use crate::arch::x86_64::e820::{self, E820Entry, E820Error};
+use crate::arch::x86_64::layout;
 use crate::memory::{GuestMemory, RamRange};
 
 /// `boot_flag`: the boot sector's 0xAA55 signature.
@@ -294,8 +294,8 @@ pub fn setup_linux_boot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::x86_64::bzimage;
     use crate::arch::x86_64::e820::{EBDA_START, LEGACY_HOLE_END};
+    use crate::boot::bzimage;
 
     fn ram(size: u64) -> Vec<RamRange> {
         layout::ram_ranges(size)
@@ -391,8 +391,8 @@ mod tests {
 
     #[test]
     fn header_from_a_bzimage_is_copied_and_completed() {
-        let payload = crate::arch::x86_64::decompress::tests::compress(
-            crate::arch::x86_64::decompress::Compression::Gzip,
+        let payload = crate::boot::decompress::tests::compress(
+            crate::boot::decompress::Compression::Gzip,
             crate::DEFAULT_GUEST,
         );
         let img = bzimage::tests::make_bzimage(&payload, 0x020d);

@@ -7,12 +7,24 @@
 
 pub mod exit_port;
 pub mod i8042;
+pub mod legacy;
 pub mod marker;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
 use crate::logger::RateLimit;
+
+/// A device that could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error(transparent)]
+    Bus(#[from] BusOverlap),
+}
 
 /// A device on a bus. `offset` is relative to the device's base address.
 pub trait BusDevice: Send {

@@ -1,49 +1,65 @@
 //! The stage-2 fault path, run by whichever thread met the missing page (a
-//! vCPU on its own exit, a handler thread, a SIGBUS handler).
-//!
-//! ```text
-//! resolve(gpa)
-//!   1. snapshot = memslots.snapshot()           lock-free; note its generation
-//!   2. slot = snapshot.lookup(gpa)              none: not RAM
-//!   3. prepare the page, no lock held           zero, or read the image into the bounce page
-//!   4. slot.map_trylock(generation)             shared install lock + re-checks
-//!        ok:  install, complete the access, release        (speculative install)
-//!        bail: count a retry, go to 5
-//!   5. under the slots lock: redo 1-4 with map_lock (waits), install, complete
-//! ```
-//! Every exit from `try_install` goes through the guard's drop, so the
-//! install lock is released in one place whatever happened.
+//! vCPU on its own exit, a handler thread, a SIGBUS handler): the protocol is
+//! `memslots::resolve` (snapshot, lookup, prepare with no lock, trylock,
+//! install or retry under the slots lock); this file is its userfaultfd
+//! installer and the accounting around it.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
+use memslots::{Bail, Content, Install, InstallGuard, Installer, Outcome, Path, ResolveError};
 use thiserror::Error;
 use userfaultfd::Uffd;
 
 use super::stats::FaultStats;
-use super::uffd::{self, Install};
+use super::uffd;
 use crate::exit::VmExit;
-use crate::memory::slots::{Bail, InstallGuard, PAGE_SIZE};
-use crate::memory::{MemoryManager, PageSource, Slot, SourceError};
+use crate::memory::{MemoryManager, PageSource, Slot, SlotBacking, SourceError, PAGE_SIZE};
 
 #[derive(Debug, Error)]
 pub enum FaultError {
     #[error("guest access to GPA {0:#x}, which is not guest RAM")]
     NotRam(u64),
+    #[error("guest access to GPA {0:#x}, in an unplugged memory block")]
+    NotPlugged(u64),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("installing the page at GPA {gpa:#x} failed: {}", std::io::Error::from_raw_os_error(*.errno))]
     Install { gpa: u64, errno: i32 },
-    #[error("installing the page at GPA {0:#x} kept failing with EAGAIN")]
-    TooManyRetries(u64),
+    #[error("installing the page at GPA {gpa:#x} returned EAGAIN {attempts} times")]
+    TooManyRetries { gpa: u64, attempts: u32 },
+    /// Under the slots lock a slot of the current table refused its install
+    /// lock: a protocol invariant failed (never a guest error, never NotRam).
+    #[error("invariant violated: the install lock for GPA {gpa:#x} could not be taken under the slots lock ({bail:?})")]
+    Invariant { gpa: u64, bail: Bail },
+}
+
+/// Why an install failed inside the installer.
+#[derive(Debug)]
+pub enum InstallError {
+    Source(SourceError),
+    Ioctl { gpa: u64, errno: i32 },
+}
+
+impl From<ResolveError<InstallError>> for FaultError {
+    fn from(e: ResolveError<InstallError>) -> Self {
+        match e {
+            ResolveError::NotRam { gpa } => FaultError::NotRam(gpa),
+            ResolveError::NotPlugged { gpa } => FaultError::NotPlugged(gpa),
+            ResolveError::Installer(InstallError::Source(s)) => FaultError::Source(s),
+            ResolveError::Installer(InstallError::Ioctl { gpa, errno }) => {
+                FaultError::Install { gpa, errno }
+            }
+            ResolveError::TooManyRetries { gpa, attempts } => {
+                FaultError::TooManyRetries { gpa, attempts }
+            }
+            ResolveError::SlowPathLock { gpa, bail } => FaultError::Invariant { gpa, bail },
+        }
+    }
 }
 
 /// How a fault ended (I4: installed or already present, nothing else).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolved {
-    Installed,
-    AlreadyPresent,
-}
+pub type Resolved = Outcome;
 
 /// The access that faulted, completed against the installed page while the
 /// install lock is still held (so a discard cannot slip in between).
@@ -77,16 +93,20 @@ impl FaultCtx {
     }
 }
 
-/// Bounded EAGAIN retries: each means a discard or other mm change was in
-/// flight; it ends, so a few attempts suffice.
-const MAX_AGAIN: u32 = 64;
+/// Whether an install wakes threads blocked on the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Handler mode: the faulting thread sleeps in the kernel until woken.
+    Waiters,
+    /// vcpu mode: nobody sleeps on a missing page (SIGBUS mode).
+    Nobody,
+}
 
 pub struct FaultEngine {
-    pub memory: Arc<MemoryManager>,
+    memory: Arc<MemoryManager>,
     uffd: Arc<Uffd>,
     exit: Arc<VmExit>,
-    /// Wake threads blocked on the fault (blocking userfaultfd, handler mode).
-    wake: bool,
+    wake: Wake,
     /// Pages installed per fault on a sequential pattern (1 = off).
     fault_around: u64,
     zeros: Box<[Page]>,
@@ -97,7 +117,7 @@ impl FaultEngine {
         memory: Arc<MemoryManager>,
         uffd: Arc<Uffd>,
         exit: Arc<VmExit>,
-        wake: bool,
+        wake: Wake,
         fault_around: u64,
     ) -> Self {
         let fault_around = fault_around.max(1);
@@ -113,6 +133,10 @@ impl FaultEngine {
         }
     }
 
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
     pub fn uffd(&self) -> &Arc<Uffd> {
         &self.uffd
     }
@@ -121,27 +145,12 @@ impl FaultEngine {
         &self.exit
     }
 
-    /// Whether `gpa` is guest RAM (a lock-free lookup).
-    #[inline]
-    pub fn is_ram(&self, gpa: u64) -> bool {
-        self.memory.slots.snapshot().lookup(gpa).is_some()
-    }
-
-    /// The guest-physical address of a host address inside guest RAM.
-    pub fn gpa_of_hva(&self, hva: u64) -> Option<u64> {
-        let snap = self.memory.slots.snapshot();
-        snap.slots
-            .iter()
-            .find(|s| hva >= s.backing.hva && hva - s.backing.hva < s.size)
-            .map(|s| s.gpa + (hva - s.backing.hva))
-    }
-
     /// Last resort after a failed fault: map zeros so the faulting thread can
     /// run on while the VM stops (its error is already reported).
     pub fn install_zero_hva(&self, hva: u64) {
         let page = hva & !(PAGE_SIZE - 1);
         // SAFETY: `page` is inside a registered guest RAM mapping (the caller
-        // found it with `gpa_of_hva`).
+        // found it with `gpa_of_hva`); a zero page over it is harmless.
         let _ = unsafe { uffd::zeropage(self.uffd.as_raw_fd(), page, PAGE_SIZE, true) };
     }
 
@@ -151,66 +160,25 @@ impl FaultEngine {
         &self,
         ctx: &mut FaultCtx,
         gpa: u64,
-        mut access: Access,
+        access: Access,
     ) -> Result<Resolved, FaultError> {
-        let page = gpa & !(PAGE_SIZE - 1);
-        let mut again = 0;
-        loop {
-            let snap = self.memory.slots.snapshot();
-            let slot = snap.lookup(page).ok_or(FaultError::NotRam(gpa))?;
-            let prepared = self.prepare(ctx, slot, page, &access)?;
-            match slot.map_trylock(snap.generation, self.memory.slots.generation()) {
-                Ok(guard) => {
-                    match self.install(ctx, slot, page, prepared, gpa, &mut access, &guard)? {
-                        Some(r) => {
-                            ctx.stats
-                                .speculative_installs
-                                .add(u64::from(r == Resolved::Installed));
-                            return Ok(r);
-                        }
-                        None => again += 1,
-                    }
-                }
-                // Bail-outs, each a RETRY on the slow path:
-                // - GenerationChanged: a memslot change committed since the
-                //   snapshot; the slot or its neighbours may be stale.
-                // - SlotInvalid: the slot's removal has begun.
-                // - Contended: a change or discard holds the install lock.
-                Err(Bail::GenerationChanged | Bail::SlotInvalid | Bail::Contended) => {}
-            }
-            ctx.stats.retries.add(1);
-            match self.resolve_locked(ctx, gpa, &mut access)? {
-                Some(r) => return Ok(r),
-                None => again += 1,
-            }
-            if again >= MAX_AGAIN {
-                return Err(FaultError::TooManyRetries(gpa));
+        let mut installer = UffdInstaller {
+            engine: self,
+            ctx,
+            gpa,
+            access,
+        };
+        let r = memslots::resolve(self.memory.slots(), gpa, &mut installer);
+        let stats = &installer.ctx.stats;
+        let r = r?;
+        stats.retries.add(u64::from(r.retries()));
+        if r.outcome == Outcome::Installed {
+            match r.path {
+                Path::Speculative => stats.speculative_installs.add(1),
+                Path::Slow => stats.slow_path_installs.add(1),
             }
         }
-    }
-
-    /// The slow path: under the slots lock no memslot change can race; only
-    /// per-page discards can still hold the install lock, and `map_lock` waits
-    /// for them. Returns `None` on EAGAIN.
-    fn resolve_locked(
-        &self,
-        ctx: &mut FaultCtx,
-        gpa: u64,
-        access: &mut Access,
-    ) -> Result<Option<Resolved>, FaultError> {
-        let page = gpa & !(PAGE_SIZE - 1);
-        let locked = self.memory.slots.lock_slots();
-        let snap = locked.snapshot();
-        let slot = snap.lookup(page).ok_or(FaultError::NotRam(gpa))?;
-        let prepared = self.prepare(ctx, slot, page, access)?;
-        let guard = slot.map_lock().map_err(|_| FaultError::NotRam(gpa))?;
-        let r = self.install(ctx, slot, page, prepared, gpa, access, &guard)?;
-        if r == Some(Resolved::Installed) {
-            ctx.stats.slow_path_installs.add(1);
-        }
-        drop(guard);
-        drop(locked);
-        Ok(r)
+        Ok(r.outcome)
     }
 
     /// Resolve every page that `[gpa, gpa+len)` touches, completing the
@@ -222,121 +190,132 @@ impl FaultEngine {
         len: u64,
         access: Access,
     ) -> Result<Resolved, FaultError> {
-        let last = (gpa + len.max(1) - 1) & !(PAGE_SIZE - 1);
+        let last = gpa.saturating_add(len.max(1) - 1) & !(PAGE_SIZE - 1);
         if last == gpa & !(PAGE_SIZE - 1) {
             return self.resolve(ctx, gpa, access);
         }
-        // Straddling: install the first page, then complete on the second.
-        // A discard racing in between makes the completion's own touch of the
-        // first page fault again (SIGBUS handler), which installs zero: the
-        // access then orders after the discard, as it may.
+        // Straddling: install the first page, then the second, then complete
+        // with no lock held. A discard racing in between makes the
+        // completion's touch of a page fault again (SIGBUS handler), which
+        // installs zero: the access then orders after the discard, as it may.
         self.resolve(ctx, gpa, Access::None)?;
         let r = self.resolve(ctx, last, Access::None)?;
-        complete(self.hva(gpa).ok_or(FaultError::NotRam(gpa))?, access);
+        let snap = self.memory.snapshot();
+        let slot = snap.lookup(gpa).ok_or(FaultError::NotRam(gpa))?;
+        complete(slot.backing.hva() + (gpa - slot.gpa), access);
         Ok(r)
-    }
-
-    fn hva(&self, gpa: u64) -> Option<u64> {
-        let snap = self.memory.slots.snapshot();
-        snap.lookup(gpa).map(|s| s.backing.hva + (gpa - s.gpa))
-    }
-
-    /// Step 3: decide the page's content with no lock held.
-    fn prepare(
-        &self,
-        ctx: &mut FaultCtx,
-        slot: &Slot,
-        page: u64,
-        access: &Access,
-    ) -> Result<Prepared, FaultError> {
-        match &slot.backing.source {
-            PageSource::File(img) if !slot.is_discarded(slot.page_index(page)) => {
-                let offset = slot.backing.source_offset + (page - slot.gpa);
-                img.read_page(offset, &mut ctx.bounce.0)?;
-                ctx.stats.source_bytes.add(PAGE_SIZE);
-                Ok(Prepared::Image)
-            }
-            _ if matches!(access, Access::Read(_)) => Ok(Prepared::ZeroRead),
-            _ => Ok(Prepared::Zero),
-        }
-    }
-
-    /// Step 4 (lock held): install and complete. `None` means EAGAIN.
-    #[allow(clippy::too_many_arguments)]
-    fn install(
-        &self,
-        ctx: &mut FaultCtx,
-        slot: &Slot,
-        page: u64,
-        mut prepared: Prepared,
-        gpa: u64,
-        access: &mut Access,
-        _held: &InstallGuard,
-    ) -> Result<Option<Resolved>, FaultError> {
-        // A discard may have happened between prepare and lock: image
-        // content is then stale and the page must come back as zero (I3).
-        if prepared == Prepared::Image && slot.is_discarded(slot.page_index(page)) {
-            prepared = Prepared::Zero;
-        }
-        let hva = slot.backing.hva + (page - slot.gpa);
-        let fd = self.uffd.as_raw_fd();
-        let sequential = page / PAGE_SIZE == ctx.last_page.wrapping_add(1);
-        ctx.last_page = page / PAGE_SIZE;
-        let len = match prepared {
-            Prepared::Zero if sequential && self.fault_around > 1 => {
-                let left = (slot.end() - page) / PAGE_SIZE;
-                self.fault_around.min(left) * PAGE_SIZE
-            }
-            _ => PAGE_SIZE,
-        };
-        // SAFETY: `hva..hva+len` lies in the slot's mapping, registered with
-        // the uffd; the sources are live buffers of at least `len` bytes.
-        let r = unsafe {
-            match prepared {
-                Prepared::Image => uffd::copy(fd, hva, ctx.bounce.0.as_ptr(), len, self.wake),
-                Prepared::Zero => uffd::copy(fd, hva, self.zeros.as_ptr().cast(), len, self.wake),
-                Prepared::ZeroRead => uffd::zeropage(fd, hva, len, self.wake),
-            }
-        };
-        let resolved = match r {
-            Ok(Install::Done) => {
-                ctx.stats.pages_installed.add(len / PAGE_SIZE);
-                Resolved::Installed
-            }
-            Ok(Install::Again(n)) if n >= PAGE_SIZE => {
-                // Fault-around stopped at a present page: ours is in.
-                ctx.stats.pages_installed.add(n / PAGE_SIZE);
-                Resolved::Installed
-            }
-            Ok(Install::Exists(_)) => {
-                ctx.stats.already_present.add(1);
-                if self.wake {
-                    // A failed copy wakes nobody; the faulting thread may be
-                    // blocked on this page (handler mode).
-                    let _ = self.uffd.wake(hva as *mut libc::c_void, PAGE_SIZE as usize);
-                }
-                Resolved::AlreadyPresent
-            }
-            Ok(Install::Again(_)) => return Ok(None),
-            Err(errno) => return Err(FaultError::Install { gpa: page, errno }),
-        };
-        complete(
-            slot.backing.hva + (gpa - slot.gpa),
-            std::mem::replace(access, Access::None),
-        );
-        Ok(Some(resolved))
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Prepared {
-    /// The bounce page holds image content.
-    Image,
-    /// Zero content, for a write or an unknown access: copy from zeros so
-    /// the store that follows does not take a copy-on-write fault.
-    Zero,
-    /// Zero content for a read: map the shared zero page.
-    ZeroRead,
+/// The production installer: userfaultfd ioctls into the slot's mapping.
+struct UffdInstaller<'e, 'a> {
+    engine: &'e FaultEngine,
+    ctx: &'e mut FaultCtx,
+    gpa: u64,
+    access: Access<'a>,
+}
+
+impl UffdInstaller<'_, '_> {
+    /// Pages to install at `page`: one, or a fault-around window on a
+    /// sequential zero-fill pattern. The window never leaves the slot, never
+    /// leaves a plugged block (I6), and is used only for zero-sourced slots
+    /// (so it cannot put zeros over image content, I3).
+    fn window(&mut self, slot: &Slot, page: u64) -> u64 {
+        let sequential = page / PAGE_SIZE == self.ctx.last_page.wrapping_add(1);
+        self.ctx.last_page = page / PAGE_SIZE;
+        let fa = self.engine.fault_around;
+        if fa <= 1 || !sequential || !matches!(slot.backing.source(), PageSource::Zero) {
+            return 1;
+        }
+        let end = match slot.block_size() {
+            Some(b) => (((page - slot.gpa) / b + 1) * b + slot.gpa).min(slot.end()),
+            None => slot.end(),
+        };
+        fa.min((end - page) / PAGE_SIZE)
+    }
+}
+
+impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
+    type Prepared = ();
+    type Error = InstallError;
+
+    /// Step 3, no lock held: read image content into the bounce page, or
+    /// decide on zeros.
+    fn prepare(&mut self, slot: &Slot, page: u64) -> Result<Content<()>, InstallError> {
+        match slot.backing.source() {
+            PageSource::File(img) if !slot.is_discarded(slot.page_index(page)) => {
+                let offset = slot.backing.source_offset() + (page - slot.gpa);
+                img.read_page(offset, &mut self.ctx.bounce.0)
+                    .map_err(InstallError::Source)?;
+                self.ctx.stats.source_bytes.add(PAGE_SIZE);
+                Ok(Content::Source(()))
+            }
+            _ => Ok(Content::Zero),
+        }
+    }
+
+    /// Step 4, guard held: `UFFDIO_COPY` of the bounce page or of zeros (a
+    /// store follows: no copy-on-write fault after it), `UFFDIO_ZEROPAGE`
+    /// for a read of a zero page.
+    fn install(
+        &mut self,
+        slot: &Slot,
+        page: u64,
+        content: Content<()>,
+        _held: &InstallGuard<'_>,
+    ) -> Result<Install, InstallError> {
+        let hva = slot.backing.hva() + (page - slot.gpa);
+        let fd = self.engine.uffd.as_raw_fd();
+        let wake = self.engine.wake == Wake::Waiters;
+        let read = matches!(self.access, Access::Read(_));
+        let pages = match content {
+            Content::Zero => self.window(slot, page),
+            Content::Source(()) => 1,
+        };
+        let len = pages * PAGE_SIZE;
+        // SAFETY: `hva..hva+len` lies in the slot's mapping (the window stays
+        // inside the slot), which is registered with the uffd and cannot be
+        // removed while the guard is held; the sources are live buffers of at
+        // least `len` bytes (`zeros` holds `fault_around` pages).
+        let r = unsafe {
+            match content {
+                Content::Source(()) => uffd::copy(fd, hva, self.ctx.bounce.0.as_ptr(), len, wake),
+                Content::Zero if read && pages == 1 => uffd::zeropage(fd, hva, len, wake),
+                Content::Zero => uffd::copy(fd, hva, self.engine.zeros.as_ptr().cast(), len, wake),
+            }
+        };
+        let stats = &self.ctx.stats;
+        match r {
+            Ok(uffd::Install::Done) => {
+                stats.pages_installed.add(pages);
+                Ok(Install::Done)
+            }
+            // A window stopped at a present page: the faulting page is in.
+            Ok(uffd::Install::Again(n) | uffd::Install::Exists(n)) if n >= PAGE_SIZE => {
+                stats.pages_installed.add(n / PAGE_SIZE);
+                Ok(Install::Done)
+            }
+            Ok(uffd::Install::Exists(_)) => {
+                stats.already_present.add(1);
+                if wake {
+                    // A failed copy wakes nobody; the faulting thread may be
+                    // blocked on this page (handler mode).
+                    let _ = self
+                        .engine
+                        .uffd
+                        .wake(hva as *mut libc::c_void, PAGE_SIZE as usize);
+                }
+                Ok(Install::Exists)
+            }
+            Ok(uffd::Install::Again(_)) => Ok(Install::Again),
+            Err(errno) => Err(InstallError::Ioctl { gpa: page, errno }),
+        }
+    }
+
+    fn complete(&mut self, slot: &Slot, _held: &InstallGuard<'_>) {
+        let access = std::mem::replace(&mut self.access, Access::None);
+        complete(slot.backing.hva() + (self.gpa - slot.gpa), access);
+    }
 }
 
 /// Apply a completed guest access to host memory at `hva`.

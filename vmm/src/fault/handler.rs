@@ -61,7 +61,7 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
             };
             let start = std::time::Instant::now();
             let hva = addr as u64;
-            let Some(gpa) = engine.gpa_of_hva(hva) else {
+            let Some(gpa) = engine.memory().gpa_of_hva(hva) else {
                 log::warn!("userfault at {hva:#x} outside guest RAM");
                 continue;
             };

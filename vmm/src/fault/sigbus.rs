@@ -15,7 +15,7 @@ use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 
-use super::engine::{Access, FaultCtx, FaultEngine};
+use super::engine::{Access, FaultCtx, FaultEngine, FaultError};
 use super::stats::{FaultKind, FaultStats};
 use crate::exit::ExitReason;
 
@@ -56,35 +56,47 @@ extern "C" fn handle_sigbus(
     let hva = unsafe { (*info).si_addr() } as u64;
     let engines = ENGINES.load();
     for engine in engines.iter().filter_map(Weak::upgrade) {
-        if let Some(gpa) = engine.gpa_of_hva(hva) {
-            CTX.with(|c| {
-                let mut slot = match c.try_borrow_mut() {
-                    Ok(s) => s,
-                    Err(_) => {
-                        // Re-entered (cannot happen: the handler completes
-                        // nothing itself); install zero to make progress.
-                        engine.install_zero_hva(hva);
-                        return;
-                    }
-                };
-                let ctx =
-                    slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
-                // clock_gettime is a vDSO call: fine in a signal handler.
-                let start = std::time::Instant::now();
-                ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);
-                match engine.resolve(ctx, gpa, Access::None) {
-                    // Like every other fault kind: histogram count == faults.
-                    Ok(_) => ctx.stats.record_latency(start.elapsed().as_nanos() as u64),
-                    Err(e) => {
-                        engine.exit().request(ExitReason::Error(format!(
-                            "SIGBUS fault at GPA {gpa:#x}: {e}"
-                        )));
-                        engine.install_zero_hva(hva);
-                    }
+        let memory = engine.memory();
+        let Some(gpa) = memory.gpa_of_hva(hva) else {
+            if memory.is_retired_hva(hva) {
+                // A stale access to a slot whose removal is under way: never
+                // installed into (I1); the access repeats and, once the range
+                // is unregistered, no longer faults.
+                std::thread::yield_now();
+                return;
+            }
+            continue;
+        };
+        CTX.with(|c| {
+            let mut slot = match c.try_borrow_mut() {
+                Ok(s) => s,
+                Err(_) => {
+                    // Re-entered (cannot happen: the handler completes
+                    // nothing itself); install zero to make progress.
+                    engine.install_zero_hva(hva);
+                    return;
                 }
-            });
-            return;
-        }
+            };
+            let ctx = slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
+            // clock_gettime is a vDSO call: fine in a signal handler.
+            let start = std::time::Instant::now();
+            match engine.resolve(ctx, gpa, Access::None) {
+                // Like every other fault kind: histogram count == faults.
+                Ok(_) => {
+                    ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);
+                    ctx.stats.record_latency(start.elapsed().as_nanos() as u64);
+                }
+                // The slot went away since the lookup: the access repeats.
+                Err(FaultError::NotRam(_)) => {}
+                Err(e) => {
+                    engine.exit().request(ExitReason::Error(format!(
+                        "SIGBUS fault at GPA {gpa:#x}: {e}"
+                    )));
+                    engine.install_zero_hva(hva);
+                }
+            }
+        });
+        return;
     }
     // Not guest RAM: a genuine bus error. Restore the default action; the
     // access repeats and the process dies as it would have.

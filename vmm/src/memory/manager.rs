@@ -1,144 +1,178 @@
-//! Guest memory at run time: the memslot table ([`super::slots`]) tied to KVM
-//! memslots, host mappings and userfaultfd. Every memslot change — hotplug,
-//! unplug, balloon discards — goes through [`MemoryManager`].
+//! [`MemoryManager`]: the one owner of guest RAM. It maps every range,
+//! registers it with KVM and (in the userfaultfd fault modes) with
+//! userfaultfd, keeps the memslot table the fault engine resolves against,
+//! and publishes the guest-memory view (`vm-memory`'s `GuestMemoryAtomic`)
+//! that loaders and devices read and write through. Every memslot change —
+//! hotplug, unplug, discards — goes through it, in the order
+//! docs/FAULT-PATH.md gives.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::VmFd;
-use thiserror::Error;
+use arc_swap::ArcSwap;
+use memslots::{Memslot, MemslotTable, Memslots};
 use userfaultfd::Uffd;
-use vm_memory::MmapRegion;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestRegionMmap,
+    MmapRegion,
+};
 
-use super::slots::{Memslot, Memslots, PAGE_SIZE};
-use super::source::PageSource;
+use super::{resident_pages, GuestMemory, KvmSlots, MemError, PageSource, RamRange, PAGE_SIZE};
 
-/// Host side of a memslot.
+/// Host side of a memslot: its mapping (shared with the guest-memory view)
+/// and where its pages' first content comes from.
 pub struct SlotBacking {
-    /// Host virtual address of the slot's first byte.
-    pub hva: u64,
-    pub source: PageSource,
+    region: Arc<GuestRegionMmap<()>>,
+    source: PageSource,
     /// Offset of the slot's first byte within its page source.
-    pub source_offset: u64,
-    /// The mapping; unmapped when the last snapshot holding the slot drops,
-    /// so its address cannot be reused while a stale installer holds it.
-    _mapping: Arc<MmapRegion<()>>,
+    source_offset: u64,
+}
+
+impl SlotBacking {
+    /// Host virtual address of the slot's first byte. The mapping lives as
+    /// long as this backing (and any view snapshot holding the region).
+    pub fn hva(&self) -> u64 {
+        self.region.as_ptr() as u64
+    }
+
+    pub fn source(&self) -> &PageSource {
+        &self.source
+    }
+
+    pub fn source_offset(&self) -> u64 {
+        self.source_offset
+    }
 }
 
 pub type Slot = Memslot<SlotBacking>;
 
-#[derive(Debug, Error)]
-pub enum MemError {
-    #[error("GPA range [{gpa:#x}..{end:#x}) is not page aligned or empty")]
-    Unaligned { gpa: u64, end: u64 },
-    #[error("GPA range [{gpa:#x}..{end:#x}) overlaps an existing memslot")]
-    Overlap { gpa: u64, end: u64 },
-    #[error("no memslot starts at GPA {0:#x}")]
-    NoSuchSlot(u64),
-    #[error("GPA range [{gpa:#x}..{end:#x}) is not inside one memslot")]
-    NotInOneSlot { gpa: u64, end: u64 },
-    #[error("no free KVM memslot (limit {0})")]
-    NoFreeSlot(usize),
-    #[error("mmap of {size} bytes failed: {source}")]
-    Mmap {
-        size: u64,
-        source: vm_memory::mmap::MmapRegionError,
-    },
-    #[error("KVM_SET_USER_MEMORY_REGION slot {slot} failed: {source}")]
-    Kvm {
-        slot: u32,
-        source: kvm_ioctls::Error,
-    },
-    #[error("userfaultfd {what} failed: {source}")]
-    Uffd {
-        what: &'static str,
-        source: userfaultfd::Error,
-    },
-    #[error("madvise({what}) on [{hva:#x}+{len:#x}] failed: {source}")]
-    Madvise {
-        what: &'static str,
-        hva: u64,
-        len: u64,
-        source: std::io::Error,
-    },
+/// A memslot to add at run time.
+#[derive(Clone)]
+pub struct NewSlot {
+    pub gpa: u64,
+    pub size: u64,
+    pub source: PageSource,
+    /// `Some(block size)`: the slot's pages are installable only in plugged
+    /// blocks (virtio-mem); all blocks start unplugged.
+    pub block_size: Option<u64>,
 }
 
-/// Counters of memslot activity (per VM).
+/// Memory activity counters, read for metrics and reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    pub generation: u64,
+    pub memslot_changes: u64,
+    pub discarded_pages: u64,
+    pub slots: u64,
+}
+
 #[derive(Default)]
-pub struct MemoryCounters {
-    pub changes: AtomicU64,
-    pub discarded_pages: AtomicU64,
+struct Counters {
+    changes: AtomicU64,
+    discarded_pages: AtomicU64,
 }
 
 pub struct MemoryManager {
-    pub slots: Memslots<SlotBacking>,
-    vm: Arc<VmFd>,
+    slots: Memslots<SlotBacking>,
+    view: GuestMemoryAtomic<GuestMemory>,
+    kvm: Arc<dyn KvmSlots>,
     /// Set when faults are served through userfaultfd (vcpu/handler modes):
     /// new slots are registered with it.
-    uffd: Option<Arc<Uffd>>,
+    uffd: OnceLock<Arc<Uffd>>,
+    /// Slots unpublished by a removal whose mapping may still exist: a
+    /// SIGBUS on one of them is a stale access, retried, never fatal.
+    retired: ArcSwap<Vec<Weak<Slot>>>,
     free_ids: Mutex<Vec<u32>>,
     max_slots: usize,
-    pub counters: MemoryCounters,
+    boot: Vec<RamRange>,
+    counters: Counters,
 }
 
 impl MemoryManager {
-    /// Wrap the boot RAM regions (already registered with KVM as slots
-    /// `0..n`) as the first memslots.
+    /// Map boot RAM (`ranges`, not populated: `MAP_NORESERVE`), register it
+    /// with KVM as slots `0..n`, with `source` giving each page's first
+    /// content (the ranges are consecutive in the source).
     pub fn new(
-        vm: Arc<VmFd>,
-        boot: Vec<(u64, Arc<MmapRegion<()>>, PageSource, u64)>,
+        kvm: Arc<dyn KvmSlots>,
+        ranges: &[RamRange],
+        source: PageSource,
         max_slots: usize,
-    ) -> Self {
-        let n = boot.len() as u32;
-        let slots = boot
-            .into_iter()
-            .enumerate()
-            .map(|(i, (gpa, mapping, source, source_offset))| {
-                let size = mapping.size() as u64;
-                Arc::new(Memslot::new(
-                    i as u32,
-                    gpa,
-                    size,
-                    SlotBacking {
-                        hva: mapping.as_ptr() as u64,
-                        source,
-                        source_offset,
-                        _mapping: mapping,
-                    },
-                ))
-            })
-            .collect();
-        let limit = max_slots.min(u16::MAX as usize) as u32;
-        Self {
-            slots: Memslots::new(slots),
-            vm,
-            uffd: None,
-            free_ids: Mutex::new((n..limit).rev().collect()),
-            max_slots,
-            counters: MemoryCounters::default(),
+    ) -> Result<Self, MemError> {
+        let mut slots = Vec::with_capacity(ranges.len());
+        let mut offset = 0;
+        for (id, r) in ranges.iter().enumerate() {
+            let id = id as u32;
+            let backing = map(r.gpa, r.size, source.clone(), offset)?;
+            set_region(&*kvm, id, r.gpa, r.size, backing.hva())?;
+            offset += r.size;
+            slots.push(Arc::new(Memslot::new(id, r.gpa, r.size, backing)));
         }
+        let view = GuestMemoryAtomic::new(view_of(&slots)?);
+        let limit = max_slots.min(u16::MAX as usize) as u32;
+        Ok(Self {
+            slots: Memslots::new(slots),
+            view,
+            kvm,
+            uffd: OnceLock::new(),
+            retired: ArcSwap::from_pointee(Vec::new()),
+            free_ids: Mutex::new((ranges.len() as u32..limit).rev().collect()),
+            max_slots,
+            boot: ranges.to_vec(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The memslot table the fault engine resolves against.
+    pub fn slots(&self) -> &Memslots<SlotBacking> {
+        &self.slots
+    }
+
+    /// A lock-free snapshot of the table.
+    pub fn snapshot(&self) -> Arc<MemslotTable<SlotBacking>> {
+        self.slots.snapshot()
+    }
+
+    /// The current guest-memory view. Hold it for one operation only: a
+    /// memslot change publishes a new view, and a held snapshot keeps an
+    /// unplugged region's mapping alive.
+    pub fn memory(&self) -> GuestMemoryLoadGuard<GuestMemory> {
+        self.view.memory()
+    }
+
+    /// The view itself, for devices that load it per request.
+    pub fn view(&self) -> GuestMemoryAtomic<GuestMemory> {
+        self.view.clone()
+    }
+
+    /// Boot RAM ranges.
+    pub fn boot_ranges(&self) -> &[RamRange] {
+        &self.boot
+    }
+
+    /// Boot RAM in bytes.
+    pub fn boot_size(&self) -> u64 {
+        self.boot.iter().map(|r| r.size).sum()
     }
 
     /// Register every current slot with `uffd` (MISSING mode); later slots are
     /// registered when added.
-    pub fn attach_uffd(&mut self, uffd: Arc<Uffd>) -> Result<(), MemError> {
-        for s in &self.slots.snapshot().slots {
-            register(&uffd, s.backing.hva, s.size)?;
+    pub fn attach_uffd(&self, uffd: Arc<Uffd>) -> Result<(), MemError> {
+        let locked = self.slots.lock_slots();
+        for s in &locked.snapshot().slots {
+            register(&uffd, s.backing.hva(), s.size)?;
         }
-        self.uffd = Some(uffd);
-        Ok(())
+        self.uffd.set(uffd).map_err(|_| MemError::UffdAttached)
     }
 
     pub fn uffd(&self) -> Option<&Arc<Uffd>> {
-        self.uffd.as_ref()
+        self.uffd.get()
     }
 
     /// Populate all RAM now (prefault mode).
     pub fn populate_all(&self) -> Result<(), MemError> {
-        for s in &self.slots.snapshot().slots {
+        for s in &self.snapshot().slots {
             madvise(
-                s.backing.hva,
+                s.backing.hva(),
                 s.size,
                 libc::MADV_POPULATE_WRITE,
                 "MADV_POPULATE_WRITE",
@@ -147,137 +181,262 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Hotplug: map `size` bytes at `gpa`, tell KVM, publish a new generation.
-    pub fn add_slot(&self, gpa: u64, size: u64, source: PageSource) -> Result<u32, MemError> {
-        let end = page_range(gpa, size)?;
+    /// Hotplug: map, register with userfaultfd and KVM, publish a new
+    /// generation and a view that includes the slot. Returns the KVM slot id.
+    pub fn add_slot(&self, new: NewSlot) -> Result<u32, MemError> {
+        let end = page_range(new.gpa, new.size)?;
+        if new
+            .block_size
+            .is_some_and(|b| b < PAGE_SIZE || !b.is_power_of_two() || !new.size.is_multiple_of(b))
+        {
+            return Err(MemError::NotBlocks { gpa: new.gpa, end });
+        }
         let locked = self.slots.lock_slots();
         if locked
             .snapshot()
             .slots
             .iter()
-            .any(|s| gpa < s.end() && s.gpa < end)
+            .any(|s| new.gpa < s.end() && s.gpa < end)
         {
-            return Err(MemError::Overlap { gpa, end });
+            return Err(MemError::Overlap { gpa: new.gpa, end });
         }
         let id = self
-            .free_ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_ids()
             .pop()
             .ok_or(MemError::NoFreeSlot(self.max_slots))?;
-        let result = self.map_and_register(id, gpa, size, source);
-        match result {
-            Ok(slot) => {
-                locked.publish_added(slot);
-                self.counters.changes.fetch_add(1, Ordering::Relaxed);
-                Ok(id)
-            }
+        let slot = match self.map_and_register(id, &new) {
+            Ok(slot) => slot,
             Err(e) => {
-                self.free_ids
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(id);
-                Err(e)
+                self.lock_ids().push(id);
+                return Err(e);
             }
-        }
+        };
+        locked.publish_added(slot);
+        self.publish_view(&locked.snapshot().slots);
+        self.counters.changes.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
     }
 
-    fn map_and_register(
-        &self,
-        id: u32,
-        gpa: u64,
-        size: u64,
-        source: PageSource,
-    ) -> Result<Arc<Slot>, MemError> {
-        let mapping = Arc::new(
-            MmapRegion::<()>::build(
-                None,
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            )
-            .map_err(|source| MemError::Mmap { size, source })?,
-        );
-        let hva = mapping.as_ptr() as u64;
-        if let Some(uffd) = &self.uffd {
-            register(uffd, hva, size)?;
+    fn map_and_register(&self, id: u32, new: &NewSlot) -> Result<Arc<Slot>, MemError> {
+        let backing = map(new.gpa, new.size, new.source.clone(), 0)?;
+        let hva = backing.hva();
+        if let Some(uffd) = self.uffd() {
+            register(uffd, hva, new.size)?;
         }
-        set_region(&self.vm, id, gpa, size, hva)?;
-        Ok(Arc::new(Memslot::new(
-            id,
-            gpa,
-            size,
-            SlotBacking {
-                hva,
-                source,
-                source_offset: 0,
-                _mapping: mapping,
-            },
-        )))
+        if let Err(e) = set_region(&*self.kvm, id, new.gpa, new.size, hva) {
+            if let Some(uffd) = self.uffd() {
+                let _ = uffd.unregister(hva as *mut libc::c_void, new.size as usize);
+            }
+            return Err(e);
+        }
+        Ok(Arc::new(match new.block_size {
+            Some(b) => Memslot::with_blocks(id, new.gpa, new.size, b, backing),
+            None => Memslot::new(id, new.gpa, new.size, backing),
+        }))
     }
 
-    /// Unplug: unpublish the slot at `gpa`, wait for in-flight installers,
-    /// then remove it from KVM. The mapping goes when the last snapshot
+    /// Unplug the slot at `gpa`: unpublish it (generation + 1) and the view
+    /// without it, wait for in-flight installers (I1), delete the KVM slot,
+    /// unregister and drop its pages. The mapping goes when the last snapshot
     /// holding it drops.
     pub fn remove_slot(&self, gpa: u64) -> Result<(), MemError> {
         let locked = self.slots.lock_slots();
         let slot = locked.unpublish(gpa).ok_or(MemError::NoSuchSlot(gpa))?;
+        self.retire(&slot);
+        self.publish_view(&locked.snapshot().slots);
         let exclusive = slot.begin_removal();
-        let r = set_region(&self.vm, slot.id, slot.gpa, 0, slot.backing.hva);
-        if let Some(uffd) = &self.uffd {
-            // Nothing may be installed into the range from now on.
-            let _ = uffd.unregister(slot.backing.hva as *mut libc::c_void, slot.size as usize);
+        // I1: from here no installer is inside the slot and none can enter.
+        let hva = slot.backing.hva();
+        let r = set_region(&*self.kvm, slot.id, slot.gpa, 0, hva);
+        if let Some(uffd) = self.uffd() {
+            let _ = uffd.unregister(hva as *mut libc::c_void, slot.size as usize);
         }
+        let zapped = madvise(hva, slot.size, libc::MADV_DONTNEED, "MADV_DONTNEED");
         drop(exclusive);
         if r.is_ok() {
-            self.free_ids
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(slot.id);
+            self.lock_ids().push(slot.id);
         }
         self.counters.changes.fetch_add(1, Ordering::Relaxed);
         drop(locked);
-        r
+        r.and(zapped)
     }
 
-    /// Balloon-style discard of `[gpa, gpa+len)` (inside one slot): the pages
-    /// are zapped and refault as zero, never as their old or image content.
+    /// Balloon-style discard of `[gpa, gpa+len)`, inside one slot: the pages
+    /// are zapped and refault as zero, never as their old or image content
+    /// (I3).
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemError> {
-        let end = page_range(gpa, len)?;
-        let snap = self.slots.snapshot();
-        let slot = snap
-            .lookup(gpa)
-            .filter(|s| end <= s.end())
-            .ok_or(MemError::NotInOneSlot { gpa, end })?;
-        let first = slot.page_index(gpa);
-        let exclusive = slot.begin_discard(first, len / PAGE_SIZE);
-        let hva = slot.backing.hva + (gpa - slot.gpa);
+        let (slot, first, count) = self.range_in_slot(gpa, len)?;
+        let exclusive = slot.begin_discard(first, count);
+        let hva = slot.backing.hva() + (gpa - slot.gpa);
         let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
         drop(exclusive);
         self.counters
             .discarded_pages
-            .fetch_add(len / PAGE_SIZE, Ordering::Relaxed);
+            .fetch_add(count, Ordering::Relaxed);
         r
+    }
+
+    /// Plug the blocks covering `[gpa, gpa+len)` of a block slot: their
+    /// pages become installable.
+    pub fn plug(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        let (slot, first, count) = self.blocks_in_slot(gpa, len)?;
+        slot.plug(first, count);
+        Ok(())
+    }
+
+    /// Unplug the blocks covering `[gpa, gpa+len)` of a block slot: exclude
+    /// installers, mark them unplugged and zap their pages (I6); a block
+    /// plugged again reads zero.
+    pub fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        let (slot, first, count) = self.blocks_in_slot(gpa, len)?;
+        let exclusive = slot.begin_unplug(first, count);
+        let hva = slot.backing.hva() + (gpa - slot.gpa);
+        let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
+        drop(exclusive);
+        r
+    }
+
+    fn range_in_slot(&self, gpa: u64, len: u64) -> Result<(Arc<Slot>, u64, u64), MemError> {
+        let end = page_range(gpa, len)?;
+        let snap = self.snapshot();
+        let slot = snap
+            .lookup(gpa)
+            .filter(|s| end <= s.end())
+            .ok_or(MemError::NotInOneSlot { gpa, end })?;
+        Ok((slot.clone(), slot.page_index(gpa), len / PAGE_SIZE))
+    }
+
+    fn blocks_in_slot(&self, gpa: u64, len: u64) -> Result<(Arc<Slot>, u64, u64), MemError> {
+        let (slot, _, _) = self.range_in_slot(gpa, len)?;
+        let end = gpa + len;
+        let block = slot.block_size().ok_or(MemError::NotBlocks { gpa, end })?;
+        let offset = gpa - slot.gpa;
+        if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+            return Err(MemError::NotBlocks { gpa, end });
+        }
+        Ok((slot, offset / block, len / block))
     }
 
     /// Pages of guest RAM currently resident (mincore over every slot).
     pub fn resident_pages(&self) -> u64 {
-        self.slots
-            .snapshot()
+        self.snapshot()
             .slots
             .iter()
-            .map(|s| resident_pages(s.backing.hva, s.size))
+            .map(|s| resident_pages(s.backing.hva(), s.size))
             .sum()
     }
+
+    /// Whether `gpa` is guest RAM now (a lock-free lookup).
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        self.snapshot().lookup(gpa).is_some()
+    }
+
+    /// The guest-physical address of a host address inside guest RAM.
+    pub fn gpa_of_hva(&self, hva: u64) -> Option<u64> {
+        let snap = self.snapshot();
+        let s = snap
+            .slots
+            .iter()
+            .find(|s| hva >= s.backing.hva() && hva - s.backing.hva() < s.size)?;
+        Some(s.gpa + (hva - s.backing.hva()))
+    }
+
+    /// Whether `hva` lies in a removed slot whose mapping may still exist
+    /// (a stale access after a removal, never a genuine bus error).
+    pub fn is_retired_hva(&self, hva: u64) -> bool {
+        self.retired
+            .load()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|s| {
+                let base = s.backing.hva();
+                hva >= base && hva - base < s.size
+            })
+    }
+
+    fn retire(&self, slot: &Arc<Slot>) {
+        let mut v: Vec<Weak<Slot>> = self
+            .retired
+            .load()
+            .iter()
+            .filter(|w| w.strong_count() > 0)
+            .cloned()
+            .collect();
+        v.push(Arc::downgrade(slot));
+        self.retired.store(Arc::new(v));
+    }
+
+    /// Counters, the generation and the number of slots.
+    pub fn stats(&self) -> MemoryStats {
+        let snap = self.snapshot();
+        MemoryStats {
+            generation: snap.generation,
+            memslot_changes: self.counters.changes.load(Ordering::Relaxed),
+            discarded_pages: self.counters.discarded_pages.load(Ordering::Relaxed),
+            slots: snap.slots.len() as u64,
+        }
+    }
+
+    fn publish_view(&self, slots: &[Arc<Slot>]) {
+        // The regions are already mapped and sorted: this cannot fail.
+        match view_of(slots) {
+            Ok(v) => self
+                .view
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(v),
+            Err(e) => log::error!("guest-memory view not updated: {e}"),
+        }
+    }
+
+    fn lock_ids(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.free_ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Map `size` bytes for guest address `gpa` (anonymous, not populated).
+fn map(
+    gpa: u64,
+    size: u64,
+    source: PageSource,
+    source_offset: u64,
+) -> Result<SlotBacking, MemError> {
+    page_range(gpa, size)?;
+    let mapping = MmapRegion::<()>::build(
+        None,
+        size as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .map_err(|source| MemError::Mmap { gpa, size, source })?;
+    let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemError::Unaligned {
+        gpa,
+        end: gpa.wrapping_add(size),
+    })?;
+    Ok(SlotBacking {
+        region: Arc::new(region),
+        source,
+        source_offset,
+    })
+}
+
+fn view_of(slots: &[Arc<Slot>]) -> Result<GuestMemory, MemError> {
+    GuestMemory::from_arc_regions(slots.iter().map(|s| s.backing.region.clone()).collect())
+        .map_err(MemError::Layout)
 }
 
 /// Check that `[gpa, gpa+len)` is a non-empty page-aligned range; its end.
 fn page_range(gpa: u64, len: u64) -> Result<u64, MemError> {
-    let end = gpa.wrapping_add(len);
-    if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || end < gpa {
-        return Err(MemError::Unaligned { gpa, end });
+    let end = gpa.checked_add(len);
+    match end {
+        Some(end) if len > 0 && gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE) => {
+            Ok(end)
+        }
+        _ => Err(MemError::Unaligned {
+            gpa,
+            end: gpa.wrapping_add(len),
+        }),
     }
-    Ok(end)
 }
 
 fn register(uffd: &Uffd, hva: u64, size: u64) -> Result<(), MemError> {
@@ -289,22 +448,25 @@ fn register(uffd: &Uffd, hva: u64, size: u64) -> Result<(), MemError> {
         })
 }
 
-fn set_region(vm: &VmFd, slot: u32, gpa: u64, size: u64, hva: u64) -> Result<(), MemError> {
-    let r = kvm_userspace_memory_region {
-        slot,
-        flags: 0,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: hva,
-    };
-    // SAFETY: the mapping at `hva` lives at least as long as the slot: it is
-    // owned by the slot's backing, which outlives the KVM registration (a
-    // removal deletes the KVM slot before the backing can drop).
-    unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemError::Kvm { slot, source })
+fn set_region(
+    kvm: &dyn KvmSlots,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    hva: u64,
+) -> Result<(), MemError> {
+    kvm.set_region(slot, gpa, size, hva)
+        .map_err(|source| MemError::Kvm {
+            slot,
+            gpa,
+            size,
+            source,
+        })
 }
 
 fn madvise(hva: u64, len: u64, advice: libc::c_int, what: &'static str) -> Result<(), MemError> {
-    // SAFETY: the range lies inside a mapping owned by a live slot.
+    // SAFETY: the range lies inside a mapping owned by a live slot backing;
+    // the advice only drops or populates anonymous pages.
     let r = unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, advice) };
     if r == 0 {
         Ok(())
@@ -318,14 +480,132 @@ fn madvise(hva: u64, len: u64, advice: libc::c_int, what: &'static str) -> Resul
     }
 }
 
-/// Count resident pages of a mapping with mincore(2).
-pub fn resident_pages(hva: u64, size: u64) -> u64 {
-    let pages = size.div_ceil(PAGE_SIZE) as usize;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `vec` has one byte per page of the range, which is mapped.
-    let r = unsafe { libc::mincore(hva as *mut libc::c_void, size as usize, vec.as_mut_ptr()) };
-    if r != 0 {
-        return 0;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::NoKvm;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+
+    fn manager() -> MemoryManager {
+        let ranges = [
+            RamRange {
+                gpa: 0,
+                size: 4 * MIB,
+            },
+            RamRange {
+                gpa: 8 * MIB,
+                size: 4 * MIB,
+            },
+        ];
+        MemoryManager::new(Arc::new(NoKvm), &ranges, PageSource::Zero, 32).unwrap()
     }
-    vec.iter().filter(|b| *b & 1 != 0).count() as u64
+
+    #[test]
+    fn view_follows_hotplug_and_unplug() {
+        let m = manager();
+        assert_eq!(m.memory().num_regions(), 2);
+        assert_eq!(m.boot_size(), 8 * MIB);
+        let gpa = 64 * MIB;
+        m.add_slot(NewSlot {
+            gpa,
+            size: 2 * MIB,
+            source: PageSource::Zero,
+            block_size: None,
+        })
+        .unwrap();
+        let held = m.memory();
+        assert_eq!(held.num_regions(), 3);
+        held.write_obj(0xabcd_u64, GuestAddress(gpa + 8)).unwrap();
+        assert_eq!(m.stats().generation, 1);
+        m.remove_slot(gpa).unwrap();
+        // A new view never shows the removed region; the old snapshot still
+        // maps it (no use after unmap).
+        assert_eq!(m.memory().num_regions(), 2);
+        assert!(m.memory().read_obj::<u64>(GuestAddress(gpa)).is_err());
+        assert!(held.read_obj::<u64>(GuestAddress(gpa + 8)).is_ok());
+        assert_eq!(m.stats().memslot_changes, 2);
+        assert_eq!(m.stats().generation, 2);
+        assert!(!m.is_ram(gpa));
+    }
+
+    #[test]
+    fn bad_ranges_are_errors() {
+        let m = manager();
+        let slot = |gpa, size| NewSlot {
+            gpa,
+            size,
+            source: PageSource::Zero,
+            block_size: None,
+        };
+        assert!(matches!(
+            m.add_slot(slot(0x1000, MIB)),
+            Err(MemError::Overlap { .. })
+        ));
+        assert!(matches!(
+            m.add_slot(slot(0x10_0001, MIB)),
+            Err(MemError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            m.add_slot(slot(u64::MAX - 0xfff, 0x2000)),
+            Err(MemError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            m.remove_slot(0x1000),
+            Err(MemError::NoSuchSlot(_))
+        ));
+        assert!(matches!(
+            m.discard(3 * MIB, 2 * MIB),
+            Err(MemError::NotInOneSlot { .. })
+        ));
+        assert!(matches!(
+            m.plug(0, 2 * MIB),
+            Err(MemError::NotBlocks { .. })
+        ));
+    }
+
+    #[test]
+    fn discard_zeroes_and_counts() {
+        let m = manager();
+        m.memory().write_obj(7u64, GuestAddress(0x3000)).unwrap();
+        assert!(m.resident_pages() >= 1);
+        m.discard(0x3000, 0x1000).unwrap();
+        assert_eq!(m.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+        assert_eq!(m.stats().discarded_pages, 1);
+        assert!(m.snapshot().lookup(0x3000).unwrap().is_discarded(3));
+    }
+
+    #[test]
+    fn unplug_zaps_blocks_and_replug_reads_zero() {
+        let m = manager();
+        let gpa = 128 * MIB;
+        m.add_slot(NewSlot {
+            gpa,
+            size: 8 * MIB,
+            source: PageSource::Zero,
+            block_size: Some(2 * MIB),
+        })
+        .unwrap();
+        assert!(matches!(
+            m.plug(gpa + MIB, 2 * MIB),
+            Err(MemError::NotBlocks { .. })
+        ));
+        m.plug(gpa + 2 * MIB, 4 * MIB).unwrap();
+        let s = m.snapshot().lookup(gpa).unwrap().clone();
+        assert_eq!(s.plugged_blocks(), 2);
+        m.memory()
+            .write_obj(9u64, GuestAddress(gpa + 2 * MIB))
+            .unwrap();
+        m.unplug(gpa + 2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(s.plugged_blocks(), 1);
+        assert!(!s.is_plugged(s.page_index(gpa + 2 * MIB)));
+        m.plug(gpa + 2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(
+            m.memory()
+                .read_obj::<u64>(GuestAddress(gpa + 2 * MIB))
+                .unwrap(),
+            0
+        );
+    }
 }

@@ -6,7 +6,6 @@
 mod http;
 mod prometheus;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -18,12 +17,41 @@ use crate::fault::stats::{bucket_bound_ns, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCK
 use crate::fault::{FaultSnapshot, FaultStats};
 use crate::memory::MemoryManager;
 
+/// VMM threads other than vCPUs and handlers that may touch guest RAM (and
+/// then serve the fault themselves, through SIGBUS), by name.
+pub const VMM_THREADS: [&str; 2] = ["events", "api"];
+
 /// What a scrape reads.
 pub struct VmMetrics {
     pub vcpus: Vec<Arc<FaultStats>>,
     pub handlers: Vec<Arc<FaultStats>>,
+    /// Counters of the [`VMM_THREADS`], in that order.
+    pub threads: Vec<Arc<FaultStats>>,
     pub memory: Arc<MemoryManager>,
     pub mode: FaultMode,
+}
+
+impl VmMetrics {
+    /// Fresh counters for `vcpus` vCPUs and `handlers` handler threads.
+    pub fn new(vcpus: usize, handlers: usize, memory: Arc<MemoryManager>, mode: FaultMode) -> Self {
+        let fresh = |n| (0..n).map(|_| Arc::new(FaultStats::default())).collect();
+        Self {
+            vcpus: fresh(vcpus),
+            handlers: fresh(handlers),
+            threads: fresh(VMM_THREADS.len()),
+            memory,
+            mode,
+        }
+    }
+
+    /// The counters of VMM thread `name` (one of [`VMM_THREADS`]).
+    pub fn thread(&self, name: &str) -> Arc<FaultStats> {
+        let i = VMM_THREADS
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not one of {VMM_THREADS:?}"));
+        self.threads[i].clone()
+    }
 }
 
 /// One consistent-enough copy of every metric (each counter is read once).
@@ -36,6 +64,8 @@ pub struct MetricsSnapshot {
     pub discarded_pages: u64,
     pub vcpus: Vec<ThreadMetrics>,
     pub handlers: Vec<ThreadMetrics>,
+    /// Other VMM threads, by name.
+    pub threads: std::collections::BTreeMap<&'static str, ThreadMetrics>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,13 +125,13 @@ impl ThreadMetrics {
 
 impl VmMetrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let c = &self.memory.counters;
+        let m = self.memory.stats();
         MetricsSnapshot {
             fault_mode: self.mode.name(),
-            memslot_generation: self.memory.slots.generation().load(Ordering::Acquire),
-            memslot_changes: c.changes.load(Ordering::Relaxed),
+            memslot_generation: m.generation,
+            memslot_changes: m.memslot_changes,
             resident_pages: self.memory.resident_pages(),
-            discarded_pages: c.discarded_pages.load(Ordering::Relaxed),
+            discarded_pages: m.discarded_pages,
             vcpus: self
                 .vcpus
                 .iter()
@@ -111,6 +141,11 @@ impl VmMetrics {
                 .handlers
                 .iter()
                 .map(|s| ThreadMetrics::from(&s.snapshot()))
+                .collect(),
+            threads: VMM_THREADS
+                .iter()
+                .zip(&self.threads)
+                .map(|(n, s)| (*n, ThreadMetrics::from(&s.snapshot())))
                 .collect(),
         }
     }

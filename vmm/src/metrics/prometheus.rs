@@ -16,7 +16,9 @@ struct Snap(MetricsSnapshot);
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Per-thread series: `vcpu="N"` for vCPUs, `handler="N"` for handler threads.
+/// Per-thread series: `vcpu="N"` for vCPUs, `handler="N"` for handler
+/// threads, `thread="NAME"` for other VMM threads (devices, API) that met a
+/// missing page.
 fn threads(s: &MetricsSnapshot) -> impl Iterator<Item = (Labels, &ThreadMetrics)> {
     let v = s
         .vcpus
@@ -28,7 +30,11 @@ fn threads(s: &MetricsSnapshot) -> impl Iterator<Item = (Labels, &ThreadMetrics)
         .iter()
         .enumerate()
         .map(|(i, t)| (vec![("handler", i.to_string())], t));
-    v.chain(h)
+    let o = s
+        .threads
+        .iter()
+        .map(|(name, t)| (vec![("thread", name.to_string())], t));
+    v.chain(h).chain(o)
 }
 
 fn counter_family(

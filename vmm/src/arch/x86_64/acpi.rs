@@ -38,6 +38,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::e820;
+use crate::boot::MmioDeviceInfo;
 use crate::memory::GuestMemory;
 
 /// Where the RSDP goes: the start of the BIOS area Linux scans.
@@ -136,6 +137,8 @@ impl IrqOverride {
 pub struct AcpiConfig {
     pub vcpus: usize,
     pub overrides: Vec<IrqOverride>,
+    /// virtio-mmio devices, each a `LNRO0005` device in the DSDT.
+    pub virtio: Vec<MmioDeviceInfo>,
 }
 
 impl AcpiConfig {
@@ -143,6 +146,7 @@ impl AcpiConfig {
         AcpiConfig {
             vcpus,
             overrides: Vec::new(),
+            virtio: Vec::new(),
         }
     }
 }
@@ -159,9 +163,18 @@ pub struct AcpiLayout {
     pub end: u64,
 }
 
-/// Write the tables for `vcpus` vCPUs; returns the RSDP's address.
-pub fn setup_acpi(mem: &GuestMemory, vcpus: usize) -> Result<u64, AcpiError> {
-    setup_acpi_with(mem, &AcpiConfig::new(vcpus)).map(|l| l.rsdp)
+/// Write the tables for `vcpus` vCPUs and the virtio-mmio `devices`;
+/// returns the RSDP's address.
+pub fn setup_acpi(
+    mem: &GuestMemory,
+    vcpus: usize,
+    devices: &[MmioDeviceInfo],
+) -> Result<u64, AcpiError> {
+    let config = AcpiConfig {
+        virtio: devices.to_vec(),
+        ..AcpiConfig::new(vcpus)
+    };
+    setup_acpi_with(mem, &config).map(|l| l.rsdp)
 }
 
 /// Write the tables described by `config`.
@@ -173,7 +186,7 @@ pub fn setup_acpi_with(mem: &GuestMemory, config: &AcpiConfig) -> Result<AcpiLay
         mem,
         next: RSDP_ADDR + 64,
     };
-    let dsdt = w.place("DSDT", &dsdt())?;
+    let dsdt = w.place("DSDT", &dsdt(&config.virtio))?;
     let fadt = w.place("FADT", &fadt(dsdt))?;
     let madt = w.place("MADT", &madt(config))?;
     let xsdt = w.place("XSDT", &xsdt(&[fadt, madt]))?;
@@ -230,8 +243,8 @@ fn table_id(sig: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-/// DSDT: COM1 under \_SB.
-fn dsdt() -> Vec<u8> {
+/// DSDT: COM1 and the virtio-mmio devices under \_SB.
+fn dsdt(virtio: &[MmioDeviceInfo]) -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
@@ -240,11 +253,46 @@ fn dsdt() -> Vec<u8> {
     let crs_template = aml::ResourceTemplate::new(vec![&io, &irq]);
     let crs = aml::Name::new("_CRS".into(), &crs_template);
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    let devices: Vec<RawAml> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, d)| virtio_device(i, d))
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
+    let sb = aml::Scope::new("\\_SB_".into(), children);
     // Revision 2: 64-bit AML integers.
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
     t.append_slice(&bytes_of(&sb));
     t.as_slice().to_vec()
+}
+
+/// A virtio-mmio device as Linux's `virtio_mmio` ACPI binding expects it
+/// (`LNRO0005`, one fixed memory window, one interrupt), as Firecracker
+/// describes its devices.
+fn virtio_device(index: usize, d: &MmioDeviceInfo) -> RawAml {
+    let name = format!("V{index:03X}");
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(index as u64));
+    let mem = aml::Memory32Fixed::new(true, d.base as u32, d.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq]));
+    // `aml::Device` borrows its children: encode it here.
+    RawAml(bytes_of(&aml::Device::new(
+        name.as_str().into(),
+        vec![&hid, &uid, &crs],
+    )))
+}
+
+/// AML already encoded.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in &self.0 {
+            sink.byte(*b);
+        }
+    }
 }
 
 /// FADT: hardware-reduced, DSDT through X_DSDT, reset via the i8042 port.
@@ -352,7 +400,7 @@ mod tests {
     #[test]
     fn rsdp_is_at_0xe0000_with_both_checksums() {
         let m = mem();
-        let rsdp = setup_acpi(&m, 2).unwrap();
+        let rsdp = setup_acpi(&m, 2, &[]).unwrap();
         assert_eq!(rsdp, 0xe0000);
         let r = read(&m, rsdp, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -454,6 +502,7 @@ mod tests {
         let m = mem();
         let cfg = AcpiConfig {
             vcpus: 2,
+            virtio: vec![],
             overrides: vec![
                 IrqOverride::PIT_TO_GSI2,
                 IrqOverride {
@@ -499,15 +548,18 @@ mod tests {
     #[test]
     fn vcpu_count_is_checked() {
         let m = mem();
-        assert!(matches!(setup_acpi(&m, 0), Err(AcpiError::VcpuCount(0))));
-        let e = setup_acpi(&m, 256).unwrap_err();
+        assert!(matches!(
+            setup_acpi(&m, 0, &[]),
+            Err(AcpiError::VcpuCount(0))
+        ));
+        let e = setup_acpi(&m, 256, &[]).unwrap_err();
         assert!(matches!(e, AcpiError::VcpuCount(256)), "{e}");
     }
 
     #[test]
     fn memory_without_the_bios_area_is_an_error() {
         let m = GuestMemory::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
-        let e = setup_acpi(&m, 1).unwrap_err();
+        let e = setup_acpi(&m, 1, &[]).unwrap_err();
         assert!(matches!(e, AcpiError::GuestMemory { .. }), "{e}");
     }
 }

@@ -1,0 +1,65 @@
+//! The legacy devices on the port-I/O bus: COM1 (8250, IRQ 4 through an
+//! irqfd), the i8042 reset line, the debug-exit and marker ports, and the
+//! POST-code port Linux uses as an I/O delay.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::marker::{MarkerLog, MarkerPort, MARKER_PORT};
+use super::{exit_port, i8042, serial, Bus, BusDevice, DeviceError, Sink};
+use crate::config::SerialOut;
+use crate::exit::VmExit;
+
+/// Linux's I/O-delay port.
+const POST_CODE_PORT: u64 = 0x80;
+
+/// Build the port-I/O bus; returns it and the serial input subscriber (for
+/// the event loop).
+pub fn build(
+    vm_fd: &VmFd,
+    exit: &Arc<VmExit>,
+    out: &SerialOut,
+    markers: &Arc<Mutex<MarkerLog>>,
+) -> Result<(Bus, serial::SerialInput), DeviceError> {
+    let mut pio = Bus::new("port-I/O");
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Io("serial eventfd", e))?;
+    vm_fd
+        .register_irqfd(&irq, serial::COM1_IRQ)
+        .map_err(|e| DeviceError::Kvm("KVM_IRQFD (serial)", e))?;
+    let events = serial::SerialInput::new_events()
+        .map_err(|e| DeviceError::Io("serial input eventfd", e))?;
+    let writer: Box<dyn std::io::Write + Send> = match out {
+        SerialOut::Stdout => Box::new(serial::PanicWatch::new(
+            serial::FlushingStdout,
+            exit.clone(),
+        )),
+        SerialOut::Capture(buf) => Box::new(serial::PanicWatch::new(
+            serial::CaptureWriter(buf.clone()),
+            exit.clone(),
+        )),
+    };
+    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
+        irq,
+        events.clone(),
+        writer,
+    )));
+    pio.insert(serial::COM1_BASE, serial::COM1_LEN, uart.clone())?;
+    let input = serial::SerialInput::new(uart, events, libc::STDIN_FILENO);
+
+    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(i8042::I8042::new(exit.clone())));
+    pio.insert(i8042::I8042_BASE, i8042::I8042_LEN, i8042)?;
+    pio.insert(
+        exit_port::EXIT_PORT,
+        1,
+        Arc::new(Mutex::new(exit_port::ExitPort::new(exit.clone()))),
+    )?;
+    pio.insert(
+        MARKER_PORT,
+        1,
+        Arc::new(Mutex::new(MarkerPort(markers.clone()))),
+    )?;
+    pio.insert(POST_CODE_PORT, 1, Arc::new(Mutex::new(Sink)))?;
+    Ok((pio, input))
+}

@@ -1,0 +1,657 @@
+//! What a vCPU does with each exit: serve a stage-2 fault, route port I/O
+//! and MMIO to devices, assist an instruction the host cannot emulate, or
+//! stop the VM with a reason. Driven by the `KVM_RUN` loop (`super`) and,
+//! in unit tests, by synthesised exits without KVM.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+
+use super::assist;
+use super::error::VcpuError;
+use super::exit::{Exit, MAX_INSN_LEN};
+use super::regs::VcpuState;
+use crate::devices::Bus;
+use crate::exit::{ExitReason, VmExit};
+use crate::fault::{Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved};
+
+/// Whether the host needs the VMM to complete instructions its emulator
+/// cannot (PVM hosts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assists {
+    Pvm,
+    None,
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<VmExit>,
+    /// Set in `vcpu` mode: faults are served on the vCPU thread.
+    pub fault: Option<Arc<FaultEngine>>,
+    pub assists: Assists,
+}
+
+/// What the loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    Stop(ExitReason),
+}
+
+/// One vCPU's exit handling state: its fault context (bounce page, counters).
+pub struct ExitHandler {
+    index: usize,
+    shared: Arc<VcpuShared>,
+    ctx: FaultCtx,
+}
+
+impl ExitHandler {
+    pub fn new(index: usize, shared: Arc<VcpuShared>, stats: Arc<FaultStats>) -> Self {
+        Self {
+            index,
+            shared,
+            ctx: FaultCtx::new(stats),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<FaultStats> {
+        &self.ctx.stats
+    }
+
+    pub fn shared(&self) -> &Arc<VcpuShared> {
+        &self.shared
+    }
+
+    /// Handle one exit. `exited` is when `KVM_RUN` returned: fault latency is
+    /// measured from there to the next entry.
+    pub fn handle(&mut self, exit: Exit, vcpu: &dyn VcpuState, exited: Instant) -> Next {
+        self.ctx.stats.exits[exit.kind() as usize].add(1);
+        let index = self.index;
+        let shared = self.shared.clone();
+        let engine = shared.fault.as_deref();
+        match exit {
+            // In `vcpu` mode an MMIO exit inside a RAM memslot is a stage-2
+            // fault: install the page, complete the access, re-enter. A GPA
+            // outside RAM (or in an unplugged block: a guest error) goes to
+            // the MMIO bus.
+            Exit::MmioWrite { gpa, data } => match engine {
+                Some(e) => {
+                    let len = data.len() as u64;
+                    match e.resolve_range(&mut self.ctx, gpa, len, Access::Write(data)) {
+                        Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {
+                            shared.mmio.write(index, gpa, data);
+                            Next::Continue
+                        }
+                        r => self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
+                    }
+                }
+                None => {
+                    shared.mmio.write(index, gpa, data);
+                    Next::Continue
+                }
+            },
+            Exit::MmioRead { gpa, data } => match engine {
+                Some(e) => {
+                    let len = data.len() as u64;
+                    match e.resolve_range(&mut self.ctx, gpa, len, Access::Read(&mut *data)) {
+                        Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {
+                            shared.mmio.read(index, gpa, data);
+                            Next::Continue
+                        }
+                        r => self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
+                    }
+                }
+                None => {
+                    shared.mmio.read(index, gpa, data);
+                    Next::Continue
+                }
+            },
+            Exit::MemoryFault { gpa } => match engine {
+                Some(e) => {
+                    let r = e.resolve(&mut self.ctx, gpa, Access::None);
+                    self.fault_done(vcpu, FaultKind::MemoryFault, gpa, r, exited)
+                }
+                None => self.unhandled(vcpu, "KVM_EXIT_MEMORY_FAULT without a fault engine"),
+            },
+            Exit::IoOut { port, data } => {
+                shared.pio.write(index, u64::from(port), data);
+                Next::Continue
+            }
+            Exit::IoIn { port, data } => {
+                shared.pio.read(index, u64::from(port), data);
+                Next::Continue
+            }
+            Exit::Hlt => {
+                // With the in-kernel LAPIC, HLT is handled by KVM; an HLT exit
+                // means this vCPU can never be woken.
+                log::info!("vCPU {index} halted at RIP {:#x}", vcpu.position().0);
+                Next::Stop(ExitReason::AllHalted)
+            }
+            Exit::Shutdown => Next::Stop(ExitReason::TripleFault {
+                vcpu: index,
+                rip: vcpu.position().0,
+            }),
+            Exit::SystemEvent(KVM_SYSTEM_EVENT_RESET) => Next::Stop(ExitReason::Reset),
+            Exit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => Next::Stop(ExitReason::GuestStatus(0)),
+            Exit::SystemEvent(kind) => self.stop(VcpuError::SystemEvent { vcpu: index, kind }),
+            Exit::Emulation { insn } => {
+                if let Some(next) = self.fetch_fault(vcpu, exited) {
+                    return next;
+                }
+                if shared.assists == Assists::Pvm {
+                    if let Some(a) = insn.as_deref().and_then(|b| assist::apply(vcpu, b)) {
+                        log::debug!("vCPU {index}: assisted {a:?}");
+                        return Next::Continue;
+                    }
+                }
+                let (rip, cpl) = vcpu.position();
+                self.stop(VcpuError::Emulation {
+                    vcpu: index,
+                    rip,
+                    cpl,
+                    insn,
+                })
+            }
+            Exit::Internal { suberror, data } => {
+                let (rip, cpl) = vcpu.position();
+                self.stop(VcpuError::Internal {
+                    vcpu: index,
+                    suberror,
+                    rip,
+                    cpl,
+                    data,
+                })
+            }
+            Exit::FailEntry { reason, cpu } => self.stop(VcpuError::FailEntry {
+                vcpu: index,
+                reason,
+                cpu,
+            }),
+            Exit::Intr => Next::Continue,
+            Exit::Failed { errno } if errno == libc::EINTR || errno == libc::EAGAIN => {
+                Next::Continue
+            }
+            Exit::Failed { errno } if errno == libc::EFAULT && engine.is_some() => {
+                let (rip, cpl) = vcpu.position();
+                self.stop(VcpuError::EfaultWithoutAddress {
+                    vcpu: index,
+                    rip,
+                    cpl,
+                })
+            }
+            Exit::Failed { errno } => {
+                let (rip, cpl) = vcpu.position();
+                self.stop(VcpuError::Run {
+                    vcpu: index,
+                    rip,
+                    cpl,
+                    errno,
+                })
+            }
+            Exit::Unhandled(what) => self.unhandled(vcpu, &what),
+        }
+    }
+
+    fn stop(&self, e: VcpuError) -> Next {
+        Next::Stop(ExitReason::Vcpu(e))
+    }
+
+    fn unhandled(&self, vcpu: &dyn VcpuState, what: &str) -> Next {
+        self.stop(VcpuError::Unhandled {
+            vcpu: self.index,
+            what: what.to_string(),
+            rip: vcpu.position().0,
+        })
+    }
+
+    /// Account a served fault; a fault that cannot be served ends the VM.
+    fn fault_done(
+        &mut self,
+        vcpu: &dyn VcpuState,
+        kind: FaultKind,
+        gpa: u64,
+        r: Result<Resolved, FaultError>,
+        exited: Instant,
+    ) -> Next {
+        match r {
+            Ok(_) => {
+                let stats = &self.ctx.stats;
+                stats.by_kind[kind as usize].add(1);
+                stats.record_latency(exited.elapsed().as_nanos() as u64);
+                Next::Continue
+            }
+            Err(e) => self.stop(VcpuError::Fault {
+                vcpu: self.index,
+                gpa,
+                rip: vcpu.position().0,
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// An emulation failure whose instruction lies on a missing page: the
+    /// host could not fetch it. Install the page(s) the instruction spans and
+    /// re-enter. `None` when this is not such a fault.
+    fn fetch_fault(&mut self, vcpu: &dyn VcpuState, exited: Instant) -> Option<Next> {
+        let engine = self.shared.fault.clone()?;
+        let rip = vcpu.regs().ok()?.rip;
+        let mut installed = false;
+        // An instruction spans at most two pages: its first and last byte.
+        for gva in [rip, rip.wrapping_add(MAX_INSN_LEN as u64 - 1)] {
+            let Some(gpa) = vcpu.translate(gva) else {
+                continue;
+            };
+            match engine.resolve(&mut self.ctx, gpa, Access::None) {
+                Ok(Resolved::Installed) => installed = true,
+                Ok(Resolved::AlreadyPresent) => {}
+                // Not RAM (MMIO, unplugged): not a missing-page fetch.
+                Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {}
+                Err(e) => {
+                    return Some(self.fault_done(
+                        vcpu,
+                        FaultKind::EmulationFailure,
+                        gpa,
+                        Err(e),
+                        exited,
+                    ))
+                }
+            }
+        }
+        // Nothing was missing: a genuine emulation failure, reported as such.
+        installed.then(|| {
+            self.fault_done(
+                vcpu,
+                FaultKind::EmulationFailure,
+                rip,
+                Ok(Resolved::Installed),
+                exited,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::sync::Mutex;
+
+    use kvm_bindings::{kvm_regs, kvm_sregs};
+    use userfaultfd::{FeatureFlags, UffdBuilder};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use crate::devices::BusDevice;
+    use crate::fault::engine::Wake;
+    use crate::fault::stats::ExitKind;
+    use crate::memory::{MemoryManager, NoKvm, PageSource, RamRange};
+
+    const RAM: u64 = 4 << 20;
+    const DEV: u64 = 0xd000_0000;
+
+    /// A vCPU without KVM: registers in cells, identity translation inside
+    /// `RAM`, injected exceptions recorded.
+    struct FakeVcpu {
+        regs: RefCell<kvm_regs>,
+        injected: Cell<Option<u8>>,
+    }
+
+    impl FakeVcpu {
+        fn at(rip: u64) -> Self {
+            Self {
+                regs: RefCell::new(kvm_regs {
+                    rip,
+                    ..Default::default()
+                }),
+                injected: Cell::new(None),
+            }
+        }
+    }
+
+    impl VcpuState for FakeVcpu {
+        fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+            Ok(*self.regs.borrow())
+        }
+        fn set_regs(&self, r: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+            *self.regs.borrow_mut() = *r;
+            Ok(())
+        }
+        fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+            Ok(kvm_sregs::default())
+        }
+        fn translate(&self, gva: u64) -> Option<u64> {
+            (gva < RAM).then_some(gva)
+        }
+        fn inject_exception(&self, vector: u8) -> Result<(), kvm_ioctls::Error> {
+            self.injected.set(Some(vector));
+            Ok(())
+        }
+    }
+
+    /// A device that records writes and answers reads with 0x5a.
+    #[derive(Default)]
+    struct Recorder(Vec<(u64, Vec<u8>)>);
+    impl BusDevice for Recorder {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x5a);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data.to_vec()));
+        }
+    }
+
+    struct Rig {
+        handler: ExitHandler,
+        memory: Arc<MemoryManager>,
+        dev: Arc<Mutex<Recorder>>,
+    }
+
+    /// A handler over 4 MiB of demand-paged RAM (real userfaultfd, no KVM)
+    /// and a recording device at `DEV` on both buses.
+    fn rig(with_engine: bool, assists: Assists) -> Rig {
+        let memory = Arc::new(
+            MemoryManager::new(
+                Arc::new(NoKvm),
+                &[RamRange { gpa: 0, size: RAM }],
+                PageSource::Zero,
+                8,
+            )
+            .unwrap(),
+        );
+        let exit = Arc::new(VmExit::new());
+        let fault = with_engine.then(|| {
+            let uffd = Arc::new(
+                UffdBuilder::new()
+                    .close_on_exec(true)
+                    .non_blocking(true)
+                    .user_mode_only(false)
+                    .require_features(FeatureFlags::SIGBUS)
+                    .create()
+                    .expect("userfaultfd (root, or vm.unprivileged_userfaultfd=1)"),
+            );
+            memory.attach_uffd(uffd.clone()).unwrap();
+            Arc::new(FaultEngine::new(
+                memory.clone(),
+                uffd,
+                exit.clone(),
+                Wake::Nobody,
+                1,
+            ))
+        });
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        let mut pio = Bus::new("port-I/O");
+        let mut mmio = Bus::new("MMIO");
+        pio.insert(0x3f8, 8, dev.clone()).unwrap();
+        mmio.insert(DEV, 0x1000, dev.clone()).unwrap();
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio,
+            exit,
+            fault,
+            assists,
+        });
+        Rig {
+            handler: ExitHandler::new(0, shared, Arc::new(FaultStats::default())),
+            memory,
+            dev,
+        }
+    }
+
+    fn resident(m: &MemoryManager) -> u64 {
+        m.resident_pages()
+    }
+
+    #[test]
+    fn mmio_write_inside_ram_installs_and_completes() {
+        let mut r = rig(true, Assists::None);
+        let v = FakeVcpu::at(0);
+        let data = 0x1122_3344u32.to_le_bytes();
+        let next = r.handler.handle(
+            Exit::MmioWrite {
+                gpa: 0x5008,
+                data: &data,
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(next, Next::Continue);
+        assert_eq!(resident(&r.memory), 1);
+        let got: u32 = r.memory.memory().read_obj(GuestAddress(0x5008)).unwrap();
+        assert_eq!(got, 0x1122_3344);
+        let s = r.handler.stats().snapshot();
+        assert_eq!(s.by_kind[FaultKind::Mmio as usize], 1);
+        assert_eq!((s.speculative_installs, s.latency_count), (1, 1));
+        assert_eq!(s.exits[ExitKind::Mmio as usize], 1);
+        assert!(r.dev.lock().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn mmio_read_straddling_two_pages_installs_both() {
+        let mut r = rig(true, Assists::None);
+        let v = FakeVcpu::at(0);
+        let mut data = [0xeeu8; 4];
+        let next = r.handler.handle(
+            Exit::MmioRead {
+                gpa: 0x1ffe,
+                data: &mut data,
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(next, Next::Continue);
+        assert_eq!(data, [0; 4]);
+        let s = r.handler.stats().snapshot();
+        assert_eq!(s.pages_installed, 2);
+    }
+
+    #[test]
+    fn mmio_outside_ram_goes_to_the_bus() {
+        let mut r = rig(true, Assists::None);
+        let v = FakeVcpu::at(0);
+        let next = r.handler.handle(
+            Exit::MmioWrite {
+                gpa: DEV + 0x10,
+                data: &[7],
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(next, Next::Continue);
+        let mut data = [0u8; 2];
+        r.handler.handle(
+            Exit::MmioRead {
+                gpa: DEV,
+                data: &mut data,
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(data, [0x5a; 2]);
+        assert_eq!(r.dev.lock().unwrap().0, vec![(0x10, vec![7])]);
+        assert_eq!(resident(&r.memory), 0);
+        assert_eq!(r.handler.stats().snapshot().faults(), 0);
+    }
+
+    #[test]
+    fn port_io_reaches_the_device() {
+        let mut r = rig(false, Assists::None);
+        let v = FakeVcpu::at(0);
+        r.handler.handle(
+            Exit::IoOut {
+                port: 0x3f9,
+                data: &[1, 2],
+            },
+            &v,
+            Instant::now(),
+        );
+        let mut data = [0u8; 1];
+        r.handler.handle(
+            Exit::IoIn {
+                port: 0x3f8,
+                data: &mut data,
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(data, [0x5a]);
+        assert_eq!(r.dev.lock().unwrap().0, vec![(1, vec![1, 2])]);
+        assert_eq!(r.handler.stats().snapshot().exits[ExitKind::Io as usize], 2);
+    }
+
+    #[test]
+    fn emulation_failure_on_a_missing_page_fetch_installs_it() {
+        let mut r = rig(true, Assists::None);
+        let v = FakeVcpu::at(0x3ff8);
+        let next = r
+            .handler
+            .handle(Exit::Emulation { insn: None }, &v, Instant::now());
+        assert_eq!(next, Next::Continue);
+        // The instruction's first and last possible byte: pages 3 and 4.
+        assert_eq!(resident(&r.memory), 2);
+        let s = r.handler.stats().snapshot();
+        assert_eq!(s.by_kind[FaultKind::EmulationFailure as usize], 1);
+        // Re-entering retries the fetch; a second failure with the page
+        // present is a genuine one.
+        let next = r
+            .handler
+            .handle(Exit::Emulation { insn: None }, &v, Instant::now());
+        assert!(matches!(
+            next,
+            Next::Stop(ExitReason::Vcpu(VcpuError::Emulation { .. }))
+        ));
+    }
+
+    #[test]
+    fn pvm_assists_by_instruction_bytes() {
+        let mut r = rig(false, Assists::Pvm);
+        let v = FakeVcpu::at(0x1000);
+        v.regs.borrow_mut().rflags = 0x2;
+        let t = Instant::now();
+        assert_eq!(
+            r.handler.handle(
+                Exit::Emulation {
+                    insn: Some(vec![0xcc])
+                },
+                &v,
+                t
+            ),
+            Next::Continue
+        );
+        assert_eq!((v.regs.borrow().rip, v.injected.get()), (0x1001, Some(3)));
+        let stac = Exit::Emulation {
+            insn: Some(vec![0x0f, 0x01, 0xcb, 0x90]),
+        };
+        assert_eq!(r.handler.handle(stac, &v, t), Next::Continue);
+        assert_eq!(v.regs.borrow().rip, 0x1004);
+        assert_ne!(v.regs.borrow().rflags & (1 << 18), 0);
+        let clac = Exit::Emulation {
+            insn: Some(vec![0x0f, 0x01, 0xca]),
+        };
+        assert_eq!(r.handler.handle(clac, &v, t), Next::Continue);
+        assert_eq!(v.regs.borrow().rflags & (1 << 18), 0);
+        assert_eq!(
+            r.handler.handle(
+                Exit::Emulation {
+                    insn: Some(vec![0x9b])
+                },
+                &v,
+                t
+            ),
+            Next::Continue
+        );
+        assert_eq!(v.regs.borrow().rip, 0x1008);
+    }
+
+    #[test]
+    fn assists_are_off_on_hardware_hosts() {
+        let mut r = rig(false, Assists::None);
+        let v = FakeVcpu::at(0x1000);
+        let next = r.handler.handle(
+            Exit::Emulation {
+                insn: Some(vec![0xcc]),
+            },
+            &v,
+            Instant::now(),
+        );
+        assert!(matches!(next, Next::Stop(_)));
+        assert_eq!(v.regs.borrow().rip, 0x1000);
+    }
+
+    #[test]
+    fn unknown_emulation_failure_reports_rip_and_bytes() {
+        let mut r = rig(false, Assists::Pvm);
+        let v = FakeVcpu::at(0xffff_ffff_8100_0000);
+        let next = r.handler.handle(
+            Exit::Emulation {
+                insn: Some(vec![0x0f, 0xc7, 0x0e]),
+            },
+            &v,
+            Instant::now(),
+        );
+        let Next::Stop(reason) = next else {
+            panic!("continued")
+        };
+        let msg = reason.to_string();
+        assert!(msg.contains("RIP 0xffffffff81000000"), "{msg}");
+        assert!(msg.contains("instruction bytes 0f c7 0e"), "{msg}");
+        assert_eq!(reason.status(), 1);
+    }
+
+    #[test]
+    fn efault_without_an_address_is_a_clear_error() {
+        let mut r = rig(true, Assists::None);
+        let v = FakeVcpu::at(0x401000);
+        let Next::Stop(reason) = r.handler.handle(
+            Exit::Failed {
+                errno: libc::EFAULT,
+            },
+            &v,
+            Instant::now(),
+        ) else {
+            panic!("continued")
+        };
+        let msg = reason.to_string();
+        assert!(msg.contains("EFAULT without the faulting address"), "{msg}");
+        assert!(msg.contains("--fault-mode handler"), "{msg}");
+        // EINTR (a kick) just continues.
+        assert_eq!(
+            r.handler
+                .handle(Exit::Failed { errno: libc::EINTR }, &v, Instant::now()),
+            Next::Continue
+        );
+    }
+
+    #[test]
+    fn system_events_and_shutdowns() {
+        let mut r = rig(false, Assists::None);
+        let v = FakeVcpu::at(0x1234);
+        let t = Instant::now();
+        assert_eq!(
+            r.handler
+                .handle(Exit::SystemEvent(KVM_SYSTEM_EVENT_RESET), &v, t),
+            Next::Stop(ExitReason::Reset)
+        );
+        assert_eq!(
+            r.handler
+                .handle(Exit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN), &v, t),
+            Next::Stop(ExitReason::GuestStatus(0))
+        );
+        assert!(matches!(
+            r.handler.handle(Exit::SystemEvent(99), &v, t),
+            Next::Stop(ExitReason::Vcpu(VcpuError::SystemEvent { kind: 99, .. }))
+        ));
+        assert_eq!(
+            r.handler.handle(Exit::Shutdown, &v, t),
+            Next::Stop(ExitReason::TripleFault {
+                vcpu: 0,
+                rip: 0x1234
+            })
+        );
+        assert_eq!(
+            r.handler.handle(Exit::Hlt, &v, t),
+            Next::Stop(ExitReason::AllHalted)
+        );
+    }
+}
