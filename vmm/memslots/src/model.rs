@@ -285,6 +285,22 @@ fn fault(m: &Slots, gpa: u64) -> Fault {
     fault_with(m, gpa, ModelInstaller::new(0))
 }
 
+/// One fault on slot `a` (at `A`) by `installer`, racing `writer` on the
+/// main thread; returns the fault once both are done.
+fn race(
+    a: &Arc<Memslot<Fake>>,
+    installer: ModelInstaller,
+    writer: impl FnOnce(&Slots, &Memslot<Fake>),
+) -> Fault {
+    let m = Arc::new(Memslots::new(vec![a.clone()]));
+    let t = {
+        let m = m.clone();
+        thread::spawn(move || fault_with(&m, A, installer))
+    };
+    writer(&m, a);
+    t.join().unwrap()
+}
+
 /// `MemoryManager::remove_slot`, with the "removal complete" mark where it
 /// would tell KVM and unregister the range.
 fn remove(m: &Slots, gpa: u64) {
@@ -363,13 +379,7 @@ fn i1_no_install_after_removal() {
     static DURING_REMOVAL: Count = Count::new(0);
     check("i1_no_install_after_removal", None, || {
         let a = slot(0, A);
-        let m = Arc::new(Memslots::new(vec![a.clone()]));
-        let installer = {
-            let m = m.clone();
-            thread::spawn(move || fault(&m, A))
-        };
-        remove(&m, A);
-        let f = installer.join().unwrap();
+        let f = race(&a, ModelInstaller::new(0), |m, _| remove(m, A));
         match &f.result {
             Ok(r) if r.outcome == Outcome::Installed => {
                 assert_eq!(host(&a) & CONTENT, IMAGE);
@@ -457,13 +467,7 @@ fn i3_discarded_page_refaults_as_zero() {
     static CONTENDED: Count = Count::new(0);
     check("i3_discarded_page_refaults_as_zero", None, || {
         let a = slot(0, A);
-        let m = Arc::new(Memslots::new(vec![a.clone()]));
-        let installer = {
-            let m = m.clone();
-            thread::spawn(move || fault(&m, A))
-        };
-        discard(&a);
-        let f = installer.join().unwrap();
+        let f = race(&a, ModelInstaller::new(0), |_, a| discard(a));
         let w = host(&a);
         assert!(a.is_discarded(0));
         assert_ne!(
@@ -541,13 +545,7 @@ fn i6_no_install_into_an_unplugged_block() {
     static REFUSED: Count = Count::new(0);
     check("i6_no_install_into_an_unplugged_block", None, || {
         let a = plugged_slot(0, A);
-        let m = Arc::new(Memslots::new(vec![a.clone()]));
-        let installer = {
-            let m = m.clone();
-            thread::spawn(move || fault(&m, A))
-        };
-        unplug(&a);
-        let f = installer.join().unwrap();
+        let f = race(&a, ModelInstaller::new(0), |_, a| unplug(a));
         assert_eq!(host(&a) & CONTENT, ABSENT, "I6: page present after unplug");
         match f.result {
             Ok(r) if r.outcome == Outcome::Installed => bump(&INSTALLED_THEN_ZAPPED),
@@ -590,16 +588,8 @@ fn negative_install_without_trylock_breaks_i1() {
 #[should_panic(expected = "I3 violated")]
 fn negative_skip_i3_recheck_breaks_i3() {
     check("negative_skip_i3_recheck_breaks_i3", None, || {
-        let a = slot(0, A);
-        let m = Arc::new(Memslots::new(vec![a.clone()]));
-        let installer = {
-            let m = m.clone();
-            thread::spawn(move || {
-                fault_with(&m, A, ModelInstaller::with_defect(0, Defect::SkipI3Recheck))
-            })
-        };
-        discard(&a);
-        installer.join().unwrap();
+        let defective = ModelInstaller::with_defect(0, Defect::SkipI3Recheck);
+        race(&slot(0, A), defective, |_, a| discard(a));
     });
 }
 
@@ -642,15 +632,10 @@ fn negative_overwriting_install_loses_a_write() {
 #[should_panic(expected = "I6 violated")]
 fn negative_unguarded_unplug_breaks_i6() {
     check("negative_unguarded_unplug_breaks_i6", None, || {
-        let a = plugged_slot(0, A);
-        let m = Arc::new(Memslots::new(vec![a.clone()]));
-        let installer = {
-            let m = m.clone();
-            thread::spawn(move || fault(&m, A))
-        };
-        a.unplug_unguarded(0, 1);
-        poke(&a);
-        host_update(&a, |w| (w & !(CONTENT | WRITES)) | UNPLUGGED);
-        let _ = installer.join().unwrap();
+        race(&plugged_slot(0, A), ModelInstaller::new(0), |_, a| {
+            a.unplug_unguarded(0, 1);
+            poke(a);
+            host_update(a, |w| (w & !(CONTENT | WRITES)) | UNPLUGGED);
+        });
     });
 }

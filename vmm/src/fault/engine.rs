@@ -72,6 +72,21 @@ pub enum Access<'a> {
     Write(&'a [u8]),
 }
 
+impl Access<'_> {
+    /// Bytes accessed.
+    pub fn len(&self) -> u64 {
+        match self {
+            Access::None => 0,
+            Access::Read(d) => d.len() as u64,
+            Access::Write(d) => d.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[repr(C, align(4096))]
 pub struct Page(pub [u8; PAGE_SIZE as usize]);
 
@@ -155,12 +170,14 @@ impl FaultEngine {
     }
 
     /// Resolve a fault at `gpa` and complete `access` (which must not cross
-    /// a page boundary; see [`Self::resolve_range`]).
+    /// a page boundary; see [`Self::resolve_range`]). A completed access is
+    /// taken (left `Access::None`); on an error it is left as it was, for
+    /// the caller to route elsewhere (e.g. the MMIO bus for `NotRam`).
     pub fn resolve(
         &self,
         ctx: &mut FaultCtx,
         gpa: u64,
-        access: Access,
+        access: &mut Access,
     ) -> Result<Resolved, FaultError> {
         let mut installer = UffdInstaller {
             engine: self,
@@ -187,10 +204,9 @@ impl FaultEngine {
         &self,
         ctx: &mut FaultCtx,
         gpa: u64,
-        len: u64,
-        access: Access,
+        access: &mut Access,
     ) -> Result<Resolved, FaultError> {
-        let last = gpa.saturating_add(len.max(1) - 1) & !(PAGE_SIZE - 1);
+        let last = gpa.saturating_add(access.len().max(1) - 1) & !(PAGE_SIZE - 1);
         if last == gpa & !(PAGE_SIZE - 1) {
             return self.resolve(ctx, gpa, access);
         }
@@ -198,11 +214,14 @@ impl FaultEngine {
         // with no lock held. A discard racing in between makes the
         // completion's touch of a page fault again (SIGBUS handler), which
         // installs zero: the access then orders after the discard, as it may.
-        self.resolve(ctx, gpa, Access::None)?;
-        let r = self.resolve(ctx, last, Access::None)?;
+        self.resolve(ctx, gpa, &mut Access::None)?;
+        let r = self.resolve(ctx, last, &mut Access::None)?;
         let snap = self.memory.snapshot();
         let slot = snap.lookup(gpa).ok_or(FaultError::NotRam(gpa))?;
-        complete(slot.backing.hva() + (gpa - slot.gpa), access);
+        complete(
+            slot.backing.hva() + (gpa - slot.gpa),
+            std::mem::replace(access, Access::None),
+        );
         Ok(r)
     }
 }
@@ -212,7 +231,7 @@ struct UffdInstaller<'e, 'a> {
     engine: &'e FaultEngine,
     ctx: &'e mut FaultCtx,
     gpa: u64,
-    access: Access<'a>,
+    access: &'e mut Access<'a>,
 }
 
 impl UffdInstaller<'_, '_> {
@@ -313,7 +332,7 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
     }
 
     fn complete(&mut self, slot: &Slot, _held: &InstallGuard<'_>) {
-        let access = std::mem::replace(&mut self.access, Access::None);
+        let access = std::mem::replace(self.access, Access::None);
         complete(slot.backing.hva() + (self.gpa - slot.gpa), access);
     }
 }

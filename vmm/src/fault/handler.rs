@@ -66,7 +66,7 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
                 continue;
             };
             stats.by_kind[FaultKind::Userfault as usize].add(1);
-            if let Err(e) = engine.resolve(&mut ctx, gpa, Access::None) {
+            if let Err(e) = engine.resolve(&mut ctx, gpa, &mut Access::None) {
                 exit.request(ExitReason::Error(format!("fault at GPA {gpa:#x}: {e}")));
                 // Unblock the faulting thread so the VM can stop.
                 engine.install_zero_hva(hva);

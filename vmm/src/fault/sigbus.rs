@@ -80,7 +80,7 @@ extern "C" fn handle_sigbus(
             let ctx = slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
             // clock_gettime is a vDSO call: fine in a signal handler.
             let start = std::time::Instant::now();
-            match engine.resolve(ctx, gpa, Access::None) {
+            match engine.resolve(ctx, gpa, &mut Access::None) {
                 // Like every other fault kind: histogram count == faults.
                 Ok(_) => {
                     ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);

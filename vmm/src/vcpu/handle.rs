@@ -77,41 +77,11 @@ impl ExitHandler {
             // fault: install the page, complete the access, re-enter. A GPA
             // outside RAM (or in an unplugged block: a guest error) goes to
             // the MMIO bus.
-            Exit::MmioWrite { gpa, data } => match engine {
-                Some(e) => {
-                    let len = data.len() as u64;
-                    match e.resolve_range(&mut self.ctx, gpa, len, Access::Write(data)) {
-                        Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {
-                            shared.mmio.write(index, gpa, data);
-                            Next::Continue
-                        }
-                        r => self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
-                    }
-                }
-                None => {
-                    shared.mmio.write(index, gpa, data);
-                    Next::Continue
-                }
-            },
-            Exit::MmioRead { gpa, data } => match engine {
-                Some(e) => {
-                    let len = data.len() as u64;
-                    match e.resolve_range(&mut self.ctx, gpa, len, Access::Read(&mut *data)) {
-                        Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {
-                            shared.mmio.read(index, gpa, data);
-                            Next::Continue
-                        }
-                        r => self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
-                    }
-                }
-                None => {
-                    shared.mmio.read(index, gpa, data);
-                    Next::Continue
-                }
-            },
+            Exit::MmioWrite { gpa, data } => self.mmio(vcpu, gpa, Access::Write(data), exited),
+            Exit::MmioRead { gpa, data } => self.mmio(vcpu, gpa, Access::Read(data), exited),
             Exit::MemoryFault { gpa } => match engine {
                 Some(e) => {
-                    let r = e.resolve(&mut self.ctx, gpa, Access::None);
+                    let r = e.resolve(&mut self.ctx, gpa, &mut Access::None);
                     self.fault_done(vcpu, FaultKind::MemoryFault, gpa, r, exited)
                 }
                 None => self.unhandled(vcpu, "KVM_EXIT_MEMORY_FAULT without a fault engine"),
@@ -195,6 +165,32 @@ impl ExitHandler {
         }
     }
 
+    /// An MMIO exit. In `vcpu` mode an access inside a RAM memslot is a
+    /// stage-2 fault: install the page, complete the access, re-enter. A GPA
+    /// outside RAM (or in an unplugged block: a guest error) goes to the MMIO
+    /// bus.
+    fn mmio(
+        &mut self,
+        vcpu: &dyn VcpuState,
+        gpa: u64,
+        mut access: Access,
+        exited: Instant,
+    ) -> Next {
+        let shared = self.shared.clone();
+        if let Some(e) = shared.fault.as_deref() {
+            match e.resolve_range(&mut self.ctx, gpa, &mut access) {
+                Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {}
+                r => return self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
+            }
+        }
+        match access {
+            Access::Write(data) => shared.mmio.write(self.index, gpa, data),
+            Access::Read(data) => shared.mmio.read(self.index, gpa, data),
+            Access::None => {}
+        }
+        Next::Continue
+    }
+
     fn stop(&self, e: VcpuError) -> Next {
         Next::Stop(ExitReason::Vcpu(e))
     }
@@ -244,7 +240,7 @@ impl ExitHandler {
             let Some(gpa) = vcpu.translate(gva) else {
                 continue;
             };
-            match engine.resolve(&mut self.ctx, gpa, Access::None) {
+            match engine.resolve(&mut self.ctx, gpa, &mut Access::None) {
                 Ok(Resolved::Installed) => installed = true,
                 Ok(Resolved::AlreadyPresent) => {}
                 // Not RAM (MMIO, unplugged): not a missing-page fetch.
