@@ -98,10 +98,6 @@ impl<B> Memslot<B> {
         self.gpa + self.size
     }
 
-    pub fn is_valid(&self) -> bool {
-        self.valid.load(Ordering::Acquire)
-    }
-
     /// Page index of `gpa` within the slot.
     pub fn page_index(&self, gpa: u64) -> u64 {
         (gpa - self.gpa) / PAGE_SIZE
@@ -132,11 +128,6 @@ impl<B> Memslot<B> {
     /// Plugged blocks (0 for a slot without blocks).
     pub fn plugged_blocks(&self) -> u64 {
         self.blocks.as_ref().map_or(0, |b| b.plugged.count())
-    }
-
-    /// Whether block `block` is plugged.
-    pub fn is_block_plugged(&self, block: u64) -> bool {
-        self.blocks.as_ref().is_some_and(|b| b.plugged.get(block))
     }
 
     /// Speculative path: take the install lock shared, without waiting, and

@@ -18,7 +18,10 @@ pub enum FaultKind {
     Userfault = 4,
 }
 
-pub const FAULT_KINDS: [(FaultKind, &str); 5] = [
+/// Number of [`FaultKind`]s.
+pub const FAULT_KIND_COUNT: usize = 5;
+
+pub const FAULT_KINDS: [(FaultKind, &str); FAULT_KIND_COUNT] = [
     (FaultKind::Mmio, "mmio"),
     (FaultKind::EmulationFailure, "emulation_failure"),
     (FaultKind::MemoryFault, "memory_fault"),
@@ -40,7 +43,10 @@ pub enum ExitKind {
     Other = 8,
 }
 
-pub const EXIT_KINDS: [(ExitKind, &str); 9] = [
+/// Number of [`ExitKind`]s.
+pub const EXIT_KIND_COUNT: usize = 9;
+
+pub const EXIT_KINDS: [(ExitKind, &str); EXIT_KIND_COUNT] = [
     (ExitKind::Io, "io"),
     (ExitKind::Mmio, "mmio"),
     (ExitKind::Hlt, "hlt"),
@@ -91,7 +97,7 @@ impl Counter {
 /// Counters of one fault-serving thread (a vCPU or a handler thread).
 #[derive(Default)]
 pub struct FaultStats {
-    pub by_kind: [Counter; 5],
+    pub by_kind: [Counter; FAULT_KIND_COUNT],
     /// Installs done on the speculative path (trylock succeeded).
     pub speculative_installs: Counter,
     /// Speculative attempts that bailed out (generation, invalid, contended).
@@ -108,7 +114,7 @@ pub struct FaultStats {
     pub latency_sum_ns: Counter,
     pub latency_count: Counter,
     /// Exits by [`ExitKind`] (vCPU threads only).
-    pub exits: [Counter; 9],
+    pub exits: [Counter; EXIT_KIND_COUNT],
 }
 
 impl FaultStats {
@@ -144,7 +150,7 @@ impl FaultStats {
 /// A copy of [`FaultStats`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FaultSnapshot {
-    pub by_kind: [u64; 5],
+    pub by_kind: [u64; FAULT_KIND_COUNT],
     pub speculative_installs: u64,
     pub retries: u64,
     pub slow_path_installs: u64,
@@ -154,7 +160,7 @@ pub struct FaultSnapshot {
     pub latency_buckets: [u64; LATENCY_BUCKETS],
     pub latency_sum_ns: u64,
     pub latency_count: u64,
-    pub exits: [u64; 9],
+    pub exits: [u64; EXIT_KIND_COUNT],
 }
 
 impl FaultSnapshot {

@@ -15,6 +15,8 @@ const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
 const HUGE: u64 = 1 << 7;
 const TABLE: u64 = PRESENT | WRITABLE | USER;
+/// Entries in one page table (4 KiB of 8-byte entries).
+const ENTRIES: usize = 512;
 
 /// Write the tables; returns how many bytes of guest-physical space are mapped.
 pub fn setup_identity_map(
@@ -26,7 +28,7 @@ pub fn setup_identity_map(
     for pd in 0..PD_COUNT {
         let pd_addr = PD_ADDR + pd * 0x1000;
         mem.write_obj(pd_addr | TABLE, GuestAddress(PDPT_ADDR + pd * 8))?;
-        let mut entries = [0u64; 512];
+        let mut entries = [0u64; ENTRIES];
         for (i, e) in entries.iter_mut().enumerate() {
             *e = ((pd << 30) + ((i as u64) << 21)) | TABLE | HUGE;
         }
@@ -36,7 +38,7 @@ pub fn setup_identity_map(
     if gib_pages {
         // One PDPT covers 512 GiB.
         let mut gib = PD_COUNT;
-        while gib < 512 && (gib << 30) < ram_top {
+        while gib < ENTRIES as u64 && (gib << 30) < ram_top {
             mem.write_obj(
                 (gib << 30) | TABLE | HUGE,
                 GuestAddress(PDPT_ADDR + gib * 8),
@@ -48,7 +50,7 @@ pub fn setup_identity_map(
     Ok(mapped)
 }
 
-fn as_bytes(e: &[u64; 512]) -> &[u8] {
+fn as_bytes(e: &[u64; ENTRIES]) -> &[u8] {
     // SAFETY: u64 has no padding; the slice covers exactly the array.
     unsafe { std::slice::from_raw_parts(e.as_ptr().cast::<u8>(), std::mem::size_of_val(e)) }
 }
