@@ -347,6 +347,16 @@ else
 	mkcpio "$OUT/init" "$OUT/initramfs.cpio"
 fi
 
+# idle: a /init that spins without system calls (guest-images/linux/idle.S),
+# for tests that need a live kernel but no userland.
+if uptodate "$OUT/initramfs-idle.cpio" -- "$SRC/idle.S" "$SELF"; then
+	note "up to date: initramfs-idle.cpio"
+else
+	log "building idle (a /init that spins, no system calls)"
+	gcc -nostdlib -static -no-pie -o "$OUT/idle" "$SRC/idle.S"
+	mkcpio "$OUT/idle" "$OUT/initramfs-idle.cpio"
+fi
+
 # init80: a freestanding 32-bit /init using `int $0x80` system calls (no
 # libc), to show what this host does with a software interrupt from guest
 # user mode (scripts/linux-boot.sh INITRD=initramfs-int80.cpio).

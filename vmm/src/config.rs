@@ -23,6 +23,8 @@ pub enum ConfigError {
     BadFaultThreads,
     #[error("--fault-around must be between 1 and 512 pages")]
     BadFaultAround,
+    #[error("--balloon {target} bytes is more than guest RAM ({mem} bytes)")]
+    BalloonTooLarge { target: u64, mem: u64 },
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {got} is more than this host allows ({max})")]
@@ -123,6 +125,21 @@ pub struct VmConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Allow a non-loopback metrics address.
     pub metrics_allow_remote: bool,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonOptions>,
+    /// Serve the control API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// `--balloon SIZE` and its companions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonOptions {
+    /// Initial target in bytes.
+    pub target: u64,
+    /// Offer free page reporting.
+    pub free_page_reporting: bool,
+    /// Guest statistics polling interval in seconds (0: off).
+    pub stats_interval_s: u64,
 }
 
 impl VmConfig {
@@ -141,6 +158,8 @@ impl VmConfig {
             serial: SerialOut::Stdout,
             metrics_addr: None,
             metrics_allow_remote: false,
+            balloon: None,
+            api_socket: None,
         }
     }
 }
@@ -157,6 +176,14 @@ impl VmConfig {
         }
         if self.fault_around == 0 || self.fault_around > 512 {
             return Err(ConfigError::BadFaultAround);
+        }
+        if let Some(b) = &self.balloon {
+            if b.target > self.mem_size {
+                return Err(ConfigError::BalloonTooLarge {
+                    target: b.target,
+                    mem: self.mem_size,
+                });
+            }
         }
         if self.vcpus > max_vcpus {
             return Err(ConfigError::TooManyVcpus {

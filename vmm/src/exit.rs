@@ -25,6 +25,8 @@ pub enum ExitReason {
     Signal(i32),
     /// A Linux guest panicked (seen on its console) and then reset.
     KernelPanic,
+    /// Stopped through the control API.
+    Stopped,
 }
 
 impl ExitReason {
@@ -39,6 +41,7 @@ impl ExitReason {
             | ExitReason::Vcpu(_) => 1,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::KernelPanic => 1,
+            ExitReason::Stopped => 0,
         }
     }
 }
@@ -61,6 +64,7 @@ impl fmt::Display for ExitReason {
             ExitReason::KernelPanic => {
                 write!(f, "the guest kernel panicked (see its console) and reset")
             }
+            ExitReason::Stopped => write!(f, "stopped through the API"),
         }
     }
 }

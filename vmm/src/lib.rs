@@ -15,6 +15,7 @@
 //! - [`vm`]: builds a VM from a configuration and runs it to its end.
 //! - [`exit`]: how any thread ends the VM and with what status.
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod boot;

@@ -8,13 +8,29 @@ struct StderrLogger {
     level: log::LevelFilter,
 }
 
+/// Crates whose messages describe what a guest did (a bad queue address,
+/// ...): the VMM reports the same facts itself, counted and rate-limited, so
+/// theirs are shown only at debug level (a guest must not flood the log).
+const GUEST_DRIVEN_TARGETS: [&str; 1] = ["virtio_queue"];
+
+fn effective_level(m: &log::Metadata) -> log::Level {
+    if GUEST_DRIVEN_TARGETS
+        .iter()
+        .any(|t| m.target().starts_with(t))
+    {
+        log::Level::Debug
+    } else {
+        m.level()
+    }
+}
+
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.level
+        effective_level(m) <= self.level
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("[vmm {}] {}", r.level(), r.args());
+            eprintln!("[vmm {}] {}", effective_level(r.metadata()), r.args());
         }
     }
     fn flush(&self) {}

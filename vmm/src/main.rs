@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use vmm::bench::{self, BenchArgs};
-use vmm::config::{parse_mem_source, parse_size, FaultMode, SerialOut, VmConfig};
+use vmm::config::{parse_mem_source, parse_size, BalloonOptions, FaultMode, SerialOut, VmConfig};
 use vmm::vm::Vm;
 
 #[derive(Parser)]
@@ -27,6 +27,48 @@ enum Command {
     /// Benchmarks (numbers side by side, one run).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Talk to a running VMM's control API.
+    Ctl(CtlArgs),
+}
+
+#[derive(Parser)]
+struct CtlArgs {
+    /// The API socket of the running VMM (`vmm run --api-socket PATH`).
+    #[arg(long)]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    what: CtlCmd,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// The VM: state, vCPUs, memory.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// The memory balloon.
+    #[command(subcommand)]
+    Balloon(BalloonCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Show the VM's state.
+    Show,
+    /// Stop the VM (status 0).
+    Stop,
+}
+
+#[derive(Subcommand)]
+enum BalloonCmd {
+    /// Show target, actual size, counters and the guest's statistics.
+    Show,
+    /// Set the target size (e.g. 256M; whole MiB).
+    Set {
+        #[arg(value_parser = parse_mem)]
+        size: u64,
+    },
+    /// Set how often the guest's statistics are polled (seconds; 0 = off).
+    StatsInterval { seconds: u64 },
 }
 
 #[derive(Subcommand)]
@@ -78,9 +120,28 @@ struct RunArgs {
     /// Do not print the fault summary at the end.
     #[arg(long)]
     quiet: bool,
+    /// Add a virtio-balloon device with this initial target (e.g. 0, 128M).
+    #[arg(long, value_parser = parse_balloon)]
+    balloon: Option<u64>,
+    /// Offer the balloon's free page reporting (the guest returns free
+    /// memory on its own).
+    #[arg(long, requires = "balloon")]
+    balloon_free_page_reporting: bool,
+    /// How often the balloon polls the guest's memory statistics (seconds;
+    /// 0 = never).
+    #[arg(long, default_value_t = 5, requires = "balloon")]
+    balloon_stats_interval: u64,
+    /// Serve the control API (HTTP/JSON) on this Unix socket (mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_balloon(s: &str) -> Result<u64, String> {
+    // A bare 0 is zero bytes, not 0 MiB: the same.
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -114,6 +175,12 @@ fn run(a: RunArgs) -> ExitCode {
         serial: SerialOut::Stdout,
         metrics_addr: a.metrics_addr,
         metrics_allow_remote: a.metrics_allow_remote,
+        balloon: a.balloon.map(|target| BalloonOptions {
+            target,
+            free_page_reporting: a.balloon_free_page_reporting,
+            stats_interval_s: a.balloon_stats_interval,
+        }),
+        api_socket: a.api_socket,
     };
     match Vm::new(config).and_then(|vm| vm.run()) {
         Ok(report) => {
@@ -135,6 +202,51 @@ fn run(a: RunArgs) -> ExitCode {
     }
 }
 
+fn ctl(a: CtlArgs) -> ExitCode {
+    use hyper::Method;
+    use serde_json::json;
+    const MIB: u64 = 1 << 20;
+    let (method, path, body) = match a.what {
+        CtlCmd::Vm(VmCmd::Show) => (Method::GET, "/vm", None),
+        CtlCmd::Vm(VmCmd::Stop) => (Method::PUT, "/vm/stop", None),
+        CtlCmd::Balloon(BalloonCmd::Show) => (Method::GET, "/balloon", None),
+        CtlCmd::Balloon(BalloonCmd::Set { size }) => {
+            if size % MIB != 0 {
+                eprintln!("vmm ctl: the balloon target is set in whole MiB");
+                return ExitCode::from(2);
+            }
+            (
+                Method::PUT,
+                "/balloon",
+                Some(json!({ "target_mib": size / MIB })),
+            )
+        }
+        CtlCmd::Balloon(BalloonCmd::StatsInterval { seconds }) => (
+            Method::PUT,
+            "/balloon/statistics",
+            Some(json!({ "interval_s": seconds })),
+        ),
+    };
+    match vmm::api::client::request(&a.api_socket, method, path, body) {
+        Ok((status, body)) => {
+            let (text, ok) = vmm::api::client::render(status, &body);
+            if ok {
+                if !text.is_empty() {
+                    println!("{text}");
+                }
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("vmm ctl: {status}: {text}");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     ensure_std_fds();
     vmm::logger::init(log::LevelFilter::Warn);
@@ -148,5 +260,6 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Ctl(a) => ctl(a),
     }
 }

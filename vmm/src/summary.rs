@@ -66,5 +66,25 @@ pub fn render(r: &RunReport) -> String {
         .map(|(i, (rip, cpl))| format!("vcpu{i} RIP {rip:#x} CPL {cpl}"))
         .collect();
     let _ = writeln!(out, "  stopped at: {}", at.join(", "));
+    for d in &r.devices {
+        let _ = writeln!(
+            out,
+            "  virtio-{}: notifies={} chains={} guest_errors={} needs_reset={}",
+            d.name, d.notifies, d.chains, d.guest_errors, d.needs_reset
+        );
+    }
+    if let Some(b) = &r.balloon {
+        let _ = writeln!(
+            out,
+            "  balloon: target={} actual={} inflated={} deflated={} reported={} rejected={} outside_ram={} (pages)",
+            b.target_pages,
+            b.actual_pages,
+            b.inflated_pages,
+            b.deflated_pages,
+            b.reported_pages,
+            b.rejected_descriptors,
+            b.pfns_outside_ram
+        );
+    }
     out
 }

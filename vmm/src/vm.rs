@@ -17,15 +17,21 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
 
+use crate::api::control::BalloonInfo;
+use crate::api::{ApiError, ApiServer, BalloonControl, VmControl};
 use crate::arch::x86_64::{self as arch, layout, vcpu::VcpuBoot};
-use crate::boot::{self, Boot, BootError, BootSpec};
-use crate::config::{ConfigError, FaultMode, VmConfig};
+use crate::boot::{self, Boot, BootError, BootSpec, MmioDeviceInfo};
+use crate::config::{BalloonOptions, ConfigError, FaultMode, VmConfig};
 use crate::devices::marker::{MarkerHook, MarkerLog};
-use crate::devices::{legacy, serial, Bus, DeviceError};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
+use crate::devices::virtio::manager::{DeviceSummary, Ticker, VirtioDevices};
+use crate::devices::{legacy, lock, serial, Bus, DeviceError};
 use crate::exit::{ExitReason, VmExit};
 use crate::fault::{self, handler, FaultEngine, FaultSetupError, FaultSnapshot, FaultStats};
 use crate::host::{Host, HostError, KvmFlavor};
-use crate::memory::{ImageFile, MemError, MemoryManager, MemoryStats, PageSource, SourceError};
+use crate::memory::{
+    ImageFile, MemError, MemoryManager, MemoryStats, PageSource, SourceError, PAGE_SIZE,
+};
 use crate::metrics::{MetricsServer, VmMetrics};
 use crate::vcpu::{self, Assists, Vcpu, VcpuShared};
 
@@ -69,6 +75,8 @@ pub enum VmError {
         what: &'static str,
         source: vmm_sys_util::errno::Error,
     },
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -89,6 +97,10 @@ pub struct RunReport {
     pub markers: Vec<(Duration, u32)>,
     pub memory: MemoryStats,
     pub resident_pages: u64,
+    /// The balloon at the end, if there is one.
+    pub balloon: Option<BalloonInfo>,
+    /// Each virtio device's counters at the end.
+    pub devices: Vec<DeviceSummary>,
     pub elapsed: Duration,
     /// Where each vCPU was when the VM stopped: (RIP, CPL).
     pub stopped_at: Vec<(u64, u8)>,
@@ -114,6 +126,12 @@ pub struct Vm {
     exit: Arc<VmExit>,
     shared: Arc<VcpuShared>,
     serial_input: Option<serial::SerialInput>,
+    /// Event-loop subscribers of the virtio devices, and their ticker.
+    virtio_events: Vec<Box<dyn MutEventSubscriber + Send>>,
+    virtio_ticker: Ticker,
+    virtio_summaries: Vec<Box<dyn Fn() -> DeviceSummary + Send + Sync>>,
+    control: Arc<VmControl>,
+    api_server: Option<ApiServer>,
     markers: Arc<Mutex<MarkerLog>>,
     engine: Option<Arc<FaultEngine>>,
     metrics: Arc<VmMetrics>,
@@ -155,6 +173,12 @@ impl Vm {
         let exit = Arc::new(VmExit::new());
         let markers = Arc::new(Mutex::new(MarkerLog::default()));
         let (pio, serial_input) = legacy::build(&vm_fd, &exit, &config.serial, &markers)?;
+        let mut mmio = Bus::new("MMIO");
+        let mut virtio = VirtioDevices::new();
+        let balloon = match config.balloon {
+            Some(b) => Some(add_balloon(&mut virtio, &vm_fd, &mut mmio, &memory, b)?),
+            None => None,
+        };
         let boot = load_boot_image(
             &config,
             &host,
@@ -162,6 +186,7 @@ impl Vm {
             &supported,
             &image,
             initrd.as_deref(),
+            &virtio.infos(),
         )?;
         drop(initrd);
 
@@ -176,18 +201,34 @@ impl Vm {
             }
             None => None,
         };
-        let metrics = Arc::new(VmMetrics::new(
-            config.vcpus,
-            match mode {
-                FaultMode::Handler => config.fault_threads,
-                _ => 0,
-            },
+        let metrics = Arc::new(VmMetrics {
+            devices: virtio.summaries(),
+            balloon: balloon.clone(),
+            ..VmMetrics::new(
+                config.vcpus,
+                match mode {
+                    FaultMode::Handler => config.fault_threads,
+                    _ => 0,
+                },
+                memory.clone(),
+                mode,
+            )
+        });
+        // Bind the API socket before anything runs, like the metrics port.
+        let api_server = match &config.api_socket {
+            Some(p) => Some(ApiServer::bind(p)?),
+            None => None,
+        };
+        let control = Arc::new(VmControl::new(
+            exit.clone(),
             memory.clone(),
+            balloon,
+            config.vcpus,
             mode,
         ));
         let shared = Arc::new(VcpuShared {
             pio,
-            mmio: Bus::new("MMIO"),
+            mmio,
             exit: exit.clone(),
             fault: engine.clone().filter(|_| mode == FaultMode::Vcpu),
             assists: match host.flavor {
@@ -209,6 +250,11 @@ impl Vm {
             exit,
             shared,
             serial_input: Some(serial_input),
+            virtio_events: virtio.subscribers(),
+            virtio_ticker: virtio.ticker(),
+            virtio_summaries: virtio.summaries(),
+            control,
+            api_server,
             markers,
             engine,
             metrics,
@@ -235,6 +281,12 @@ impl Vm {
     /// Run-time memslot changes (hotplug, unplug, discards).
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
+    }
+
+    /// The control plane (what the API serves; tests and `vmm stress` use it
+    /// directly).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
     }
 
     /// A handle that ends the VM (e.g. from a test's churn thread).
@@ -267,6 +319,21 @@ impl Vm {
             ),
             None => None,
         };
+        let api = match self.api_server.take() {
+            Some(s) => {
+                eprintln!("vmm: API on {}", s.path().display());
+                let stats = self.engine.is_some().then(|| self.metrics.thread("api"));
+                Some(
+                    s.spawn(self.control.clone(), self.exit.clone(), move || {
+                        if let Some(stats) = stats {
+                            fault::sigbus::prepare_thread(stats);
+                        }
+                    })
+                    .map_err(VmError::Thread)?,
+                )
+            }
+            None => None,
+        };
         // SIGINT/SIGTERM stop the VM cleanly (counters reported, threads
         // joined): blocked in every thread started from here on, and taken
         // by one waiter thread.
@@ -286,13 +353,17 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             threads.push(t);
         }
-        let input = self.serial_input.take().map(|i| {
-            spawn_event_loop(
-                i,
-                self.exit.clone(),
-                self.engine.is_some().then(|| self.metrics.thread("events")),
-            )
-        });
+        let mut subscribers: Vec<Box<dyn MutEventSubscriber + Send>> =
+            std::mem::take(&mut self.virtio_events);
+        if let Some(i) = self.serial_input.take() {
+            subscribers.push(Box::new(i));
+        }
+        let events = spawn_event_loop(
+            subscribers,
+            std::mem::replace(&mut self.virtio_ticker, Ticker::none()),
+            self.exit.clone(),
+            self.engine.is_some().then(|| self.metrics.thread("events")),
+        );
 
         let reason = self.exit.wait();
         for t in &threads {
@@ -308,10 +379,10 @@ impl Vm {
             })
             .collect();
         let elapsed = start.elapsed();
-        for t in handlers.into_iter().chain(server).chain(signals) {
+        for t in handlers.into_iter().chain(server).chain(signals).chain(api) {
             let _ = t.join();
         }
-        if let Some(Ok(t)) = input {
+        if let Ok(t) = events {
             let _ = t.join();
         }
         let markers = self
@@ -330,6 +401,8 @@ impl Vm {
             markers,
             memory: self.memory.stats(),
             resident_pages: self.memory.resident_pages(),
+            balloon: self.control.balloon_info().ok(),
+            devices: self.virtio_summaries.iter().map(|f| f()).collect(),
             elapsed,
             stopped_at,
         })
@@ -392,6 +465,7 @@ fn load_boot_image(
     supported: &CpuId,
     image: &[u8],
     initrd: Option<&[u8]>,
+    devices: &[MmioDeviceInfo],
 ) -> Result<Boot, VmError> {
     let mem = memory.memory();
     let ram = memory.boot_ranges();
@@ -412,7 +486,7 @@ fn load_boot_image(
             cmdline: &config.cmdline,
             vcpus: config.vcpus,
             flavor: host.flavor,
-            devices: &[],
+            devices,
         },
     )?)
 }
@@ -472,9 +546,11 @@ fn spawn_signal_waiter(exit: Arc<VmExit>) -> Option<thread::JoinHandle<()>> {
         .ok()
 }
 
-/// The device event loop (serial input) on its own thread; it ends with the VM.
+/// The device event loop (serial input, virtio queue notifications, device
+/// ticks) on its own thread; it ends with the VM.
 fn spawn_event_loop(
-    input: serial::SerialInput,
+    subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
+    ticker: Ticker,
     exit: Arc<VmExit>,
     fault_stats: Option<Arc<FaultStats>>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
@@ -487,16 +563,46 @@ fn spawn_event_loop(
         let mut em = match EventManager::<Box<dyn MutEventSubscriber + Send>>::new() {
             Ok(em) => em,
             Err(e) => {
-                log::warn!("serial input disabled: event manager: {e:?}");
+                exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
                 return;
             }
         };
-        em.add_subscriber(Box::new(input));
+        for s in subscribers {
+            em.add_subscriber(s);
+        }
         while !exit.is_stopping() {
             if let Err(e) = em.run_with_timeout(100) {
-                log::warn!("event loop: {e:?}");
+                exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
                 break;
             }
+            ticker.tick();
         }
+    })
+}
+
+/// A virtio-balloon on the MMIO bus.
+fn add_balloon(
+    virtio: &mut VirtioDevices,
+    vm_fd: &VmFd,
+    mmio: &mut Bus,
+    memory: &Arc<MemoryManager>,
+    b: BalloonOptions,
+) -> Result<BalloonControl, VmError> {
+    let config = BalloonConfig {
+        target_pages: u32::try_from(b.target / PAGE_SIZE).unwrap_or(u32::MAX),
+        free_page_reporting: b.free_page_reporting,
+        stats_interval: Duration::from_secs(b.stats_interval_s),
+    };
+    let device = virtio.add(vm_fd, mmio, memory, |irq| {
+        Balloon::new(memory.clone(), irq, config)
+    })?;
+    let (stats, counters) = {
+        let d = lock(&device);
+        (d.stats(), d.device_counters())
+    };
+    Ok(BalloonControl {
+        device,
+        stats,
+        counters,
     })
 }

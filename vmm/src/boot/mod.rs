@@ -175,7 +175,19 @@ pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot
             if spec.initrd.is_some() {
                 return Err(BootError::InitrdForTestGuest(spec.image_name.to_string()));
             }
-            write_cmdline(mem, layout::CMDLINE_ADDR, spec.cmdline, layout::CMDLINE_MAX)?;
+            // Test guests find virtio devices the way Linux does: tokens on
+            // the command line.
+            let mut line = spec.cmdline.to_string();
+            for d in spec.devices {
+                line.push(' ');
+                line.push_str(&virtio_mmio_cmdline(d));
+            }
+            write_cmdline(
+                mem,
+                layout::CMDLINE_ADDR,
+                line.trim_start(),
+                layout::CMDLINE_MAX,
+            )?;
             Ok(Boot {
                 kind,
                 entry: loaded.entry,

@@ -10,6 +10,7 @@ pub mod i8042;
 pub mod legacy;
 pub mod marker;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,8 @@ pub enum DeviceError {
     Kvm(&'static str, kvm_ioctls::Error),
     #[error(transparent)]
     Bus(#[from] BusOverlap),
+    #[error("no room for another virtio device ({0} already: MMIO windows or GSIs exhausted)")]
+    Full(usize),
 }
 
 /// A device on a bus. `offset` is relative to the device's base address.

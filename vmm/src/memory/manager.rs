@@ -326,6 +326,21 @@ impl MemoryManager {
             .sum()
     }
 
+    /// Pages resident in `[gpa, gpa+len)` (mincore; ranges outside RAM count
+    /// nothing).
+    pub fn resident_pages_in(&self, gpa: u64, len: u64) -> u64 {
+        let end = gpa.saturating_add(len);
+        self.snapshot()
+            .slots
+            .iter()
+            .filter(|s| s.gpa < end && gpa < s.end())
+            .map(|s| {
+                let (a, b) = (gpa.max(s.gpa), end.min(s.end()));
+                resident_pages(s.backing.hva() + (a - s.gpa), b - a)
+            })
+            .sum()
+    }
+
     /// Whether `gpa` is guest RAM now (a lock-free lookup).
     pub fn is_ram(&self, gpa: u64) -> bool {
         self.snapshot().lookup(gpa).is_some()

@@ -12,7 +12,9 @@ use serde::Serialize;
 
 pub use http::{MetricsError, MetricsServer};
 
+use crate::api::control::{BalloonControl, BalloonInfo};
 use crate::config::FaultMode;
+use crate::devices::virtio::manager::DeviceSummary;
 use crate::fault::stats::{bucket_bound_ns, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS};
 use crate::fault::{FaultSnapshot, FaultStats};
 use crate::memory::MemoryManager;
@@ -20,6 +22,9 @@ use crate::memory::MemoryManager;
 /// VMM threads other than vCPUs and handlers that may touch guest RAM (and
 /// then serve the fault themselves, through SIGBUS), by name.
 pub const VMM_THREADS: [&str; 2] = ["events", "api"];
+
+/// Reads one device's counters.
+pub type DeviceProbe = Box<dyn Fn() -> DeviceSummary + Send + Sync>;
 
 /// What a scrape reads.
 pub struct VmMetrics {
@@ -29,6 +34,9 @@ pub struct VmMetrics {
     pub threads: Vec<Arc<FaultStats>>,
     pub memory: Arc<MemoryManager>,
     pub mode: FaultMode,
+    /// Each virtio device's counters.
+    pub devices: Vec<DeviceProbe>,
+    pub balloon: Option<BalloonControl>,
 }
 
 impl VmMetrics {
@@ -41,6 +49,8 @@ impl VmMetrics {
             threads: fresh(VMM_THREADS.len()),
             memory,
             mode,
+            devices: Vec::new(),
+            balloon: None,
         }
     }
 
@@ -66,6 +76,8 @@ pub struct MetricsSnapshot {
     pub handlers: Vec<ThreadMetrics>,
     /// Other VMM threads, by name.
     pub threads: std::collections::BTreeMap<&'static str, ThreadMetrics>,
+    pub devices: Vec<DeviceSummary>,
+    pub balloon: Option<BalloonInfo>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +159,8 @@ impl VmMetrics {
                 .zip(&self.threads)
                 .map(|(n, s)| (*n, ThreadMetrics::from(&s.snapshot())))
                 .collect(),
+            devices: self.devices.iter().map(|f| f()).collect(),
+            balloon: self.balloon.as_ref().map(BalloonControl::info),
         }
     }
 }

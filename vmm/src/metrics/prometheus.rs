@@ -180,6 +180,96 @@ impl Collector for Snap {
             "Guest RAM pages discarded (balloon)",
             vec![(vec![], s.discarded_pages)],
         )?;
+        let dev = |f: &dyn Fn(&crate::devices::virtio::manager::DeviceSummary) -> u64| {
+            s.devices
+                .iter()
+                .map(|d| (vec![("device", d.name.to_string())], f(d)))
+                .collect::<Vec<_>>()
+        };
+        counter_family(
+            &mut enc,
+            "vmm_virtio_notifies",
+            "Queue notifications a virtio device received",
+            dev(&|d| d.notifies),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_virtio_chains",
+            "Descriptor chains a virtio device completed",
+            dev(&|d| d.chains),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_virtio_guest_errors",
+            "Guest errors a virtio device met (bad registers, descriptors, requests)",
+            dev(&|d| d.guest_errors),
+        )?;
+        counter_family(
+            &mut enc,
+            "vmm_virtio_needs_reset",
+            "Times a virtio device entered NEEDS_RESET",
+            dev(&|d| d.needs_reset),
+        )?;
+        if let Some(b) = &s.balloon {
+            gauge(
+                &mut enc,
+                "vmm_balloon_target_pages",
+                "Balloon target (4 KiB pages)",
+                vec![],
+                b.target_pages as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "vmm_balloon_actual_pages",
+                "Pages in the balloon, as the guest reports it",
+                vec![],
+                b.actual_pages as i64,
+            )?;
+            for (name, help, v) in [
+                (
+                    "vmm_balloon_inflated_pages",
+                    "Pages inflated (discarded)",
+                    b.inflated_pages,
+                ),
+                (
+                    "vmm_balloon_deflated_pages",
+                    "Pages deflated",
+                    b.deflated_pages,
+                ),
+                (
+                    "vmm_balloon_reported_pages",
+                    "Free pages the guest reported (discarded)",
+                    b.reported_pages,
+                ),
+                (
+                    "vmm_balloon_discarded_bytes",
+                    "Bytes of guest RAM the balloon discarded",
+                    b.discarded_bytes,
+                ),
+                (
+                    "vmm_balloon_rejected_descriptors",
+                    "Balloon descriptor chains rejected as malformed",
+                    b.rejected_descriptors,
+                ),
+                (
+                    "vmm_balloon_pfns_outside_ram",
+                    "Balloon PFNs outside guest RAM (ignored)",
+                    b.pfns_outside_ram,
+                ),
+            ] {
+                counter_family(&mut enc, name, help, vec![(vec![], v)])?;
+            }
+            let mut m = enc.encode_descriptor(
+                "vmm_balloon_guest_stat",
+                "The guest's latest memory statistics (VIRTIO_BALLOON_S_*)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (stat, v) in &b.guest_stats {
+                let labels: Labels = vec![("stat", stat.clone())];
+                ConstGauge::new(*v as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
         gauge(
             &mut enc,
             "vmm_fault_mode",

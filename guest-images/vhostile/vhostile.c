@@ -1,0 +1,503 @@
+/*
+ * vhostile: a guest that misbehaves toward every virtio-mmio device on its command
+ * line (notifies before setup, pokes read-only and unused registers with odd sizes,
+ * bogus features, broken queue configurations, malicious descriptor chains, notify
+ * floods), then checks the device still works. vCPU 1 meanwhile keeps writing and
+ * verifying a RAM region, so a device that corrupts guest memory shows up there.
+ * The guest never judges the device: the host-side test reads the done line.
+ * See ../README.md for keys and output.
+ *
+ * Every address the guest itself dereferences is guest RAM (its image/.bss or the
+ * checked region) or a device window; the deliberately bad addresses only ever go
+ * into descriptors, ring registers and PFN arrays.
+ */
+#include "../common/lib.h"
+#include "../common/virtio.h"
+
+#define PAGE_SHIFT      12
+#define NSCRATCH        16              /* pages the recovery inflate hands out */
+#define MAX_QSIZE       256
+#define NQ_PROBE        8               /* queue indices notified in steps a and f */
+#define POLL_ITERS      5000            /* used-ring polls per malicious chain (~0.15 s) */
+#define RECOVER_ITERS   100000          /* used-ring polls for the recovery chain (~3 s) */
+#define MMIO_GAP_ADDR   0xd0000000UL
+#define GIB             (1UL << 30)
+#define MIB             (1UL << 20)
+
+/* Scratch pages: only ever handed to a balloon (they may come back zero). */
+static u8 scratch[NSCRATCH][4096] __attribute__((aligned(4096)));
+/* PFN arrays the descriptors point at. pfn_ok holds scratch PFNs only (1 KiB, so a
+ * device honouring a too-long length still reads harmless PFNs within 256 entries). */
+static u32 pfn_ok[MAX_QSIZE] __attribute__((aligned(4096)));
+static u32 pfn_bad[16] __attribute__((aligned(64)));
+static u32 npfn_bad;
+/* Rings for step d: room for a 512-entry queue (desc 8 KiB, avail, used 4102 bytes). */
+#define RAW_DESC        0x0000
+#define RAW_AVAIL       0x2000
+#define RAW_USED        0x3000
+static u8 rawring[6 * 4096] __attribute__((aligned(4096)));
+
+static struct virtio_dev devs[VIRTIO_MAX_DEVICES];
+static struct virtq vq0, vq1;
+static u64 memsize_g;
+static u32 sink;
+
+/* vCPU 0 <-> checker (vCPU 1) */
+static u32 done_flag, reported;
+static u64 checker_rounds, checker_bad;
+
+/* ------------------------------------------------------------ raw MMIO */
+
+static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
+static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
+static inline u64 rd64(u64 a) { return *(volatile u64 *)a; }
+static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static inline void wr64(u64 a, u64 v) { *(volatile u64 *)a = v; }
+
+static void step(int i, const char *name)
+{
+    printk("vhostile: dev=%d step=%s\n", i, name);
+}
+
+/* Largest power of two <= min(max, cap); 0 if max is 0. */
+static u32 qsize_for(u32 max, u32 cap)
+{
+    u32 m = max < cap ? max : cap, s = 1;
+    if (m == 0)
+        return 0;
+    while (s * 2 <= m)
+        s *= 2;
+    return s;
+}
+
+static u64 scratch_pfn(u32 k)
+{
+    return ((u64)scratch[k % NSCRATCH]) >> PAGE_SHIFT;
+}
+
+/* (Re)writes pfn_ok: a device that treated one of its buffers as writable may have
+ * scribbled on it. pfn_ok[k] is scratch page k % 16. */
+static void fill_pfn_ok(void)
+{
+    for (u32 k = 0; k < MAX_QSIZE; k++)
+        pfn_ok[k] = (u32)scratch_pfn(k);
+}
+
+/* ---------------------------------------------- a. notify before setup */
+
+static void step_early_notify(const struct virtio_dev *d)
+{
+    for (u32 q = 0; q < NQ_PROBE; q++)
+        wr32(d->base + VIRTIO_MMIO_QUEUE_NOTIFY, q);
+}
+
+/* ------------------------------------ b. read-only / odd-size / unused */
+
+static void step_registers(const struct virtio_dev *d)
+{
+    static const u32 ro[] = {
+        VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_VERSION, VIRTIO_MMIO_DEVICE_ID,
+        VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_INTERRUPT_STATUS,
+        VIRTIO_MMIO_CONFIG_GENERATION,
+    };
+    static const u32 vals[] = { 0xffffffffu, 0, 0x80000001u, 0x00010002u,
+                                VIRTIO_MMIO_MAGIC ^ 1 };
+    static const u32 narrow[] = { 0x001, 0x013, 0x052, 0x0ff, 0x030, 0x071, 0x103, 0x13f };
+    static const u32 wide[] = { 0x000, 0x080, 0x100, 0x1f8 };
+    u64 b = d->base;
+
+    for (u32 r = 0; r < sizeof(ro) / sizeof(ro[0]); r++)
+        for (u32 v = 0; v < sizeof(vals) / sizeof(vals[0]); v++) {
+            wr32(b + ro[r], vals[v]);
+            sink += rd32(b + ro[r]);
+        }
+    /* first 64 bytes of config space: whole words, then odd bytes and halves */
+    for (u32 off = 0; off < 64; off += 4) {
+        wr32(b + VIRTIO_MMIO_CONFIG + off, 0xffffffffu);
+        sink += rd32(b + VIRTIO_MMIO_CONFIG + off);
+        wr32(b + VIRTIO_MMIO_CONFIG + off, 0x80000000u | off);
+    }
+    for (u32 off = 1; off < 64; off += 8) {
+        wr8(b + VIRTIO_MMIO_CONFIG + off, 0xff);
+        sink += rd8(b + VIRTIO_MMIO_CONFIG + off);
+        wr16(b + VIRTIO_MMIO_CONFIG + off + 2, 0xfffe);
+        sink += rd16(b + VIRTIO_MMIO_CONFIG + off + 2);
+    }
+    /* unaligned / narrow accesses to registers (0x0ff and 0x13f straddle) */
+    for (u32 k = 0; k < sizeof(narrow) / sizeof(narrow[0]); k++) {
+        u64 a = b + narrow[k];
+        sink += rd8(a);
+        wr8(a, 0xff);
+        sink += rd16(a);
+        wr16(a, 0xffff);
+    }
+    /* 64-bit accesses */
+    for (u32 k = 0; k < sizeof(wide) / sizeof(wide[0]); k++) {
+        u64 a = b + wide[k];
+        sink += (u32)rd64(a);
+        wr64(a, ~0UL);
+    }
+    /* past the config space: 0x200..0xff8 (within the window) */
+    u64 end = d->size < 0x1000 ? d->size : 0x1000;
+    for (u64 off = 0x200; off + 8 <= end; off += 8) {
+        wr32(b + off, 0xffffffffu);
+        sink += rd32(b + off);
+    }
+}
+
+/* ----------------------------------------------------- c. bogus features */
+
+/* Returns 1 if FEATURES_OK stuck after accepting all 64 feature bits. */
+static int step_bogus_features(const struct virtio_dev *d, int i)
+{
+    virtio_reset(d);
+    virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE);
+    virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    virtio_write32(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    u64 offered = virtio_read32(d, VIRTIO_MMIO_DEVICE_FEATURES);
+    virtio_write32(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= (u64)virtio_read32(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    virtio_write32(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    virtio_write32(d, VIRTIO_MMIO_DRIVER_FEATURES, 0xffffffffu);
+    virtio_write32(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    virtio_write32(d, VIRTIO_MMIO_DRIVER_FEATURES, 0xffffffffu);
+    virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                         VIRTIO_STATUS_FEATURES_OK);
+    u32 st = virtio_get_status(d);
+    int stuck = (st & VIRTIO_STATUS_FEATURES_OK) != 0;
+    printk("vhostile: dev=%d bogus_features offered=0x%lx features_ok=%d status=0x%x\n",
+           i, offered, stuck, st);
+    virtio_set_status(d, 0);
+    return stuck;
+}
+
+/* ------------------------------------------------ d. bad queue configs */
+
+static void step_bad_queues(struct virtio_dev *d, int i)
+{
+    u64 raw = (u64)rawring;
+    u64 gap = MMIO_GAP_ADDR, far = memsize_g + GIB;
+    u32 max = virtq_num_max(d, 0);
+    u32 ok = qsize_for(max, 16) ? qsize_for(max, 16) : 16;
+    struct {
+        const char *name;
+        u32 num;
+        u64 desc, drv, dev;
+    } c[] = {
+        { "num3", 3, raw + RAW_DESC, raw + RAW_AVAIL, raw + RAW_USED },
+        { "num2x", max * 2, raw + RAW_DESC, raw + RAW_AVAIL, raw + RAW_USED },
+        { "unaligned", ok, raw + RAW_DESC + 8, raw + RAW_AVAIL + 1, raw + RAW_USED + 2 },
+        { "mmio_gap", ok, gap, gap + 0x400, gap + 0x800 },
+        { "beyond_ram", ok, far, far + 0x1000, far + 0x2000 },
+    };
+
+    for (u32 k = 0; k < sizeof(c) / sizeof(c[0]); k++) {
+        /* empty rings: avail idx 0 / used idx 0 wherever the device looks */
+        for (u32 off = 0; off < 64; off += 8) {
+            *(volatile u64 *)(raw + RAW_AVAIL + off) = 0;
+            *(volatile u64 *)(raw + RAW_USED + off) = 0;
+        }
+        if (virtio_init(d, 0, 0) < 0) {
+            printk("vhostile: dev=%d badq=%s negotiation failed\n", i, c[k].name);
+            virtio_set_status(d, 0);
+            continue;
+        }
+        u32 ready = virtq_program(d, 0, c[k].num, c[k].desc, c[k].drv, c[k].dev);
+        virtio_set_status(d, virtio_get_status(d) | VIRTIO_STATUS_DRIVER_OK);
+        u32 st = virtio_get_status(d);
+        virtq_notify(d, 0);
+        u32 st2 = virtio_get_status(d);
+        printk("vhostile: dev=%d badq=%s num=%u ready=%u status=0x%x after_notify=0x%x\n",
+               i, c[k].name, c[k].num, ready, st, st2);
+        virtio_set_status(d, 0);
+    }
+}
+
+/* -------------------------------------------- e. malicious descriptors */
+
+enum {
+    C_LOOP, C_CYCLE2, C_CHAIN300, C_NEXT_OOB, C_MMIO, C_BEYOND, C_HUGE_LEN,
+    C_WRITE_ONLY, C_BAD_PFNS, C_HEAD_OOB, C_IDX_JUMP, NCASES
+};
+static const char *const case_name[NCASES] = {
+    "loop", "cycle2", "chain300", "next_oob", "mmio_addr", "beyond_ram", "huge_len",
+    "write_only", "bad_pfns", "head_oob", "idx_jump",
+};
+
+static void put_desc(u32 k, u64 addr, u32 len, u16 flags, u16 next)
+{
+    volatile struct virtq_desc *x = &vq0.desc[k & (vq0.size - 1)];
+    x->addr = addr;
+    x->len = len;
+    x->flags = flags;
+    x->next = next;
+}
+
+/* Negotiates VERSION_1, sets up queue 0 with qs entries and sets DRIVER_OK. */
+static int setup_q0(struct virtio_dev *d, u32 qs)
+{
+    if (virtio_init(d, 0, 0) < 0)
+        return -1;
+    if (virtq_setup(d, 0, &vq0, qs) < 0)
+        return -1;
+    return virtio_driver_ok(d) < 0 ? -1 : 0;
+}
+
+static void step_bad_chains(struct virtio_dev *d, int i)
+{
+    u32 qs = qsize_for(virtq_num_max(d, 0), MAX_QSIZE);
+    u64 ok = (u64)pfn_ok;
+    u32 reinits = 0;
+
+    fill_pfn_ok();
+    if (qs == 0) {
+        printk("vhostile: dev=%d queue 0 missing, no chains\n", i);
+        return;
+    }
+    if (setup_q0(d, qs) < 0) {
+        printk("vhostile: dev=%d cannot set up queue 0, no chains\n", i);
+        virtio_set_status(d, 0);
+        return;
+    }
+    for (u32 c = 0; c < NCASES; c++) {
+        u32 st = virtio_get_status(d);
+        if ((st & (VIRTIO_STATUS_NEEDS_RESET | VIRTIO_STATUS_FAILED)) ||
+            !(st & VIRTIO_STATUS_DRIVER_OK)) {
+            /* the device gave up on the queue: start over so every chain is seen */
+            reinits++;
+            if (setup_q0(d, qs) < 0) {
+                printk("vhostile: dev=%d case=%s skipped (re-init failed, status=0x%x)\n",
+                       i, case_name[c], virtio_get_status(d));
+                virtio_set_status(d, 0);
+                continue;
+            }
+        }
+        u32 head = 0, jump = 0;
+        switch (c) {
+        case C_LOOP:                    /* next points to itself */
+            put_desc(0, ok, 64, VIRTQ_DESC_F_NEXT, 0);
+            head = 0;
+            break;
+        case C_CYCLE2:                  /* 1 -> 2 -> 1 -> ... */
+            put_desc(1, ok, 64, VIRTQ_DESC_F_NEXT, (u16)(2 & (qs - 1)));
+            put_desc(2, ok, 64, VIRTQ_DESC_F_NEXT, (u16)(1 & (qs - 1)));
+            head = 1 & (qs - 1);
+            break;
+        case C_CHAIN300:                /* 300 NEXT links through a qs-entry table */
+            for (u32 k = 0; k < 300; k++)
+                put_desc(k, ok, 4, VIRTQ_DESC_F_NEXT, (u16)((k + 1) & (qs - 1)));
+            head = 0;
+            break;
+        case C_NEXT_OOB:                /* next beyond the table */
+            put_desc(3, ok, 64, VIRTQ_DESC_F_NEXT, 0xffff);
+            head = 3 & (qs - 1);
+            break;
+        case C_MMIO:
+            put_desc(4, MMIO_GAP_ADDR, 64, 0, 0);
+            head = 4 & (qs - 1);
+            break;
+        case C_BEYOND:
+            put_desc(5, memsize_g + 16 * MIB, 64, 0, 0);
+            head = 5 & (qs - 1);
+            break;
+        case C_HUGE_LEN:
+            put_desc(6, ok, 0xfffff000u, 0, 0);
+            head = 6 & (qs - 1);
+            break;
+        case C_WRITE_ONLY:              /* device-writable where the device reads */
+            put_desc(7, ok, 64, VIRTQ_DESC_F_WRITE, 0);
+            head = 7 & (qs - 1);
+            break;
+        case C_BAD_PFNS:
+            put_desc(8, (u64)pfn_bad, npfn_bad * 4, 0, 0);
+            head = 8 & (qs - 1);
+            break;
+        case C_HEAD_OOB:                /* avail entry beyond the table */
+            head = 0xfff0;
+            break;
+        case C_IDX_JUMP:                /* avail->idx 1000 past what was posted */
+            put_desc(9, ok, 16, 0, 0);
+            head = 9 & (qs - 1);
+            jump = 1000;
+            break;
+        }
+        virtq_submit(&vq0, head);
+        if (jump) {
+            vq0.avail_idx = (u16)(vq0.avail_idx + jump);
+            vq0.avail->idx = vq0.avail_idx;
+        }
+        virtq_notify(d, 0);
+
+        struct virtq_used_elem e;
+        u32 used = 0;
+        for (u32 k = 0; k < POLL_ITERS; k++) {
+            if (virtq_poll_used(&vq0, &e))
+                used++;
+            else if (used)
+                break;
+            else
+                cpu_relax();
+        }
+        printk("vhostile: dev=%d case=%s used=%u status=0x%x\n", i, case_name[c], used,
+               virtio_get_status(d));
+    }
+    printk("vhostile: dev=%d chains=%d reinits=%u\n", i, NCASES, reinits);
+}
+
+/* ------------------------------------------------------------ f. flood */
+
+static void step_flood(struct virtio_dev *d, int i, u64 flood)
+{
+    /* Flood a live queue 0 (the chains above usually leave NEEDS_RESET, and a
+     * device that needs a reset ignores notifies): set it up again if needed. */
+    u32 st = virtio_get_status(d);
+    u32 qs = qsize_for(virtq_num_max(d, 0), 16);
+    if (qs && ((st & (VIRTIO_STATUS_NEEDS_RESET | VIRTIO_STATUS_FAILED)) ||
+               !(st & VIRTIO_STATUS_DRIVER_OK))) {
+        if (setup_q0(d, qs) < 0)
+            printk("vhostile: dev=%d flood: queue 0 set-up failed (status=0x%x)\n", i,
+                   virtio_get_status(d));
+    }
+    for (u64 k = 0; k < flood; k++) {
+        wr32(d->base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        wr32(d->base + VIRTIO_MMIO_QUEUE_NOTIFY, NQ_PROBE - 1);
+    }
+    printk("vhostile: dev=%d flood=%lu status=0x%x\n", i, flood, virtio_get_status(d));
+}
+
+/* --------------------------------------------------------- g. recovery */
+
+static int step_recover(struct virtio_dev *d, int i)
+{
+    struct virtq_used_elem e;
+    int ok = virtio_reset(d) == 0 && virtio_init(d, 0, 0) == 0;
+    u32 q0 = qsize_for(virtq_num_max(d, 0), 16);
+    u32 q1 = qsize_for(virtq_num_max(d, 1), 16);
+
+    if (ok && q0)
+        ok = virtq_setup(d, 0, &vq0, q0) == 0;
+    if (ok && q1)
+        ok = virtq_setup(d, 1, &vq1, q1) == 0;
+    if (ok)
+        ok = virtio_driver_ok(d) == 0;
+    if (ok && d->device_id == VIRTIO_ID_BALLOON) {
+        ok = 0;
+        fill_pfn_ok();
+        if (q0) {
+            /* pfn_ok[0..16) are the 16 scratch pages */
+            int head = virtq_add_readable(&vq0, (u64)pfn_ok, NSCRATCH * 4);
+            if (head >= 0) {
+                virtq_submit(&vq0, (u32)head);
+                virtq_notify(d, 0);
+                ok = virtq_wait_used(&vq0, RECOVER_ITERS, &e) == 0 && e.id == (u32)head;
+            }
+        }
+    }
+    printk("vhostile: dev=%d recover status=0x%x\n", i, virtio_get_status(d));
+    printk("vhostile: dev=%d recovered=%d\n", i, ok);
+    virtio_set_status(d, 0);        /* stop using vq0/vq1 memory before the next device */
+    return ok;
+}
+
+/* -------------------------------------------------------------- checker */
+
+static void checker(const struct region *r)
+{
+    u64 rounds = 0, bad = 0, x;
+    do {
+        u64 s = rounds + 1;
+        pattern_fill(r->base, r->nwords, r->stride, s);
+        bad += pattern_verify(r->base, r->nwords, r->stride, s, &x, "vhostile", 1);
+        rounds++;
+    } while (!__atomic_load_n(&done_flag, __ATOMIC_ACQUIRE));
+    checker_rounds = rounds;
+    checker_bad = bad;
+    printk("vhostile: checker rounds=%lu bad=%lu\n", rounds, bad);
+    __atomic_store_n(&reported, 1, __ATOMIC_RELEASE);
+}
+
+/* ----------------------------------------------------------------- main */
+
+void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
+                const char *cmdline)
+{
+    struct region r;
+
+    check_ncpus(cpu, ncpus);
+    if (ncpus > 1)      /* every vCPU parses it; vCPU 0 reports a bad config (exit 2) */
+        region_setup(&r, cpu, "vhostile", cmdline, memsize, 64 * MIB, 8 * MIB, 4096, 0);
+    if (cpu == 1) {
+        checker(&r);
+        return;
+    }
+    if (cpu != 0)
+        halt_forever();
+
+    u64 rounds = cmdline_u64(cmdline, "rounds", 1);
+    u64 flood = cmdline_u64(cmdline, "flood", 2000);
+    u64 ptpfns = cmdline_u64(cmdline, "ptpfns", 1);
+    memsize_g = memsize;
+    int n = virtio_scan(cmdline, devs, VIRTIO_MAX_DEVICES);
+
+    npfn_bad = 0;
+    pfn_bad[npfn_bad++] = (u32)(MMIO_GAP_ADDR >> PAGE_SHIFT);          /* 0xd0000 */
+    pfn_bad[npfn_bad++] = (u32)(MMIO_GAP_ADDR >> PAGE_SHIFT) + 1;
+    if (ptpfns) {                       /* the guest's own page tables */
+        pfn_bad[npfn_bad++] = 9;        /* PML4 */
+        pfn_bad[npfn_bad++] = 10;       /* PDPT */
+        pfn_bad[npfn_bad++] = 11;       /* first PD */
+    }
+    pfn_bad[npfn_bad++] = (u32)(memsize >> PAGE_SHIFT);                /* first beyond RAM */
+    pfn_bad[npfn_bad++] = (u32)(memsize >> PAGE_SHIFT) + 1;
+    pfn_bad[npfn_bad++] = (u32)((memsize + GIB) >> PAGE_SHIFT);
+    pfn_bad[npfn_bad++] = 0xfffff;      /* last page below 4 GiB */
+    pfn_bad[npfn_bad++] = 0xffffffffu;
+
+    printk("vhostile: start devices=%d rounds=%lu flood=%lu ptpfns=%lu vcpus=%lu\n", n,
+           rounds, flood, ptpfns, ncpus);
+    for (int i = 0; i < n; i++)
+        printk("vhostile: dev=%d id=%u base=0x%lx size=0x%lx gsi=%u\n", i,
+               devs[i].device_id, devs[i].base, devs[i].size, devs[i].gsi);
+
+    u8 stuck[VIRTIO_MAX_DEVICES] = { 0 };
+    u8 failed[VIRTIO_MAX_DEVICES] = { 0 };
+    for (u64 round = 1; round <= rounds; round++) {
+        if (rounds > 1)
+            printk("vhostile: round=%lu\n", round);
+        for (int i = 0; i < n; i++) {
+            struct virtio_dev *d = &devs[i];
+            step(i, "early_notify");
+            step_early_notify(d);
+            step(i, "registers");
+            step_registers(d);
+            step(i, "bogus_features");
+            if (step_bogus_features(d, i))
+                stuck[i] = 1;
+            step(i, "bad_queues");
+            step_bad_queues(d, i);
+            step(i, "bad_chains");
+            step_bad_chains(d, i);
+            step(i, "flood");
+            step_flood(d, i, flood);
+            step(i, "recover");
+            if (!step_recover(d, i))
+                failed[i] = 1;
+        }
+    }
+
+    u64 nstuck = 0, nrecovered = 0;
+    for (int i = 0; i < n; i++) {
+        nstuck += stuck[i];
+        nrecovered += !failed[i];
+    }
+    __atomic_store_n(&done_flag, 1, __ATOMIC_RELEASE);
+    if (ncpus > 1)
+        while (!__atomic_load_n(&reported, __ATOMIC_ACQUIRE))
+            cpu_relax();
+    printk("vhostile: done devices=%d features_ok_stuck=%lu recovered=%lu checker_bad=%lu\n",
+           n, nstuck, nrecovered, checker_bad);
+    exit_vm(0);
+}

@@ -1,0 +1,792 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2): the register
+//! window a driver sees, and the device lifecycle behind it.
+//!
+//! Lifecycle rules enforced here (each violation is a guest error: counted,
+//! logged with a rate limit, never fatal to the VMM):
+//! - writing 0 to Status resets the device, its queues and its interrupt;
+//! - `FEATURES_OK` stays clear if the driver accepted a feature the device
+//!   did not offer, or did not accept `VIRTIO_F_VERSION_1`;
+//! - queue registers are writable only between `FEATURES_OK` and
+//!   `DRIVER_OK`, on a queue that is not ready; `QueueReady` = 1 validates
+//!   size (a power of two, at most QueueNumMax) and ring alignment;
+//! - `DRIVER_OK` validates every ready queue against guest RAM and then
+//!   activates the device; a queue outside RAM sets `NEEDS_RESET` instead;
+//! - notifications before `DRIVER_OK`, or for a queue that does not exist,
+//!   are ignored;
+//! - an unrecoverable error while processing a queue sets `NEEDS_RESET` and
+//!   raises a config interrupt: that device stops until the driver resets
+//!   it, and nothing else is affected.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+
+use super::{status, DeviceCounters, Interrupt, VirtioDevice, INT_CONFIG};
+use crate::devices::{lock, BusDevice};
+use crate::logger::RateLimit;
+use crate::memory::MemoryManager;
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0;
+/// Where device config space starts in the window.
+pub const CONFIG_OFFSET: u64 = 0x100;
+/// The window's size (one page).
+pub const WINDOW_SIZE: u64 = 0x1000;
+/// Offset of the QueueNotify register (ioeventfds match on it).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    /// QueueDesc{Low,High} at 0x80/0x84, QueueDriver{Low,High} (avail ring)
+    /// at 0x90/0x94, QueueDevice{Low,High} (used ring) at 0xa0/0xa4.
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// How queue notifications reach the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyPath {
+    /// A KVM ioeventfd per queue, served by the event loop.
+    IoEventFd,
+    /// The vCPU's MMIO exit, served on the vCPU thread (the host refused
+    /// the ioeventfd).
+    Bus,
+}
+
+/// Ring addresses as the driver writes them, 32 bits at a time.
+#[derive(Default, Clone, Copy)]
+struct RingAddrs {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    counters: Arc<DeviceCounters>,
+    interrupt: Arc<Interrupt>,
+    memory: Arc<MemoryManager>,
+    device_type: u32,
+    name: &'static str,
+    offered: u64,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    addrs: Vec<RingAddrs>,
+    notify: NotifyPath,
+    log: RateLimit,
+}
+
+fn set_half(v: &mut u64, high: bool, half: u32) {
+    *v = if high {
+        (*v & 0xffff_ffff) | (u64::from(half) << 32)
+    } else {
+        (*v & !0xffff_ffff) | u64::from(half)
+    };
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: Arc<Interrupt>,
+        memory: Arc<MemoryManager>,
+    ) -> Self {
+        let (device_type, name, offered, queues, counters) = {
+            let d = lock(&device);
+            let queues: Vec<Queue> = d
+                .queue_max_sizes()
+                .iter()
+                .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+                .collect();
+            (
+                d.device_type(),
+                d.name(),
+                d.features(),
+                queues,
+                d.counters(),
+            )
+        };
+        let n = queues.len();
+        Self {
+            device,
+            counters,
+            interrupt,
+            memory,
+            device_type,
+            name,
+            offered,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            addrs: vec![RingAddrs::default(); n],
+            notify: NotifyPath::Bus,
+            log: RateLimit::new(10),
+        }
+    }
+
+    pub fn set_notify_path(&mut self, p: NotifyPath) {
+        self.notify = p;
+    }
+
+    pub fn notify_path(&self) -> NotifyPath {
+        self.notify
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// A guest mistake: count it on the device, log it (rate-limited).
+    fn guest_error(&self, what: String) {
+        DeviceCounters::bump(&self.counters.guest_errors, 1);
+        if let Some(suppressed) = self.log.check() {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} similar messages suppressed)")
+            } else {
+                String::new()
+            };
+            log::warn!("virtio-{}: guest error: {what}{more}", self.name);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.driver_features_sel = 0;
+        self.device_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.addrs
+            .iter_mut()
+            .for_each(|a| *a = RingAddrs::default());
+        self.interrupt.clear();
+        lock(&self.device).reset();
+    }
+
+    /// The driver must be between `FEATURES_OK` and `DRIVER_OK` to set queues
+    /// up, and the selected queue must exist and not be ready.
+    fn queue_for_setup(&mut self, what: &str) -> Option<usize> {
+        let i = self.queue_sel as usize;
+        let phase_ok =
+            self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
+        match self.queues.get(i) {
+            Some(q) if phase_ok && !q.ready() => Some(i),
+            Some(_) if !phase_ok => {
+                self.guest_error(format!(
+                    "{what} for queue {i} outside queue set-up (status {:#x})",
+                    self.status
+                ));
+                None
+            }
+            Some(_) => {
+                self.guest_error(format!("{what} for queue {i}, which is ready"));
+                None
+            }
+            None => {
+                self.guest_error(format!("{what} for queue {i}, which does not exist"));
+                None
+            }
+        }
+    }
+
+    /// `QueueReady` = 1: validate what was set up and mark the queue ready.
+    fn queue_ready(&mut self, i: usize) {
+        let a = self.addrs[i];
+        let q = &mut self.queues[i];
+        let r = q
+            .try_set_desc_table_address(GuestAddress(a.desc))
+            .and_then(|_| q.try_set_avail_ring_address(GuestAddress(a.avail)))
+            .and_then(|_| q.try_set_used_ring_address(GuestAddress(a.used)));
+        match r {
+            Ok(()) => q.set_ready(true),
+            Err(e) => self.guest_error(format!("queue {i} not made ready: {e}")),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & self.status != self.status {
+            self.guest_error(format!(
+                "status {v:#x} clears bits of {:#x} (only a reset may)",
+                self.status
+            ));
+            return;
+        }
+        let new = v & !self.status;
+        let mut v = v;
+        if new & status::FEATURES_OK != 0 {
+            let version_1 = 1u64 << super::VIRTIO_F_VERSION_1;
+            let unoffered = self.driver_features & !self.offered;
+            if unoffered != 0 || self.driver_features & version_1 == 0 {
+                self.guest_error(format!(
+                    "features {:#x} refused (not offered: {unoffered:#x}; VERSION_1 is required)",
+                    self.driver_features
+                ));
+                v &= !status::FEATURES_OK;
+            }
+        }
+        if new & status::DRIVER_OK != 0 {
+            if v & status::FEATURES_OK == 0 {
+                self.guest_error("DRIVER_OK without FEATURES_OK".into());
+                v &= !status::DRIVER_OK;
+            } else if let Some(bad) = self.invalid_queue() {
+                self.guest_error(format!(
+                    "DRIVER_OK with queue {bad} outside guest RAM: device needs a reset"
+                ));
+                self.status = v & !status::DRIVER_OK;
+                self.needs_reset();
+                return;
+            }
+        }
+        self.status = v;
+        if new & status::DRIVER_OK != 0 && v & status::DRIVER_OK != 0 {
+            lock(&self.device).activate(self.driver_features);
+        }
+    }
+
+    /// The first ready queue whose rings are not inside guest RAM.
+    fn invalid_queue(&self) -> Option<usize> {
+        let mem = self.memory.memory();
+        self.queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&*mem))
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= status::NEEDS_RESET;
+        DeviceCounters::bump(&self.counters.needs_reset, 1);
+        self.interrupt.trigger(INT_CONFIG);
+    }
+
+    /// A queue notification (from the ioeventfd or the bus).
+    pub fn notify(&mut self, index: u32) {
+        DeviceCounters::bump(&self.counters.notifies, 1);
+        if self.status & status::DRIVER_OK == 0 {
+            self.guest_error(format!("notify of queue {index} before DRIVER_OK"));
+            return;
+        }
+        if self.status & status::NEEDS_RESET != 0 {
+            return;
+        }
+        let i = index as usize;
+        match self.queues.get(i) {
+            None => {
+                self.guest_error(format!("notify of queue {index}, which does not exist"));
+                return;
+            }
+            Some(q) if !q.ready() => {
+                self.guest_error(format!("notify of queue {index}, which is not ready"));
+                return;
+            }
+            Some(_) => {}
+        }
+        let mem = self.memory.memory();
+        let r = lock(&self.device).process_queue(i, &mut self.queues[i], &mem);
+        if let Err(e) = r {
+            self.guest_error(format!("queue {i}: {e}"));
+            self.needs_reset();
+        }
+    }
+
+    /// The event loop's periodic call: lets an active device do timed work.
+    pub fn tick(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 {
+            return;
+        }
+        let mem = self.memory.memory();
+        let r = lock(&self.device).tick(&mut self.queues, &mem);
+        if let Err(e) = r {
+            self.guest_error(e.to_string());
+            self.needs_reset();
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> Option<u32> {
+        Some(match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device_type,
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.offered as u32,
+                1 => (self.offered >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .is_some_and(|q| q.ready())
+                .into(),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => lock(&self.device).config_generation(),
+            _ => return None,
+        })
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                let phase_ok =
+                    self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
+                if !phase_ok {
+                    self.guest_error(format!(
+                        "DriverFeatures written in status {:#x}",
+                        self.status
+                    ));
+                } else if self.driver_features_sel < 2 {
+                    set_half(&mut self.driver_features, self.driver_features_sel == 1, v);
+                } else if v != 0 {
+                    self.guest_error(format!(
+                        "features {v:#x} in word {}, beyond bit 63",
+                        self.driver_features_sel
+                    ));
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(i) = self.queue_for_setup("QueueNum") {
+                    let size = u16::try_from(v).unwrap_or(0);
+                    if let Err(e) = self.queues[i].try_set_size(size) {
+                        self.guest_error(format!("queue {i} size {v}: {e}"));
+                    }
+                }
+            }
+            reg::QUEUE_READY => match v {
+                1 => {
+                    if let Some(i) = self.queue_for_setup("QueueReady") {
+                        self.queue_ready(i);
+                    }
+                }
+                0 => {
+                    if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
+                        q.set_ready(false);
+                    }
+                }
+                _ => self.guest_error(format!("QueueReady {v}")),
+            },
+            reg::QUEUE_NOTIFY => self.notify(v),
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH => {
+                // Three (low, high) pairs, 0x10 apart.
+                let rel = offset - reg::QUEUE_DESC_LOW;
+                let (which, high) = (rel / 0x10, rel % 0x10 == 4);
+                if rel % 0x10 >= 8 {
+                    self.guest_error(format!("write to reserved register {offset:#x}"));
+                    return;
+                }
+                if let Some(i) = self.queue_for_setup("ring address") {
+                    let a = &mut self.addrs[i];
+                    let field = match which {
+                        0 => &mut a.desc,
+                        1 => &mut a.avail,
+                        _ => &mut a.used,
+                    };
+                    set_half(field, high, v);
+                }
+            }
+            _ => self.guest_error(format!(
+                "write of {v:#x} to read-only or reserved register {offset:#x}"
+            )),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            self.guest_error(format!(
+                "{}-byte register read at {offset:#x} (registers are 32-bit, aligned)",
+                data.len()
+            ));
+            return;
+        }
+        match self.read_reg(offset) {
+            Some(v) => data.copy_from_slice(&v.to_le_bytes()),
+            None => self.guest_error(format!(
+                "read of write-only or reserved register {offset:#x}"
+            )),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            let r = lock(&self.device).write_config(offset - CONFIG_OFFSET, data);
+            if let Err(e) = r {
+                self.guest_error(format!(
+                    "config write at {:#x}: {e}",
+                    offset - CONFIG_OFFSET
+                ));
+            }
+            return;
+        }
+        let Ok(word) = <[u8; 4]>::try_from(data) else {
+            self.guest_error(format!(
+                "{}-byte register write at {offset:#x} (registers are 32-bit, aligned)",
+                data.len()
+            ));
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            self.guest_error(format!("unaligned register write at {offset:#x}"));
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes(word));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
+    use crate::devices::virtio::INT_USED_RING;
+    use crate::memory::{NoKvm, PageSource, RamRange};
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    pub const RAM: u64 = 16 << 20;
+    /// Where the test driver puts its rings and buffers.
+    const DESC: u64 = 0x10_0000;
+    const AVAIL: u64 = 0x10_1000;
+    const USED: u64 = 0x10_2000;
+    const BUF: u64 = 0x10_3000;
+
+    /// A balloon behind a transport over 16 MiB of RAM (no KVM).
+    pub struct Rig {
+        pub t: MmioTransport,
+        pub memory: Arc<MemoryManager>,
+        pub balloon: Arc<Mutex<Balloon>>,
+        pub interrupt: Arc<Interrupt>,
+    }
+
+    pub fn rig() -> Rig {
+        let memory = Arc::new(
+            MemoryManager::new(
+                Arc::new(NoKvm),
+                &[RamRange { gpa: 0, size: RAM }],
+                PageSource::Zero,
+                8,
+            )
+            .unwrap(),
+        );
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let balloon = Arc::new(Mutex::new(Balloon::new(
+            memory.clone(),
+            interrupt.clone(),
+            BalloonConfig {
+                target_pages: 0,
+                free_page_reporting: true,
+                stats_interval: Duration::ZERO,
+            },
+        )));
+        let t = MmioTransport::new(balloon.clone(), interrupt.clone(), memory.clone());
+        Rig {
+            t,
+            memory,
+            balloon,
+            interrupt,
+        }
+    }
+
+    impl Rig {
+        pub fn w(&mut self, off: u64, v: u32) {
+            self.t.write(off, &v.to_le_bytes());
+        }
+        pub fn r(&mut self, off: u64) -> u32 {
+            let mut d = [0u8; 4];
+            self.t.read(off, &mut d);
+            u32::from_le_bytes(d)
+        }
+        pub fn errors(&self) -> u64 {
+            self.t
+                .counters
+                .guest_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+        }
+        /// ACK, DRIVER, features (low, high), FEATURES_OK; the status after.
+        pub fn negotiate(&mut self, lo: u32, hi: u32) -> u32 {
+            self.w(reg::STATUS, 0);
+            self.w(reg::STATUS, status::ACKNOWLEDGE);
+            self.w(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+            self.w(reg::DRIVER_FEATURES_SEL, 0);
+            self.w(reg::DRIVER_FEATURES, lo);
+            self.w(reg::DRIVER_FEATURES_SEL, 1);
+            self.w(reg::DRIVER_FEATURES, hi);
+            let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+            self.w(reg::STATUS, s);
+            self.r(reg::STATUS)
+        }
+        /// Queue `q` of `size` entries with rings at the given addresses.
+        pub fn queue(&mut self, q: u32, size: u32, desc: u64, avail: u64, used: u64) {
+            self.w(reg::QUEUE_SEL, q);
+            self.w(reg::QUEUE_NUM, size);
+            for (off, a) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+                self.w(off, a as u32);
+                self.w(off + 4, (a >> 32) as u32);
+            }
+            self.w(reg::QUEUE_READY, 1);
+        }
+        /// A working balloon driver: VERSION_1 only, queues 0 and 1.
+        pub fn driver_ok(&mut self) {
+            assert_ne!(self.negotiate(0, 1) & status::FEATURES_OK, 0);
+            self.queue(0, 16, DESC, AVAIL, USED);
+            self.queue(1, 16, DESC + 0x4000, AVAIL + 0x4000, USED + 0x4000);
+            let s = self.r(reg::STATUS);
+            self.w(reg::STATUS, s | status::DRIVER_OK);
+            assert_eq!(self.r(reg::STATUS) & status::NEEDS_RESET, 0);
+        }
+        /// Post descriptor `i` (addr, len, flags, next) as chain number `n`
+        /// on queue 0 and notify.
+        pub fn post(&mut self, n: u16, descs: &[(u64, u32, u16, u16)]) {
+            let mem = self.memory.memory();
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                let d = DESC + 16 * i as u64;
+                mem.write_obj(addr, GuestAddress(d)).unwrap();
+                mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+                mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+                mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+            }
+            mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 16)))
+                .unwrap();
+            mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+            drop(mem);
+            self.w(reg::QUEUE_NOTIFY, 0);
+        }
+        pub fn used_idx(&self) -> u16 {
+            self.memory
+                .memory()
+                .read_obj(GuestAddress(USED + 2))
+                .unwrap()
+        }
+        pub fn pfns(&self, pfns: &[u32]) -> (u64, u32) {
+            let mem = self.memory.memory();
+            for (i, p) in pfns.iter().enumerate() {
+                mem.write_obj(*p, GuestAddress(BUF + 4 * i as u64)).unwrap();
+            }
+            (BUF, 4 * pfns.len() as u32)
+        }
+    }
+
+    #[test]
+    fn identity_registers_and_bad_accesses() {
+        let mut r = rig();
+        assert_eq!(r.r(reg::MAGIC), MAGIC);
+        assert_eq!(r.r(reg::VERSION), 2);
+        assert_eq!(r.r(reg::DEVICE_ID), 5);
+        r.w(reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r.r(reg::DEVICE_FEATURES), 1, "VERSION_1 in word 1");
+        assert_eq!(r.errors(), 0);
+        // Unaligned, short, read-only: errors, no effect.
+        let mut b = [0u8; 2];
+        r.t.read(0x1, &mut b);
+        r.t.write(0x13, &[1]);
+        r.w(reg::MAGIC, 0);
+        r.w(reg::QUEUE_NUM_MAX, 0);
+        assert_eq!(r.r(reg::MAGIC), MAGIC);
+        assert_eq!(r.errors(), 4);
+    }
+
+    #[test]
+    fn features_ok_refused_for_unoffered_or_missing_version_1() {
+        let mut r = rig();
+        let all = r.negotiate(u32::MAX, u32::MAX);
+        assert_eq!(
+            all & status::FEATURES_OK,
+            0,
+            "accepted features not offered"
+        );
+        let legacy = r.negotiate(0, 0);
+        assert_eq!(legacy & status::FEATURES_OK, 0, "VERSION_1 not accepted");
+        let ok = r.negotiate(1 << super::super::balloon::F_STATS_VQ, 1);
+        assert_ne!(ok & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_is_validated() {
+        let mut r = rig();
+        // Before FEATURES_OK: refused.
+        r.queue(0, 16, DESC, AVAIL, USED);
+        r.w(reg::QUEUE_SEL, 0);
+        assert_eq!(r.r(reg::QUEUE_READY), 0);
+        assert_ne!(r.negotiate(0, 1) & status::FEATURES_OK, 0);
+        let before = r.errors();
+        r.w(reg::QUEUE_SEL, 0);
+        r.w(reg::QUEUE_NUM, 3);
+        r.w(reg::QUEUE_NUM, 512);
+        assert_eq!(r.errors(), before + 2, "sizes 3 and 512 refused");
+        // Misaligned rings: not ready.
+        r.queue(0, 16, DESC + 8, AVAIL, USED);
+        assert_eq!(r.r(reg::QUEUE_READY), 0);
+        // Rings outside RAM: ready, but DRIVER_OK needs a reset.
+        r.queue(0, 16, 0xd000_0000, AVAIL, USED);
+        assert_eq!(r.r(reg::QUEUE_READY), 1);
+        let s = r.r(reg::STATUS);
+        r.w(reg::STATUS, s | status::DRIVER_OK);
+        assert_ne!(r.r(reg::STATUS) & status::NEEDS_RESET, 0);
+        assert_eq!(r.r(reg::STATUS) & status::DRIVER_OK, 0);
+        assert_ne!(r.interrupt.status() & INT_CONFIG, 0);
+        // A reset recovers the device.
+        r.driver_ok();
+        assert_eq!(r.r(reg::STATUS) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn notify_before_driver_ok_and_of_missing_queues_is_ignored() {
+        let mut r = rig();
+        r.w(reg::QUEUE_NOTIFY, 0);
+        r.driver_ok();
+        let before = r.errors();
+        r.w(reg::QUEUE_NOTIFY, 7);
+        r.w(reg::QUEUE_NOTIFY, 0xffff_ffff);
+        assert_eq!(r.errors(), before + 2);
+    }
+
+    #[test]
+    fn inflate_discards_the_pfns_and_uses_the_chain() {
+        let mut r = rig();
+        r.driver_ok();
+        // Make pages 0x800..0x803 resident with data.
+        for p in 0x800u64..0x804 {
+            r.memory
+                .memory()
+                .write_obj(0xabu8, GuestAddress(p << 12))
+                .unwrap();
+        }
+        let (buf, len) = r.pfns(&[0x801, 0x800, 0x802, 0x802, 0xd0000]);
+        r.post(0, &[(buf, len, 0, 0)]);
+        assert_eq!(r.used_idx(), 1);
+        let b = lock(&r.balloon).stats();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(get(&b.inflated_pages), 3);
+        assert_eq!(get(&b.pfns_outside_ram), 1);
+        let snap = r.memory.snapshot();
+        let s = snap.lookup(0).unwrap();
+        assert!(s.is_discarded(0x800) && s.is_discarded(0x802) && !s.is_discarded(0x803));
+        let v: u8 = r
+            .memory
+            .memory()
+            .read_obj(GuestAddress(0x801 << 12))
+            .unwrap();
+        assert_eq!(v, 0, "an inflated page reads zero");
+        let v: u8 = r
+            .memory
+            .memory()
+            .read_obj(GuestAddress(0x803 << 12))
+            .unwrap();
+        assert_eq!(v, 0xab, "a page not inflated keeps its data");
+        assert_ne!(r.interrupt.status() & INT_USED_RING, 0);
+    }
+
+    #[test]
+    fn bad_chains_are_rejected_and_the_device_goes_on() {
+        let mut r = rig();
+        r.driver_ok();
+        let b = lock(&r.balloon).stats();
+        let rejected = || {
+            b.rejected_descriptors
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // 257 PFNs: too many.
+        let (buf, _) = r.pfns(&[0x900; 257]);
+        r.post(0, &[(buf, 257 * 4, 0, 0)]);
+        assert_eq!(rejected(), 1);
+        // Write-only descriptor where the device reads.
+        r.post(1, &[(buf, 8, 2, 0)]);
+        assert_eq!(rejected(), 2);
+        // A descriptor pointing into the MMIO gap, one near 4 GiB long.
+        r.post(2, &[(0xd000_0000, 8, 0, 0)]);
+        r.post(3, &[(buf, 0xffff_f000, 0, 0)]);
+        assert_eq!(rejected(), 4);
+        // A descriptor that chains to itself: the walk ends (TTL).
+        r.post(4, &[(buf, 4, 1, 0)]);
+        assert_eq!(r.used_idx(), 5, "every chain was used");
+        assert_eq!(r.r(reg::STATUS) & status::NEEDS_RESET, 0);
+        // A sane chain still works.
+        let (buf, len) = r.pfns(&[0x950]);
+        r.post(5, &[(buf, len, 0, 0)]);
+        assert_eq!(r.used_idx(), 6);
+    }
+
+    #[test]
+    fn a_broken_avail_ring_needs_a_reset() {
+        let mut r = rig();
+        r.driver_ok();
+        // avail idx 1000 ahead of what the device has seen.
+        r.memory
+            .memory()
+            .write_obj(1000u16, GuestAddress(AVAIL + 2))
+            .unwrap();
+        r.w(reg::QUEUE_NOTIFY, 0);
+        assert_ne!(r.r(reg::STATUS) & status::NEEDS_RESET, 0);
+        // Further notifies are ignored until a reset.
+        r.w(reg::QUEUE_NOTIFY, 0);
+        r.driver_ok();
+        assert_eq!(r.r(reg::STATUS) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn config_target_and_actual() {
+        let mut r = rig();
+        lock(&r.balloon).set_target(1234);
+        assert_eq!(r.r(CONFIG_OFFSET), 1234);
+        assert_ne!(r.interrupt.status() & INT_CONFIG, 0);
+        assert_eq!(r.r(reg::CONFIG_GENERATION), 1);
+        r.w(CONFIG_OFFSET + 4, 77);
+        assert_eq!(lock(&r.balloon).actual(), 77);
+        let before = r.errors();
+        r.w(CONFIG_OFFSET, 5);
+        assert_eq!(r.errors(), before + 1, "num_pages is read-only");
+        assert_eq!(r.r(CONFIG_OFFSET), 1234);
+    }
+}
