@@ -234,6 +234,39 @@ fn balloon_endpoints_without_a_balloon_say_so() {
         409,
         "--balloon",
     );
+    assert_error(http(s, "GET", "/memory", None), 409, "--hotplug");
+}
+
+#[test]
+fn memory_endpoints() {
+    let live = Live::start("memory", &["--hotplug", "256M", "--hotplug-block", "4M"]);
+    let s = &live.socket;
+    let m = get_json(s, "/memory");
+    assert_eq!(m["region_mib"], 256);
+    assert_eq!(m["block_size_mib"], 4);
+    assert_eq!(m["region_addr"], 128 << 20, "above 128 MiB of boot RAM");
+    assert_eq!(
+        http(s, "PUT", "/memory", Some(r#"{"requested_mib": 64}"#)).0,
+        204
+    );
+    assert_eq!(get_json(s, "/memory")["requested_mib"], 64);
+    assert_eq!(get_json(s, "/vm")["hotplug"]["requested_mib"], 64);
+    assert_error(
+        http(s, "PUT", "/memory", Some(r#"{"requested_mib": 512}"#)),
+        400,
+        "larger than the hotplug region",
+    );
+    assert_error(
+        http(s, "PUT", "/memory", Some(r#"{"requested_mib": 6}"#)),
+        400,
+        "not a multiple of the block size",
+    );
+    assert_error(
+        http(s, "PUT", "/memory", Some(r#"{"mib": 6}"#)),
+        400,
+        "unknown field",
+    );
+    assert_eq!(get_json(s, "/memory")["requested_mib"], 64);
 }
 
 #[test]
@@ -282,6 +315,7 @@ fn vmm_ctl_drives_every_endpoint() {
     ctl(&["balloon", "stats-interval", "3"]).assert_ok();
     ctl(&["balloon", "set", "1G"]).assert_error("larger than guest RAM");
     ctl(&["balloon", "set", "1500K"]).assert_error("whole MiB");
+    ctl(&["mem", "show"]).assert_error("no hotplug memory is configured");
     ctl(&["vm", "stop"]).assert_ok();
     assert_eq!(wait(&mut live.child), Some(0));
     // Nobody on the socket now: a clear error.
@@ -366,7 +400,7 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Stri
 #[test]
 fn the_server_matches_its_openapi_document() {
     let doc = openapi();
-    let live = Live::start("openapi", &["--balloon", "8M"]);
+    let live = Live::start("openapi", &["--balloon", "8M", "--hotplug", "128M"]);
     let s = &live.socket;
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().unwrap() {
@@ -378,6 +412,7 @@ fn the_server_matches_its_openapi_document() {
             let body = match (path.as_str(), m.as_str()) {
                 ("/balloon", "PUT") => Some(r#"{"target_mib": 4}"#),
                 ("/balloon/statistics", "PUT") => Some(r#"{"interval_s": 1}"#),
+                ("/memory", "PUT") => Some(r#"{"requested_mib": 4}"#),
                 _ => None,
             };
             // Request bodies must satisfy their own schema.

@@ -298,6 +298,20 @@ u32 virtio_config_read32(const struct virtio_dev *d, u32 off)
     return v;
 }
 
+u64 virtio_config_read64(const struct virtio_dev *d, u32 off)
+{
+    u32 gen, lo, hi;
+    int tries = 0;
+
+    do {
+        gen = virtio_read32(d, VIRTIO_MMIO_CONFIG_GENERATION);
+        lo = virtio_read32(d, VIRTIO_MMIO_CONFIG + off);
+        hi = virtio_read32(d, VIRTIO_MMIO_CONFIG + off + 4);
+    } while (virtio_read32(d, VIRTIO_MMIO_CONFIG_GENERATION) != gen &&
+             ++tries < CONFIG_RETRIES);
+    return (u64)lo | ((u64)hi << 32);
+}
+
 void virtio_config_write32(const struct virtio_dev *d, u32 off, u32 v)
 {
     virtio_write32(d, VIRTIO_MMIO_CONFIG + off, v);
@@ -499,4 +513,33 @@ int virtq_wait_used(struct virtq *vq, u64 timeout_iterations, struct virtq_used_
         cpu_relax();
     }
     return -VIRTIO_ETIMEDOUT;
+}
+
+int virtq_transact(struct virtq *vq, u64 out, u32 out_len, u64 in, u32 in_len,
+                   u64 timeout_iterations, struct virtq_used_elem *used)
+{
+    struct virtq_buf b[2];
+    struct virtq_used_elem e;
+    u32 n = 0;
+
+    if (out_len)
+        b[n++] = (struct virtq_buf){ out, out_len, 0 };
+    if (in_len)
+        b[n++] = (struct virtq_buf){ in, in_len, VIRTQ_DESC_F_WRITE };
+    int head = virtq_add_chain(vq, b, n);
+    if (head < 0)
+        return head;
+    virtq_submit(vq, (u32)head);
+    virtq_notify(vq->dev, vq->index);
+    int r = virtq_wait_used(vq, timeout_iterations, &e);
+    if (r < 0)
+        return r;
+    if (e.id != (u32)head) {
+        printk("virtio: dev@0x%lx: queue %u: used id %u, expected %d\n", vq->dev->base,
+               vq->index, e.id, head);
+        return -VIRTIO_EDEVICE;
+    }
+    if (used)
+        *used = e;
+    return 0;
 }

@@ -53,6 +53,57 @@
 #define VIRTIO_ID_NET                   1
 #define VIRTIO_ID_BLOCK                 2
 #define VIRTIO_ID_BALLOON               5
+#define VIRTIO_ID_MEM                   24
+
+/* ---- virtio-balloon (virtio 1.2, 5.5), as used without optional features ---- */
+#define VIRTIO_BALLOON_CFG_NUM_PAGES    0       /* u32, device -> driver: target */
+#define VIRTIO_BALLOON_CFG_ACTUAL       4       /* u32, driver -> device */
+#define VIRTIO_BALLOON_INFLATEQ         0
+#define VIRTIO_BALLOON_DEFLATEQ         1
+#define VIRTIO_BALLOON_PFN_SHIFT        12
+
+/* ---- virtio-mem (virtio 1.2, 5.15) ---- */
+#define VIRTIO_MEM_F_ACPI_PXM                   (1UL << 0)
+#define VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE     (1UL << 1)
+/* Config space (all little-endian; read the u64 fields with virtio_config_read64). */
+#define VIRTIO_MEM_CFG_BLOCK_SIZE       0       /* u64 */
+#define VIRTIO_MEM_CFG_NODE_ID          8       /* u16 (+ 6 bytes padding) */
+#define VIRTIO_MEM_CFG_ADDR             16      /* u64: guest-physical start of the region */
+#define VIRTIO_MEM_CFG_REGION_SIZE      24      /* u64 */
+#define VIRTIO_MEM_CFG_USABLE_SIZE      32      /* u64: usable_region_size */
+#define VIRTIO_MEM_CFG_PLUGGED_SIZE     40      /* u64 */
+#define VIRTIO_MEM_CFG_REQUESTED_SIZE   48      /* u64 */
+#define VIRTIO_MEM_REQQ                 0       /* the one request queue */
+/* Request types */
+#define VIRTIO_MEM_REQ_PLUG             0
+#define VIRTIO_MEM_REQ_UNPLUG           1
+#define VIRTIO_MEM_REQ_UNPLUG_ALL       2
+#define VIRTIO_MEM_REQ_STATE            3
+/* Response types */
+#define VIRTIO_MEM_RESP_ACK             0
+#define VIRTIO_MEM_RESP_NACK            1
+#define VIRTIO_MEM_RESP_BUSY            2
+#define VIRTIO_MEM_RESP_ERROR           3
+/* STATE answers */
+#define VIRTIO_MEM_STATE_PLUGGED        0
+#define VIRTIO_MEM_STATE_UNPLUGGED      1
+#define VIRTIO_MEM_STATE_MIXED          2
+
+/* A request (device-readable, 24 bytes) and its response (device-writable, 10 bytes). */
+struct virtio_mem_req {
+    u16 type;
+    u16 padding[3];
+    u64 addr;
+    u16 nb_blocks;
+    u16 padding2[3];
+};
+struct virtio_mem_resp {
+    u16 type;
+    u16 padding[3];
+    u16 state;          /* STATE requests only */
+};
+_Static_assert(sizeof(struct virtio_mem_req) == 24, "virtio_mem_req is 24 bytes");
+_Static_assert(sizeof(struct virtio_mem_resp) == 10, "virtio_mem_resp is 10 bytes");
 
 /* Split virtqueue descriptor flags */
 #define VIRTQ_DESC_F_NEXT               1
@@ -193,6 +244,9 @@ u32 virtio_ack_interrupts(const struct virtio_dev *d);
  * Reads retry (bounded) until ConfigGeneration is the same before and after. */
 u32 virtio_config_read32(const struct virtio_dev *d, u32 off);
 void virtio_config_write32(const struct virtio_dev *d, u32 off, u32 v);
+/* A 64-bit little-endian field as two 32-bit reads (low word first) inside one
+ * ConfigGeneration retry loop, so both halves come from the same generation. */
+u64 virtio_config_read64(const struct virtio_dev *d, u32 off);
 
 /* ---- virtqueues ---- */
 /* Writes QueueSel, QueueNum, the three ring addresses and QueueReady=1 as given
@@ -234,5 +288,13 @@ int virtq_poll_used(struct virtq *vq, struct virtq_used_elem *out);
 /* Polls up to timeout_iterations times (pause between polls): 0 and *out filled,
  * -VIRTIO_ETIMEDOUT, or -VIRTIO_EDEVICE if the element's id was not in flight. */
 int virtq_wait_used(struct virtq *vq, u64 timeout_iterations, struct virtq_used_elem *out);
+/* One synchronous request on queue vq->index: a chain of a device-readable buffer
+ * [out, out+out_len) followed by a device-writable one [in, in+in_len) (either may
+ * be left out with a length of 0, not both), submitted, notified and waited for
+ * (virtq_wait_used). 0 and *used filled, -VIRTIO_ENOSPC / -VIRTIO_EINVAL,
+ * -VIRTIO_ETIMEDOUT (the chain stays in flight), or -VIRTIO_EDEVICE if the used
+ * element names another chain. `used` may be NULL. */
+int virtq_transact(struct virtq *vq, u64 out, u32 out_len, u64 in, u32 in_len,
+                   u64 timeout_iterations, struct virtq_used_elem *used);
 
 #endif

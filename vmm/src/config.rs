@@ -25,6 +25,10 @@ pub enum ConfigError {
     BadFaultAround,
     #[error("--balloon {target} bytes is more than guest RAM ({mem} bytes)")]
     BalloonTooLarge { target: u64, mem: u64 },
+    #[error("--hotplug: {0}")]
+    Hotplug(String),
+    #[error("--hotplug needs a userfaultfd fault mode (vcpu or handler), not {0}: only those enforce that unplugged blocks stay empty")]
+    HotplugNeedsUffd(&'static str),
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {got} is more than this host allows ({max})")]
@@ -129,6 +133,17 @@ pub struct VmConfig {
     pub balloon: Option<BalloonOptions>,
     /// Serve the control API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// A virtio-mem device.
+    pub hotplug: Option<HotplugOptions>,
+}
+
+/// `--hotplug SIZE [--hotplug-block SIZE]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugOptions {
+    /// Region size (a multiple of 128 MiB).
+    pub size: u64,
+    /// Block size (a power of two from 2 MiB dividing 128 MiB).
+    pub block_size: u64,
 }
 
 /// `--balloon SIZE` and its companions.
@@ -160,6 +175,7 @@ impl VmConfig {
             metrics_allow_remote: false,
             balloon: None,
             api_socket: None,
+            hotplug: None,
         }
     }
 }
@@ -184,6 +200,14 @@ impl VmConfig {
                     mem: self.mem_size,
                 });
             }
+        }
+        if let Some(h) = &self.hotplug {
+            let region = crate::devices::virtio::mem::MemRegion {
+                addr: 0,
+                size: h.size,
+                block_size: h.block_size,
+            };
+            region.validate().map_err(ConfigError::Hotplug)?;
         }
         if self.vcpus > max_vcpus {
             return Err(ConfigError::TooManyVcpus {

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use vmm::bench::{self, BenchArgs};
-use vmm::config::{parse_mem_source, parse_size, BalloonOptions, FaultMode, SerialOut, VmConfig};
+use vmm::config::{
+    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig,
+};
 use vmm::vm::Vm;
 
 #[derive(Parser)]
@@ -48,6 +50,21 @@ enum CtlCmd {
     /// The memory balloon.
     #[command(subcommand)]
     Balloon(BalloonCmd),
+    /// Hotplug memory (virtio-mem).
+    #[command(subcommand)]
+    Mem(MemCmd),
+}
+
+#[derive(Subcommand)]
+enum MemCmd {
+    /// Show the region, block size, plugged and requested sizes, counters.
+    Show,
+    /// Ask the guest to plug or unplug memory until `size` is plugged
+    /// (e.g. 1G; whole MiB).
+    Resize {
+        #[arg(value_parser = parse_mem)]
+        size: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +151,13 @@ struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket (mode 0600).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Add a virtio-mem device with a hotplug region of this size (a
+    /// multiple of 128M) above boot RAM; nothing is plugged until asked.
+    #[arg(long, value_parser = parse_mem)]
+    hotplug: Option<u64>,
+    /// virtio-mem block size: a power of two from 2M dividing 128M.
+    #[arg(long, default_value = "2M", value_parser = parse_mem, requires = "hotplug")]
+    hotplug_block: u64,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -181,6 +205,10 @@ fn run(a: RunArgs) -> ExitCode {
             stats_interval_s: a.balloon_stats_interval,
         }),
         api_socket: a.api_socket,
+        hotplug: a.hotplug.map(|size| HotplugOptions {
+            size,
+            block_size: a.hotplug_block,
+        }),
     };
     match Vm::new(config).and_then(|vm| vm.run()) {
         Ok(report) => {
@@ -219,6 +247,18 @@ fn ctl(a: CtlArgs) -> ExitCode {
                 Method::PUT,
                 "/balloon",
                 Some(json!({ "target_mib": size / MIB })),
+            )
+        }
+        CtlCmd::Mem(MemCmd::Show) => (Method::GET, "/memory", None),
+        CtlCmd::Mem(MemCmd::Resize { size }) => {
+            if size % MIB != 0 {
+                eprintln!("vmm ctl: the requested size is set in whole MiB");
+                return ExitCode::from(2);
+            }
+            (
+                Method::PUT,
+                "/memory",
+                Some(json!({ "requested_mib": size / MIB })),
             )
         }
         CtlCmd::Balloon(BalloonCmd::StatsInterval { seconds }) => (

@@ -8,6 +8,7 @@
 //! line and the DSDT); vCPUs come last.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,14 +18,15 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
 
-use crate::api::control::BalloonInfo;
+use crate::api::control::{BalloonInfo, HotplugControl, HotplugInfo};
 use crate::api::{ApiError, ApiServer, BalloonControl, VmControl};
 use crate::arch::x86_64::{self as arch, layout, vcpu::VcpuBoot};
 use crate::boot::{self, Boot, BootError, BootSpec, MmioDeviceInfo};
-use crate::config::{BalloonOptions, ConfigError, FaultMode, VmConfig};
+use crate::config::{BalloonOptions, ConfigError, FaultMode, HotplugOptions, VmConfig};
 use crate::devices::marker::{MarkerHook, MarkerLog};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::manager::{DeviceSummary, Ticker, VirtioDevices};
+use crate::devices::virtio::mem::{MemRegion, VirtioMem};
 use crate::devices::{legacy, lock, serial, Bus, DeviceError};
 use crate::exit::{ExitReason, VmExit};
 use crate::fault::{self, handler, FaultEngine, FaultSetupError, FaultSnapshot, FaultStats};
@@ -99,6 +101,8 @@ pub struct RunReport {
     pub resident_pages: u64,
     /// The balloon at the end, if there is one.
     pub balloon: Option<BalloonInfo>,
+    /// The virtio-mem device at the end, if there is one.
+    pub hotplug: Option<HotplugInfo>,
     /// Each virtio device's counters at the end.
     pub devices: Vec<DeviceSummary>,
     pub elapsed: Duration,
@@ -150,6 +154,9 @@ impl Vm {
         if config.mem_source.is_some() && !mode.uses_uffd() {
             return Err(ConfigError::SourceNeedsUffd(mode.name()).into());
         }
+        if config.hotplug.is_some() && !mode.uses_uffd() {
+            return Err(ConfigError::HotplugNeedsUffd(mode.name()).into());
+        }
         log::info!(
             "host: {}, max {} vCPUs, {} memslots; fault mode {}",
             host.flavor,
@@ -172,11 +179,23 @@ impl Vm {
         let memory = Arc::new(create_memory(&config, &host, &vm_fd)?);
         let exit = Arc::new(VmExit::new());
         let markers = Arc::new(Mutex::new(MarkerLog::default()));
-        let (pio, serial_input) = legacy::build(&vm_fd, &exit, &config.serial, &markers)?;
+        let signal = Arc::new(AtomicU32::new(0));
+        let (pio, serial_input) = legacy::build(&vm_fd, &exit, &config.serial, &markers, &signal)?;
         let mut mmio = Bus::new("MMIO");
         let mut virtio = VirtioDevices::new();
         let balloon = match config.balloon {
             Some(b) => Some(add_balloon(&mut virtio, &vm_fd, &mut mmio, &memory, b)?),
+            None => None,
+        };
+        let hotplug = match config.hotplug {
+            Some(h) => Some(add_hotplug(
+                &mut virtio,
+                &vm_fd,
+                &mut mmio,
+                &memory,
+                &config,
+                h,
+            )?),
             None => None,
         };
         let boot = load_boot_image(
@@ -204,6 +223,7 @@ impl Vm {
         let metrics = Arc::new(VmMetrics {
             devices: virtio.summaries(),
             balloon: balloon.clone(),
+            hotplug: hotplug.clone(),
             ..VmMetrics::new(
                 config.vcpus,
                 match mode {
@@ -223,6 +243,8 @@ impl Vm {
             exit.clone(),
             memory.clone(),
             balloon,
+            hotplug,
+            signal,
             config.vcpus,
             mode,
         ));
@@ -402,6 +424,7 @@ impl Vm {
             memory: self.memory.stats(),
             resident_pages: self.memory.resident_pages(),
             balloon: self.control.balloon_info().ok(),
+            hotplug: self.control.memory_info().ok(),
             devices: self.virtio_summaries.iter().map(|f| f()).collect(),
             elapsed,
             stopped_at,
@@ -487,6 +510,7 @@ fn load_boot_image(
             vcpus: config.vcpus,
             flavor: host.flavor,
             devices,
+            memory_hotplug: config.hotplug.is_some(),
         },
     )?)
 }
@@ -604,5 +628,41 @@ fn add_balloon(
         device,
         stats,
         counters,
+    })
+}
+
+/// A virtio-mem device whose region sits above boot RAM.
+fn add_hotplug(
+    virtio: &mut VirtioDevices,
+    vm_fd: &VmFd,
+    mmio: &mut Bus,
+    memory: &Arc<MemoryManager>,
+    config: &VmConfig,
+    h: HotplugOptions,
+) -> Result<HotplugControl, VmError> {
+    let region = MemRegion {
+        addr: layout::hotplug_base(config.mem_size, h.size),
+        size: h.size,
+        block_size: h.block_size,
+    };
+    region.validate().map_err(ConfigError::Hotplug)?;
+    log::info!(
+        "virtio-mem region [{:#x}..{:#x}), {} MiB blocks",
+        region.addr,
+        region.addr + region.size,
+        region.block_size >> 20
+    );
+    let device = virtio.add(vm_fd, mmio, memory, |irq| {
+        VirtioMem::new(memory.clone(), irq, region)
+    })?;
+    let (stats, counters) = {
+        let d = lock(&device);
+        (d.stats(), d.device_counters())
+    };
+    Ok(HotplugControl {
+        device,
+        stats,
+        counters,
+        region,
     })
 }

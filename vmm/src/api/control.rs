@@ -2,7 +2,7 @@
 //! stopping the VM; memory hotplug later) goes through [`VmControl`],
 //! whether the API server, a test or `vmm stress` asks.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::FaultMode;
 use crate::devices::lock;
 use crate::devices::virtio::balloon::{Balloon, BalloonStats, STAT_NAMES};
+use crate::devices::virtio::mem::{MemRegion, MemStats, VirtioMem, REQUEST_NAMES, RESULT_NAMES};
 use crate::devices::virtio::DeviceCounters;
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::{MemoryManager, PAGE_SIZE};
@@ -51,6 +52,7 @@ pub struct VmInfo {
     pub uptime_s: f64,
     pub memory: MemoryInfo,
     pub balloon: Option<BalloonInfo>,
+    pub hotplug: Option<HotplugInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,11 +112,79 @@ pub struct BalloonControl {
     pub counters: Arc<DeviceCounters>,
 }
 
+/// `GET /memory`: the virtio-mem device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HotplugInfo {
+    pub driver_ready: bool,
+    /// Guest-physical start of the region.
+    pub region_addr: u64,
+    pub region_mib: u64,
+    pub block_size_mib: u64,
+    pub plugged_mib: u64,
+    pub requested_mib: u64,
+    /// Requests by kind ("plug", "unplug", "unplug_all", "state") and result
+    /// ("ack", "nack", "busy", "error").
+    pub requests: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub slices_added: u64,
+    pub slices_removed: u64,
+    pub guest_errors: u64,
+}
+
+/// `PUT /memory`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRequest {
+    pub requested_mib: u64,
+}
+
+/// virtio-mem as the control plane drives it.
+#[derive(Clone)]
+pub struct HotplugControl {
+    pub device: Arc<Mutex<VirtioMem>>,
+    pub stats: Arc<MemStats>,
+    pub counters: Arc<DeviceCounters>,
+    pub region: MemRegion,
+}
+
+impl HotplugControl {
+    pub fn info(&self) -> HotplugInfo {
+        let s = &self.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let requests = REQUEST_NAMES
+            .iter()
+            .zip(&s.requests)
+            .map(|(k, row)| {
+                let by = RESULT_NAMES
+                    .iter()
+                    .zip(row)
+                    .map(|(r, c)| (r.to_string(), get(c)))
+                    .collect();
+                (k.to_string(), by)
+            })
+            .collect();
+        HotplugInfo {
+            driver_ready: s.driver_ready.load(Ordering::Relaxed),
+            region_addr: self.region.addr,
+            region_mib: self.region.size / MIB,
+            block_size_mib: self.region.block_size / MIB,
+            plugged_mib: get(&s.plugged_bytes) / MIB,
+            requested_mib: get(&s.requested_bytes) / MIB,
+            requests,
+            slices_added: get(&s.slices_added),
+            slices_removed: get(&s.slices_removed),
+            guest_errors: get(&self.counters.guest_errors),
+        }
+    }
+}
+
 /// What the control plane acts on.
 pub struct VmControl {
     exit: Arc<VmExit>,
     memory: Arc<MemoryManager>,
     balloon: Option<BalloonControl>,
+    hotplug: Option<HotplugControl>,
+    /// What the guest reads on the host-signal port (test guests).
+    signal: Arc<AtomicU32>,
     vcpus: usize,
     mode: FaultMode,
     started: Instant,
@@ -128,6 +198,8 @@ impl VmControl {
         exit: Arc<VmExit>,
         memory: Arc<MemoryManager>,
         balloon: Option<BalloonControl>,
+        hotplug: Option<HotplugControl>,
+        signal: Arc<AtomicU32>,
         vcpus: usize,
         mode: FaultMode,
     ) -> Self {
@@ -135,6 +207,8 @@ impl VmControl {
             exit,
             memory,
             balloon,
+            hotplug,
+            signal,
             vcpus,
             mode,
             started: Instant::now(),
@@ -162,6 +236,7 @@ impl VmControl {
                 discarded_pages: m.discarded_pages,
             },
             balloon: self.balloon.as_ref().map(balloon_info),
+            hotplug: self.hotplug.as_ref().map(HotplugControl::info),
         }
     }
 
@@ -202,6 +277,30 @@ impl VmControl {
         }
         b.stats.stats_interval_s.store(secs, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn hotplug(&self) -> Result<&HotplugControl, ControlError> {
+        self.hotplug
+            .as_ref()
+            .ok_or_else(|| ControlError::not_configured("hotplug memory", "--hotplug SIZE"))
+    }
+
+    pub fn memory_info(&self) -> Result<HotplugInfo, ControlError> {
+        self.hotplug().map(HotplugControl::info)
+    }
+
+    /// Move virtio-mem's `requested_size` (bytes; a multiple of the block
+    /// size, at most the region).
+    pub fn set_requested_memory(&self, bytes: u64) -> Result<(), ControlError> {
+        let h = self.hotplug()?;
+        lock(&h.device)
+            .set_requested(bytes)
+            .map_err(ControlError::bad_request)
+    }
+
+    /// Set what a test guest reads on the host-signal port (1: finish).
+    pub fn signal_guest(&self, value: u32) {
+        self.signal.store(value, Ordering::Release);
     }
 
     /// Stop the VM (as SIGTERM would, but with status 0).

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::control::{BalloonTarget, ControlError, StatsInterval, VmControl};
+use super::control::{BalloonTarget, ControlError, MemoryRequest, StatsInterval, VmControl};
 use crate::exit::VmExit;
 
 /// A client gets this long to send its request headers.
@@ -204,6 +204,7 @@ pub const ROUTES: &[(&str, &[Method])] = &[
     ("/vm/stop", &[Method::PUT]),
     ("/balloon", &[Method::GET, Method::PUT]),
     ("/balloon/statistics", &[Method::PUT]),
+    ("/memory", &[Method::GET, Method::PUT]),
 ];
 
 async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<Bytes>> {
@@ -254,6 +255,22 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
         },
         (Method::PUT, "/balloon/statistics") => match body::<StatsInterval>(req).await {
             Ok(s) => match control.set_balloon_stats_interval(s.interval_s) {
+                Ok(()) => no_content(),
+                Err(e) => from_control(e),
+            },
+            Err(r) => r,
+        },
+        (Method::GET, "/memory") => match control.memory_info() {
+            Ok(i) => json(StatusCode::OK, &i),
+            Err(e) => from_control(e),
+        },
+        (Method::PUT, "/memory") => match body::<MemoryRequest>(req).await {
+            Ok(m) => match m
+                .requested_mib
+                .checked_mul(MIB)
+                .ok_or_else(|| ControlError::bad_request("requested_mib is too large"))
+                .and_then(|b| control.set_requested_memory(b))
+            {
                 Ok(()) => no_content(),
                 Err(e) => from_control(e),
             },

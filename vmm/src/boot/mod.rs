@@ -87,6 +87,9 @@ pub struct BootSpec<'a> {
     /// virtio-mmio devices, announced to Linux on the command line and in the
     /// DSDT.
     pub devices: &'a [MmioDeviceInfo],
+    /// A virtio-mem device exists: Linux onlines hotplugged memory by itself
+    /// (movable, so it can be unplugged again), no userland needed.
+    pub memory_hotplug: bool,
 }
 
 /// Command-line additions on PVM hosts, each for a failure measured there
@@ -197,6 +200,9 @@ pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot
         BootKind::Linux => {
             let rsdp = acpi::setup_acpi(mem, spec.vcpus, spec.devices)?;
             let mut line = linux_cmdline(spec.cmdline, spec.flavor);
+            if spec.memory_hotplug {
+                line.push_str(" memhp_default_state=online_movable");
+            }
             for d in spec.devices {
                 line.push(' ');
                 line.push_str(&virtio_mmio_cmdline(d));

@@ -2,12 +2,13 @@
 //! irqfd), the i8042 reset line, the debug-exit and marker ports, and the
 //! POST-code port Linux uses as an I/O delay.
 
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::marker::{MarkerLog, MarkerPort, MARKER_PORT};
+use super::marker::{MarkerLog, MarkerPort, SignalPort, MARKER_PORT, SIGNAL_PORT};
 use super::{exit_port, i8042, serial, Bus, BusDevice, DeviceError, Sink};
 use crate::config::SerialOut;
 use crate::exit::VmExit;
@@ -22,6 +23,7 @@ pub fn build(
     exit: &Arc<VmExit>,
     out: &SerialOut,
     markers: &Arc<Mutex<MarkerLog>>,
+    signal: &Arc<AtomicU32>,
 ) -> Result<(Bus, serial::SerialInput), DeviceError> {
     let mut pio = Bus::new("port-I/O");
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Io("serial eventfd", e))?;
@@ -59,6 +61,11 @@ pub fn build(
         MARKER_PORT,
         1,
         Arc::new(Mutex::new(MarkerPort(markers.clone()))),
+    )?;
+    pio.insert(
+        SIGNAL_PORT,
+        4,
+        Arc::new(Mutex::new(SignalPort(signal.clone()))),
     )?;
     pio.insert(POST_CODE_PORT, 1, Arc::new(Mutex::new(Sink)))?;
     Ok((pio, input))

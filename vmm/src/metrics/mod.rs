@@ -12,7 +12,7 @@ use serde::Serialize;
 
 pub use http::{MetricsError, MetricsServer};
 
-use crate::api::control::{BalloonControl, BalloonInfo};
+use crate::api::control::{BalloonControl, BalloonInfo, HotplugControl, HotplugInfo};
 use crate::config::FaultMode;
 use crate::devices::virtio::manager::DeviceSummary;
 use crate::fault::stats::{bucket_bound_ns, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS};
@@ -37,6 +37,7 @@ pub struct VmMetrics {
     /// Each virtio device's counters.
     pub devices: Vec<DeviceProbe>,
     pub balloon: Option<BalloonControl>,
+    pub hotplug: Option<HotplugControl>,
 }
 
 impl VmMetrics {
@@ -51,6 +52,7 @@ impl VmMetrics {
             mode,
             devices: Vec::new(),
             balloon: None,
+            hotplug: None,
         }
     }
 
@@ -78,6 +80,7 @@ pub struct MetricsSnapshot {
     pub threads: std::collections::BTreeMap<&'static str, ThreadMetrics>,
     pub devices: Vec<DeviceSummary>,
     pub balloon: Option<BalloonInfo>,
+    pub hotplug: Option<HotplugInfo>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,6 +164,7 @@ impl VmMetrics {
                 .collect(),
             devices: self.devices.iter().map(|f| f()).collect(),
             balloon: self.balloon.as_ref().map(BalloonControl::info),
+            hotplug: self.hotplug.as_ref().map(HotplugControl::info),
         }
     }
 }

@@ -270,6 +270,49 @@ impl Collector for Snap {
                 ConstGauge::new(*v as i64).encode(m.encode_family(&labels)?)?;
             }
         }
+        if let Some(h) = &s.hotplug {
+            gauge(
+                &mut enc,
+                "vmm_hotplug_plugged_bytes",
+                "virtio-mem: bytes plugged",
+                vec![],
+                (h.plugged_mib << 20) as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "vmm_hotplug_requested_bytes",
+                "virtio-mem: requested_size",
+                vec![],
+                (h.requested_mib << 20) as i64,
+            )?;
+            let mut rows = Vec::new();
+            for (kind, by) in &h.requests {
+                for (result, v) in by {
+                    rows.push((
+                        vec![("request", kind.clone()), ("result", result.clone())],
+                        *v,
+                    ));
+                }
+            }
+            counter_family(
+                &mut enc,
+                "vmm_hotplug_requests",
+                "virtio-mem requests, by kind and result",
+                rows,
+            )?;
+            counter_family(
+                &mut enc,
+                "vmm_hotplug_slices_added",
+                "128 MiB slices that became memslots (first block plugged)",
+                vec![(vec![], h.slices_added)],
+            )?;
+            counter_family(
+                &mut enc,
+                "vmm_hotplug_slices_removed",
+                "128 MiB slices whose memslot was removed (last block unplugged)",
+                vec![(vec![], h.slices_removed)],
+            )?;
+        }
         gauge(
             &mut enc,
             "vmm_fault_mode",

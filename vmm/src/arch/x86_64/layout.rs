@@ -48,8 +48,36 @@ pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
     }
 }
 
+/// Alignment of a hotplug region (Linux's x86_64 memory-block size).
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+
+/// Where a hotplug region of `size` bytes goes: above all boot RAM, 128 MiB
+/// aligned, never across the MMIO gap.
+pub fn hotplug_base(mem_size: u64, size: u64) -> u64 {
+    let top = ram_ranges(mem_size)
+        .iter()
+        .map(RamRange::end)
+        .max()
+        .unwrap_or(0);
+    let base = top.next_multiple_of(HOTPLUG_ALIGN);
+    if base < MMIO_GAP_START && base + size > MMIO_GAP_START {
+        MMIO_GAP_END
+    } else {
+        base
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hotplug_regions_sit_above_ram_and_off_the_gap() {
+        use super::*;
+        assert_eq!(hotplug_base(512 << 20, 1 << 30), 512 << 20);
+        assert_eq!(hotplug_base(500 << 20, 128 << 20), 512 << 20);
+        assert_eq!(hotplug_base(2 << 30, 2 << 30), MMIO_GAP_END);
+        assert_eq!(hotplug_base(4 << 30, 1 << 30), 5 << 30);
+    }
+
     use super::*;
 
     #[test]

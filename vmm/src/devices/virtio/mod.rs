@@ -5,7 +5,7 @@
 //! - [`manager`]: MMIO windows and GSIs, interrupts through irqfds, queue
 //!   notifications through ioeventfds served by the event loop (or, where the
 //!   host refuses an ioeventfd, by the vCPU's bus dispatch).
-//! - [`balloon`] is virtio-balloon.
+//! - [`balloon`] is virtio-balloon, [`mem`] virtio-mem.
 //!
 //! Queues are rust-vmm's `virtio-queue` over the guest-memory view the
 //! [`crate::memory::MemoryManager`] publishes; a descriptor on a missing page
@@ -13,6 +13,7 @@
 
 pub mod balloon;
 pub mod manager;
+pub mod mem;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
