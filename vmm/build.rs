@@ -19,7 +19,7 @@ fn main() {
         .status()
         .expect("running make for guest-images (needs make and gcc)");
     assert!(status.success(), "building guest-images failed");
-    for embedded in ["demo.elf", "memstress.elf"] {
+    for embedded in ["demo.elf", "memstress.elf", "memchurn.elf"] {
         let dst = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(embedded);
         std::fs::copy(out.join(embedded), dst).expect("copy an embedded guest");
     }

@@ -29,7 +29,8 @@
 #define POLL_PAUSES     500             /* pause instructions between idle driver loops */
 #define WAIT_ITERS      200000UL        /* used-ring polls before a request times out */
 #define BUSY_RETRIES    1000            /* STATE / UNPLUG_ALL / overplug UNPLUG answered BUSY */
-#define WORKER_WAIT     10000000UL      /* pauses the driver waits for the workers at the end */
+#define HOLD_LOOPS      100             /* loops without PLUG/UNPLUG after a NACK or failure */
+#define WORKER_WAIT     100000000UL     /* pauses the driver waits for the workers at the end */
 #define WORK_CHUNK      (256 * PAGE_SIZE) /* workers look at `done` this often */
 #define MAX_REPORTS     8               /* detail lines for mismatches, all vCPUs together */
 #define BALLOONED_SALT  0x0ba11005ba11UL /* value written into ballooned pages */
@@ -58,7 +59,7 @@ static u64 seed;
 static u32 mem_present;
 static u64 mem_addr, mem_bs, mem_nblocks;
 static u32 mem_hi;                      /* blocks >= mem_hi are FREE */
-static u32 mem_avoid = ~0u;             /* workers take no block >= mem_avoid */
+static u32 mem_avoid;                   /* workers take no block >= mem_avoid */
 static u64 area_base, area_pages, area_per, nworkers, wdiscard;
 static u32 reports;
 
@@ -71,7 +72,7 @@ static struct virtio_mem_resp mresp __attribute__((aligned(64)));
 static u32 bal_present, bal_active, use_ballooned, overplug;
 static u64 pool_base, pool_pages, kept_top;     /* pool pages [kept_top, pool_pages) ballooned */
 static u64 nplugged;                            /* blocks IDLE/INUSE/UNPLUGGING */
-static u64 hold_req, hold;                      /* no PLUG/UNPLUG until requested_size moves */
+static u64 hold_req, hold;                      /* loops without PLUG/UNPLUG after a failure */
 static u32 overplug_done;
 static u64 c_plugs, c_unplugs, c_nacks, c_overplug_acked, c_state_bad, c_errors;
 static u64 c_inflated, c_deflated, c_zero_bad, c_pattern_bad, c_ballooned_writes;
@@ -124,7 +125,7 @@ __attribute__((noinline, cold))
 static void report_mismatch(const char *what, u64 cpu, u64 a, u64 got, u64 want)
 {
     if (may_report())
-        printk("memchurn cpu=%lu %s page 0x%lx got=0x%016lx want=0x%016lx\n", cpu, what, a,
+        printk("memchurn cpu=%lu %s: page 0x%lx got=0x%016lx want=0x%016lx\n", cpu, what, a,
                got, want);
 }
 
@@ -315,8 +316,10 @@ static void inflate(u64 n)
     c_inflated += n;
     write_actual();
     if (use_ballooned) {
-        /* A misbehaving guest: use a page it just gave away. The next deflate of
-         * it must find it zero again. */
+        /* A misbehaving guest: use a page it just gave away. Its content before
+         * the inflate is gone (discarded); what it writes now is undefined for
+         * the device: at the next deflate the page reads either this write or
+         * zero, nothing else. */
         u64 a = pool_addr(kept_top);
         *(volatile u64 *)a = pattern_value(a, seed ^ BALLOONED_SALT);
         c_ballooned_writes++;
@@ -333,7 +336,8 @@ static void deflate(u64 n)
         u64 a = pool_addr(kept_top + k);
         u64 first = *(volatile u64 *)a;
         u64 mid = *(volatile u64 *)(a + PAGE_SIZE / 2);
-        if (first | mid) {
+        int own_write = use_ballooned && first == pattern_value(a, seed ^ BALLOONED_SALT) && !mid;
+        if ((first | mid) && !own_write) {
             if (may_report())
                 printk("memchurn: pool page 0x%lx not zero after deflate: first=0x%016lx "
                        "mid=0x%016lx%s\n", a, first, mid,
@@ -351,14 +355,14 @@ static void deflate(u64 n)
 /* One balloon action; *reached: actual == target. Returns 1 if it did something. */
 static int balloon_step(int *reached, u64 *target_out)
 {
-    static u64 warned = ~0UL;
+    static u64 warned_plus1;            /* last target warned about + 1 (.bss: 0 = none) */
     u64 want = virtio_config_read32(&bal, VIRTIO_BALLOON_CFG_NUM_PAGES), target = want;
 
     if (target > pool_pages) {
-        if (want != warned) {
+        if (want + 1 != warned_plus1) {
             printk("memchurn: warning: balloon target=%lu pages is more than the pool "
                    "(%lu), capped\n", want, pool_pages);
-            warned = want;
+            warned_plus1 = want + 1;
         }
         target = pool_pages;
     }
@@ -435,9 +439,11 @@ static void check_state(u64 b, u16 want)
     }
 }
 
+/* After a NACK or a failed request, PLUG/UNPLUG rest for HOLD_LOOPS driver loops or
+ * until requested_size changes, whichever comes first. */
 static void set_hold(u64 req)
 {
-    hold = 1;
+    hold = HOLD_LOOPS;
     hold_req = req;
 }
 
@@ -475,7 +481,7 @@ static void plug_one(u64 b, u64 req)
         nplugged++;
         check_state(b, VIRTIO_MEM_STATE_PLUGGED);
         u64 a = block_addr(b);
-        c_zero_bad += nonzero_pages(a, a + mem_bs, 1, "re-plugged block not zero:", 0);
+        c_zero_bad += nonzero_pages(a, a + mem_bs, 1, "re-plugged block not zero", 0);
         store32(&blocks[b].state, B_IDLE);      /* written = 0: workers may take it now */
         raise_hi(b);
         break;
@@ -485,7 +491,8 @@ static void plug_one(u64 b, u64 req)
         set_hold(req);
         break;
     case VIRTIO_MEM_RESP_BUSY:
-        break;                                  /* try again next loop */
+        pause_n(POLL_PAUSES);                   /* try again next loop */
+        break;
     default:
         c_errors++;
         set_hold(req);
@@ -518,7 +525,7 @@ static int unplug_one(u64 excess, u64 req)
         u64 a = block_addr(b);
         if (s & B_WRITTEN)
             c_pattern_bad += verify_pages(a, a + mem_bs, seed ^ blocks[b].gen,
-                                          "block before unplug:", 0);
+                                          "block before unplug", 0);
         u32 t = mem_request(VIRTIO_MEM_REQ_UNPLUG, a, 1, 0);
         if (t == VIRTIO_MEM_RESP_ACK) {
             c_unplugs++;
@@ -528,7 +535,9 @@ static int unplug_one(u64 excess, u64 req)
             check_state(b, VIRTIO_MEM_STATE_UNPLUGGED);
         } else {
             store32(&blocks[b].state, s);       /* still plugged as far as we know */
-            if (t != VIRTIO_MEM_RESP_BUSY) {
+            if (t == VIRTIO_MEM_RESP_BUSY) {
+                pause_n(POLL_PAUSES);           /* try again next loop */
+            } else {
                 c_errors++;
                 set_hold(req);
                 if (may_report())
@@ -545,8 +554,10 @@ static int unplug_one(u64 excess, u64 req)
 static void try_overplug(u64 b)
 {
     u32 t = mem_request(VIRTIO_MEM_REQ_PLUG, block_addr(b), 1, 0);
-    if (t == VIRTIO_MEM_RESP_BUSY)
-        return;                                 /* try again next loop */
+    if (t == VIRTIO_MEM_RESP_BUSY) {
+        pause_n(POLL_PAUSES);                   /* try again next loop */
+        return;
+    }
     overplug_done = 1;
     if (t == VIRTIO_MEM_RESP_NACK) {
         c_nacks++;
@@ -581,8 +592,8 @@ static int mem_step(int *reached, u64 *target_out)
     u64 tb = min_u64(req / mem_bs, mem_nblocks);
     int did = 0;
 
-    if (hold && req != hold_req)
-        hold = 0;
+    if (hold)
+        hold = req != hold_req ? 0 : hold - 1;
     *target_out = tb * mem_bs;
     if (nplugged > tb) {
         did = unplug_one(nplugged - tb, req);
@@ -595,12 +606,17 @@ static int mem_step(int *reached, u64 *target_out)
                 plug_one((u64)b, req);
                 did = 1;
             }
-        } else if (nplugged == tb && tb > 0 && overplug && !overplug_done) {
-            i64 b = lowest_free();
-            if (b >= 0) {
-                try_overplug((u64)b);
-                did = 1;
-            }
+        }
+    }
+    /* The over-plug goes out in the same loop that reached the target (the host
+     * may move requested_size as soon as plugged_size matches it), and only if
+     * requested_size still says the same. */
+    if (overplug && !overplug_done && tb > 0 && nplugged == tb &&
+        virtio_config_read64(&mem, VIRTIO_MEM_CFG_REQUESTED_SIZE) == req) {
+        i64 b = lowest_free();
+        if (b >= 0) {
+            try_overplug((u64)b);
+            did = 1;
         }
     }
     *reached = nplugged == tb;
@@ -808,6 +824,7 @@ static NORETURN void driver(u64 ncpus, u64 memsize, const char *cmdline)
 
     if (bal_active)
         fill_pages(pool_base, pool_addr(pool_pages), seed);
+    store32(&mem_avoid, ~0u);
     store32(&ready, 1);
 
     /* ---- follow the targets ---- */
@@ -866,12 +883,12 @@ static NORETURN void driver(u64 ncpus, u64 memsize, const char *cmdline)
         if (s == (B_IDLE | B_WRITTEN)) {
             u64 a = block_addr(b);
             c_pattern_bad += verify_pages(a, a + mem_bs, seed ^ blocks[b].gen,
-                                          "block at the end:", 0);
+                                          "block at the end", 0);
         }
     }
     if (bal_active)
         c_pattern_bad += verify_pages(pool_base, pool_addr(kept_top), seed,
-                                      "kept pool page:", 0);
+                                      "kept pool page", 0);
     print_done(nsteps, &w);
     int ok = c_zero_bad == 0 && c_pattern_bad == 0 && c_state_bad == 0 && c_errors == 0 &&
              c_overplug_acked == 0 && w.bad == 0 && w.zero_bad == 0;

@@ -34,5 +34,9 @@ pub mod vm;
 /// The memory stress guest (`guest-images/memstress`), used by benchmarks.
 pub static MEMSTRESS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf"));
 
+/// The churn guest (`guest-images/memchurn`), used by benchmarks and `vmm
+/// stress`.
+pub static MEMCHURN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memchurn.elf"));
+
 /// The default guest embedded in the binary (built from `guest-images/demo`).
 pub static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));

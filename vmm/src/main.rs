@@ -92,6 +92,8 @@ enum BalloonCmd {
 enum BenchCmd {
     /// Fault throughput and latency under each fault mode.
     Faults(BenchArgs),
+    /// Balloon inflate/deflate rates and fault latency while inflating.
+    Balloon(vmm::bench::balloon::BalloonBenchArgs),
 }
 
 #[derive(Parser)]
@@ -294,6 +296,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Bench(BenchCmd::Faults(a)) => match bench::faults(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm: bench: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Bench(BenchCmd::Balloon(a)) => match vmm::bench::balloon::run(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vmm: bench: {e}");

@@ -305,6 +305,11 @@ impl Vm {
         &self.memory
     }
 
+    /// The per-thread fault counters (what the metrics endpoint reads).
+    pub fn metrics(&self) -> &Arc<VmMetrics> {
+        &self.metrics
+    }
+
     /// The control plane (what the API serves; tests and `vmm stress` use it
     /// directly).
     pub fn control(&self) -> &Arc<VmControl> {

@@ -92,6 +92,11 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Owner-only store.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// Counters of one fault-serving thread (a vCPU or a handler thread).
@@ -113,6 +118,8 @@ pub struct FaultStats {
     pub latency_buckets: [Counter; LATENCY_BUCKETS],
     pub latency_sum_ns: Counter,
     pub latency_count: Counter,
+    /// The slowest fault (ns): a stuck fault shows here.
+    pub latency_max_ns: Counter,
     /// Exits by [`ExitKind`] (vCPU threads only).
     pub exits: [Counter; EXIT_KIND_COUNT],
 }
@@ -123,6 +130,9 @@ impl FaultStats {
         self.latency_buckets[bucket_of(ns)].add(1);
         self.latency_sum_ns.add(ns);
         self.latency_count.add(1);
+        if ns > self.latency_max_ns.get() {
+            self.latency_max_ns.set(ns);
+        }
     }
 
     pub fn faults(&self) -> u64 {
@@ -142,6 +152,7 @@ impl FaultStats {
             latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
             latency_sum_ns: self.latency_sum_ns.get(),
             latency_count: self.latency_count.get(),
+            latency_max_ns: self.latency_max_ns.get(),
             exits: std::array::from_fn(|i| self.exits[i].get()),
         }
     }
@@ -160,6 +171,7 @@ pub struct FaultSnapshot {
     pub latency_buckets: [u64; LATENCY_BUCKETS],
     pub latency_sum_ns: u64,
     pub latency_count: u64,
+    pub latency_max_ns: u64,
     pub exits: [u64; EXIT_KIND_COUNT],
 }
 
@@ -183,8 +195,32 @@ impl FaultSnapshot {
         }
         self.latency_sum_ns += o.latency_sum_ns;
         self.latency_count += o.latency_count;
+        self.latency_max_ns = self.latency_max_ns.max(o.latency_max_ns);
         for i in 0..self.exits.len() {
             self.exits[i] += o.exits[i];
+        }
+    }
+
+    /// What happened between `earlier` and this snapshot (counters only go
+    /// up; a counter that went down counts 0).
+    pub fn since(&self, earlier: &FaultSnapshot) -> FaultSnapshot {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        FaultSnapshot {
+            by_kind: std::array::from_fn(|i| d(self.by_kind[i], earlier.by_kind[i])),
+            speculative_installs: d(self.speculative_installs, earlier.speculative_installs),
+            retries: d(self.retries, earlier.retries),
+            slow_path_installs: d(self.slow_path_installs, earlier.slow_path_installs),
+            already_present: d(self.already_present, earlier.already_present),
+            pages_installed: d(self.pages_installed, earlier.pages_installed),
+            source_bytes: d(self.source_bytes, earlier.source_bytes),
+            latency_buckets: std::array::from_fn(|i| {
+                d(self.latency_buckets[i], earlier.latency_buckets[i])
+            }),
+            latency_sum_ns: d(self.latency_sum_ns, earlier.latency_sum_ns),
+            latency_count: d(self.latency_count, earlier.latency_count),
+            // The max over the whole run: not a difference.
+            latency_max_ns: self.latency_max_ns,
+            exits: std::array::from_fn(|i| d(self.exits[i], earlier.exits[i])),
         }
     }
 

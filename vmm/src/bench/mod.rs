@@ -1,6 +1,7 @@
-//! `vmm bench faults`: the same guest under each fault mode, in one run,
-//! printed side by side. Times are ratios' raw material, not absolutes (the
-//! machines are shared).
+//! Benchmarks, each printing its numbers side by side from one run (times
+//! are ratios' raw material, not absolutes: the machines are shared).
+//!
+//! `vmm bench faults`: the same guest under each fault mode.
 //!
 //! The guest is `memstress` (mode 0, one round): every vCPU writes one word
 //! per page over its share of `pages` pages, then writes the marker port.
@@ -10,6 +11,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub mod balloon;
 
 use clap::Parser;
 

@@ -1,0 +1,333 @@
+//! virtio-mem on real KVM: memslots that come and go while vCPUs fault.
+//! The `memchurn` guest follows `requested_size` (plug/unplug block by
+//! block, patterns written and checked, re-plugged blocks read zero) while
+//! its worker vCPUs fault in plugged blocks; the host moves the size through
+//! the control plane and checks I1/I6 with mincore at every step. Linux's
+//! own driver follows 0 -> 256 MiB -> 128 MiB -> 0.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::inproc::{config, field, host_mode, text};
+use vmm::config::HotplugOptions;
+use vmm::exit::ExitReason;
+use vmm::memory::{resident_pages, MemoryManager, Slot};
+use vmm::vm::{RunReport, Vm};
+
+const MIB: u64 = 1 << 20;
+const SLICE: u64 = 128 * MIB;
+
+fn hotplug(size: u64) -> Option<HotplugOptions> {
+    Some(HotplugOptions {
+        size,
+        block_size: 2 * MIB,
+    })
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// I1 and I6 by mincore: every unplugged block of a present slice has no
+/// resident page, and every slice seen before and no longer a memslot has
+/// none either (its mapping is kept alive by `seen`). Returns the checks made.
+fn check_unplugged_empty(
+    memory: &MemoryManager,
+    region: (u64, u64),
+    seen: &mut Vec<Arc<Slot>>,
+) -> u64 {
+    let (base, size) = region;
+    let snap = memory.snapshot();
+    let mut checks = 0;
+    for s in snap
+        .slots
+        .iter()
+        .filter(|s| s.gpa >= base && s.gpa < base + size)
+    {
+        if !seen.iter().any(|x| Arc::ptr_eq(x, s)) {
+            seen.push(s.clone());
+        }
+        let block = s.block_size().unwrap();
+        for b in 0..s.size / block {
+            let gpa = s.gpa + b * block;
+            // Read the plugged bit, then residency: a block plugged after
+            // the bit was read may legitimately gain pages.
+            if !s.is_plugged(s.page_index(gpa)) {
+                let n = resident_pages(s.backing.hva() + b * block, block);
+                if n != 0 && !s.is_plugged(s.page_index(gpa)) {
+                    panic!("I6: {n} pages resident in unplugged block {gpa:#x}");
+                }
+                checks += 1;
+            }
+        }
+    }
+    for s in seen.iter() {
+        if !snap.slots.iter().any(|x| Arc::ptr_eq(x, s)) {
+            let n = resident_pages(s.backing.hva(), s.size);
+            assert_eq!(n, 0, "I1: {n} pages resident in removed slice {:#x}", s.gpa);
+            checks += 1;
+        }
+    }
+    checks
+}
+
+/// I4: each fault served on a vCPU ended installed or already present.
+fn assert_faults_accounted(report: &RunReport) {
+    for (i, s) in report.vcpus.iter().enumerate() {
+        assert_eq!(
+            s.faults(),
+            s.speculative_installs + s.slow_path_installs + s.already_present,
+            "vCPU {i}: faults not all accounted for: {s:?}"
+        );
+    }
+}
+
+/// The guest follows 64 MiB -> 16 MiB -> 0 with one worker faulting in its
+/// blocks, and tries once to plug beyond requested_size (NACKed).
+#[test]
+fn test_guest_follows_requested_size() {
+    let (mut c, out) = config("memchurn", 2, 128 * MIB, "steps=3 overplug=1", host_mode());
+    c.hotplug = hotplug(256 * MIB);
+    let vm = Vm::new(c).unwrap();
+    let control = vm.control().clone();
+    let memory = vm.memory().clone();
+    let region = {
+        let m = control.memory_info().unwrap();
+        (m.region_addr, m.region_mib * MIB)
+    };
+    let driver = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut checks = 0;
+        for mib in [64, 16, 0] {
+            control.set_requested_memory(mib * MIB).unwrap();
+            wait_for("plugged_size to follow", Duration::from_secs(300), || {
+                control.memory_info().unwrap().plugged_mib == mib
+            });
+            if mib == 64 {
+                // The guest tries one plug beyond the target once it is
+                // reached: hold the target until the device has NACKed it.
+                wait_for("the over-plug", Duration::from_secs(60), || {
+                    control.memory_info().unwrap().requests["plug"]["nack"] == 1
+                });
+            }
+            checks += check_unplugged_empty(&memory, region, &mut seen);
+        }
+        (checks, control.memory_info().unwrap())
+    });
+    let report = vm.run().unwrap();
+    let (checks, info) = driver.join().unwrap();
+    let out = text(&out);
+    assert_eq!(report.reason, ExitReason::GuestStatus(0), "{out}");
+    let done = "memchurn: done";
+    for k in [
+        "zero_bad",
+        "pattern_bad",
+        "state_bad",
+        "errors",
+        "overplug_acked",
+        "worker_bad",
+    ] {
+        assert_eq!(field(&out, done, k), Some(0), "{k}: {out}");
+    }
+    assert_eq!(field(&out, done, "plugs"), Some(32), "{out}");
+    assert_eq!(field(&out, done, "unplugs"), Some(32), "{out}");
+    assert_eq!(
+        field(&out, done, "nacks"),
+        Some(1),
+        "the over-plug was not NACKed: {out}"
+    );
+    assert!(checks > 0);
+    // The device's view agrees with the guest's.
+    assert_eq!(info.requests["plug"]["ack"], 32);
+    assert_eq!(info.requests["plug"]["nack"], 1);
+    assert_eq!(info.requests["unplug"]["ack"], 32);
+    assert!(info.slices_added >= 1 && info.slices_added == info.slices_removed);
+    assert_faults_accounted(&report);
+}
+
+/// Two vCPUs fault continuously in plugged blocks while the host moves
+/// requested_size up and down 100 times (and a host thread adds and removes
+/// another memslot as fast as it can, so that faults really race generation
+/// changes): no lost write (I2), every re-plugged block reads zero (I3), no
+/// resident page in an unplugged block or a removed slice (I1/I6, mincore at
+/// every step), retries happened (the race is real) and every fault ended
+/// installed (I4).
+#[test]
+fn faults_survive_100_resizes() {
+    let seed: u64 = std::env::var("VMM_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x00c0_ffee);
+    eprintln!("seed {seed:#x}");
+    let (mut c, out) = config(
+        "memchurn",
+        3,
+        128 * MIB,
+        &format!("seed={seed}"),
+        host_mode(),
+    );
+    c.hotplug = hotplug(384 * MIB);
+    let vm = Vm::new(c).unwrap();
+    let control = vm.control().clone();
+    let memory = vm.memory().clone();
+    let region = {
+        let m = control.memory_info().unwrap();
+        (m.region_addr, m.region_mib * MIB)
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (memory, stop) = (memory.clone(), stop.clone());
+        let gpa = 8 << 30;
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                memory
+                    .add_slot(vmm::memory::NewSlot {
+                        gpa,
+                        size: 2 * MIB,
+                        source: vmm::memory::PageSource::Zero,
+                        block_size: None,
+                    })
+                    .unwrap();
+                memory.remove_slot(gpa).unwrap();
+                n += 2;
+                // About 1000 changes a second: the race stays likely and
+                // the vCPUs keep a host core.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let driver = std::thread::spawn(move || {
+        let mut rng = seed | 1;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut seen = Vec::new();
+        let mut checks = 0;
+        let mut last = 0;
+        for i in 0..100 {
+            // Alternate up and down across slice boundaries.
+            let mib = if i % 2 == 0 {
+                64 + (next() % 5) * 40
+            } else {
+                (next() % 4) * 16
+            };
+            let mib = if mib == last { (mib + 40) % 384 } else { mib };
+            last = mib;
+            control.set_requested_memory(mib * MIB).unwrap();
+            wait_for("plugged_size to follow", Duration::from_secs(300), || {
+                control.memory_info().unwrap().plugged_mib == mib
+            });
+            checks += check_unplugged_empty(&memory, region, &mut seen);
+        }
+        control.signal_guest(1);
+        (checks, control.memory_info().unwrap())
+    });
+    let report = vm.run().unwrap();
+    let (checks, info) = driver.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    let out = text(&out);
+    assert_eq!(report.reason, ExitReason::GuestStatus(0), "{out}");
+    assert!(churned > 100, "only {churned} extra memslot changes");
+    let done = "memchurn: done";
+    for k in [
+        "zero_bad",
+        "pattern_bad",
+        "state_bad",
+        "errors",
+        "worker_bad",
+    ] {
+        assert_eq!(field(&out, done, k), Some(0), "{k}: {out}");
+    }
+    let rounds = field(&out, done, "worker_rounds").unwrap();
+    assert!(
+        rounds >= 100,
+        "workers faulted in only {rounds} blocks: {out}"
+    );
+    let retries: u64 = report.vcpus.iter().map(|s| s.retries).sum();
+    assert!(
+        retries > 0,
+        "no fault retried across {} memslot changes",
+        report.memory.memslot_changes
+    );
+    assert!(info.slices_added >= 10, "{info:?}");
+    assert!(checks > 1000, "only {checks} mincore checks");
+    assert_faults_accounted(&report);
+    eprintln!(
+        "rounds {rounds}, retries {retries}, memslot changes {}, mincore checks {checks}",
+        report.memory.memslot_changes
+    );
+}
+
+fn linux_file(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-images/out/linux")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build.sh",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+/// Linux's virtio-mem driver (microVM kernel, `idle` /init) follows
+/// requested_size 0 -> 256 MiB -> 128 MiB -> 0; the memory comes online by
+/// itself (memhp_default_state=online_movable) and goes again.
+#[test]
+fn linux_driver_follows_requested_size() {
+    let out: common::inproc::Output = Default::default();
+    let mut c = vmm::config::VmConfig::new(Some(linux_file("bzImage-micro").into()));
+    c.initrd = Some(linux_file("initramfs-idle.cpio").into());
+    c.vcpus = 1;
+    c.mem_size = 256 * MIB;
+    c.cmdline = "console=ttyS0".into();
+    c.fault_mode = Some(host_mode());
+    c.serial = vmm::config::SerialOut::Capture(out.clone());
+    c.hotplug = hotplug(512 * MIB);
+    let vm = Vm::new(c).unwrap();
+    let control = vm.control().clone();
+    let driver = std::thread::spawn(move || {
+        let info = || control.memory_info().unwrap();
+        wait_for(
+            "Linux's virtio-mem driver",
+            Duration::from_secs(600),
+            || info().driver_ready,
+        );
+        let mut steps = Vec::new();
+        for mib in [256, 128, 0] {
+            let t0 = Instant::now();
+            control.set_requested_memory(mib * MIB).unwrap();
+            wait_for("plugged_size to follow", Duration::from_secs(900), || {
+                info().plugged_mib == mib
+            });
+            steps.push((mib, t0.elapsed()));
+        }
+        let i = info();
+        control.stop();
+        (steps, i)
+    });
+    let report = vm.run().unwrap();
+    let (steps, info) = driver.join().unwrap();
+    let console = text(&out);
+    assert_eq!(report.reason, ExitReason::Stopped, "{console}");
+    eprintln!("steps (MiB, time): {steps:?}");
+    assert!(console.contains("virtio_mem"), "{console}");
+    assert!(info.slices_added >= 2, "{info:?}");
+    assert_eq!(info.slices_added, info.slices_removed, "{info:?}");
+    assert!(report.memory.memslot_changes >= 4);
+    assert_eq!(info.requests["plug"]["error"], 0, "{info:?}");
+    assert_eq!(info.requests["unplug"]["error"], 0, "{info:?}");
+}
