@@ -18,7 +18,6 @@ use vmm::memory::{resident_pages, MemoryManager, Slot};
 use vmm::vm::{RunReport, Vm};
 
 const MIB: u64 = 1 << 20;
-const SLICE: u64 = 128 * MIB;
 
 fn hotplug(size: u64) -> Option<HotplugOptions> {
     Some(HotplugOptions {
