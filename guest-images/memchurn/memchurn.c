@@ -46,7 +46,7 @@ struct mblock {
 };
 
 struct wslot {                          /* one per worker, read by the driver at the end */
-    u64 rounds, bad, zero_checks, zero_bad;
+    u64 rounds, bad, zero_checks, zero_bad, verified;
     u32 reported;
 } __attribute__((aligned(64)));
 
@@ -76,6 +76,7 @@ static u64 hold_req, hold;                      /* loops without PLUG/UNPLUG aft
 static u32 overplug_done;
 static u64 c_plugs, c_unplugs, c_nacks, c_overplug_acked, c_state_bad, c_errors;
 static u64 c_inflated, c_deflated, c_zero_bad, c_pattern_bad, c_ballooned_writes;
+static u64 c_zero_checks, c_verified;    /* pages the driver checked for zero / pattern */
 
 /* ------------------------------------------------------------- helpers */
 
@@ -161,7 +162,7 @@ static u64 nonzero_pages(u64 a, u64 end, int mid, const char *what, u64 cpu)
 /* ---------------------------------------------------------------- workers */
 
 struct wcount {
-    u64 rounds, bad, zero_checks, zero_bad;
+    u64 rounds, bad, zero_checks, zero_bad, verified;
 };
 
 /* One virtio-mem block: take an IDLE one, write its pages, verify, give it back.
@@ -197,6 +198,7 @@ static int worker_block(u64 cpu, u32 *next, struct wcount *c)
             for (a = base; a != end;) {
                 u64 stop = min_u64(a + WORK_CHUNK, end);
                 c->bad += verify_pages(a, stop, ps, "block", cpu);
+                c->verified += (stop - a) >> PAGE_SHIFT;
                 a = stop;
                 if (a != end && load32(&done))
                     break;
@@ -218,33 +220,54 @@ static int worker_block(u64 cpu, u32 *next, struct wcount *c)
     return 0;
 }
 
-/* One epoch over this worker's share of the boot-RAM area. */
+/* Visit order of a worker's area pages: sequential, or a permutation
+ * (index i -> (i * RANDOM_STEP + offset) mod n, RANDOM_STEP a prime larger than
+ * any share, so coprime with n). wpattern: 0 sequential, 1 random, 2 mixed
+ * (random on odd epochs). */
+#define RANDOM_STEP 1000003UL
+static u64 wpattern;
+
+static int epoch_random(u64 e)
+{
+    return wpattern == 1 || (wpattern == 2 && (e & 1));
+}
+
+/* Page address of visit i of n pages from base in epoch e. */
+static u64 visit(u64 base, u64 n, u64 i, u64 e, int random)
+{
+    if (!random)
+        return base + (i << PAGE_SHIFT);
+    return base + ((((i * RANDOM_STEP) % n) + e * 7919) % n << PAGE_SHIFT);
+}
+
+/* One epoch over this worker's share of the boot-RAM area: (with wdiscard)
+ * check every page reads zero after the host's discard, write the epoch's
+ * pattern, verify it, then tell the host (marker) the epoch is done. */
 static void worker_area(u64 cpu, u64 base, u64 end, u64 e, struct wcount *c)
 {
-    u64 ps = seed ^ (cpu << 32) ^ e, a;
+    u64 ps = seed ^ (cpu << 32) ^ e, n = (end - base) >> PAGE_SHIFT, i;
+    int rnd = epoch_random(e);
 
     if (wdiscard && e > 1) {
-        for (a = base; a != end;) {
-            u64 stop = min_u64(a + WORK_CHUNK, end);
-            c->zero_checks += (stop - a) >> PAGE_SHIFT;
-            c->zero_bad += nonzero_pages(a, stop, 0, "area not discarded", cpu);
-            a = stop;
-            if (load32(&done))
+        for (i = 0; i < n; i++) {
+            u64 a = visit(base, n, i, e, rnd);
+            c->zero_checks++;
+            c->zero_bad += nonzero_pages(a, a + PAGE_SIZE, 0, "area not discarded", cpu);
+            if ((i & 255) == 255 && load32(&done))
                 return;
         }
     }
-    for (a = base; a != end;) {
-        u64 stop = min_u64(a + WORK_CHUNK, end);
-        fill_pages(a, stop, ps);
-        a = stop;
-        if (load32(&done))
+    for (i = 0; i < n; i++) {
+        u64 a = visit(base, n, i, e, rnd);
+        fill_pages(a, a + PAGE_SIZE, ps);
+        if ((i & 255) == 255 && load32(&done))
             return;
     }
-    for (a = base; a != end;) {
-        u64 stop = min_u64(a + WORK_CHUNK, end);
-        c->bad += verify_pages(a, stop, ps, "area", cpu);
-        a = stop;
-        if (a != end && load32(&done))
+    for (i = 0; i < n; i++) {
+        u64 a = visit(base, n, i, e, rnd);
+        c->bad += verify_pages(a, a + PAGE_SIZE, ps, "area", cpu);
+        c->verified++;
+        if ((i & 255) == 255 && i + 1 != n && load32(&done))
             return;
     }
     marker(0x100 + (u32)cpu);
@@ -283,6 +306,7 @@ static NORETURN void worker(u64 cpu)
     s->bad = c.bad;
     s->zero_checks = c.zero_checks;
     s->zero_bad = c.zero_bad;
+    s->verified = c.verified;
     store32(&s->reported, 1);
     halt_forever();
 }
@@ -337,6 +361,7 @@ static void deflate(u64 n)
         u64 first = *(volatile u64 *)a;
         u64 mid = *(volatile u64 *)(a + PAGE_SIZE / 2);
         int own_write = use_ballooned && first == pattern_value(a, seed ^ BALLOONED_SALT) && !mid;
+        c_zero_checks++;
         if ((first | mid) && !own_write) {
             if (may_report())
                 printk("memchurn: pool page 0x%lx not zero after deflate: first=0x%016lx "
@@ -482,6 +507,7 @@ static void plug_one(u64 b, u64 req)
         check_state(b, VIRTIO_MEM_STATE_PLUGGED);
         u64 a = block_addr(b);
         c_zero_bad += nonzero_pages(a, a + mem_bs, 1, "re-plugged block not zero", 0);
+        c_zero_checks += mem_bs >> PAGE_SHIFT;
         store32(&blocks[b].state, B_IDLE);      /* written = 0: workers may take it now */
         raise_hi(b);
         break;
@@ -523,9 +549,11 @@ static int unplug_one(u64 excess, u64 req)
         if ((s & B_KIND) != B_IDLE || !cas32(&blocks[b].state, &s, B_UNPLUGGING))
             continue;
         u64 a = block_addr(b);
-        if (s & B_WRITTEN)
+        if (s & B_WRITTEN) {
             c_pattern_bad += verify_pages(a, a + mem_bs, seed ^ blocks[b].gen,
                                           "block before unplug", 0);
+            c_verified += mem_bs >> PAGE_SHIFT;
+        }
         u32 t = mem_request(VIRTIO_MEM_REQ_UNPLUG, a, 1, 0);
         if (t == VIRTIO_MEM_RESP_ACK) {
             c_unplugs++;
@@ -734,11 +762,13 @@ static void print_done(u64 steps, const struct wcount *w)
         "steps", "plugs", "unplugs", "nacks", "overplug_acked", "state_bad", "errors",
         "inflated", "deflated", "zero_bad", "pattern_bad", "ballooned_writes",
         "worker_rounds", "worker_bad", "worker_zero_checks", "worker_zero_bad",
+        "zero_checks", "verified",
     };
     const u64 vals[] = {
         steps, c_plugs, c_unplugs, c_nacks, c_overplug_acked, c_state_bad, c_errors,
         c_inflated, c_deflated, c_zero_bad, c_pattern_bad, c_ballooned_writes,
         w->rounds, w->bad, w->zero_checks, w->zero_bad,
+        c_zero_checks, c_verified + w->verified,
     };
     /* Longer than printk's 256-byte buffer: written under the serial lock. */
     serial_lock();
@@ -764,6 +794,7 @@ static NORETURN void driver(u64 ncpus, u64 memsize, const char *cmdline)
     u64 ram_top = min_u64(memsize, RAM_GAP);
     seed = cmdline_u64(cmdline, "seed", 1);
     wdiscard = cmdline_u64(cmdline, "wdiscard", 0);
+    wpattern = cmdline_u64(cmdline, "wpattern", 0);
     overplug = cmdline_u64(cmdline, "overplug", 0) != 0;
     use_ballooned = cmdline_u64(cmdline, "use_ballooned", 0) != 0;
     nworkers = ncpus - 1;
@@ -877,6 +908,7 @@ static NORETURN void driver(u64 ncpus, u64 memsize, const char *cmdline)
         w.bad += wslots[c].bad;
         w.zero_checks += wslots[c].zero_checks;
         w.zero_bad += wslots[c].zero_bad;
+        w.verified += wslots[c].verified;
     }
     for (u64 b = 0; b < mem_nblocks; b++) {
         u32 s = load32(&blocks[b].state);
@@ -884,11 +916,14 @@ static NORETURN void driver(u64 ncpus, u64 memsize, const char *cmdline)
             u64 a = block_addr(b);
             c_pattern_bad += verify_pages(a, a + mem_bs, seed ^ blocks[b].gen,
                                           "block at the end", 0);
+            c_verified += mem_bs >> PAGE_SHIFT;
         }
     }
-    if (bal_active)
+    if (bal_active) {
         c_pattern_bad += verify_pages(pool_base, pool_addr(kept_top), seed,
                                       "kept pool page", 0);
+        c_verified += kept_top;
+    }
     print_done(nsteps, &w);
     int ok = c_zero_bad == 0 && c_pattern_bad == 0 && c_state_bad == 0 && c_errors == 0 &&
              c_overplug_acked == 0 && w.bad == 0 && w.zero_bad == 0;
