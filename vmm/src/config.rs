@@ -135,6 +135,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// A virtio-mem device.
     pub hotplug: Option<HotplugOptions>,
+    /// Testing: every Nth install attempt answers EAGAIN.
+    pub inject_eagain_every: Option<u32>,
+    /// Keep serving metrics this long after the VM stops (a last scrape).
+    pub metrics_linger: std::time::Duration,
 }
 
 /// `--hotplug SIZE [--hotplug-block SIZE]`.
@@ -176,6 +180,8 @@ impl VmConfig {
             balloon: None,
             api_socket: None,
             hotplug: None,
+            inject_eagain_every: None,
+            metrics_linger: std::time::Duration::ZERO,
         }
     }
 }

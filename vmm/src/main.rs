@@ -31,6 +31,9 @@ enum Command {
     Bench(BenchCmd),
     /// Talk to a running VMM's control API.
     Ctl(CtlArgs),
+    /// Balloon and hotplug churn while every vCPU faults, with the
+    /// invariants counted (exit status 1 on any violation).
+    Stress(vmm::stress::StressArgs),
 }
 
 #[derive(Parser)]
@@ -211,6 +214,8 @@ fn run(a: RunArgs) -> ExitCode {
             size,
             block_size: a.hotplug_block,
         }),
+        inject_eagain_every: None,
+        metrics_linger: std::time::Duration::ZERO,
     };
     match Vm::new(config).and_then(|vm| vm.run()) {
         Ok(report) => {
@@ -310,5 +315,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Ctl(a) => ctl(a),
+        Command::Stress(a) => match vmm::stress::run(&a) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("vmm: stress: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }

@@ -209,7 +209,13 @@ impl Vm {
         )?;
         drop(initrd);
 
-        let engine = fault::setup(mode, &memory, &exit, config.fault_around)?;
+        let engine = fault::setup(
+            mode,
+            &memory,
+            &exit,
+            config.fault_around,
+            config.inject_eagain_every,
+        )?;
         // Bind the metrics endpoint before anything runs: a port in use is
         // an error now, not after the guest started.
         let metrics_server = match config.metrics_addr {
@@ -339,13 +345,16 @@ impl Vm {
             }
             _ => Vec::new(),
         };
+        let linger = self.config.metrics_linger;
         let server = match self.metrics_server.take() {
             Some(s) => Some(
-                s.spawn(self.metrics.clone(), self.exit.clone())
+                s.spawn(self.metrics.clone(), self.exit.clone(), linger)
                     .map_err(VmError::Thread)?,
             ),
             None => None,
         };
+        // A lingering metrics server is left to end by itself.
+        let server = server.filter(|_| linger.is_zero());
         let api = match self.api_server.take() {
             Some(s) => {
                 eprintln!("vmm: API on {}", s.path().display());

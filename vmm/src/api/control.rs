@@ -298,6 +298,14 @@ impl VmControl {
             .map_err(ControlError::bad_request)
     }
 
+    /// Ballooned pages the guest has touched since giving them (0 without a
+    /// balloon).
+    pub fn balloon_touched_pages(&self) -> u64 {
+        self.balloon
+            .as_ref()
+            .map_or(0, |b| lock(&b.device).touched_pages())
+    }
+
     /// Set what a test guest reads on the host-signal port (1: finish).
     pub fn signal_guest(&self, value: u32) {
         self.signal.store(value, Ordering::Release);

@@ -96,6 +96,8 @@ pub struct FaultCtx {
     pub stats: Arc<FaultStats>,
     /// Page number of this thread's last fault, for sequential detection.
     last_page: u64,
+    /// Install attempts, for injected failures.
+    attempts: u64,
 }
 
 impl FaultCtx {
@@ -104,6 +106,7 @@ impl FaultCtx {
             bounce: Box::new(Page([0; PAGE_SIZE as usize])),
             stats,
             last_page: u64::MAX - 1,
+            attempts: 0,
         }
     }
 }
@@ -125,6 +128,9 @@ pub struct FaultEngine {
     /// Pages installed per fault on a sequential pattern (1 = off).
     fault_around: u64,
     zeros: Box<[Page]>,
+    /// Testing: every Nth install attempt answers EAGAIN, as if a discard
+    /// were in flight.
+    inject_eagain: Option<u32>,
 }
 
 impl FaultEngine {
@@ -145,7 +151,14 @@ impl FaultEngine {
             zeros: (0..fault_around)
                 .map(|_| Page([0; PAGE_SIZE as usize]))
                 .collect(),
+            inject_eagain: None,
         }
+    }
+
+    /// Testing: make every `n`th install attempt fail with EAGAIN (as if a
+    /// discard were in flight), to exercise the retry path under load.
+    pub fn inject_eagain_every(&mut self, n: u32) {
+        self.inject_eagain = Some(n.max(1));
     }
 
     pub fn memory(&self) -> &Arc<MemoryManager> {
@@ -283,6 +296,12 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         content: Content<()>,
         _held: &InstallGuard<'_>,
     ) -> Result<Install, InstallError> {
+        if let Some(n) = self.engine.inject_eagain {
+            self.ctx.attempts += 1;
+            if self.ctx.attempts.is_multiple_of(u64::from(n)) {
+                return Ok(Install::Again);
+            }
+        }
         let hva = slot.backing.hva() + (page - slot.gpa);
         let fd = self.engine.uffd.as_raw_fd();
         let wake = self.engine.wake == Wake::Waiters;

@@ -60,6 +60,7 @@ pub fn setup(
     memory: &Arc<MemoryManager>,
     exit: &Arc<VmExit>,
     fault_around: u64,
+    inject_eagain: Option<u32>,
 ) -> Result<Option<Arc<FaultEngine>>, FaultSetupError> {
     let wake = match mode {
         FaultMode::Vcpu => Wake::Nobody,
@@ -79,13 +80,12 @@ pub fn setup(
     }
     let uffd = Arc::new(b.create().map_err(FaultSetupError::Uffd)?);
     memory.attach_uffd(uffd.clone())?;
-    let engine = Arc::new(FaultEngine::new(
-        memory.clone(),
-        uffd,
-        exit.clone(),
-        wake,
-        fault_around,
-    ));
+    let mut engine = FaultEngine::new(memory.clone(), uffd, exit.clone(), wake, fault_around);
+    if let Some(n) = inject_eagain {
+        log::warn!("fault injection: every {n}th install answers EAGAIN");
+        engine.inject_eagain_every(n);
+    }
+    let engine = Arc::new(engine);
     if wake == Wake::Nobody {
         sigbus::register(&engine).map_err(FaultSetupError::Sigbus)?;
     }

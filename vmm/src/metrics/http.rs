@@ -67,10 +67,13 @@ impl MetricsServer {
     }
 
     /// Serve until the VM stops.
+    /// Serve until the VM stops, and `linger` longer (a last scrape of the
+    /// final counters).
     pub fn spawn(
         self,
         metrics: Arc<VmMetrics>,
         exit: Arc<VmExit>,
+        linger: Duration,
     ) -> std::io::Result<thread::JoinHandle<()>> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -78,12 +81,17 @@ impl MetricsServer {
         thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                rt.block_on(serve(self.listener, metrics, exit));
+                rt.block_on(serve(self.listener, metrics, exit, linger));
             })
     }
 }
 
-async fn serve(listener: TcpListener, metrics: Arc<VmMetrics>, exit: Arc<VmExit>) {
+async fn serve(
+    listener: TcpListener,
+    metrics: Arc<VmMetrics>,
+    exit: Arc<VmExit>,
+    linger: Duration,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -92,12 +100,16 @@ async fn serve(listener: TcpListener, metrics: Arc<VmMetrics>, exit: Arc<VmExit>
         }
     };
     let open = Arc::new(AtomicUsize::new(0));
+    let mut stopped_at: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if exit.is_stopping() {
-                    return;
+                    let stopped = *stopped_at.get_or_insert_with(std::time::Instant::now);
+                    if stopped.elapsed() >= linger {
+                        return;
+                    }
                 }
             }
             accepted = listener.accept(), if open.load(Ordering::Relaxed) < MAX_CONNECTIONS => {

@@ -139,6 +139,8 @@ pub struct Balloon {
     generation: u32,
     /// The driver's stats buffer, held until the next poll.
     stats_head: Option<u16>,
+    /// Frames in the balloon now (inflated, not deflated since).
+    ballooned: std::collections::BTreeSet<u64>,
     last_poll: Instant,
     max_sizes: [u16; QUEUES],
 }
@@ -171,6 +173,7 @@ impl Balloon {
             actual: 0,
             generation: 0,
             stats_head: None,
+            ballooned: Default::default(),
             last_poll: Instant::now(),
             max_sizes: [QUEUE_SIZE; QUEUES],
         }
@@ -193,6 +196,32 @@ impl Balloon {
             .target_pages
             .store(pages.into(), Ordering::Relaxed);
         self.interrupt.trigger(INT_CONFIG);
+    }
+
+    /// Pages in the balloon that are resident again: the guest used them
+    /// after giving them (its own data, lost; the VMM stays consistent).
+    pub fn touched_pages(&self) -> u64 {
+        let mut n = 0;
+        let mut run: Option<(u64, u64)> = None;
+        for &p in &self.ballooned {
+            run = match run {
+                Some((first, last)) if p == last + 1 => Some((first, p)),
+                Some((first, last)) => {
+                    n += self.resident_run(first, last);
+                    Some((p, p))
+                }
+                None => Some((p, p)),
+            };
+        }
+        if let Some((first, last)) = run {
+            n += self.resident_run(first, last);
+        }
+        n
+    }
+
+    fn resident_run(&self, first: u64, last: u64) -> u64 {
+        self.memory
+            .resident_pages_in(first << PFN_SHIFT, (last - first + 1) << PFN_SHIFT)
     }
 
     pub fn target(&self) -> u32 {
@@ -307,8 +336,12 @@ impl Balloon {
                     if inflate {
                         let n = self.discard_pfns(&mut pfns);
                         add(&self.stats.inflated_pages, n);
+                        self.ballooned.extend(pfns.iter().copied());
                     } else {
                         add(&self.stats.deflated_pages, pfns.len() as u64);
+                        for p in &pfns {
+                            self.ballooned.remove(p);
+                        }
                     }
                 }
                 Ok(bytes) => self.reject(format!(
@@ -449,6 +482,7 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.acked = 0;
+        self.ballooned.clear();
         self.stats.driver_ready.store(false, Ordering::Relaxed);
         self.stats_head = None;
         self.actual = 0;

@@ -1,0 +1,650 @@
+//! `vmm stress`: balloon and hotplug churn while every vCPU faults, with
+//! the invariants counted.
+//!
+//! A `memchurn` guest runs on N vCPUs: vCPU 0 drives the balloon (a pool of
+//! boot RAM) and virtio-mem; the others fault continuously, in plugged
+//! blocks and in a worker area of boot RAM that the host discards at the
+//! end of every pass (so each pass first-touches discarded pages and checks
+//! they read zero). A seeded controller on the host moves the balloon
+//! target, virtio-mem's requested_size and extra memslots at the given
+//! rates through the control plane (the API's code path); a watchdog
+//! checks every vCPU keeps making progress; mincore audits check that no
+//! page is resident in a removed slot or an unplugged block. At the end the
+//! guest verifies what it wrote and reports; the report gives every
+//! invariant with its checks and violations, and the exit status is
+//! non-zero on any violation.
+
+pub mod audit;
+pub mod report;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::api::VmControl;
+use crate::arch::x86_64::layout;
+use crate::config::{parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig};
+use crate::exit::ExitReason;
+use crate::fault::stats::FAULT_KINDS;
+use crate::fault::FaultSnapshot;
+use crate::memory::{MemoryManager, NewSlot, PageSource, PAGE_SIZE};
+use crate::metrics::VmMetrics;
+use crate::vm::Vm;
+use audit::{SlotAudit, Tally};
+use report::{BalloonSummary, HotplugSummary, Invariant, Latency, Report};
+use schedule::{Action, Event, Limits};
+
+const MIB: u64 = 1 << 20;
+/// Where the guest's balloon pool starts (above its image and stacks).
+const POOL_BASE: u64 = 16 * MIB;
+/// Size of each extra memslot the controller adds and removes.
+const EXTRA_SLOT: u64 = 2 * MIB;
+/// Extra memslots that may exist at once.
+const EXTRA_SLOTS: u32 = 4;
+
+/// Worker access order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pattern {
+    Seq,
+    Random,
+    Mixed,
+}
+
+impl Pattern {
+    fn code(self) -> u32 {
+        match self {
+            Pattern::Seq => 0,
+            Pattern::Random => 1,
+            Pattern::Mixed => 2,
+        }
+    }
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `90s`, `10m`, `1h`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (n, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("invalid duration {s:?}: use s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct StressArgs {
+    /// vCPUs: one drives the devices, the others fault.
+    #[arg(long, default_value_t = 3)]
+    pub vcpus: usize,
+    /// Boot RAM (a quarter is the balloon pool, a quarter the worker area).
+    #[arg(long, default_value = "512M", value_parser = size)]
+    pub mem: u64,
+    /// virtio-mem region (0: no hotplug).
+    #[arg(long, default_value = "512M", value_parser = size)]
+    pub hotplug: u64,
+    #[arg(long, default_value = "2M", value_parser = size)]
+    pub hotplug_block: u64,
+    /// How long to churn (e.g. 60s, 10m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Seeds the schedule and the guest's patterns.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Balloon target changes per second.
+    #[arg(long, default_value_t = 2.0)]
+    pub balloon_rate: f64,
+    /// requested_size changes per second.
+    #[arg(long, default_value_t = 2.0)]
+    pub hotplug_rate: f64,
+    /// Extra memslot changes (adds and removes) per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub memslot_rate: f64,
+    /// Order in which the faulting vCPUs visit their pages.
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub pattern: Pattern,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum)]
+    pub fault_mode: Option<FaultMode>,
+    /// A vCPU making no exit for this long, or a fault taking this long,
+    /// violates I4.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub watchdog: Duration,
+    /// Serve metrics at ADDR during the run, and for `--metrics-linger`
+    /// after it (a last scrape of the final counters).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub metrics_linger: Duration,
+    /// Fault injection: every Nth install answers EAGAIN, as if a discard
+    /// were in flight.
+    #[arg(long)]
+    pub inject_eagain_every: Option<u32>,
+    /// Fault injection: the guest ignores balloon requests.
+    #[arg(long)]
+    pub guest_ignores_balloon: bool,
+    /// Fault injection: the guest keeps using pages it gave the balloon.
+    #[arg(long)]
+    pub guest_uses_ballooned: bool,
+    /// Fault injection: the guest plugs beyond requested_size (NACKed).
+    #[arg(long)]
+    pub guest_overplugs: bool,
+}
+
+/// Where the guest's pool and worker area sit in boot RAM.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    pool: u64,
+    wbase: u64,
+    wbytes: u64,
+    workers: u64,
+}
+
+impl Layout {
+    fn new(mem: u64, vcpus: usize) -> Result<Self, String> {
+        let quarter = (mem / 4).min(256 * MIB) & !(MIB - 1);
+        let pool = quarter;
+        let wbase = POOL_BASE + pool;
+        let wbytes = quarter;
+        if wbase + wbytes > mem.min(layout::MMIO_GAP_START) || quarter < 4 * MIB {
+            return Err(format!(
+                "--mem {} MiB is too small for a stress run",
+                mem >> 20
+            ));
+        }
+        Ok(Self {
+            pool,
+            wbase,
+            wbytes,
+            workers: vcpus.saturating_sub(1) as u64,
+        })
+    }
+
+    /// The part of the worker area vCPU `cpu` owns (as the guest splits
+    /// it: equal shares in vCPU order, the last also takes the remainder).
+    fn share(&self, cpu: u64) -> Option<(u64, u64)> {
+        if cpu == 0 || cpu > self.workers {
+            return None;
+        }
+        let pages = self.wbytes / PAGE_SIZE;
+        let per = pages / self.workers;
+        let w = cpu - 1;
+        let first = w * per;
+        let count = if w + 1 == self.workers {
+            pages - first
+        } else {
+            per
+        };
+        Some((self.wbase + first * PAGE_SIZE, count * PAGE_SIZE))
+    }
+}
+
+/// Counters the controller keeps.
+#[derive(Default)]
+struct Activity {
+    balloon_changes: AtomicU64,
+    resizes: AtomicU64,
+    extra_changes: AtomicU64,
+}
+
+/// Run `vmm stress`; returns whether every invariant held.
+pub fn run(a: &StressArgs) -> Result<bool, String> {
+    if a.vcpus < 2 {
+        return Err("--vcpus must be at least 2 (one drives the devices, the others fault)".into());
+    }
+    let lay = Layout::new(a.mem, a.vcpus)?;
+    let guest =
+        std::env::temp_dir().join(format!("vmm-stress-memchurn-{}.elf", std::process::id()));
+    std::fs::write(&guest, crate::MEMCHURN_GUEST).map_err(|e| e.to_string())?;
+    let mut config = VmConfig::new(Some(guest.clone()));
+    config.vcpus = a.vcpus;
+    config.mem_size = a.mem;
+    config.fault_mode = a.fault_mode;
+    config.serial = SerialOut::Capture(Default::default());
+    let SerialOut::Capture(out) = config.serial.clone() else {
+        unreachable!()
+    };
+    let mut cmdline = format!(
+        "seed={} pool_base={POOL_BASE} pool_bytes={} wbase={} wbytes={} wdiscard=1 wpattern={}",
+        a.seed,
+        lay.pool,
+        lay.wbase,
+        lay.wbytes,
+        a.pattern.code()
+    );
+    for (on, key) in [
+        (a.guest_ignores_balloon, " ignore_balloon=1"),
+        (a.guest_uses_ballooned, " use_ballooned=1"),
+        (a.guest_overplugs, " overplug=1"),
+    ] {
+        if on {
+            cmdline.push_str(key);
+        }
+    }
+    config.cmdline = cmdline;
+    config.balloon = Some(BalloonOptions {
+        target: 0,
+        free_page_reporting: false,
+        stats_interval_s: 0,
+    });
+    config.hotplug = (a.hotplug > 0).then_some(HotplugOptions {
+        size: a.hotplug,
+        block_size: a.hotplug_block,
+    });
+    config.inject_eagain_every = a.inject_eagain_every;
+    config.metrics_addr = a.metrics_addr;
+    config.metrics_linger = a.metrics_linger;
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&guest);
+    let mode = vm.mode();
+    let memory = vm.memory().clone();
+    let control = vm.control().clone();
+    let metrics = vm.metrics().clone();
+    let exit = vm.exit_handle();
+
+    // Each worker's pass ends with a marker: discard its share, so the
+    // next pass first-touches discarded pages (and checks they read zero).
+    let discards = Arc::new(AtomicU64::new(0));
+    {
+        let (memory, discards) = (memory.clone(), discards.clone());
+        vm.on_marker(Box::new(move |v| {
+            if let Some((gpa, len)) = v.checked_sub(0x100).and_then(|c| lay.share(u64::from(c))) {
+                match memory.discard(gpa, len) {
+                    Ok(()) => {
+                        discards.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => log::error!("stress: discard of a worker share failed: {e}"),
+                }
+            }
+        }));
+    }
+
+    let region = control
+        .memory_info()
+        .map(|m| (m.region_addr, m.region_mib * MIB))
+        .unwrap_or((0, 0));
+    let extra_base = (region.0 + region.1)
+        .max(layout::MMIO_GAP_END)
+        .max(a.mem + layout::MMIO_GAP_END)
+        .next_multiple_of(1 << 30);
+    let limits = Limits {
+        duration: a.duration,
+        balloon_rate: a.balloon_rate,
+        hotplug_rate: if a.hotplug > 0 { a.hotplug_rate } else { 0.0 },
+        memslot_rate: a.memslot_rate,
+        balloon_max: lay.pool,
+        balloon_unit: MIB,
+        hotplug_max: a.hotplug,
+        hotplug_unit: a.hotplug_block,
+        extra_slots: EXTRA_SLOTS,
+    };
+    let events = schedule::build(a.seed, &limits);
+    let digest = format!("{:016x}", schedule::digest(&events));
+    let activity = Arc::new(Activity::default());
+    let audit = Arc::new(Mutex::new((
+        SlotAudit::new(region.0, region.1),
+        SlotAudit::new(extra_base, u64::from(EXTRA_SLOTS) * (1 << 30)),
+    )));
+    let done = Arc::new(AtomicBool::new(false));
+    let stuck = Arc::new(Mutex::new(Tally::default()));
+
+    let controller = {
+        let (control, memory, activity, audit, done, exit) = (
+            control.clone(),
+            memory.clone(),
+            activity.clone(),
+            audit.clone(),
+            done.clone(),
+            exit.clone(),
+        );
+        std::thread::Builder::new()
+            .name("stress-controller".into())
+            .spawn(move || {
+                controller(
+                    &control, &memory, &events, extra_base, &activity, &audit, &exit,
+                );
+                done.store(true, Ordering::Release);
+                // Let the guest finish and verify what it wrote.
+                control.signal_guest(1);
+            })
+            .map_err(|e| e.to_string())?
+    };
+    let watchdog = {
+        let (metrics, done, stuck, exit) =
+            (metrics.clone(), done.clone(), stuck.clone(), exit.clone());
+        let (limit, duration, activity) = (a.watchdog, a.duration, activity.clone());
+        std::thread::Builder::new()
+            .name("stress-watchdog".into())
+            .spawn(move || watchdog(&metrics, &done, &stuck, &exit, limit, duration, &activity))
+            .map_err(|e| e.to_string())?
+    };
+    // The guest gets this long after the signal to verify and report.
+    let finish = {
+        let (done, exit) = (done.clone(), exit.clone());
+        let limit = a.duration + Duration::from_secs(300);
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while !exit.is_stopping() {
+                if t0.elapsed() > limit && done.load(Ordering::Acquire) {
+                    exit.request(ExitReason::Error(
+                        "stress: the guest did not finish after the run".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let started = Instant::now();
+    let run = vm.run().map_err(|e| e.to_string())?;
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Release);
+    let _ = controller.join();
+    let _ = watchdog.join();
+    let _ = finish.join();
+
+    let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let guest: BTreeMap<String, u64> = text
+        .lines()
+        .find(|l| l.starts_with("memchurn: done"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|t| t.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+
+    // A last audit after everything stopped.
+    let (hot, extra) = {
+        let mut au = audit.lock().unwrap_or_else(|e| e.into_inner());
+        au.0.check(&memory);
+        au.1.check(&memory);
+        ((au.0.removed, au.0.unplugged), au.1.removed)
+    };
+    let total = run.total();
+    let faults = total.faults();
+    let accounted = total.speculative_installs + total.slow_path_installs + total.already_present;
+    let mut i4 = *stuck.lock().unwrap_or_else(|e| e.into_inner());
+    i4.checks += faults;
+    i4.violations += faults.saturating_sub(accounted) + accounted.saturating_sub(faults);
+    if total.latency_max_ns > a.watchdog.as_nanos() as u64 {
+        i4.violations += 1;
+        log::error!(
+            "I4: a fault took {:.3} s (watchdog {:?})",
+            total.latency_max_ns as f64 / 1e9,
+            a.watchdog
+        );
+    }
+    let guest_finished = !guest.is_empty();
+    let mut i1 = hot.0;
+    i1.add(extra);
+    let invariants = vec![
+        Invariant::new(
+            "I1",
+            "no resident page in a removed slot",
+            i1,
+            "mincore of each removed slot, after the removal and once more",
+        ),
+        Invariant::new(
+            "I2",
+            "every write the guest made is found",
+            Tally {
+                checks: g("verified"),
+                violations: g("worker_bad") + g("pattern_bad") + u64::from(!guest_finished),
+            },
+            "the guest re-reads every page it wrote",
+        ),
+        Invariant::new(
+            "I3",
+            "discarded and re-plugged pages read zero",
+            Tally {
+                checks: g("zero_checks") + g("worker_zero_checks"),
+                violations: g("zero_bad") + g("worker_zero_bad"),
+            },
+            "the guest reads each discarded, deflated or re-plugged page first",
+        ),
+        Invariant::new(
+            "I4",
+            "every fault ended installed or present",
+            i4,
+            "faults == speculative + slow-path + present; no vCPU or fault stuck",
+        ),
+        Invariant::new(
+            "I6",
+            "nothing installed into an unplugged block",
+            Tally {
+                checks: hot.1.checks + g("plugs") + g("unplugs"),
+                violations: hot.1.violations + g("state_bad") + g("overplug_acked"),
+            },
+            "mincore of unplugged blocks after each resize; STATE after each plug/unplug",
+        ),
+    ];
+    let ok = invariants.iter().all(|i| i.violations == 0) && g("errors") == 0 && guest_finished;
+    let binfo = control.balloon_info().ok();
+    let hinfo = control.memory_info().ok();
+    let lat = |q| total.latency_quantile_ns(q).map(|n| n as f64 / 1000.0);
+    let report = Report {
+        seed: a.seed,
+        schedule_digest: digest,
+        fault_mode: mode.name(),
+        vcpus: a.vcpus,
+        duration_s: elapsed.as_secs_f64(),
+        faults: FAULT_KINDS
+            .iter()
+            .map(|(k, n)| (*n, total.by_kind[*k as usize]))
+            .collect(),
+        faults_total: faults,
+        faults_per_s: faults as f64 / elapsed.as_secs_f64().max(1e-9),
+        retries: total.retries,
+        retries_pct: 100.0 * total.retries as f64 / (faults.max(1)) as f64,
+        slow_path_installs: total.slow_path_installs,
+        already_present: total.already_present,
+        pages_installed: total.pages_installed,
+        memslot_changes: run.memory.memslot_changes,
+        extra_memslot_changes: activity.extra_changes.load(Ordering::Relaxed),
+        balloon: BalloonSummary {
+            target_changes: activity.balloon_changes.load(Ordering::Relaxed),
+            inflated_pages: binfo.as_ref().map_or(0, |b| b.inflated_pages),
+            deflated_pages: binfo.as_ref().map_or(0, |b| b.deflated_pages),
+            touched_in_balloon: control.balloon_touched_pages(),
+        },
+        hotplug: HotplugSummary {
+            resizes: activity.resizes.load(Ordering::Relaxed),
+            plugs: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["ack"]),
+            unplugs: hinfo.as_ref().map_or(0, |h| h.requests["unplug"]["ack"]),
+            nacks: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["nack"]),
+            errors: hinfo
+                .as_ref()
+                .map_or(0, |h| h.requests.values().map(|r| r["error"]).sum::<u64>()),
+            slices_added: hinfo.as_ref().map_or(0, |h| h.slices_added),
+            slices_removed: hinfo.as_ref().map_or(0, |h| h.slices_removed),
+        },
+        fault_latency: Latency {
+            p50_us: lat(0.5),
+            p99_us: lat(0.99),
+            max_us: total.latency_max_ns as f64 / 1000.0,
+        },
+        invariants,
+        guest,
+        exit: run.reason.to_string(),
+        ok,
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.human());
+    }
+    if !guest_finished {
+        eprintln!("stress: the guest gave no report; its console:\n{text}");
+    }
+    Ok(report.ok)
+}
+
+/// Apply the schedule in time; audit after each change.
+#[allow(clippy::too_many_arguments)]
+fn controller(
+    control: &VmControl,
+    memory: &MemoryManager,
+    events: &[Event],
+    extra_base: u64,
+    activity: &Activity,
+    audit: &Mutex<(SlotAudit, SlotAudit)>,
+    exit: &crate::exit::VmExit,
+) {
+    let t0 = Instant::now();
+    for e in events {
+        if exit.is_stopping() {
+            return;
+        }
+        if let Some(wait) = e.at.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let mut au = audit.lock().unwrap_or_else(|e| e.into_inner());
+        match e.action {
+            Action::Balloon(bytes) => {
+                if let Err(err) = control.set_balloon_target(bytes) {
+                    log::error!("stress: balloon target: {err}");
+                }
+                activity.balloon_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Hotplug(bytes) => {
+                if let Err(err) = control.set_requested_memory(bytes) {
+                    log::error!("stress: requested size: {err}");
+                }
+                activity.resizes.fetch_add(1, Ordering::Relaxed);
+                au.0.check(memory);
+            }
+            Action::SlotAdd(n) => {
+                let r = memory.add_slot(NewSlot {
+                    gpa: extra_base + u64::from(n) * (1 << 30),
+                    size: EXTRA_SLOT,
+                    source: PageSource::Zero,
+                    block_size: None,
+                });
+                if let Err(err) = r {
+                    log::error!("stress: add an extra memslot: {err}");
+                }
+                activity.extra_changes.fetch_add(1, Ordering::Relaxed);
+                au.1.check(memory);
+            }
+            Action::SlotRemove(n) => {
+                if let Err(err) = memory.remove_slot(extra_base + u64::from(n) * (1 << 30)) {
+                    log::error!("stress: remove an extra memslot: {err}");
+                }
+                activity.extra_changes.fetch_add(1, Ordering::Relaxed);
+                au.1.check(memory);
+            }
+        }
+        // The virtio-mem side changes by the guest's requests, between ours.
+        au.0.check(memory);
+    }
+}
+
+/// Every second: every vCPU must have exited since the last look (a vCPU
+/// that stops exiting is stuck), and on a terminal a progress line.
+fn watchdog(
+    metrics: &VmMetrics,
+    done: &AtomicBool,
+    stuck: &Mutex<Tally>,
+    exit: &crate::exit::VmExit,
+    limit: Duration,
+    duration: Duration,
+    activity: &Activity,
+) {
+    let exits = |s: &FaultSnapshot| s.exits.iter().sum::<u64>();
+    let snap = || -> Vec<FaultSnapshot> { metrics.vcpus.iter().map(|s| s.snapshot()).collect() };
+    let mut last: Vec<(u64, Instant)> = snap().iter().map(|s| (exits(s), Instant::now())).collect();
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut last_faults = 0;
+    let mut tick = 0u64;
+    while !exit.is_stopping() && !done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_secs(1));
+        tick += 1;
+        let now = snap();
+        let mut t = stuck.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, s) in now.iter().enumerate() {
+            t.checks += 1;
+            let e = exits(s);
+            if e != last[i].0 {
+                last[i] = (e, Instant::now());
+            } else if last[i].1.elapsed() > limit {
+                t.violations += 1;
+                log::error!("I4: vCPU {i} made no exit for {:?}", last[i].1.elapsed());
+                last[i].1 = Instant::now();
+            }
+        }
+        drop(t);
+        let mut total = FaultSnapshot::default();
+        now.iter().for_each(|s| total.add(s));
+        let faults = total.faults();
+        let line = format!(
+            "[{:>4}/{} s] faults {} ({}/s) retries {} balloon {} hotplug {} memslots {}",
+            t0.elapsed().as_secs(),
+            duration.as_secs(),
+            faults,
+            faults - last_faults,
+            total.retries,
+            activity.balloon_changes.load(Ordering::Relaxed),
+            activity.resizes.load(Ordering::Relaxed),
+            activity.extra_changes.load(Ordering::Relaxed)
+        );
+        last_faults = faults;
+        if tty {
+            eprint!("\r{line}   ");
+        } else if tick.is_multiple_of(10) {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("1.5m").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn shares_match_the_guest_split() {
+        let l = Layout::new(512 * MIB, 4).unwrap();
+        let pages = l.wbytes / PAGE_SIZE;
+        let (a1, n1) = l.share(1).unwrap();
+        let (a3, n3) = l.share(3).unwrap();
+        assert_eq!(a1, l.wbase);
+        assert_eq!(n1, pages / 3 * PAGE_SIZE);
+        assert_eq!(a3 + n3, l.wbase + l.wbytes, "the last takes the rest");
+        assert!(l.share(0).is_none() && l.share(4).is_none());
+        assert!(Layout::new(8 * MIB, 2).is_err());
+    }
+}
