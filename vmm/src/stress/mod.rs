@@ -497,6 +497,13 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     if !guest_finished {
         eprintln!("stress: the guest gave no report; its console:\n{text}");
     }
+    if a.metrics_addr.is_some() && !a.metrics_linger.is_zero() {
+        // The report is out; the metrics endpoint serves the same final
+        // counters a little longer (for a last scrape).
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(a.metrics_linger);
+    }
     Ok(report.ok)
 }
 
