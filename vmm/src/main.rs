@@ -97,6 +97,8 @@ enum BenchCmd {
     Faults(BenchArgs),
     /// Balloon inflate/deflate rates and fault latency while inflating.
     Balloon(vmm::bench::balloon::BalloonBenchArgs),
+    /// virtio-mem plug/unplug latency and fault latency while they happen.
+    Hotplug(vmm::bench::hotplug::HotplugBenchArgs),
 }
 
 #[derive(Parser)]
@@ -294,6 +296,16 @@ fn ctl(a: CtlArgs) -> ExitCode {
     }
 }
 
+fn bench_result(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm: bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     ensure_std_fds();
     vmm::logger::init(log::LevelFilter::Warn);
@@ -307,13 +319,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Bench(BenchCmd::Balloon(a)) => match vmm::bench::balloon::run(&a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vmm: bench: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Bench(BenchCmd::Balloon(a)) => bench_result(vmm::bench::balloon::run(&a)),
+        Command::Bench(BenchCmd::Hotplug(a)) => bench_result(vmm::bench::hotplug::run(&a)),
         Command::Ctl(a) => ctl(a),
         Command::Stress(a) => match vmm::stress::run(&a) {
             Ok(true) => ExitCode::SUCCESS,

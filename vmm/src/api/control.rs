@@ -298,6 +298,17 @@ impl VmControl {
             .map_err(ControlError::bad_request)
     }
 
+    /// virtio-mem's host-side timings so far (benchmarks).
+    pub fn hotplug_timings(&self) -> Option<crate::devices::virtio::mem::Timings> {
+        self.hotplug.as_ref().map(|h| {
+            h.stats
+                .timings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
     /// Ballooned pages the guest has touched since giving them (0 without a
     /// balloon).
     pub fn balloon_touched_pages(&self) -> u64 {

@@ -35,7 +35,11 @@ const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const POOL_BASE: u64 = 16 * MIB;
 
-fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration, String> {
+pub(super) fn wait(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
     while !f() {
         if t0.elapsed() > limit {
@@ -46,12 +50,12 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<Dura
     Ok(t0.elapsed())
 }
 
-struct Window {
-    secs: f64,
-    faults: FaultSnapshot,
+pub(super) struct Window {
+    pub secs: f64,
+    pub faults: FaultSnapshot,
 }
 
-fn us(ns: Option<u64>) -> String {
+pub(super) fn us(ns: Option<u64>) -> String {
     ns.map(|n| format!("{:.1}", n as f64 / 1000.0))
         .unwrap_or_else(|| "-".into())
 }

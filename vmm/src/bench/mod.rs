@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod balloon;
+pub mod hotplug;
 
 use clap::Parser;
 

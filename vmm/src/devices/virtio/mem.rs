@@ -74,6 +74,28 @@ pub struct MemStats {
     pub slices_removed: AtomicU64,
     /// The driver set DRIVER_OK (and has not reset the device since).
     pub driver_ready: std::sync::atomic::AtomicBool,
+    /// Host time of each block plug/unplug and slice add/remove (ns), for
+    /// benchmarks.
+    pub timings: std::sync::Mutex<Timings>,
+}
+
+/// Latency samples (ns), at most [`Timings::MAX`] of each kind.
+#[derive(Default, Debug, Clone)]
+pub struct Timings {
+    pub plug_block: Vec<u64>,
+    pub unplug_block: Vec<u64>,
+    pub slice_add: Vec<u64>,
+    pub slice_remove: Vec<u64>,
+}
+
+impl Timings {
+    pub const MAX: usize = 100_000;
+
+    fn push(v: &mut Vec<u64>, t: std::time::Instant) {
+        if v.len() < Self::MAX {
+            v.push(t.elapsed().as_nanos() as u64);
+        }
+    }
 }
 
 /// Where the region is and how it is cut.
@@ -255,6 +277,7 @@ impl VirtioMem {
     /// Plug one block: add its slice's memslot if this is the slice's first
     /// plugged block, then mark the block plugged.
     fn plug_block(&mut self, b: usize) -> Result<(), MemError> {
+        let t0 = std::time::Instant::now();
         let s = self.slice_of(b);
         if self.per_slice[s] == 0 {
             self.memory.add_slot(NewSlot {
@@ -264,26 +287,36 @@ impl VirtioMem {
                 block_size: Some(self.region.block_size),
             })?;
             self.stats.slices_added.fetch_add(1, Ordering::Relaxed);
+            Timings::push(&mut self.timings().slice_add, t0);
         }
         self.memory
             .plug(self.block_gpa(b), self.region.block_size)?;
         self.per_slice[s] += 1;
         self.plugged[b] = true;
+        Timings::push(&mut self.timings().plug_block, t0);
         Ok(())
+    }
+
+    fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
+        self.stats.timings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Unplug one block: exclude installers, clear its bit and zap it (I6),
     /// then remove the slice's memslot if it emptied.
     fn unplug_block(&mut self, b: usize) -> Result<(), MemError> {
+        let t0 = std::time::Instant::now();
         let s = self.slice_of(b);
         self.memory
             .unplug(self.block_gpa(b), self.region.block_size)?;
         self.plugged[b] = false;
         self.per_slice[s] -= 1;
         if self.per_slice[s] == 0 {
+            let t1 = std::time::Instant::now();
             self.memory.remove_slot(self.slice_gpa(s))?;
             self.stats.slices_removed.fetch_add(1, Ordering::Relaxed);
+            Timings::push(&mut self.timings().slice_remove, t1);
         }
+        Timings::push(&mut self.timings().unplug_block, t0);
         Ok(())
     }
 
