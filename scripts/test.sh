@@ -24,3 +24,5 @@ CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \
   cargo test --release -p memslots -- --test-threads=1
 step "planted defects the loom models must catch"
 scripts/mutants.sh
+step "planted defects the stress report must catch"
+scripts/stress-mutants.sh
