@@ -292,3 +292,39 @@ fn the_seed_fixes_the_schedule() {
     let (c, _) = stress(&other);
     assert_ne!(a["schedule_digest"], c["schedule_digest"]);
 }
+
+/// The same churn against Linux (the microVM kernel, `idle` /init): balloon
+/// and virtio-mem targets cycled, each cycle waiting for the drivers, the
+/// VMM's checks (I1, I4, I6) on its side.
+#[test]
+fn linux_churn() {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/linux");
+    let kernel = dir.join("bzImage-micro");
+    let initrd = dir.join("initramfs-idle.cpio");
+    assert!(kernel.exists(), "run guest-images/build.sh");
+    let (report, r) = stress(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vcpus",
+        "1",
+        "--mem",
+        "256M",
+        "--hotplug",
+        "256M",
+        "--cycles",
+        "2",
+        "--memslot-rate",
+        "20",
+    ]);
+    assert_eq!(report["ok"], true, "{report:#}\n{}", r.stderr);
+    assert_eq!(report["guest"]["cycles"], 2, "{report:#}");
+    for name in ["I1", "I4", "I6"] {
+        assert_eq!(invariant(&report, name)["violations"], 0, "{report:#}");
+    }
+    assert!(report["extra_memslot_changes"].as_u64().unwrap() > 100);
+    assert!(report["balloon"]["inflated_pages"].as_u64().unwrap() > 0);
+    assert!(report["hotplug"]["slices_added"].as_u64().unwrap() > 0);
+}

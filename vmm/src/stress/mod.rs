@@ -15,6 +15,7 @@
 //! non-zero on any violation.
 
 pub mod audit;
+mod linux;
 pub mod report;
 pub mod schedule;
 
@@ -145,6 +146,15 @@ pub struct StressArgs {
     /// Fault injection: the guest plugs beyond requested_size (NACKed).
     #[arg(long)]
     pub guest_overplugs: bool,
+    /// Churn a Linux kernel instead of the test guest: balloon and virtio-mem
+    /// targets are cycled `--cycles` times, each cycle waiting for the
+    /// guest's drivers (the VMM's invariant checks only).
+    #[arg(long)]
+    pub kernel: Option<std::path::PathBuf>,
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    pub cycles: u64,
 }
 
 /// Where the guest's pool and worker area sit in boot RAM.
@@ -205,6 +215,9 @@ struct Activity {
 
 /// Run `vmm stress`; returns whether every invariant held.
 pub fn run(a: &StressArgs) -> Result<bool, String> {
+    if let Some(k) = &a.kernel {
+        return linux::run(a, k.clone());
+    }
     if a.vcpus < 2 {
         return Err("--vcpus must be at least 2 (one drives the devices, the others fault)".into());
     }

@@ -108,14 +108,17 @@ impl ExitHandler {
             Exit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => Next::Stop(ExitReason::GuestStatus(0)),
             Exit::SystemEvent(kind) => self.stop(VcpuError::SystemEvent { vcpu: index, kind }),
             Exit::Emulation { insn } => {
-                if let Some(next) = self.fetch_fault(vcpu, exited) {
-                    return next;
-                }
+                // Instruction bytes mean the fetch worked: an assist may
+                // apply. Without them the instruction may sit on a missing
+                // page.
                 if shared.assists == Assists::Pvm {
                     if let Some(a) = insn.as_deref().and_then(|b| assist::apply(vcpu, b)) {
                         log::debug!("vCPU {index}: assisted {a:?}");
                         return Next::Continue;
                     }
+                }
+                if let Some(next) = self.fetch_fault(vcpu, exited) {
+                    return next;
                 }
                 let (rip, cpl) = vcpu.position();
                 self.stop(VcpuError::Emulation {
@@ -214,9 +217,7 @@ impl ExitHandler {
     ) -> Next {
         match r {
             Ok(_) => {
-                let stats = &self.ctx.stats;
-                stats.by_kind[kind as usize].add(1);
-                stats.record_latency(exited.elapsed().as_nanos() as u64);
+                self.count_fault(kind, exited);
                 Next::Continue
             }
             Err(e) => self.stop(VcpuError::Fault {
@@ -234,15 +235,21 @@ impl ExitHandler {
     fn fetch_fault(&mut self, vcpu: &dyn VcpuState, exited: Instant) -> Option<Next> {
         let engine = self.shared.fault.clone()?;
         let rip = vcpu.regs().ok()?.rip;
-        let mut installed = false;
+        let last = rip.wrapping_add(MAX_INSN_LEN as u64 - 1);
         // An instruction spans at most two pages: its first and last byte.
-        for gva in [rip, rip.wrapping_add(MAX_INSN_LEN as u64 - 1)] {
+        let pages = [Some(rip), (last >> 12 != rip >> 12).then_some(last)];
+        let mut installed = false;
+        for gva in pages.into_iter().flatten() {
             let Some(gpa) = vcpu.translate(gva) else {
                 continue;
             };
+            // Each page resolved is one fault (installed or found present):
+            // the accounting identity holds per resolve.
             match engine.resolve(&mut self.ctx, gpa, &mut Access::None) {
-                Ok(Resolved::Installed) => installed = true,
-                Ok(Resolved::AlreadyPresent) => {}
+                Ok(r) => {
+                    installed |= r == Resolved::Installed;
+                    self.count_fault(FaultKind::EmulationFailure, exited);
+                }
                 // Not RAM (MMIO, unplugged): not a missing-page fetch.
                 Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {}
                 Err(e) => {
@@ -257,15 +264,13 @@ impl ExitHandler {
             }
         }
         // Nothing was missing: a genuine emulation failure, reported as such.
-        installed.then(|| {
-            self.fault_done(
-                vcpu,
-                FaultKind::EmulationFailure,
-                rip,
-                Ok(Resolved::Installed),
-                exited,
-            )
-        })
+        installed.then_some(Next::Continue)
+    }
+
+    fn count_fault(&self, kind: FaultKind, exited: Instant) {
+        let stats = &self.ctx.stats;
+        stats.by_kind[kind as usize].add(1);
+        stats.record_latency(exited.elapsed().as_nanos() as u64);
     }
 }
 
@@ -504,10 +509,13 @@ mod tests {
             .handler
             .handle(Exit::Emulation { insn: None }, &v, Instant::now());
         assert_eq!(next, Next::Continue);
-        // The instruction's first and last possible byte: pages 3 and 4.
+        // The instruction's first and last possible byte: pages 3 and 4,
+        // each a fault, and the accounting identity holds.
         assert_eq!(resident(&r.memory), 2);
         let s = r.handler.stats().snapshot();
-        assert_eq!(s.by_kind[FaultKind::EmulationFailure as usize], 1);
+        assert_eq!(s.by_kind[FaultKind::EmulationFailure as usize], 2);
+        assert_eq!(s.faults(), s.speculative_installs + s.already_present);
+        assert_eq!(s.latency_count, s.faults());
         // Re-entering retries the fetch; a second failure with the page
         // present is a genuine one.
         let next = r
@@ -517,6 +525,26 @@ mod tests {
             next,
             Next::Stop(ExitReason::Vcpu(VcpuError::Emulation { .. }))
         ));
+        let s = r.handler.stats().snapshot();
+        assert_eq!(s.faults(), s.speculative_installs + s.already_present);
+    }
+
+    #[test]
+    fn an_assist_needs_no_fetch_fault() {
+        // Instruction bytes mean the fetch worked: the assist applies and
+        // no page is resolved (no fault counted).
+        let mut r = rig(true, Assists::Pvm);
+        let v = FakeVcpu::at(0x5000);
+        let next = r.handler.handle(
+            Exit::Emulation {
+                insn: Some(vec![0x9b]),
+            },
+            &v,
+            Instant::now(),
+        );
+        assert_eq!(next, Next::Continue);
+        assert_eq!(r.handler.stats().snapshot().faults(), 0);
+        assert_eq!(resident(&r.memory), 0);
     }
 
     #[test]

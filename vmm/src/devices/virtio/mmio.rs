@@ -96,6 +96,9 @@ pub struct MmioTransport {
     queues: Vec<Queue>,
     addrs: Vec<RingAddrs>,
     notify: NotifyPath,
+    /// Queues notified after set-up but before DRIVER_OK (Linux's balloon
+    /// driver kicks its stats queue there): served at activation.
+    early: u64,
     log: RateLimit,
 }
 
@@ -145,6 +148,7 @@ impl MmioTransport {
             queues,
             addrs: vec![RingAddrs::default(); n],
             notify: NotifyPath::Bus,
+            early: 0,
             log: RateLimit::new(10),
         }
     }
@@ -279,6 +283,10 @@ impl MmioTransport {
         self.status = v;
         if new & status::DRIVER_OK != 0 && v & status::DRIVER_OK != 0 {
             lock(&self.device).activate(self.driver_features);
+            let early = std::mem::take(&mut self.early);
+            for q in (0..self.queues.len()).filter(|q| early & (1 << q) != 0) {
+                self.notify(q as u32);
+            }
         }
     }
 
@@ -300,7 +308,18 @@ impl MmioTransport {
     pub fn notify(&mut self, index: u32) {
         DeviceCounters::bump(&self.counters.notifies, 1);
         if self.status & status::DRIVER_OK == 0 {
-            self.guest_error(format!("notify of queue {index} before DRIVER_OK"));
+            let ready = self
+                .queues
+                .get(index as usize)
+                .is_some_and(|q| q.ready() && index < 64);
+            if ready && self.status & status::FEATURES_OK != 0 {
+                // A set-up queue kicked just before DRIVER_OK: the spec says
+                // the driver must not; Linux's balloon driver does. Serve it
+                // at activation rather than lose the buffer.
+                self.early |= 1 << index;
+            } else {
+                self.guest_error(format!("notify of queue {index} before DRIVER_OK"));
+            }
             return;
         }
         if self.status & status::NEEDS_RESET != 0 {
@@ -690,6 +709,26 @@ pub(crate) mod tests {
         r.w(reg::QUEUE_NOTIFY, 7);
         r.w(reg::QUEUE_NOTIFY, 0xffff_ffff);
         assert_eq!(r.errors(), before + 2);
+    }
+
+    #[test]
+    fn a_queue_kicked_before_driver_ok_is_served_at_activation() {
+        let mut r = rig();
+        assert_ne!(r.negotiate(0, 1) & status::FEATURES_OK, 0);
+        r.queue(0, 16, DESC, AVAIL, USED);
+        r.queue(1, 16, DESC + 0x4000, AVAIL + 0x4000, USED + 0x4000);
+        let (buf, len) = r.pfns(&[0x880]);
+        let before = r.errors();
+        r.post(0, &[(buf, len, 0, 0)]);
+        assert_eq!(r.used_idx(), 0, "nothing served before DRIVER_OK");
+        assert_eq!(
+            r.errors(),
+            before,
+            "a set-up queue's early kick is tolerated"
+        );
+        let s = r.r(reg::STATUS);
+        r.w(reg::STATUS, s | status::DRIVER_OK);
+        assert_eq!(r.used_idx(), 1, "served at activation");
     }
 
     #[test]
