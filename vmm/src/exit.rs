@@ -27,6 +27,8 @@ pub enum ExitReason {
     KernelPanic,
     /// Stopped through the control API.
     Stopped,
+    /// The guest powered off (ACPI S5 through the sleep control register).
+    PowerOff,
 }
 
 impl ExitReason {
@@ -34,7 +36,7 @@ impl ExitReason {
     pub fn status(&self) -> i32 {
         match self {
             ExitReason::GuestStatus(s) => i32::from(*s),
-            ExitReason::Reset => 0,
+            ExitReason::Reset | ExitReason::PowerOff => 0,
             ExitReason::TripleFault { .. }
             | ExitReason::AllHalted
             | ExitReason::Error(_)
@@ -65,6 +67,7 @@ impl fmt::Display for ExitReason {
                 write!(f, "the guest kernel panicked (see its console) and reset")
             }
             ExitReason::Stopped => write!(f, "stopped through the API"),
+            ExitReason::PowerOff => write!(f, "guest powered off (ACPI S5)"),
         }
     }
 }

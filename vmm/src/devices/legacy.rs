@@ -1,6 +1,7 @@
 //! The legacy devices on the port-I/O bus: COM1 (8250, IRQ 4 through an
 //! irqfd), the i8042 reset line, the debug-exit and marker ports, and the
-//! POST-code port Linux uses as an I/O delay.
+//! POST-code port Linux uses as an I/O delay, and the ACPI sleep registers
+//! (power-off).
 
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::acpi_power::{AcpiSleep, SLEEP_CONTROL_PORT};
 use super::marker::{MarkerLog, MarkerPort, SignalPort, MARKER_PORT, SIGNAL_PORT};
 use super::{exit_port, i8042, serial, Bus, BusDevice, DeviceError, Sink};
 use crate::config::SerialOut;
@@ -68,5 +70,10 @@ pub fn build(
         Arc::new(Mutex::new(SignalPort(signal.clone()))),
     )?;
     pio.insert(POST_CODE_PORT, 1, Arc::new(Mutex::new(Sink)))?;
+    pio.insert(
+        u64::from(SLEEP_CONTROL_PORT),
+        2,
+        Arc::new(Mutex::new(AcpiSleep::new(exit.clone()))),
+    )?;
     Ok((pio, input))
 }

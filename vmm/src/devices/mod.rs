@@ -5,6 +5,7 @@
 //! traits take `&self`-style interior mutability and a resource allocator we
 //! do not need; a dozen lines here keep the exit path obvious.
 
+pub mod acpi_power;
 pub mod exit_port;
 pub mod i8042;
 pub mod legacy;

@@ -17,6 +17,9 @@
 //! - reset: the FADT's reset register is the i8042 command port (write
 //!   0xFE to port 0x64), so both `reboot=a` (the default) and `reboot=k`
 //!   reach the VMM's i8042 reset;
+//! - power-off: the FADT's sleep control and status registers are I/O ports
+//!   of [`crate::devices::acpi_power`] and the DSDT has `\_S5_`, so Linux
+//!   registers its ACPI power-off handler and `poweroff` ends the VM;
 //! - COM1 is described in the DSDT (PNP0501, I/O 0x3f8-0x3ff, IRQ 4) and is
 //!   also found by the 8250 driver's legacy port probe.
 //!
@@ -39,6 +42,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::e820;
 use crate::boot::MmioDeviceInfo;
+use crate::devices::acpi_power;
 use crate::memory::GuestMemory;
 
 /// Where the RSDP goes: the start of the BIOS area Linux scans.
@@ -258,11 +262,17 @@ fn dsdt(virtio: &[MmioDeviceInfo]) -> Vec<u8> {
         .enumerate()
         .map(|(i, d)| virtio_device(i, d))
         .collect();
+    // Sleep type for S5 (soft off), as written to the sleep control register.
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&acpi_power::S5_SLEEP_TYPE]),
+    );
     let mut children: Vec<&dyn Aml> = vec![&com1];
     children.extend(devices.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), children);
     // Revision 2: 64-bit AML integers.
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
+    t.append_slice(&bytes_of(&s5));
     t.append_slice(&bytes_of(&sb));
     t.as_slice().to_vec()
 }
@@ -312,6 +322,17 @@ fn fadt(dsdt: u64) -> Vec<u8> {
         RESET_PORT,
     );
     b.reset_value = RESET_VALUE;
+    let sleep_reg = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
+    b.sleep_control_reg = sleep_reg(acpi_power::SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = sleep_reg(acpi_power::SLEEP_STATUS_PORT);
     b.iapc_boot_arch =
         (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
     bytes_of(&b.finalize())
@@ -440,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn fadt_is_hardware_reduced_with_an_i8042_reset() {
+    fn fadt_is_hardware_reduced_with_an_i8042_reset_and_s5() {
         let m = mem();
         let l = setup_acpi_with(&m, &AcpiConfig::new(1)).unwrap();
         let f = table(&m, l.fadt, b"FACP");
@@ -454,6 +475,18 @@ mod tests {
         assert_eq!(f[117], 8);
         assert_eq!(u64_at(&f, 120), 0x64);
         assert_eq!(f[128], 0xfe);
+        // SLEEP_CONTROL_REG (244) and SLEEP_STATUS_REG (256): 8-bit system
+        // I/O at the power device's ports.
+        for (at, port) in [(244, 0x600u64), (256, 0x601)] {
+            assert_eq!(f[at], 1);
+            assert_eq!(f[at + 1], 8);
+            assert_eq!(u64_at(&f, at + 4), port);
+        }
+        let dsdt = table(&m, l.dsdt, b"DSDT");
+        assert!(
+            dsdt.windows(4).any(|w| w == b"_S5_"),
+            "the DSDT names the S5 sleep type"
+        );
         let boot_arch = u16_at(&f, 109);
         assert_eq!(boot_arch & (1 << 1), 0, "8042 flag left clear");
         assert_ne!(boot_arch & (1 << 5), 0, "no CMOS RTC");
