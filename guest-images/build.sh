@@ -392,6 +392,72 @@ else
 	[ "$INIT32_STATUS" = built ] || note "WARNING: 32-bit variant $INIT32_STATUS"
 fi
 
+# ------------------------------------------- 3c. userland initramfs (busybox)
+# initramfs-userland.cpio: Debian's busybox-static (apt-get download, never
+# installed on the host), every applet as a symlink, /init and /etc/shrc from
+# linux/userland/, and two static test programs: memtest (reads
+# /proc/meminfo, writes and verifies N MiB, prints a checksum) and ymmcheck
+# (do two processes' YMM registers survive each other?), both freestanding.
+# Uncompressed: the
+# guest unpacks it without running a decompressor under emulation.
+USERLAND=$SRC/userland
+BB_VER=$(candidate busybox-static)
+[ -n "$BB_VER" ] || die "apt has no candidate for busybox-static"
+BB_STAMP=$OUT/initramfs-userland.busybox
+if [ "$(cat "$BB_STAMP" 2>/dev/null)" = "$BB_VER" ] &&
+	uptodate "$OUT/initramfs-userland.cpio" "$OUT/memtest" "$OUT/ymmcheck" -- \
+		"$USERLAND/init" "$USERLAND/shrc" "$USERLAND/memtest.c" "$USERLAND/ymmcheck.c" \
+		"$USERLAND/sys.h" "$SELF"; then
+	note "up to date: initramfs-userland.cpio (busybox-static $BB_VER)"
+else
+	log "3c. userland initramfs: busybox-static $BB_VER, memtest, ymmcheck"
+	debdir=$BUILD/debs
+	deb=$(ls "$debdir/busybox-static_$(printf '%s' "$BB_VER" | sed 's/:/%3a/')_"*.deb 2>/dev/null | head -n1 || true)
+	if [ -z "$deb" ]; then
+		note "apt-get download busybox-static=$BB_VER"
+		rm -f "$debdir"/busybox-static_*.deb
+		deb=$(download_deb busybox-static "$BB_VER" "$debdir")
+	fi
+	# Freestanding, raw system calls (sys.h): ~10 KB each instead of ~0.8 MB
+	# of static glibc for the guest kernel to unpack.
+	CFLAGS_FREE=(-O2 -Wall -Wextra -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie)
+	gcc "${CFLAGS_FREE[@]}" -o "$OUT/memtest" "$USERLAND/memtest.c"
+	gcc "${CFLAGS_FREE[@]}" -o "$OUT/ymmcheck" "$USERLAND/ymmcheck.c"
+	stage=$(mktempdir)
+	dpkg-deb -x "$deb" "$stage/deb"
+	bb=$stage/deb/bin/busybox
+	[ -x "$bb" ] || die "no /bin/busybox in $deb"
+	(cd "$stage" && mkdir -p root/bin root/sbin root/usr/bin root/usr/sbin root/dev root/proc \
+		root/sys root/tmp root/etc root/root)
+	install -m 0755 "$bb" "$stage/root/bin/busybox"
+	# Applet paths as busybox lists them (bin/sh, sbin/poweroff, usr/bin/awk, ...).
+	"$bb" --list-full | while read -r applet; do
+		[ -e "$stage/root/$applet" ] || ln -s /bin/busybox "$stage/root/$applet"
+	done
+	[ -L "$stage/root/bin/sh" ] || die "busybox has no sh applet"
+	install -m 0755 "$USERLAND/init" "$stage/root/init"
+	install -m 0644 "$USERLAND/shrc" "$stage/root/etc/shrc"
+	install -m 0755 "$OUT/memtest" "$OUT/ymmcheck" "$stage/root/bin/"
+	mknod -m 0600 "$stage/root/dev/console" c 5 1 || die "mknod /dev/console failed (needs root / CAP_MKNOD)"
+	find "$stage/root" -exec touch -h -d @0 {} +
+	(cd "$stage/root" && find . -mindepth 1 | sed 's|^\./||' | LC_ALL=C sort |
+		cpio -o -H newc -R 0:0 --reproducible --quiet) >"$OUT/initramfs-userland.cpio.tmp"
+	mv "$OUT/initramfs-userland.cpio.tmp" "$OUT/initramfs-userland.cpio"
+	printf '%s\n' "$BB_VER" >"$BB_STAMP"
+	note "initramfs-userland.cpio: $(stat -c %s "$OUT/initramfs-userland.cpio") bytes"
+fi
+# The test programs check themselves on the host first.
+"$OUT/memtest" 1 | grep -q '^VMM-MEMTEST: ok mib=1 ' || die "memtest fails on the host"
+"$OUT/ymmcheck" 200 | grep -q '^VMM-YMM: result \(ok\|skipped\)' || die "ymmcheck fails on the host"
+EXPECTED_MEMTEST_16=$(python3 -c '
+K = 0x9E3779B97F4A7C15
+s = 0
+for i in range(16 * 1024 * 1024 // 8):
+    s ^= ((i ^ 0x5EED) * K) & 0xFFFFFFFFFFFFFFFF
+print("0x%016x" % s)')
+"$OUT/memtest" 16 | grep -q "^VMM-MEMTEST: ok mib=16 words=2097152 checksum=$EXPECTED_MEMTEST_16 " ||
+	die "memtest's checksum on the host is not $EXPECTED_MEMTEST_16"
+
 # ------------------------------------------------ 4. expected checksum + test
 log "4. expected checksum (python3, independent of init.c)"
 if uptodate "$OUT/expected-checksum" -- "$SELF"; then
@@ -440,6 +506,7 @@ fi
 	echo "gcc=$(dpkg-query -W -f='${Version}' gcc-12 2>/dev/null || gcc -dumpversion)"
 	echo "libc6-dev=$(dpkg-query -W -f='${Version}' libc6-dev 2>/dev/null || echo '?')"
 	echo "init32=$INIT32_STATUS"
+	echo "busybox-static=$BB_VER"
 	echo "expected-checksum=$EXPECTED"
 	echo "config-micro-dropped=$(paste -sd' ' "$OUT/config-micro.dropped" 2>/dev/null | sed 's/ (final[^)]*)//g')"
 } >"$OUT/versions.txt"
@@ -449,6 +516,7 @@ sed 's/^/    /' "$OUT/versions.txt"
 for f in vmlinuz-cloud vmlinuz-cloud.version config-cloud vmlinux-cloud \
 	vmlinux-micro bzImage-micro config-micro config-micro.dropped vmlinux-micro.version \
 	init initramfs.cpio init32 initramfs32.cpio init-hosttest init32-hosttest \
+	initramfs-userland.cpio memtest ymmcheck \
 	expected-checksum versions.txt; do
 	if [ -e "$OUT/$f" ]; then
 		printf '    %-22s %12s bytes\n' "$f" "$(stat -c %s "$OUT/$f")"
