@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::inproc::{config, field, host_mode, text};
-use common::{guest, run_with, vmm};
+use common::{guest, linux_file, run_with, vmm};
 use vmm::config::{BalloonOptions, FaultMode};
 use vmm::exit::ExitReason;
 use vmm::vm::Vm;
@@ -188,18 +187,6 @@ fn guest_that_balloons_its_own_page_tables_crashes_alone() {
     let r = run_with(c, Duration::from_secs(300));
     r.assert_error("triple-faulted");
     assert!(r.stderr.contains("balloon: "), "{}", r.stderr);
-}
-
-fn linux_file(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-images/out/linux")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run guest-images/build.sh",
-        p.display()
-    );
-    p.display().to_string()
 }
 
 /// Linux's virtio-balloon driver (the microVM kernel, `idle` /init: no

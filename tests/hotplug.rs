@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::inproc::{config, field, host_mode, text};
+use common::linux_file;
 use vmm::config::HotplugOptions;
 use vmm::exit::ExitReason;
 use vmm::memory::{resident_pages, MemoryManager, Slot};
@@ -268,18 +268,6 @@ fn faults_survive_100_resizes() {
         "rounds {rounds}, retries {retries}, memslot changes {}, mincore checks {checks}",
         report.memory.memslot_changes
     );
-}
-
-fn linux_file(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-images/out/linux")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run guest-images/build.sh",
-        p.display()
-    );
-    p.display().to_string()
 }
 
 /// Linux's virtio-mem driver (microVM kernel, `idle` /init) follows

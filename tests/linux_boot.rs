@@ -4,22 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{run, spawn_lines, vmm};
-
-fn linux_file(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-images/out/linux")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run guest-images/build.sh",
-        p.display()
-    );
-    p.display().to_string()
-}
+use common::{linux_file, run, spawn_lines, vmm};
 
 /// Console milestones, in boot order.
 const MILESTONES: &[&str] = &[

@@ -12,6 +12,35 @@ pub fn guest(name: &str) -> PathBuf {
     PathBuf::from(env!("VMM_GUEST_DIR")).join(format!("{name}.elf"))
 }
 
+/// A Linux guest file from `guest-images/build.sh` (kernels, initramfs).
+pub fn linux_file(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-images/out/linux")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build.sh",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+/// `GET path` over HTTP/1.1 on a TCP address: the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    buf.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
 pub fn vmm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
     c.stdin(Stdio::null());

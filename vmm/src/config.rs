@@ -92,6 +92,19 @@ impl FaultMode {
     }
 }
 
+/// The SYSCALL assist for stock Linux kernels on PVM hosts
+/// (`vcpu::syscall`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyscallAssistMode {
+    /// On for a Linux kernel on a PVM host unless the kernel completes
+    /// SYSCALL itself (its "RSVMM" ELF note).
+    #[default]
+    Auto,
+    /// On for any Linux kernel on a PVM host (never on hardware KVM).
+    On,
+    Off,
+}
+
 /// Where serial output goes.
 #[derive(Debug, Clone, Default)]
 pub enum SerialOut {
@@ -139,6 +152,8 @@ pub struct VmConfig {
     pub inject_eagain_every: Option<u32>,
     /// Keep serving metrics this long after the VM stops (a last scrape).
     pub metrics_linger: std::time::Duration,
+    /// The SYSCALL assist (PVM hosts).
+    pub syscall_assist: SyscallAssistMode,
 }
 
 /// `--hotplug SIZE [--hotplug-block SIZE]`.
@@ -182,6 +197,7 @@ impl VmConfig {
             hotplug: None,
             inject_eagain_every: None,
             metrics_linger: std::time::Duration::ZERO,
+            syscall_assist: SyscallAssistMode::Auto,
         }
     }
 }

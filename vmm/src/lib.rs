@@ -29,6 +29,7 @@ pub mod memory;
 pub mod metrics;
 pub mod stress;
 pub mod summary;
+pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 use vmm::bench::{self, BenchArgs};
 use vmm::config::{
-    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig,
+    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut,
+    SyscallAssistMode, VmConfig,
 };
 use vmm::vm::Vm;
 
@@ -141,6 +142,10 @@ struct RunArgs {
     /// Allow --metrics-addr to be a non-loopback address.
     #[arg(long)]
     metrics_allow_remote: bool,
+    /// Keep serving metrics this long after the VM ends (a last scrape of
+    /// the final counters), e.g. 10s.
+    #[arg(long, default_value = "0s", value_parser = vmm::stress::parse_duration, requires = "metrics_addr")]
+    metrics_linger: std::time::Duration,
     /// Do not print the fault summary at the end.
     #[arg(long)]
     quiet: bool,
@@ -165,6 +170,11 @@ struct RunArgs {
     /// virtio-mem block size: a power of two from 2M dividing 128M.
     #[arg(long, default_value = "2M", value_parser = parse_mem, requires = "hotplug")]
     hotplug_block: u64,
+    /// PVM hosts: complete guest SYSCALLs the host leaves half done (a
+    /// breakpoint on the guest's #PF handler). auto: for Linux kernels that
+    /// do not do it themselves; never armed on hardware KVM.
+    #[arg(long, value_enum, default_value = "auto")]
+    syscall_assist: SyscallAssistMode,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -217,9 +227,16 @@ fn run(a: RunArgs) -> ExitCode {
             block_size: a.hotplug_block,
         }),
         inject_eagain_every: None,
-        metrics_linger: std::time::Duration::ZERO,
+        metrics_linger: a.metrics_linger,
+        syscall_assist: a.syscall_assist,
     };
-    match Vm::new(config).and_then(|vm| vm.run()) {
+    let result = Vm::new(config).and_then(|vm| {
+        // Raw keystrokes to the guest while it runs (a terminal only);
+        // restored before anything below prints.
+        let _raw = vmm::terminal::RawStdin::new_if_tty();
+        vm.run()
+    });
+    match result {
         Ok(report) => {
             if !a.quiet {
                 eprint!("{}", vmm::summary::render(&report));
@@ -229,6 +246,11 @@ fn run(a: RunArgs) -> ExitCode {
                 log::info!("{}", report.reason);
             } else {
                 eprintln!("vmm: {}", report.reason);
+            }
+            if !a.metrics_linger.is_zero() {
+                // The summary is out; the endpoint serves the same final
+                // counters a little longer.
+                std::thread::sleep(a.metrics_linger);
             }
             ExitCode::from(status as u8)
         }

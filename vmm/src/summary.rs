@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::fault::stats::FAULT_KINDS;
+use crate::fault::stats::{AssistKind, ASSIST_KINDS, FAULT_KINDS};
 use crate::fault::FaultSnapshot;
 use crate::vm::RunReport;
 
@@ -66,6 +66,28 @@ pub fn render(r: &RunReport) -> String {
         .map(|(i, (rip, cpl))| format!("vcpu{i} RIP {rip:#x} CPL {cpl}"))
         .collect();
     let _ = writeln!(out, "  stopped at: {}", at.join(", "));
+    for (i, s) in r.vcpus.iter().enumerate() {
+        if s.assists.iter().any(|&n| n > 0) {
+            let kinds: Vec<String> = ASSIST_KINDS
+                .iter()
+                .filter(|(k, _)| s.assists[*k as usize] > 0)
+                .map(|(k, name)| format!("{name}={}", s.assists[*k as usize]))
+                .collect();
+            let pfs = s.assists[AssistKind::Syscall as usize]
+                + s.assists[AssistKind::PfSkip as usize]
+                + s.assists[AssistKind::PfResume as usize]
+                + s.assists[AssistKind::PfStep as usize];
+            let per = if pfs > 0 {
+                format!(
+                    " ({:.1} us in the VMM per guest #PF)",
+                    s.assist_ns as f64 / 1e3 / pfs as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  assists vcpu{i}: {}{per}", kinds.join(" "));
+        }
+    }
     for d in &r.devices {
         let _ = writeln!(
             out,

@@ -81,6 +81,8 @@ pub enum VmError {
     Api(#[from] ApiError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("SYSCALL assist setup (use --syscall-assist off to boot without it): {0}")]
+    SyscallAssist(vcpu::syscall::SyscallAssistError),
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -254,6 +256,10 @@ impl Vm {
             config.vcpus,
             mode,
         ));
+        let syscall_assist = vcpu::syscall::wanted(config.syscall_assist, host.flavor, &boot);
+        if syscall_assist {
+            vcpu::syscall::filter_lstar_writes(&vm_fd).map_err(VmError::SyscallAssist)?;
+        }
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,
@@ -263,6 +269,7 @@ impl Vm {
                 KvmFlavor::Pvm => Assists::Pvm,
                 _ => Assists::None,
             },
+            syscall_assist: syscall_assist.then(|| memory.view()),
         });
         let vcpus = create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
         log::info!(

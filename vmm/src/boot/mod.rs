@@ -65,7 +65,14 @@ pub struct Boot {
     pub entry: u64,
     /// Value for RSI (Linux: the zero page).
     pub zero_page: u64,
+    /// The kernel completes a half-done SYSCALL itself on PVM hosts (the
+    /// micro kernel's patch, announced by an "RSVMM" ELF note).
+    pub completes_syscall: bool,
 }
+
+/// Owner of the ELF note the micro kernel's SYSCALL patch adds
+/// (guest-images/linux/patches).
+pub const SYSCALL_NOTE_OWNER: &[u8] = b"RSVMM";
 
 /// A virtio-mmio device as the guest is told about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,17 +99,42 @@ pub struct BootSpec<'a> {
     pub memory_hotplug: bool,
 }
 
+/// The features hidden from a guest kernel on PVM hosts, the most important
+/// first (see [`PVM_CMDLINE`]).
+macro_rules! clearcpuid {
+    () => {
+        "smap,smep,umip,ssse3,sse4_1,sse4_2,rdrand,rdseed,aes,pclmulqdq,sha_ni,popcnt,invpcid,pcid,movbe,bmi1,bmi2,adx,clflushopt,clwb"
+    };
+}
+
 /// Command-line additions on PVM hosts, each for a failure measured there
-/// (docs/ARCHITECTURE.md, "PVM hosts"): the guest sees XSAVE, PKU, FSGSBASE and many
-/// other features whatever CPUID says, and the host's emulator cannot run
-/// `xrstor` or SMAP's `clac`/`stac` reliably; `nokaslr` keeps addresses
-/// stable for diagnosis. Emulated boot code is slow (~1 µs per instruction):
-/// ftrace's boot-time check of weak functions (a workqueue scanning every
-/// ftrace record) then runs for minutes with soft-lockup splats (measured
-/// here: `test_for_valid_rec` at 121 s), so its initcall is skipped.
-pub const PVM_CMDLINE: &str = "noxsave nopku nofsgsbase \
-clearcpuid=smap,smep,rdrand,rdseed,aes,pclmulqdq,sha_ni,popcnt,invpcid,pcid,avx,avx2,f16c,fma,movbe,bmi1,bmi2,adx,vaes,vpclmulqdq,clflushopt,clwb,rdpid,umip \
-mitigations=off nokaslr initcall_blacklist=ftrace_check_for_weak_functions";
+/// (docs/ARCHITECTURE.md, "PVM hosts"): the guest sees XSAVE, PKU, FSGSBASE
+/// and many other features whatever CPUID says, and the host's emulator
+/// cannot run `xrstor`, SMAP's `clac`/`stac` reliably, or SSE register moves
+/// such as blake2s-ssse3's `movd %ecx,%xmm15`; `nokaslr` keeps addresses
+/// stable for diagnosis.
+///
+/// `clearcpuid=` is read into a 128-byte buffer: entries past 127
+/// characters are silently lost ([`CLEARCPUID`] is checked against that).
+/// AVX and everything built on it (AVX2, FMA, VAES, VPCLMULQDQ, AVX-512)
+/// need no entry: `noxsave` clears XSAVE, and the kernel clears the
+/// features that depend on it.
+///
+/// Emulated boot code is slow (~1 us per instruction): ftrace's boot-time
+/// check of weak functions (a workqueue scanning every ftrace record) runs
+/// for minutes with soft-lockup splats (measured here: `test_for_valid_rec`
+/// at 121 s), and the tracing initcalls cost minutes more (`trace_eval_init`
+/// alone ~230 s), so they are skipped; `cryptomgr.notests` skips the crypto
+/// self-tests (RSA alone stalls a stock kernel for over 15 minutes).
+pub const PVM_CMDLINE: &str = concat!(
+    "noxsave nopku nofsgsbase clearcpuid=",
+    clearcpuid!(),
+    " mitigations=off nokaslr cryptomgr.notests initcall_blacklist=ftrace_check_for_weak_functions,",
+    "trace_eval_init,tracer_init_tracefs,event_trace_init,init_kprobe_trace,init_uprobe_trace"
+);
+
+/// The `clearcpuid=` list of [`PVM_CMDLINE`].
+pub const CLEARCPUID: &str = clearcpuid!();
 
 /// Defaults every Linux boot gets: reboot through the i8042 (which ends the
 /// VMM), reboot at once on panic (the VMM reports the panic it saw on the
@@ -195,6 +227,7 @@ pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot
                 kind,
                 entry: loaded.entry,
                 zero_page: 0,
+                completes_syscall: false,
             })
         }
         BootKind::Linux => {
@@ -222,10 +255,18 @@ pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot
                 "Linux boot: entry {:#x}, command line: {line}",
                 loaded.entry
             );
+            let completes_syscall = elf::parse(&vmlinux)
+                .map(|e| {
+                    e.note_owners(&vmlinux)
+                        .iter()
+                        .any(|o| o == SYSCALL_NOTE_OWNER)
+                })
+                .unwrap_or(false);
             Ok(Boot {
                 kind,
                 entry: loaded.entry,
                 zero_page: layout.zero_page,
+                completes_syscall,
             })
         }
     }
@@ -234,6 +275,14 @@ pub fn load(mem: &GuestMemory, ram: &[RamRange], spec: &BootSpec) -> Result<Boot
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        // arch/x86/kernel/cpu/common.c: `char arg[128]` (127 + NUL).
+        assert!(CLEARCPUID.len() <= 127, "{} characters", CLEARCPUID.len());
+        assert!(PVM_CMDLINE.contains(&format!("clearcpuid={CLEARCPUID} ")));
+        assert_eq!(PVM_CMDLINE.matches("clearcpuid=").count(), 1);
+    }
 
     #[test]
     fn cmdline_limits() {

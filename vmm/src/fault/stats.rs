@@ -41,10 +41,14 @@ pub enum ExitKind {
     SystemEvent = 6,
     Intr = 7,
     Other = 8,
+    /// `KVM_EXIT_DEBUG` (the SYSCALL assist's breakpoint).
+    Debug = 9,
+    /// `KVM_EXIT_X86_WRMSR`/`RDMSR` (the MSR filter).
+    Msr = 10,
 }
 
 /// Number of [`ExitKind`]s.
-pub const EXIT_KIND_COUNT: usize = 9;
+pub const EXIT_KIND_COUNT: usize = 11;
 
 pub const EXIT_KINDS: [(ExitKind, &str); EXIT_KIND_COUNT] = [
     (ExitKind::Io, "io"),
@@ -56,6 +60,50 @@ pub const EXIT_KINDS: [(ExitKind, &str); EXIT_KIND_COUNT] = [
     (ExitKind::SystemEvent, "system_event"),
     (ExitKind::Intr, "intr"),
     (ExitKind::Other, "other"),
+    (ExitKind::Debug, "debug"),
+    (ExitKind::Msr, "msr"),
+];
+
+/// What the VMM did for a guest on a PVM host (`vcpu::assist`,
+/// `vcpu::syscall`), counted per vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssistKind {
+    /// `int3` the emulator failed on: RIP+1, #BP injected.
+    Int3 = 0,
+    Clac = 1,
+    Stac = 2,
+    Fwait = 3,
+    /// `ldmxcsr`/`stmxcsr` with a memory operand.
+    Mxcsr = 4,
+    /// A guest LSTAR write seen through the MSR filter.
+    LstarWrite = 5,
+    /// The #PF-handler breakpoint (re)armed.
+    Arm = 6,
+    /// A half-done SYSCALL entered at LSTAR.
+    Syscall = 7,
+    /// An ordinary #PF let through by performing the handler's first
+    /// instructions (endbr64, NOPs, clac, cld) and resuming past them.
+    PfSkip = 8,
+    /// An ordinary #PF let through with RFLAGS.RF.
+    PfResume = 9,
+    /// An ordinary #PF let through by single-stepping.
+    PfStep = 10,
+}
+
+pub const ASSIST_KIND_COUNT: usize = 11;
+
+pub const ASSIST_KINDS: [(AssistKind, &str); ASSIST_KIND_COUNT] = [
+    (AssistKind::Int3, "int3"),
+    (AssistKind::Clac, "clac"),
+    (AssistKind::Stac, "stac"),
+    (AssistKind::Fwait, "fwait"),
+    (AssistKind::Mxcsr, "mxcsr"),
+    (AssistKind::LstarWrite, "lstar_write"),
+    (AssistKind::Arm, "arm"),
+    (AssistKind::Syscall, "syscall"),
+    (AssistKind::PfSkip, "pf_skip"),
+    (AssistKind::PfResume, "pf_resume"),
+    (AssistKind::PfStep, "pf_step"),
 ];
 
 /// Latency histogram buckets: upper bounds in ns, powers of two from 1 µs
@@ -122,6 +170,11 @@ pub struct FaultStats {
     pub latency_max_ns: Counter,
     /// Exits by [`ExitKind`] (vCPU threads only).
     pub exits: [Counter; EXIT_KIND_COUNT],
+    /// Assists by [`AssistKind`] (vCPU threads on PVM hosts only).
+    pub assists: [Counter; ASSIST_KIND_COUNT],
+    /// Time the SYSCALL assist spent in the VMM on breakpoint exits (from
+    /// the exit to the re-entry), for its per-#PF cost.
+    pub assist_ns: Counter,
 }
 
 impl FaultStats {
@@ -154,6 +207,8 @@ impl FaultStats {
             latency_count: self.latency_count.get(),
             latency_max_ns: self.latency_max_ns.get(),
             exits: std::array::from_fn(|i| self.exits[i].get()),
+            assists: std::array::from_fn(|i| self.assists[i].get()),
+            assist_ns: self.assist_ns.get(),
         }
     }
 }
@@ -173,6 +228,8 @@ pub struct FaultSnapshot {
     pub latency_count: u64,
     pub latency_max_ns: u64,
     pub exits: [u64; EXIT_KIND_COUNT],
+    pub assists: [u64; ASSIST_KIND_COUNT],
+    pub assist_ns: u64,
 }
 
 impl FaultSnapshot {
@@ -199,6 +256,10 @@ impl FaultSnapshot {
         for i in 0..self.exits.len() {
             self.exits[i] += o.exits[i];
         }
+        for i in 0..self.assists.len() {
+            self.assists[i] += o.assists[i];
+        }
+        self.assist_ns += o.assist_ns;
     }
 
     /// What happened between `earlier` and this snapshot (counters only go
@@ -221,6 +282,8 @@ impl FaultSnapshot {
             // The max over the whole run: not a difference.
             latency_max_ns: self.latency_max_ns,
             exits: std::array::from_fn(|i| d(self.exits[i], earlier.exits[i])),
+            assists: std::array::from_fn(|i| d(self.assists[i], earlier.assists[i])),
+            assist_ns: d(self.assist_ns, earlier.assist_ns),
         }
     }
 

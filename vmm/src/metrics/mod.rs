@@ -15,7 +15,9 @@ pub use http::{MetricsError, MetricsServer};
 use crate::api::control::{BalloonControl, BalloonInfo, HotplugControl, HotplugInfo};
 use crate::config::FaultMode;
 use crate::devices::virtio::manager::DeviceSummary;
-use crate::fault::stats::{bucket_bound_ns, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS};
+use crate::fault::stats::{
+    bucket_bound_ns, ASSIST_KINDS, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS,
+};
 use crate::fault::{FaultSnapshot, FaultStats};
 use crate::memory::MemoryManager;
 
@@ -93,6 +95,10 @@ pub struct ThreadMetrics {
     pub pages_installed: u64,
     pub source_bytes: u64,
     pub exits: std::collections::BTreeMap<&'static str, u64>,
+    /// What the VMM did for the guest on a PVM host, by kind.
+    pub assists: std::collections::BTreeMap<&'static str, u64>,
+    /// Time the SYSCALL assist spent on its breakpoint exits.
+    pub assist_seconds: f64,
     pub fault_latency: Histogram,
 }
 
@@ -122,6 +128,11 @@ impl ThreadMetrics {
                 .iter()
                 .map(|(k, n)| (*n, s.exits[*k as usize]))
                 .collect(),
+            assists: ASSIST_KINDS
+                .iter()
+                .map(|(k, n)| (*n, s.assists[*k as usize]))
+                .collect(),
+            assist_seconds: s.assist_ns as f64 / 1e9,
             fault_latency: Histogram {
                 sum_seconds: s.latency_sum_ns as f64 / 1e9,
                 count: s.latency_count,

@@ -131,6 +131,33 @@ impl Collector for Snap {
             }
         }
         counter_family(&mut enc, "vmm_exits", "KVM_RUN exits, by reason", exits)?;
+        let mut assists = Vec::new();
+        for (i, t) in s.vcpus.iter().enumerate() {
+            for (kind, v) in &t.assists {
+                assists.push((
+                    vec![("vcpu", i.to_string()), ("kind", kind.to_string())],
+                    *v,
+                ));
+            }
+        }
+        counter_family(
+            &mut enc,
+            "vmm_assists",
+            "What the VMM did for the guest on a PVM host, by kind",
+            assists,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "vmm_assist_seconds",
+                "Time the SYSCALL assist spent on its breakpoint exits (exit to re-entry)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, t) in s.vcpus.iter().enumerate() {
+                ConstCounter::new(t.assist_seconds)
+                    .encode(m.encode_family(&vec![("vcpu", i.to_string())])?)?;
+            }
+        }
         {
             let mut m = enc.encode_descriptor(
                 "vmm_fault_latency_seconds",

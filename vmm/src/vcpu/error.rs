@@ -50,4 +50,6 @@ pub enum VcpuError {
     SystemEvent { vcpu: usize, kind: u32 },
     #[error("vCPU {vcpu}: unhandled exit {what} at RIP {rip:#x}")]
     Unhandled { vcpu: usize, what: String, rip: u64 },
+    #[error("vCPU {vcpu}: the SYSCALL assist failed: {error}")]
+    Assist { vcpu: usize, error: String },
 }

@@ -52,6 +52,19 @@ pub enum Exit<'a> {
     },
     /// Interrupted (a kick, `immediate_exit`).
     Intr,
+    /// `KVM_EXIT_DEBUG`: a guest-debug breakpoint hit (`pc`) or a single
+    /// step (the SYSCALL assist's).
+    Debug {
+        pc: u64,
+        dr6: u64,
+    },
+    /// `KVM_EXIT_X86_WRMSR`: a write the MSR filter sends to the VMM. The
+    /// write has not happened; `error = 1` makes it raise #GP instead.
+    WrMsr {
+        index: u32,
+        data: u64,
+        error: &'a mut u8,
+    },
     /// An exit this VMM does not handle.
     Unhandled(String),
     /// `KVM_RUN` itself failed.
@@ -71,6 +84,8 @@ impl Exit<'_> {
             Exit::MemoryFault { .. } => ExitKind::MemoryFault,
             Exit::SystemEvent(_) => ExitKind::SystemEvent,
             Exit::Intr => ExitKind::Intr,
+            Exit::Debug { .. } => ExitKind::Debug,
+            Exit::WrMsr { .. } => ExitKind::Msr,
             Exit::Failed { errno } if *errno == libc::EINTR || *errno == libc::EAGAIN => {
                 ExitKind::Intr
             }
@@ -116,6 +131,15 @@ pub unsafe fn decode<'a>(
         }
         Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::FailEntry { reason, cpu },
         Ok(VcpuExit::Intr) => Exit::Intr,
+        Ok(VcpuExit::Debug(d)) => Exit::Debug {
+            pc: d.pc,
+            dr6: d.dr6,
+        },
+        Ok(VcpuExit::X86Wrmsr(w)) => Exit::WrMsr {
+            index: w.index,
+            data: w.data,
+            error: w.error,
+        },
         Ok(other) => Exit::Unhandled(format!("{other:?}")),
         Err(e) => Exit::Failed { errno: e.errno() },
     }

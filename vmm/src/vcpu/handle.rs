@@ -6,15 +6,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use vm_memory::GuestAddressSpace;
+
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 
 use super::assist;
 use super::error::VcpuError;
 use super::exit::{Exit, MAX_INSN_LEN};
 use super::regs::VcpuState;
+use super::syscall::{DebugOutcome, SyscallAssist, MSR_LSTAR};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::fault::{Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved};
+use crate::memory::GuestMemory;
 
 /// Whether the host needs the VMM to complete instructions its emulator
 /// cannot (PVM hosts).
@@ -32,6 +36,9 @@ pub struct VcpuShared {
     /// Set in `vcpu` mode: faults are served on the vCPU thread.
     pub fault: Option<Arc<FaultEngine>>,
     pub assists: Assists,
+    /// Set when the SYSCALL assist is on (a stock Linux kernel on a PVM
+    /// host): the guest memory it reads (IDT gates, exception frames).
+    pub syscall_assist: Option<vm_memory::GuestMemoryAtomic<GuestMemory>>,
 }
 
 /// What the loop does after an exit.
@@ -46,12 +53,17 @@ pub struct ExitHandler {
     index: usize,
     shared: Arc<VcpuShared>,
     ctx: FaultCtx,
+    syscall: Option<SyscallAssist>,
 }
 
 impl ExitHandler {
     pub fn new(index: usize, shared: Arc<VcpuShared>, stats: Arc<FaultStats>) -> Self {
         Self {
             index,
+            syscall: shared
+                .syscall_assist
+                .as_ref()
+                .map(|_| SyscallAssist::new(index)),
             shared,
             ctx: FaultCtx::new(stats),
         }
@@ -144,6 +156,8 @@ impl ExitHandler {
                 cpu,
             }),
             Exit::Intr => Next::Continue,
+            Exit::WrMsr { index, data, error } => self.wrmsr(vcpu, index, data, error),
+            Exit::Debug { pc, .. } => self.debug(vcpu, pc, exited),
             Exit::Failed { errno } if errno == libc::EINTR || errno == libc::EAGAIN => {
                 Next::Continue
             }
@@ -192,6 +206,61 @@ impl ExitHandler {
             Access::None => {}
         }
         Next::Continue
+    }
+
+    /// A guest MSR write the filter sent here: LSTAR (the SYSCALL assist
+    /// arms itself) or, should the filter ever cover more, any other MSR,
+    /// performed as the guest asked.
+    fn wrmsr(&mut self, vcpu: &dyn VcpuState, msr: u32, data: u64, error: &mut u8) -> Next {
+        let index = self.index;
+        if let (MSR_LSTAR, Some(a), Some(mem)) = (
+            msr,
+            self.syscall.as_mut(),
+            self.shared.syscall_assist.as_ref(),
+        ) {
+            *error = 0;
+            return match a.on_lstar_write(vcpu, &mem.memory(), data, &self.ctx.stats) {
+                Ok(()) => Next::Continue,
+                Err(e) => self.stop(VcpuError::Assist {
+                    vcpu: index,
+                    error: e.to_string(),
+                }),
+            };
+        }
+        // Performed from the host side (filters apply to the guest only).
+        *error = u8::from(vcpu.set_msr(msr, data).is_err());
+        if *error != 0 {
+            log::warn!("vCPU {index}: WRMSR {msr:#x} <- {data:#x} failed: #GP to the guest");
+        }
+        Next::Continue
+    }
+
+    /// `KVM_EXIT_DEBUG`: the SYSCALL assist's breakpoint or single step.
+    fn debug(&mut self, vcpu: &dyn VcpuState, pc: u64, exited: Instant) -> Next {
+        let index = self.index;
+        let (Some(a), Some(mem)) = (self.syscall.as_mut(), self.shared.syscall_assist.as_ref())
+        else {
+            return self.unhandled(
+                vcpu,
+                &format!("KVM_EXIT_DEBUG at {pc:#x} without a breakpoint of ours"),
+            );
+        };
+        let r = a.on_debug(vcpu, &mem.memory(), pc, &self.ctx.stats);
+        self.ctx
+            .stats
+            .assist_ns
+            .add(exited.elapsed().as_nanos() as u64);
+        match r {
+            Ok(DebugOutcome::NotOurs) => self.unhandled(
+                vcpu,
+                &format!("KVM_EXIT_DEBUG at {pc:#x} before the SYSCALL assist armed"),
+            ),
+            Ok(_) => Next::Continue,
+            Err(e) => self.stop(VcpuError::Assist {
+                vcpu: index,
+                error: e.to_string(),
+            }),
+        }
     }
 
     fn stop(&self, e: VcpuError) -> Next {
@@ -392,6 +461,7 @@ mod tests {
             exit,
             fault,
             assists,
+            syscall_assist: None,
         });
         Rig {
             handler: ExitHandler::new(0, shared, Arc::new(FaultStats::default())),

@@ -11,6 +11,7 @@ pub mod error;
 pub mod exit;
 pub mod handle;
 pub mod regs;
+pub mod syscall;
 
 use std::cell::Cell;
 use std::sync::Arc;
