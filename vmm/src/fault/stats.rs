@@ -73,31 +73,28 @@ pub enum AssistKind {
     Clac = 1,
     Stac = 2,
     Fwait = 3,
-    /// `ldmxcsr`/`stmxcsr` with a memory operand.
-    Mxcsr = 4,
     /// A guest LSTAR write seen through the MSR filter.
-    LstarWrite = 5,
+    LstarWrite = 4,
     /// The #PF-handler breakpoint (re)armed.
-    Arm = 6,
+    Arm = 5,
     /// A half-done SYSCALL entered at LSTAR.
-    Syscall = 7,
+    Syscall = 6,
     /// An ordinary #PF let through by performing the handler's first
     /// instructions (endbr64, NOPs, clac, cld) and resuming past them.
-    PfSkip = 8,
+    PfSkip = 7,
     /// An ordinary #PF let through with RFLAGS.RF.
-    PfResume = 9,
+    PfResume = 8,
     /// An ordinary #PF let through by single-stepping.
-    PfStep = 10,
+    PfStep = 9,
 }
 
-pub const ASSIST_KIND_COUNT: usize = 11;
+pub const ASSIST_KIND_COUNT: usize = 10;
 
 pub const ASSIST_KINDS: [(AssistKind, &str); ASSIST_KIND_COUNT] = [
     (AssistKind::Int3, "int3"),
     (AssistKind::Clac, "clac"),
     (AssistKind::Stac, "stac"),
     (AssistKind::Fwait, "fwait"),
-    (AssistKind::Mxcsr, "mxcsr"),
     (AssistKind::LstarWrite, "lstar_write"),
     (AssistKind::Arm, "arm"),
     (AssistKind::Syscall, "syscall"),
@@ -172,8 +169,9 @@ pub struct FaultStats {
     pub exits: [Counter; EXIT_KIND_COUNT],
     /// Assists by [`AssistKind`] (vCPU threads on PVM hosts only).
     pub assists: [Counter; ASSIST_KIND_COUNT],
-    /// Time the SYSCALL assist spent in the VMM on breakpoint exits (from
-    /// the exit to the re-entry), for its per-#PF cost.
+    /// Time spent in the VMM on assists (from the exit to the re-entry);
+    /// the SYSCALL assist's breakpoint exits dominate it, so the summary
+    /// divides it by the guest #PFs for a per-#PF cost.
     pub assist_ns: Counter,
 }
 

@@ -97,7 +97,7 @@ pub struct ThreadMetrics {
     pub exits: std::collections::BTreeMap<&'static str, u64>,
     /// What the VMM did for the guest on a PVM host, by kind.
     pub assists: std::collections::BTreeMap<&'static str, u64>,
-    /// Time the SYSCALL assist spent on its breakpoint exits.
+    /// Time spent in the VMM on assists.
     pub assist_seconds: f64,
     pub fault_latency: Histogram,
 }

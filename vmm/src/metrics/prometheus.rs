@@ -149,7 +149,7 @@ impl Collector for Snap {
         {
             let mut m = enc.encode_descriptor(
                 "vmm_assist_seconds",
-                "Time the SYSCALL assist spent on its breakpoint exits (exit to re-entry)",
+                "Time the VMM spent on assists (exit to re-entry)",
                 None,
                 MetricType::Counter,
             )?;

@@ -9,6 +9,7 @@
 //!   FPU faults at boot).
 
 use super::regs::VcpuState;
+use crate::fault::stats::AssistKind;
 
 const RFLAGS_AC: u64 = 1 << 18;
 const BP_VECTOR: u8 = 3;
@@ -25,6 +26,17 @@ pub enum Assist {
     Clac,
     Stac,
     Fwait,
+}
+
+impl From<Assist> for AssistKind {
+    fn from(a: Assist) -> Self {
+        match a {
+            Assist::Int3 => AssistKind::Int3,
+            Assist::Clac => AssistKind::Clac,
+            Assist::Stac => AssistKind::Stac,
+            Assist::Fwait => AssistKind::Fwait,
+        }
+    }
 }
 
 /// Perform the assist for the failed instruction `insn`, if there is one.

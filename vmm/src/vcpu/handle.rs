@@ -17,6 +17,7 @@ use super::regs::VcpuState;
 use super::syscall::{DebugOutcome, SyscallAssist, MSR_LSTAR};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::fault::stats::AssistKind;
 use crate::fault::{Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved};
 use crate::memory::GuestMemory;
 
@@ -126,6 +127,9 @@ impl ExitHandler {
                 if shared.assists == Assists::Pvm {
                     if let Some(a) = insn.as_deref().and_then(|b| assist::apply(vcpu, b)) {
                         log::debug!("vCPU {index}: assisted {a:?}");
+                        let stats = &self.ctx.stats;
+                        stats.assists[AssistKind::from(a) as usize].add(1);
+                        stats.assist_ns.add(exited.elapsed().as_nanos() as u64);
                         return Next::Continue;
                     }
                 }
@@ -656,6 +660,19 @@ mod tests {
             Next::Continue
         );
         assert_eq!(v.regs.borrow().rip, 0x1008);
+        // Each one is counted by kind, in this vCPU's stats.
+        let s = r.handler.stats().snapshot();
+        let counts: Vec<u64> = [
+            AssistKind::Int3,
+            AssistKind::Stac,
+            AssistKind::Clac,
+            AssistKind::Fwait,
+        ]
+        .iter()
+        .map(|k| s.assists[*k as usize])
+        .collect();
+        assert_eq!(counts, [1, 1, 1, 1]);
+        assert_eq!(s.assists.iter().sum::<u64>(), 4);
     }
 
     #[test]
