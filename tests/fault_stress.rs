@@ -400,8 +400,11 @@ fn every_fault_mode_runs_touch() {
         assert!(out.contains("touch: OK"), "{}: {out}", mode.name());
         let t = report.total();
         match mode {
+            // 4 MiB touched: 1024 pages installed, by fewer faults where
+            // fault-around covers the sequential stream.
             FaultMode::Vcpu | FaultMode::Handler => {
-                assert!(t.faults() >= 1024, "{}: {t:?}", mode.name())
+                assert!(t.faults() > 0, "{}: {t:?}", mode.name());
+                assert!(t.pages_installed >= 1024, "{}: {t:?}", mode.name());
             }
             _ => assert_eq!(t.faults(), 0),
         }

@@ -33,6 +33,10 @@ impl Live {
             host_mode().name(),
             "--metrics-addr",
             "127.0.0.1:0",
+            // One page per fault: pages installed then equal pages touched
+            // exactly (fault-around may run a window past the region).
+            "--fault-around",
+            "1",
         ])
         .arg("--kernel")
         .arg(guest("memstress"))

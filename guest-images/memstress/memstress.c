@@ -49,6 +49,40 @@ static void fill(u64 start, u64 n, u64 stride, u64 s)
         *(u64 *)a = ((a ^ s) * K) | 1;
 }
 
+static u64 gcd(u64 a, u64 b)
+{
+    while (b) {
+        u64 t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* order=random: before fill(), store the same values in a seeded permutation
+ * of the words (word j*step mod n, step coprime with n and far from 1), so
+ * the first touch of each page comes in an order no sequential detector
+ * follows. fill() then rewrites present pages. */
+static void scatter(u64 start, u64 n, u64 stride, u64 s, u64 seed)
+{
+    const u64 K = PATTERN_MUL;
+    if (n < 2)
+        return;
+    u64 step = ((seed * 0x9e3779b97f4a7c15UL) >> 20) % n;
+    if (step < n / 3)
+        step += n / 3;
+    while (gcd(step, n) != 1)
+        step++;
+    u64 i = 0;
+    for (u64 j = 0; j < n; j++) {
+        u64 a = start + i * stride;
+        *(u64 *)a = ((a ^ s) * K) | 1;
+        i += step;
+        if (i >= n)
+            i -= n;
+    }
+}
+
 /* Slow path for a word that does not hold the expected value. */
 __attribute__((noinline, cold))
 static void odd_word(u64 addr, u64 want, int zero_ok, struct counts *c, u64 cpu)
@@ -156,6 +190,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     u64 mode = cmdline_u64(cmdline, "mode", MODE_PATTERN);
     u64 seed = cmdline_u64(cmdline, "seed", 1);
     hold = cmdline_u64(cmdline, "hold", 0);
+    u64 random_order = cmdline_u64(cmdline, "random", 0);
 
     if (mode > MODE_WRITE_VERIFY || (rounds == 0 && mode != MODE_IMAGE)) {
         if (cpu != 0)
@@ -203,6 +238,8 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
         struct counts c = { 0, 0 };
         u64 s = seed + round;
 
+        if (random_order && round == 1)
+            scatter(start, count, r.stride, s, seed + cpu);
         fill(start, count, r.stride, s);
         barrier_wait(&bar, ncpus);
         if (mode == MODE_PATTERN) {

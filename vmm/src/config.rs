@@ -37,6 +37,8 @@ pub enum ConfigError {
 
 /// Smallest guest RAM accepted: room for boot structures and a test guest.
 pub const MIN_MEM_MIB: u64 = 4;
+/// Default and largest fault-around window: 512 pages, 2 MiB.
+pub const DEFAULT_FAULT_AROUND: u64 = 512;
 /// Largest guest RAM accepted (the identity map and layout are built for it).
 pub const MAX_MEM_BYTES: u64 = 256 << 30;
 
@@ -134,7 +136,7 @@ pub struct VmConfig {
     pub mem_source: Option<PathBuf>,
     /// Handler threads in `handler` mode.
     pub fault_threads: usize,
-    /// Pages installed per fault on a sequential pattern (1 = off).
+    /// Largest adaptive fault-around window, in pages (1 = off).
     pub fault_around: u64,
     /// Serial output destination.
     pub serial: SerialOut,
@@ -188,7 +190,7 @@ impl VmConfig {
             fault_mode: None,
             mem_source: None,
             fault_threads: 1,
-            fault_around: 1,
+            fault_around: DEFAULT_FAULT_AROUND,
             serial: SerialOut::Stdout,
             metrics_addr: None,
             metrics_allow_remote: false,
@@ -212,7 +214,7 @@ impl VmConfig {
         if self.fault_threads == 0 || self.fault_threads > 64 {
             return Err(ConfigError::BadFaultThreads);
         }
-        if self.fault_around == 0 || self.fault_around > 512 {
+        if self.fault_around == 0 || self.fault_around > DEFAULT_FAULT_AROUND {
             return Err(ConfigError::BadFaultAround);
         }
         if let Some(b) = &self.balloon {

@@ -132,8 +132,9 @@ struct RunArgs {
     /// Handler threads in handler mode.
     #[arg(long, default_value_t = 1)]
     fault_threads: usize,
-    /// Pages installed per fault when faults are sequential (1 = off).
-    #[arg(long, default_value_t = 1)]
+    /// Largest adaptive fault-around window in pages: a thread's sequential
+    /// faults double it from 1 up to this (1 = off; default 512 = 2 MiB).
+    #[arg(long, default_value_t = vmm::config::DEFAULT_FAULT_AROUND)]
     fault_around: u64,
     /// Serve fault metrics over HTTP at ADDR (e.g. 127.0.0.1:9464):
     /// /metrics (OpenMetrics text), /metrics.json, /healthz.

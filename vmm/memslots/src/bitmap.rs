@@ -55,6 +55,13 @@ impl PageBitmap {
             .sum()
     }
 
+    /// How many bits from `first` on (at most `max`, never past the end)
+    /// are clear before the first set one.
+    pub fn clear_run(&self, first: u64, max: u64) -> u64 {
+        let end = first.saturating_add(max).min(self.len);
+        (first..end).take_while(|&i| !self.get(i)).count() as u64
+    }
+
     /// Whether any bit in `first..first + n` is set.
     pub fn any(&self, first: u64, n: u64) -> bool {
         (first..first.saturating_add(n).min(self.len)).any(|i| self.get(i))
@@ -79,6 +86,12 @@ mod tests {
         assert_eq!(b.count(), 2);
         assert!(b.any(120, 100));
         assert!(!b.any(1, 63));
+        assert_eq!(b.clear_run(1, 500), 128, "stops at bit 129");
+        assert_eq!(b.clear_run(1, 10), 10, "at most max");
+        assert_eq!(b.clear_run(0, 10), 0, "bit 0 is set");
+        assert_eq!(b.clear_run(130, 10), 0, "nothing past the end");
+        b.clear(129);
+        assert_eq!(b.clear_run(100, 500), 30, "never past the end");
     }
 
     #[test]

@@ -108,6 +108,12 @@ impl<B> Memslot<B> {
         self.discarded.get(page)
     }
 
+    /// How many of the pages `first..first + max` come before the first
+    /// discarded one (or before the slot's end).
+    pub fn undiscarded_run(&self, first: u64, max: u64) -> u64 {
+        self.discarded.clear_run(first, max)
+    }
+
     pub fn discarded_pages(&self) -> u64 {
         self.discarded.count()
     }

@@ -33,8 +33,9 @@ pub struct BenchArgs {
     /// Runs per configuration; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
-    /// Fault-around size for the extra `vcpu+fa` row (pages).
-    #[arg(long, default_value_t = 16)]
+    /// Largest fault-around window of the default rows (pages); the
+    /// `vcpu-nofa` row always runs without fault-around.
+    #[arg(long, default_value_t = crate::config::DEFAULT_FAULT_AROUND)]
     pub fault_around: u64,
     /// Memslot changes per second for the churn row.
     #[arg(long, default_value_t = 100)]
@@ -57,6 +58,8 @@ struct Row {
     churn_hz: u64,
     /// Serve metrics and scrape them every 100 ms.
     scrape: bool,
+    /// First touches in a seeded random order (memstress `random=1`).
+    random: bool,
 }
 
 fn one_run(guest: &Path, row: Row, vcpus: usize, pages: u64) -> Result<Sample, String> {
@@ -65,13 +68,17 @@ fn one_run(guest: &Path, row: Row, vcpus: usize, pages: u64) -> Result<Sample, S
         fault_around,
         churn_hz,
         scrape,
+        random,
         ..
     } = row;
     let bytes = pages * 4096;
     let mut config = VmConfig::new(Some(guest.to_path_buf()));
     config.mem_size = (BASE + bytes + (16 << 20)).next_multiple_of(2 << 20);
     config.vcpus = vcpus;
-    config.cmdline = format!("mode=0 rounds=1 base={BASE} bytes={bytes} stride=4096");
+    config.cmdline = format!(
+        "mode=0 rounds=1 base={BASE} bytes={bytes} stride=4096 random={}",
+        u8::from(random)
+    );
     config.fault_mode = Some(mode);
     config.fault_around = fault_around;
     config.serial = SerialOut::Capture(Default::default());
@@ -183,35 +190,56 @@ fn us(ns: Option<u64>) -> String {
 }
 
 /// Run the fault benchmark and print its table.
+///
+/// Rows: the fault modes with default flags (adaptive fault-around on),
+/// `vcpu-nofa` (one page per fault), `vcpu+churn` and `vcpu+scrape`, then
+/// the same modes with first touches in random order (`/r`). `us/page` is
+/// the headline: the cost per faulted page over the guest's own loop, `1 /
+/// rate - 1 / prefault rate` (same pattern, same run).
 pub fn faults(a: &BenchArgs) -> Result<(), String> {
     let guest =
         std::env::temp_dir().join(format!("vmm-bench-memstress-{}.elf", std::process::id()));
     std::fs::write(&guest, crate::MEMSTRESS_GUEST).map_err(|e| e.to_string())?;
     println!(
-        "fault benchmark: {} pages (one store per 4 KiB page), median of {} runs",
-        a.pages, a.repeat
+        "fault benchmark: {} pages (one store per 4 KiB page), median of {} runs, fault-around up to {} pages",
+        a.pages, a.repeat, a.fault_around
     );
     println!(
-        "{:<10} {:>5} {:>12} {:>10} {:>10} {:>9} {:>8} {:>8}",
-        "mode", "vcpus", "pages/s", "p50_us", "p99_us", "faults", "retries", "changes"
+        "{:<12} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "mode",
+        "vcpus",
+        "pages/s",
+        "us/page",
+        "p50_us",
+        "p99_us",
+        "faults",
+        "installed",
+        "resident",
+        "retries"
     );
+    let fa = a.fault_around;
     for &vcpus in &a.vcpus {
         let mut rate = std::collections::HashMap::new();
-        let row = |name, mode, fault_around, churn_hz, scrape| Row {
+        let row = |name, mode, fault_around, churn_hz, scrape, random| Row {
             name,
             mode,
             fault_around,
             churn_hz,
             scrape,
+            random,
         };
         let rows = [
-            row("vcpu", FaultMode::Vcpu, 1, 0, false),
-            row("handler", FaultMode::Handler, 1, 0, false),
-            row("prefault", FaultMode::Prefault, 1, 0, false),
-            row("kernel", FaultMode::Kernel, 1, 0, false),
-            row("vcpu+fa", FaultMode::Vcpu, a.fault_around, 0, false),
-            row("vcpu+churn", FaultMode::Vcpu, 1, a.churn_hz, false),
-            row("vcpu+scrape", FaultMode::Vcpu, 1, 0, true),
+            row("prefault", FaultMode::Prefault, fa, 0, false, false),
+            row("kernel", FaultMode::Kernel, fa, 0, false, false),
+            row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
+            row("vcpu-nofa", FaultMode::Vcpu, 1, 0, false, false),
+            row("handler", FaultMode::Handler, fa, 0, false, false),
+            row("vcpu+churn", FaultMode::Vcpu, fa, a.churn_hz, false, false),
+            row("vcpu+scrape", FaultMode::Vcpu, fa, 0, true, false),
+            row("prefault/r", FaultMode::Prefault, fa, 0, false, true),
+            row("kernel/r", FaultMode::Kernel, fa, 0, false, true),
+            row("vcpu/r", FaultMode::Vcpu, fa, 0, false, true),
+            row("handler/r", FaultMode::Handler, fa, 0, false, true),
         ];
         // Repetitions interleave the rows (all rows once, then again), so
         // drift in the shared machine's load hits every row alike.
@@ -221,39 +249,50 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
                 samples[i].push(one_run(&guest, *r, vcpus, a.pages)?);
             }
         }
-        for (r, samples) in rows.iter().zip(samples) {
-            let (name, mode) = (r.name, r.mode);
-            let s = median(samples);
+        let medians: Vec<Sample> = samples.into_iter().map(median).collect();
+        for (r, s) in rows.iter().zip(&medians) {
+            rate.insert(r.name, a.pages as f64 / s.secs);
+        }
+        for (r, s) in rows.iter().zip(&medians) {
             let total = s.report.total();
-            let pps = a.pages as f64 / s.secs;
-            rate.insert(name, pps);
-            let faults = if mode.uses_uffd() {
-                total.faults().to_string()
-            } else {
-                "-".into()
+            let pps = rate[r.name];
+            let base = rate[if r.random { "prefault/r" } else { "prefault" }];
+            let overhead = (1.0 / pps - 1.0 / base) * 1e6;
+            let uffd = |v: u64| {
+                if r.mode.uses_uffd() {
+                    v.to_string()
+                } else {
+                    "-".into()
+                }
             };
             println!(
-                "{:<10} {:>5} {:>12.0} {:>10} {:>10} {:>9} {:>8} {:>8}",
-                name,
+                "{:<12} {:>5} {:>10.0} {:>8.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+                r.name,
                 vcpus,
                 pps,
+                overhead,
                 us(total.latency_quantile_ns(0.5)),
                 us(total.latency_quantile_ns(0.99)),
-                faults,
+                uffd(total.faults()),
+                uffd(total.pages_installed),
+                s.report.resident_pages,
                 total.retries,
-                s.report.memory.memslot_changes
             );
         }
+        let per = |n: &str, base: &str| (1.0 / rate[n] - 1.0 / rate[base]) * 1e6;
         println!(
-            "more ratios: vcpu+fa/kernel={:.2} vcpu+scrape/vcpu={:.3} (vcpus={vcpus})",
-            rate["vcpu+fa"] / rate["kernel"],
+            "more ratios: vcpu-nofa/prefault={:.2} vcpu+scrape/vcpu={:.3} vcpu/r overhead/kernel/r overhead={:.2} (vcpus={vcpus})",
+            rate["vcpu-nofa"] / rate["prefault"],
             rate["vcpu+scrape"] / rate["vcpu"],
+            per("vcpu/r", "prefault/r") / per("kernel/r", "prefault/r"),
         );
         // The headline line, last for the last vCPU count.
         println!(
-            "ratios: vcpu/handler={:.2} vcpu/kernel={:.2} (vcpus={vcpus})",
+            "ratios: vcpu/prefault={:.2} vcpu/handler={:.2} vcpu/kernel={:.2} vcpu/r/handler/r={:.2} (vcpus={vcpus})",
+            rate["vcpu"] / rate["prefault"],
             rate["vcpu"] / rate["handler"],
             rate["vcpu"] / rate["kernel"],
+            rate["vcpu/r"] / rate["handler/r"],
         );
     }
     let _ = std::fs::remove_file(&guest);

@@ -94,8 +94,11 @@ pub struct Page(pub [u8; PAGE_SIZE as usize]);
 pub struct FaultCtx {
     bounce: Box<Page>,
     pub stats: Arc<FaultStats>,
-    /// Page number of this thread's last fault, for sequential detection.
-    last_page: u64,
+    /// Page number just past this thread's last install: a fault there
+    /// continues a sequential stream.
+    next_page: u64,
+    /// Fault-around window of the current stream, in pages (adaptive).
+    window: u64,
     /// Install attempts, for injected failures.
     attempts: u64,
 }
@@ -105,7 +108,8 @@ impl FaultCtx {
         Self {
             bounce: Box::new(Page([0; PAGE_SIZE as usize])),
             stats,
-            last_page: u64::MAX - 1,
+            next_page: u64::MAX,
+            window: 1,
             attempts: 0,
         }
     }
@@ -125,7 +129,7 @@ pub struct FaultEngine {
     uffd: Arc<Uffd>,
     exit: Arc<VmExit>,
     wake: Wake,
-    /// Pages installed per fault on a sequential pattern (1 = off).
+    /// Largest fault-around window, in pages (1 = off).
     fault_around: u64,
     zeros: Box<[Page]>,
     /// Testing: every Nth install attempt answers EAGAIN, as if a discard
@@ -192,13 +196,27 @@ impl FaultEngine {
         gpa: u64,
         access: &mut Access,
     ) -> Result<Resolved, FaultError> {
+        // Adaptive fault-around, as the kernel's readahead: a fault just
+        // past this thread's previous install continues a stream and
+        // doubles the window (up to `fault_around`); any other fault starts
+        // over at one page, so random access installs what it touches.
+        let pn = gpa / PAGE_SIZE;
+        ctx.window = if pn == ctx.next_page {
+            (ctx.window * 2).min(self.fault_around)
+        } else {
+            1
+        };
         let mut installer = UffdInstaller {
             engine: self,
+            want: ctx.window,
+            installed: 0,
             ctx,
             gpa,
             access,
         };
         let r = memslots::resolve(self.memory.slots(), gpa, &mut installer);
+        let installed = installer.installed;
+        installer.ctx.next_page = pn + installed.max(1);
         let stats = &installer.ctx.stats;
         let r = r?;
         stats.retries.add(u64::from(r.retries()));
@@ -245,25 +263,28 @@ struct UffdInstaller<'e, 'a> {
     ctx: &'e mut FaultCtx,
     gpa: u64,
     access: &'e mut Access<'a>,
+    /// The stream's window (pages) for this fault.
+    want: u64,
+    /// Pages the install put in (0: none, e.g. already present).
+    installed: u64,
 }
 
 impl UffdInstaller<'_, '_> {
-    /// Pages to install at `page`: one, or a fault-around window on a
-    /// sequential zero-fill pattern. The window never leaves the slot, never
-    /// leaves a plugged block (I6), and is used only for zero-sourced slots
-    /// (so it cannot put zeros over image content, I3).
-    fn window(&mut self, slot: &Slot, page: u64) -> u64 {
-        let sequential = page / PAGE_SIZE == self.ctx.last_page.wrapping_add(1);
-        self.ctx.last_page = page / PAGE_SIZE;
-        let fa = self.engine.fault_around;
-        if fa <= 1 || !sequential || !matches!(slot.backing.source(), PageSource::Zero) {
+    /// Pages to install at `page`: up to the stream's window, for
+    /// zero-sourced slots only (so it cannot put zeros over image content,
+    /// I3). The window never leaves the slot, never leaves a plugged block
+    /// (I6), and stops before a discarded page (a page the balloon took
+    /// stays out of the host until the guest touches it).
+    fn window(&self, slot: &Slot, page: u64) -> u64 {
+        if self.want <= 1 || !matches!(slot.backing.source(), PageSource::Zero) {
             return 1;
         }
         let end = match slot.block_size() {
             Some(b) => (((page - slot.gpa) / b + 1) * b + slot.gpa).min(slot.end()),
             None => slot.end(),
         };
-        fa.min((end - page) / PAGE_SIZE)
+        let pages = self.want.min((end - page) / PAGE_SIZE);
+        1 + slot.undiscarded_run(slot.page_index(page) + 1, pages - 1)
     }
 }
 
@@ -325,11 +346,13 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         let stats = &self.ctx.stats;
         match r {
             Ok(uffd::Install::Done) => {
+                self.installed = pages;
                 stats.pages_installed.add(pages);
                 Ok(Install::Done)
             }
             // A window stopped at a present page: the faulting page is in.
             Ok(uffd::Install::Again(n) | uffd::Install::Exists(n)) if n >= PAGE_SIZE => {
+                self.installed = n / PAGE_SIZE;
                 stats.pages_installed.add(n / PAGE_SIZE);
                 Ok(Install::Done)
             }
