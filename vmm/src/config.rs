@@ -156,6 +156,12 @@ pub struct VmConfig {
     pub metrics_linger: std::time::Duration,
     /// The SYSCALL assist (PVM hosts).
     pub syscall_assist: SyscallAssistMode,
+    /// seccomp filters of the VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// Also filter the thread that calls `Vm::run` once the others run
+    /// (`vmm run`; not for embedders such as the tests, whose thread goes
+    /// on after the VM).
+    pub seccomp_caller: bool,
 }
 
 /// `--hotplug SIZE [--hotplug-block SIZE]`.
@@ -200,6 +206,8 @@ impl VmConfig {
             inject_eagain_every: None,
             metrics_linger: std::time::Duration::ZERO,
             syscall_assist: SyscallAssistMode::Auto,
+            seccomp: crate::seccomp::SeccompMode::Kill,
+            seccomp_caller: false,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod host;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod seccomp;
 pub mod stress;
 pub mod summary;
 pub mod terminal;

@@ -176,6 +176,10 @@ struct RunArgs {
     /// do not do it themselves; never armed on hardware KVM.
     #[arg(long, value_enum, default_value = "auto")]
     syscall_assist: SyscallAssistMode,
+    /// seccomp filters per VMM thread: kill (a forbidden system call ends
+    /// the VMM with a report), log (the kernel logs it, `dmesg`), off.
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: vmm::seccomp::SeccompMode,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -230,6 +234,8 @@ fn run(a: RunArgs) -> ExitCode {
         inject_eagain_every: None,
         metrics_linger: a.metrics_linger,
         syscall_assist: a.syscall_assist,
+        seccomp: a.seccomp,
+        seccomp_caller: true,
     };
     let result = Vm::new(config).and_then(|vm| {
         // Raw keystrokes to the guest while it runs (a terminal only);

@@ -35,6 +35,7 @@ use crate::memory::{
     ImageFile, MemError, MemoryManager, MemoryStats, PageSource, SourceError, PAGE_SIZE,
 };
 use crate::metrics::{MetricsServer, VmMetrics};
+use crate::seccomp::{confine, SeccompMode, ThreadClass};
 use crate::vcpu::{self, Assists, Vcpu, VcpuShared};
 
 #[derive(Debug, Error)]
@@ -341,23 +342,30 @@ impl Vm {
 
     /// Run the guest until any vCPU or device ends it.
     pub fn run(mut self) -> Result<RunReport, VmError> {
+        let seccomp = self.config.seccomp;
         vcpu::install_kick_handler().map_err(|source| VmError::Signal {
             what: "vCPU kick",
             source,
         })?;
         let handlers = match (&self.engine, self.mode) {
-            (Some(e), FaultMode::Handler) => {
-                handler::spawn_handlers(e.clone(), self.exit.clone(), &self.metrics.handlers)
-                    .map_err(VmError::Thread)?
-            }
+            (Some(e), FaultMode::Handler) => handler::spawn_handlers(
+                e.clone(),
+                self.exit.clone(),
+                &self.metrics.handlers,
+                seccomp,
+            )
+            .map_err(VmError::Thread)?,
             _ => Vec::new(),
         };
         let linger = self.config.metrics_linger;
         let server = match self.metrics_server.take() {
-            Some(s) => Some(
-                s.spawn(self.metrics.clone(), self.exit.clone(), linger)
-                    .map_err(VmError::Thread)?,
-            ),
+            Some(s) => Some({
+                let exit = self.exit.clone();
+                s.spawn(self.metrics.clone(), self.exit.clone(), linger, move || {
+                    confine(seccomp, ThreadClass::Metrics, &exit);
+                })
+                .map_err(VmError::Thread)?
+            }),
             None => None,
         };
         // A lingering metrics server is left to end by itself.
@@ -366,8 +374,10 @@ impl Vm {
             Some(s) => {
                 eprintln!("vmm: API on {}", s.path().display());
                 let stats = self.engine.is_some().then(|| self.metrics.thread("api"));
+                let api_exit = self.exit.clone();
                 Some(
                     s.spawn(self.control.clone(), self.exit.clone(), move || {
+                        confine(seccomp, ThreadClass::Api, &api_exit);
                         if let Some(stats) = stats {
                             fault::sigbus::prepare_thread(stats);
                         }
@@ -380,7 +390,7 @@ impl Vm {
         // SIGINT/SIGTERM stop the VM cleanly (counters reported, threads
         // joined): blocked in every thread started from here on, and taken
         // by one waiter thread.
-        let signals = spawn_signal_waiter(self.exit.clone());
+        let signals = spawn_signal_waiter(self.exit.clone(), seccomp);
         let start = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
@@ -390,9 +400,17 @@ impl Vm {
                 self.shared.clone(),
                 self.metrics.vcpus[index].clone(),
             );
+            let exit = self.exit.clone();
             let t = thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || v.run())
+                .spawn(move || {
+                    // Before the first guest instruction.
+                    if confine(seccomp, ThreadClass::Vcpu, &exit) {
+                        v.run()
+                    } else {
+                        (u64::MAX, 0xff)
+                    }
+                })
                 .map_err(VmError::Thread)?;
             threads.push(t);
         }
@@ -406,7 +424,13 @@ impl Vm {
             std::mem::replace(&mut self.virtio_ticker, Ticker::none()),
             self.exit.clone(),
             self.engine.is_some().then(|| self.metrics.thread("events")),
+            seccomp,
         );
+        // Every other thread runs: the caller's filter comes last (threads
+        // inherit the filter of the thread that creates them).
+        if self.config.seccomp_caller {
+            confine(seccomp, ThreadClass::Main, &self.exit);
+        }
 
         let reason = self.exit.wait();
         for t in &threads {
@@ -563,7 +587,7 @@ fn create_vcpus(
 
 /// Block SIGINT and SIGTERM in this thread (inherited by threads it starts)
 /// and wait for them on a dedicated thread, which ends the VM.
-fn spawn_signal_waiter(exit: Arc<VmExit>) -> Option<thread::JoinHandle<()>> {
+fn spawn_signal_waiter(exit: Arc<VmExit>, seccomp: SeccompMode) -> Option<thread::JoinHandle<()>> {
     // SAFETY: plain sigset manipulation on a local set.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -576,6 +600,9 @@ fn spawn_signal_waiter(exit: Arc<VmExit>) -> Option<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if !confine(seccomp, ThreadClass::Signals, &exit) {
+                return;
+            }
             let timeout = libc::timespec {
                 tv_sec: 0,
                 tv_nsec: 100_000_000,
@@ -598,8 +625,12 @@ fn spawn_event_loop(
     ticker: Ticker,
     exit: Arc<VmExit>,
     fault_stats: Option<Arc<FaultStats>>,
+    seccomp: SeccompMode,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new().name("events".into()).spawn(move || {
+        if !confine(seccomp, ThreadClass::Events, &exit) {
+            return;
+        }
         // Devices on this thread that touch a missing page of guest RAM
         // serve the fault here (SIGBUS), counted in this thread's stats.
         if let Some(stats) = fault_stats {

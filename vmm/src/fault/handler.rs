@@ -2,6 +2,7 @@
 //! Firecracker/QEMU design). The faulting thread sleeps in the kernel until a
 //! handler installs the page and wakes it.
 
+use crate::seccomp::{confine, SeccompMode, ThreadClass};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread;
@@ -18,6 +19,7 @@ pub fn spawn_handlers(
     engine: Arc<FaultEngine>,
     exit: Arc<VmExit>,
     stats: &[Arc<FaultStats>],
+    seccomp: SeccompMode,
 ) -> std::io::Result<Vec<thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(stats.len());
     for (i, s) in stats.iter().enumerate() {
@@ -27,7 +29,11 @@ pub fn spawn_handlers(
         threads.push(
             thread::Builder::new()
                 .name(format!("uffd{i}"))
-                .spawn(move || serve(engine, exit, s))?,
+                .spawn(move || {
+                    if confine(seccomp, ThreadClass::Handler, &exit) {
+                        serve(engine, exit, s)
+                    }
+                })?,
         );
     }
     Ok(threads)

@@ -74,6 +74,7 @@ impl MetricsServer {
         metrics: Arc<VmMetrics>,
         exit: Arc<VmExit>,
         linger: Duration,
+        on_start: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<thread::JoinHandle<()>> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -81,6 +82,7 @@ impl MetricsServer {
         thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                on_start();
                 rt.block_on(serve(self.listener, metrics, exit, linger));
             })
     }
