@@ -26,3 +26,5 @@ step "planted defects the loom models must catch"
 scripts/mutants.sh
 step "planted defects the stress report must catch"
 scripts/stress-mutants.sh
+step "fuzz targets, 30 s each (libFuzzer + ASan, nightly)"
+scripts/fuzz.sh 30

@@ -326,12 +326,21 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
             done.clone(),
             exit.clone(),
         );
+        let (duration, started) = (a.duration, Instant::now());
         std::thread::Builder::new()
             .name("stress-controller".into())
             .spawn(move || {
                 controller(
                     &control, &memory, &events, extra_base, &activity, &audit, &exit,
                 );
+                // The run lasts its duration even when the schedule ends
+                // earlier (or is empty: a churn-free baseline).
+                while let Some(left) = duration.checked_sub(started.elapsed()) {
+                    if exit.is_stopping() || left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(100)));
+                }
                 done.store(true, Ordering::Release);
                 // Let the guest finish and verify what it wrote.
                 control.signal_guest(1);
