@@ -11,6 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-30}
 root=$PWD
+if ! cargo +nightly --version >/dev/null 2>&1; then
+	echo "fuzz.sh: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
+	exit 1
+fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 	echo "installing cargo-fuzz (cargo install)"
 	cargo install --locked cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz

@@ -275,26 +275,12 @@ struct UffdioRegister {
     mode: u64,
     ioctls: u64,
 }
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
 pub const UFFDIO_REGISTER: u64 = iowr::<UffdioRegister>(UFFDIO, 0x00);
 pub const UFFDIO_UNREGISTER: u64 = ior::<UffdioRange>(UFFDIO, 0x01);
 pub const UFFDIO_WAKE: u64 = ior::<UffdioRange>(UFFDIO, 0x02);
-pub const UFFDIO_COPY: u64 = iowr::<UffdioCopy>(UFFDIO, 0x03);
-pub const UFFDIO_ZEROPAGE: u64 = iowr::<UffdioZeropage>(UFFDIO, 0x04);
+/// The two installs, as the fault path issues them.
+pub const UFFDIO_COPY: u64 = crate::fault::uffd::UFFDIO_COPY as u64;
+pub const UFFDIO_ZEROPAGE: u64 = crate::fault::uffd::UFFDIO_ZEROPAGE as u64;
 
 /// The fault engine's ioctls (any thread that serves a fault).
 const FAULT_IOCTLS: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];

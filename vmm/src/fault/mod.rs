@@ -6,7 +6,7 @@ pub mod engine;
 pub mod handler;
 pub mod sigbus;
 pub mod stats;
-mod uffd;
+pub(crate) mod uffd;
 
 use std::sync::Arc;
 

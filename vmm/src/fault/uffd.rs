@@ -7,8 +7,8 @@
 
 use std::os::unix::io::RawFd;
 
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+pub const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+pub const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 
