@@ -137,6 +137,17 @@ pub fn program(class: ThreadClass, mismatch: SeccompAction) -> Result<BpfProgram
     for nr in allowed(class) {
         rules.insert(nr, Vec::new());
     }
+    // glibc's malloc reads /proc/sys/vm/overcommit_memory (read-only, close
+    // on exec) the first time a thread's arena shrinks, in whichever thread
+    // that happens: read-only opens are allowed, nothing else (BPF cannot
+    // see the path).
+    let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    let open = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, read_only)
+        .map_err(err)?;
+    rules.insert(
+        libc::SYS_openat,
+        vec![SeccompRule::new(vec![open]).map_err(err)?],
+    );
     if let Some(requests) = ioctls(class) {
         let mut r = Vec::with_capacity(requests.len());
         for req in requests {
@@ -457,7 +468,7 @@ mod tests {
     }
 
     /// Fork; in the child install `class`'s filter built with `mismatch`,
-    /// make `syscall` (no arguments), exit 0 if it returned. Returns the
+    /// make `syscall`, exit 0 if it returned. Returns the
     /// child's wait status and what it wrote to stderr.
     fn in_child(class: ThreadClass, mismatch: SeccompAction, syscall: i64) -> (i32, String) {
         let trap = mismatch == SeccompAction::Trap;
@@ -478,7 +489,14 @@ mod tests {
                 if install(&program, class, trap).is_err() {
                     libc::_exit(3);
                 }
-                libc::syscall(syscall);
+                // Arguments as for openat(AT_FDCWD, path, O_WRONLY); the
+                // other calls tested ignore or reject them.
+                libc::syscall(
+                    syscall,
+                    libc::AT_FDCWD,
+                    c"/nonexistent-vmm-test".as_ptr(),
+                    libc::O_WRONLY,
+                );
                 libc::_exit(0);
             }
             libc::close(fds[1]);
@@ -504,6 +522,9 @@ mod tests {
             err.contains("the vcpu thread made a forbidden system call: number 41"),
             "{err}"
         );
+        // A write-mode open is refused too.
+        let (status, err) = in_child(ThreadClass::Events, SeccompAction::Trap, libc::SYS_openat);
+        assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{err}");
         // An allowed call goes through.
         let (status, err) = in_child(ThreadClass::Vcpu, SeccompAction::Trap, libc::SYS_gettid);
         assert!(
