@@ -290,8 +290,8 @@ pub const UFFDIO_REGISTER: u64 = iowr::<UffdioRegister>(UFFDIO, 0x00);
 pub const UFFDIO_UNREGISTER: u64 = ior::<UffdioRange>(UFFDIO, 0x01);
 pub const UFFDIO_WAKE: u64 = ior::<UffdioRange>(UFFDIO, 0x02);
 /// The two installs, as the fault path issues them.
-pub const UFFDIO_COPY: u64 = crate::fault::uffd::UFFDIO_COPY as u64;
-pub const UFFDIO_ZEROPAGE: u64 = crate::fault::uffd::UFFDIO_ZEROPAGE as u64;
+pub const UFFDIO_COPY: u64 = crate::fault::uffd::UFFDIO_COPY;
+pub const UFFDIO_ZEROPAGE: u64 = crate::fault::uffd::UFFDIO_ZEROPAGE;
 
 /// The fault engine's ioctls (any thread that serves a fault).
 const FAULT_IOCTLS: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];
