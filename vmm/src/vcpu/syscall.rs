@@ -592,12 +592,27 @@ mod tests {
         }
     }
 
+    /// The assist after the guest's LSTAR write (breakpoint armed).
+    fn armed(fake: &Fake, mem: &GuestMemory) -> (FaultStats, SyscallAssist) {
+        let stats = FaultStats::default();
+        let mut a = SyscallAssist::new(0);
+        a.on_lstar_write(fake, mem, LSTAR, &stats).unwrap();
+        (stats, a)
+    }
+
+    /// An ordinary user page fault (elsewhere than LSTAR, IF set).
+    fn user_fault_frame() -> PfFrame {
+        PfFrame {
+            rip: 0x40_1000,
+            rflags: 0x246,
+            ..syscall_frame()
+        }
+    }
+
     #[test]
     fn lstar_write_is_performed_and_arms_the_pf_handler() {
         let (fake, mem) = setup();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
+        let (stats, a) = armed(&fake, &mem);
         assert_eq!(fake.lstar.get(), LSTAR);
         assert_eq!(fake.debug.get(), GuestDebug::Breakpoint(HANDLER));
         assert_eq!(a.handler(), Some(HANDLER));
@@ -609,9 +624,7 @@ mod tests {
     fn no_gate_no_breakpoint() {
         let (fake, mem) = setup();
         fake.sregs.borrow_mut().idt.limit = 14 * 16 - 1; // gate 14 outside
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
+        let (stats, mut a) = armed(&fake, &mem);
         assert_eq!(fake.debug.get(), GuestDebug::Off);
         assert_eq!(a.handler(), None);
         assert_eq!(
@@ -623,9 +636,7 @@ mod tests {
     #[test]
     fn half_done_syscall_enters_lstar_at_cpl0() {
         let (fake, mem) = setup();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
+        let (stats, mut a) = armed(&fake, &mem);
         let f = syscall_frame();
         at_pf(&fake, &mem, LSTAR, f);
         assert_eq!(
@@ -682,12 +693,8 @@ mod tests {
         let (fake, mem) = setup();
         mem.write_slice(&LINUX_ENTRY, GuestAddress(phys(HANDLER)))
             .unwrap();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
-        let mut f = syscall_frame();
-        f.rip = 0x40_1000;
-        f.rflags = 0x246;
+        let (stats, mut a) = armed(&fake, &mem);
+        let f = user_fault_frame();
         at_pf(&fake, &mem, 0x60_0000, f);
         fake.regs.borrow_mut().rflags = 0x2 | RFLAGS_DF;
         assert_eq!(
@@ -710,13 +717,9 @@ mod tests {
     #[test]
     fn ordinary_faults_and_user_jumps_resume_with_rf() {
         let (fake, mem) = setup();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
+        let (stats, mut a) = armed(&fake, &mem);
         // A user page fault elsewhere.
-        let mut f = syscall_frame();
-        f.rip = 0x40_1000;
-        f.rflags = 0x246;
+        let f = user_fault_frame();
         at_pf(&fake, &mem, 0x60_0000, f);
         assert_eq!(
             a.on_debug(&fake, &mem, HANDLER, &stats).unwrap(),
@@ -740,12 +743,8 @@ mod tests {
     #[test]
     fn a_host_ignoring_rf_falls_back_to_single_steps() {
         let (fake, mem) = setup();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
-        let mut f = syscall_frame();
-        f.rip = 0x40_1000;
-        f.rflags = 0x246;
+        let (stats, mut a) = armed(&fake, &mem);
+        let f = user_fault_frame();
         at_pf(&fake, &mem, 0x60_0000, f);
         assert_eq!(
             a.on_debug(&fake, &mem, HANDLER, &stats).unwrap(),
@@ -776,9 +775,7 @@ mod tests {
     #[test]
     fn a_moved_idt_is_followed() {
         let (fake, mem) = setup();
-        let stats = FaultStats::default();
-        let mut a = SyscallAssist::new(0);
-        a.on_lstar_write(&fake, &mem, LSTAR, &stats).unwrap();
+        let (stats, mut a) = armed(&fake, &mem);
         // The guest loads another IDT whose gate 14 points elsewhere; the
         // old breakpoint fires at some other address.
         let new_idt = 0x4000;
