@@ -134,24 +134,31 @@ async fn serve(listener: UnixListener, control: Arc<VmControl>, exit: Arc<VmExit
             }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let control = control.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let control = control.clone();
-                        async move { Ok::<_, Infallible>(handle(req, &control).await) }
-                    });
-                    let r = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .max_buf_size(MAX_HEAD)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = r {
-                        log::debug!("api: connection: {e}");
-                    }
-                });
+                tokio::spawn(serve_connection(stream, control.clone()));
             }
         }
+    }
+}
+
+/// Serve one client connection (HTTP/1.1, keep-alive) until it closes: any
+/// byte stream, so the request parser can be fuzzed without a socket
+/// (vmm/fuzz/fuzz_targets/api_request.rs).
+pub async fn serve_connection<S>(stream: S, control: Arc<VmControl>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let control = control.clone();
+        async move { Ok::<_, Infallible>(handle(req, &control).await) }
+    });
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = r {
+        log::debug!("api: connection: {e}");
     }
 }
 

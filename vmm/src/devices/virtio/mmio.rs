@@ -38,7 +38,8 @@ pub const WINDOW_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register (ioeventfds match on it).
 pub const QUEUE_NOTIFY: u64 = 0x50;
 
-mod reg {
+/// Register offsets in the window (virtio 1.2 §4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
