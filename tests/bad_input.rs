@@ -75,6 +75,16 @@ fn bad_mem_sizes() {
 }
 
 #[test]
+fn bad_hotplug_sizes() {
+    run(&["run", "--hotplug", "100M"]).assert_error("multiple of 128 MiB");
+    run(&["run", "--hotplug", "256M", "--hotplug-requested", "512M"])
+        .assert_error("larger than the hotplug region");
+    run(&["run", "--hotplug", "256M", "--hotplug-requested", "3M"])
+        .assert_error("not a multiple of the block size");
+    run(&["run", "--hotplug-requested", "2M"]).assert_error("--hotplug");
+}
+
+#[test]
 fn bad_vcpu_counts() {
     run(&["run", "--vcpus", "0"]).assert_error("--vcpus must be at least 1");
     run(&["run", "--vcpus", "100000"]).assert_error("more than this host allows");

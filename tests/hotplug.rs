@@ -23,6 +23,7 @@ fn hotplug(size: u64) -> Option<HotplugOptions> {
     Some(HotplugOptions {
         size,
         block_size: 2 * MIB,
+        requested: 0,
     })
 }
 

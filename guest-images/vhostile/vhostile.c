@@ -368,6 +368,212 @@ static void step_flood(struct virtio_dev *d, int i, u64 flood)
     printk("vhostile: dev=%d flood=%lu status=0x%x\n", i, flood, virtio_get_status(d));
 }
 
+/* ------------------------------------------------- h. virtio-mem requests */
+
+static struct virtio_mem_req mreq __attribute__((aligned(64)));
+static struct virtio_mem_resp mresp __attribute__((aligned(64)));
+static u64 mem_bad;                     /* virtio-mem checks that failed (all devices) */
+
+struct mem_geo {
+    u64 bs, addr, size, requested;
+};
+
+static void mem_geometry(const struct virtio_dev *d, struct mem_geo *g)
+{
+    g->bs = virtio_config_read64(d, VIRTIO_MEM_CFG_BLOCK_SIZE);
+    g->addr = virtio_config_read64(d, VIRTIO_MEM_CFG_ADDR);
+    g->size = virtio_config_read64(d, VIRTIO_MEM_CFG_REGION_SIZE);
+    g->requested = virtio_config_read64(d, VIRTIO_MEM_CFG_REQUESTED_SIZE);
+}
+
+/* One well-formed request on vq0: the response type, 0xffff if the device wrote
+ * none, 0xfffe if the chain never came back. */
+static u32 mem_req(const struct virtio_dev *d, u16 type, u64 addr, u16 nb, u16 *state)
+{
+    (void)d;
+    mreq.type = type;
+    mreq.addr = addr;
+    mreq.nb_blocks = nb;
+    mresp.type = 0xffff;
+    mresp.state = 0xffff;
+    if (virtq_transact(&vq0, (u64)&mreq, sizeof(mreq), (u64)&mresp, sizeof(mresp),
+                       RECOVER_ITERS, 0) < 0)
+        return 0xfffe;
+    virtio_mb();
+    if (state)
+        *state = mresp.state;
+    return mresp.type;
+}
+
+/* plugged_size must stay whole blocks within requested_size and the region. */
+static int mem_config_sane(const struct virtio_dev *d, const struct mem_geo *g)
+{
+    u64 plugged = virtio_config_read64(d, VIRTIO_MEM_CFG_PLUGGED_SIZE);
+    return g->bs && plugged % g->bs == 0 && plugged <= g->requested && plugged <= g->size;
+}
+
+/* Random requests (types 0..5, addresses inside, across, below and beyond the
+ * region, in RAM, in the MMIO gap and anywhere; block counts 0, 1, a few and any
+ * u16), then malformed chains (no response buffer, a read-only or 2-byte response,
+ * a response in the MMIO gap, a request beyond RAM or of 8 bytes). Every chain must
+ * come back on the used ring and plugged_size must stay sane throughout. In between,
+ * plugs block by block from the region's start must be NACKed exactly at
+ * requested_size. */
+static void step_mem_requests(struct virtio_dev *d, int i, u64 nreq)
+{
+    struct mem_geo g;
+    u64 x = 0x5eed0000UL + (u64)i, cnt[5] = { 0 }, lost = 0, insane = 0;
+
+    if (setup_q0(d, 16) < 0) {
+        printk("vhostile: dev=%d mem: queue 0 set-up failed\n", i);
+        mem_bad++;
+        virtio_set_status(d, 0);
+        return;
+    }
+    mem_geometry(d, &g);
+    u64 nblocks = g.bs ? g.size / g.bs : 1;
+    for (u64 k = 0; k < nreq; k++) {
+        u64 r = mix64(x += 0x9e3779b97f4a7c15UL);
+        u16 type = (u16)(r % 6);
+        u64 addr;
+        switch ((r >> 8) % 8) {
+        case 0: addr = g.addr + (r >> 16) % nblocks * g.bs; break;
+        case 1: addr = g.addr + (r >> 16) % g.size; break;
+        case 2: addr = g.addr - g.bs; break;
+        case 3: addr = g.addr + g.size; break;
+        case 4: addr = g.addr + g.size - g.bs; break;
+        case 5: addr = 0; break;
+        case 6: addr = MMIO_GAP_ADDR; break;
+        default: addr = mix64(r); break;
+        }
+        u16 nb;
+        switch ((r >> 40) % 4) {
+        case 0: nb = 0; break;
+        case 1: nb = 1; break;
+        case 2: nb = (u16)(1 + (r >> 44) % 8); break;
+        default: nb = (u16)(r >> 48); break;
+        }
+        u32 t = mem_req(d, type, addr, nb, 0);
+        if (t <= VIRTIO_MEM_RESP_ERROR)
+            cnt[t]++;
+        else
+            cnt[4]++;
+        if (t == 0xfffe)
+            lost++;
+        if (!mem_config_sane(d, &g))
+            insane++;
+    }
+    /* grab more than requested, block by block: the device must NACK exactly at
+     * requested_size */
+    u64 grabbed = 0, stop = 0xffff;
+    mem_req(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0, 0);
+    for (u64 k = 0; k < nblocks; k++) {
+        stop = mem_req(d, VIRTIO_MEM_REQ_PLUG, g.addr + k * g.bs, 1, 0);
+        if (stop != VIRTIO_MEM_RESP_ACK)
+            break;
+        grabbed++;
+    }
+    u64 overplug_bad = grabbed * g.bs != g.requested ||
+                       (g.requested < g.size && stop != VIRTIO_MEM_RESP_NACK);
+    if (!mem_config_sane(d, &g))
+        insane++;
+    mem_req(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0, 0);
+    /* malformed chains: the device must still put each on the used ring */
+    u64 gap = MMIO_GAP_ADDR, far = memsize_g + GIB;
+    struct virtq_buf bad[][2] = {
+        { { (u64)&mreq, sizeof(mreq), 0 }, { 0, 0, 0 } },
+        { { (u64)&mreq, sizeof(mreq), 0 }, { (u64)&mresp, sizeof(mresp), 0 } },
+        { { (u64)&mreq, sizeof(mreq), 0 }, { (u64)&mresp, 2, VIRTQ_DESC_F_WRITE } },
+        { { (u64)&mreq, sizeof(mreq), 0 }, { gap, sizeof(mresp), VIRTQ_DESC_F_WRITE } },
+        { { far, sizeof(mreq), 0 }, { (u64)&mresp, sizeof(mresp), VIRTQ_DESC_F_WRITE } },
+        { { (u64)&mreq, 8, 0 }, { (u64)&mresp, sizeof(mresp), VIRTQ_DESC_F_WRITE } },
+    };
+    u32 nbad = sizeof(bad) / sizeof(bad[0]), back = 0;
+    mreq.type = VIRTIO_MEM_REQ_STATE;
+    mreq.addr = g.addr;
+    mreq.nb_blocks = 1;
+    for (u32 k = 0; k < nbad; k++) {
+        struct virtq_used_elem e;
+        int head = virtq_add_chain(&vq0, bad[k], bad[k][1].len ? 2 : 1);
+        if (head < 0)
+            continue;
+        virtq_submit(&vq0, (u32)head);
+        virtq_notify(d, 0);
+        if (virtq_wait_used(&vq0, RECOVER_ITERS, &e) == 0 && e.id == (u32)head)
+            back++;
+    }
+    if (!mem_config_sane(d, &g))
+        insane++;
+    mem_bad += lost + insane + overplug_bad + (nbad - back);
+    printk("vhostile: dev=%d mem requests=%lu ack=%lu nack=%lu busy=%lu error=%lu "
+           "unanswered=%lu lost=%lu insane=%lu grabbed=%lu overplug_bad=%lu "
+           "malformed_back=%u/%u\n", i, nreq, cnt[0], cnt[1], cnt[2], cnt[3], cnt[4], lost,
+           insane, grabbed, overplug_bad, back, nbad);
+}
+
+/* Writes one word per page of [a, a+len). */
+static void mem_scribble(u64 a, u64 len)
+{
+    for (u64 off = 0; off < len; off += 4096)
+        *(volatile u64 *)(a + off + (off >> 12) % 512 * 8) = 0xdeadbeef00000000UL | off;
+}
+
+/* The pages of [a, a+len) whose scribbled word or first word (pattern_fill's) is
+ * not zero. */
+static u64 mem_nonzero(u64 a, u64 len)
+{
+    u64 stale = 0;
+    for (u64 off = 0; off < len; off += 4096)
+        stale += (*(volatile u64 *)(a + off + (off >> 12) % 512 * 8) |
+                  *(volatile u64 *)(a + off)) != 0;
+    return stale;
+}
+
+/* Still a working device: UNPLUG_ALL; writes to an unplugged block, outside any
+ * memslot or inside a plugged slice, are dropped (it reads zero once plugged); a
+ * plugged block keeps what is written; STATE follows; an unplugged and re-plugged
+ * block reads zero again (unplug discarded it). */
+static int mem_probe(struct virtio_dev *d, int i)
+{
+    struct mem_geo g;
+    u16 st = 0xffff;
+    u64 bad = 0;
+
+    mem_geometry(d, &g);
+    if (g.requested < g.bs || !g.bs) {
+        printk("vhostile: dev=%d mem probe needs requested_size >= block_size "
+               "(requested=0x%lx)\n", i, g.requested);
+        return 0;
+    }
+    u64 b = g.addr + g.size - g.bs;         /* the last block and the one before it */
+    u64 b1 = b - g.bs;                      /* (same 128 MiB slice: block <= 64 MiB) */
+    bad += mem_req(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0, 0) != VIRTIO_MEM_RESP_ACK;
+    bad += virtio_config_read64(d, VIRTIO_MEM_CFG_PLUGGED_SIZE) != 0;
+    mem_scribble(b, g.bs);                  /* no memslot there: dropped */
+    bad += mem_req(d, VIRTIO_MEM_REQ_PLUG, b, 1, 0) != VIRTIO_MEM_RESP_ACK;
+    u64 stale = mem_nonzero(b, g.bs);
+    mem_scribble(b1, g.bs);                 /* unplugged block of a plugged slice */
+    bad += mem_req(d, VIRTIO_MEM_REQ_PLUG, b1, 1, 0) != VIRTIO_MEM_RESP_ACK;
+    stale += mem_nonzero(b1, g.bs);
+    pattern_fill(b, g.bs / 4096, 4096, 0x77);
+    u64 pattern_bad = pattern_verify(b, g.bs / 4096, 4096, 0x77, 0, "vhostile", 0);
+    bad += mem_req(d, VIRTIO_MEM_REQ_STATE, b, 1, &st) != VIRTIO_MEM_RESP_ACK ||
+           st != VIRTIO_MEM_STATE_PLUGGED;
+    /* b1 stays plugged, so the slice stays: unplug itself must discard b */
+    bad += mem_req(d, VIRTIO_MEM_REQ_UNPLUG, b, 1, 0) != VIRTIO_MEM_RESP_ACK;
+    bad += mem_req(d, VIRTIO_MEM_REQ_STATE, b, 1, &st) != VIRTIO_MEM_RESP_ACK ||
+           st != VIRTIO_MEM_STATE_UNPLUGGED;
+    mem_scribble(b, g.bs);                  /* unplugged again: dropped */
+    bad += mem_req(d, VIRTIO_MEM_REQ_PLUG, b, 1, 0) != VIRTIO_MEM_RESP_ACK;
+    stale += mem_nonzero(b, g.bs);
+    bad += mem_req(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0, 0) != VIRTIO_MEM_RESP_ACK;
+    bad += virtio_config_read64(d, VIRTIO_MEM_CFG_PLUGGED_SIZE) != 0;
+    printk("vhostile: dev=%d mem probe block=0x%lx stale=%lu pattern_bad=%lu bad=%lu\n", i,
+           b, stale, pattern_bad, bad);
+    mem_bad += stale + pattern_bad + bad;
+    return stale + pattern_bad + bad == 0;
+}
+
 /* --------------------------------------------------------- g. recovery */
 
 static int step_recover(struct virtio_dev *d, int i)
@@ -396,6 +602,8 @@ static int step_recover(struct virtio_dev *d, int i)
             }
         }
     }
+    if (ok && d->device_id == VIRTIO_ID_MEM)
+        ok = mem_probe(d, i);
     printk("vhostile: dev=%d recover status=0x%x\n", i, virtio_get_status(d));
     printk("vhostile: dev=%d recovered=%d\n", i, ok);
     virtio_set_status(d, 0);        /* stop using vq0/vq1 memory before the next device */
@@ -439,6 +647,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     u64 rounds = cmdline_u64(cmdline, "rounds", 1);
     u64 flood = cmdline_u64(cmdline, "flood", 2000);
     u64 ptpfns = cmdline_u64(cmdline, "ptpfns", 1);
+    u64 memreqs = cmdline_u64(cmdline, "memreqs", 300);
     memsize_g = memsize;
     int n = virtio_scan(cmdline, devs, VIRTIO_MAX_DEVICES);
 
@@ -480,6 +689,10 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
             step_bad_queues(d, i);
             step(i, "bad_chains");
             step_bad_chains(d, i);
+            if (d->device_id == VIRTIO_ID_MEM) {
+                step(i, "mem_requests");
+                step_mem_requests(d, i, memreqs);
+            }
             step(i, "flood");
             step_flood(d, i, flood);
             step(i, "recover");
@@ -497,7 +710,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     if (ncpus > 1)
         while (!__atomic_load_n(&reported, __ATOMIC_ACQUIRE))
             cpu_relax();
-    printk("vhostile: done devices=%d features_ok_stuck=%lu recovered=%lu checker_bad=%lu\n",
-           n, nstuck, nrecovered, checker_bad);
+    printk("vhostile: done devices=%d features_ok_stuck=%lu recovered=%lu checker_bad=%lu "
+           "mem_bad=%lu\n", n, nstuck, nrecovered, checker_bad, mem_bad);
     exit_vm(0);
 }

@@ -164,13 +164,16 @@ pub struct VmConfig {
     pub seccomp_caller: bool,
 }
 
-/// `--hotplug SIZE [--hotplug-block SIZE]`.
+/// `--hotplug SIZE [--hotplug-block SIZE] [--hotplug-requested SIZE]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HotplugOptions {
     /// Region size (a multiple of 128 MiB).
     pub size: u64,
     /// Block size (a power of two from 2 MiB dividing 128 MiB).
     pub block_size: u64,
+    /// `requested_size` at boot (whole blocks, at most `size`); the control
+    /// API moves it later.
+    pub requested: u64,
 }
 
 /// `--balloon SIZE` and its companions.

@@ -171,6 +171,10 @@ struct RunArgs {
     /// virtio-mem block size: a power of two from 2M dividing 128M.
     #[arg(long, default_value = "2M", value_parser = parse_mem, requires = "hotplug")]
     hotplug_block: u64,
+    /// virtio-mem requested size at boot: the driver plugs this much as soon
+    /// as it starts (whole blocks, at most --hotplug; the API moves it).
+    #[arg(long, default_value = "0", value_parser = parse_mem, requires = "hotplug")]
+    hotplug_requested: u64,
     /// PVM hosts: complete guest SYSCALLs the host leaves half done (a
     /// breakpoint on the guest's #PF handler). auto: for Linux kernels that
     /// do not do it themselves; never armed on hardware KVM.
@@ -230,6 +234,7 @@ fn run(a: RunArgs) -> ExitCode {
         hotplug: a.hotplug.map(|size| HotplugOptions {
             size,
             block_size: a.hotplug_block,
+            requested: a.hotplug_requested,
         }),
         inject_eagain_every: None,
         metrics_linger: a.metrics_linger,

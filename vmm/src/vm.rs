@@ -704,8 +704,11 @@ fn add_hotplug(
         region.addr + region.size,
         region.block_size >> 20
     );
+    region
+        .check_requested(h.requested)
+        .map_err(ConfigError::Hotplug)?;
     let device = virtio.add(vm_fd, mmio, memory, |irq| {
-        VirtioMem::new(memory.clone(), irq, region)
+        VirtioMem::new(memory.clone(), irq, region).with_requested(h.requested)
     })?;
     let (stats, counters) = {
         let d = lock(&device);

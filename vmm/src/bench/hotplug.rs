@@ -64,6 +64,7 @@ pub fn run(a: &HotplugBenchArgs) -> Result<(), String> {
     config.hotplug = Some(HotplugOptions {
         size: region,
         block_size: a.block_mib * MIB,
+        requested: 0,
     });
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     let memory = vm.memory().clone();

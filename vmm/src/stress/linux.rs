@@ -56,6 +56,7 @@ pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
     config.hotplug = (a.hotplug > 0).then_some(HotplugOptions {
         size: a.hotplug,
         block_size: a.hotplug_block,
+        requested: 0,
     });
     config.metrics_addr = a.metrics_addr;
     config.metrics_linger = a.metrics_linger;

@@ -259,6 +259,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     config.hotplug = (a.hotplug > 0).then_some(HotplugOptions {
         size: a.hotplug,
         block_size: a.hotplug_block,
+        requested: 0,
     });
     config.inject_eagain_every = a.inject_eagain_every;
     config.metrics_addr = a.metrics_addr;

@@ -128,6 +128,24 @@ impl MemRegion {
     fn blocks(&self) -> u64 {
         self.size / self.block_size
     }
+
+    /// A `requested_size` must be whole blocks within the region.
+    pub fn check_requested(&self, bytes: u64) -> Result<(), String> {
+        if bytes > self.size {
+            return Err(format!(
+                "requested size {} MiB is larger than the hotplug region ({} MiB)",
+                bytes >> 20,
+                self.size >> 20
+            ));
+        }
+        if !bytes.is_multiple_of(self.block_size) {
+            return Err(format!(
+                "requested size {bytes:#x} is not a multiple of the block size ({} MiB)",
+                self.block_size >> 20
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One request as read from the queue.
@@ -206,6 +224,17 @@ impl VirtioMem {
         }
     }
 
+    /// The same device with `requested_size` already at `bytes` (boot time:
+    /// no interrupt). `bytes` must pass [`MemRegion::check_requested`];
+    /// anything else leaves it at 0.
+    pub fn with_requested(mut self, bytes: u64) -> Self {
+        if self.region.check_requested(bytes).is_ok() {
+            self.requested = bytes;
+            self.stats.requested_bytes.store(bytes, Ordering::Relaxed);
+        }
+        self
+    }
+
     pub fn stats(&self) -> Arc<MemStats> {
         self.stats.clone()
     }
@@ -229,19 +258,7 @@ impl VirtioMem {
     /// Move `requested_size` (a multiple of the block size, at most the
     /// region) and tell the driver (config interrupt).
     pub fn set_requested(&mut self, bytes: u64) -> Result<(), String> {
-        if bytes > self.region.size {
-            return Err(format!(
-                "requested size {} MiB is larger than the hotplug region ({} MiB)",
-                bytes >> 20,
-                self.region.size >> 20
-            ));
-        }
-        if !bytes.is_multiple_of(self.region.block_size) {
-            return Err(format!(
-                "requested size {bytes:#x} is not a multiple of the block size ({} MiB)",
-                self.region.block_size >> 20
-            ));
-        }
+        self.region.check_requested(bytes)?;
         self.requested = bytes;
         self.generation = self.generation.wrapping_add(1);
         self.stats.requested_bytes.store(bytes, Ordering::Relaxed);
