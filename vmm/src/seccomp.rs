@@ -7,8 +7,8 @@
 //! filter is inherited by threads created after it, so the main thread's
 //! must come last). The allow-lists are the system calls each class was
 //! seen making in the test suite (`--seccomp log`, then the kernel's audit
-//! lines in `dmesg`); for the vCPU and handler threads `ioctl` is further
-//! limited to the request numbers they issue.
+//! lines in `dmesg`); `ioctl` is further limited to the request numbers
+//! each class issues.
 //!
 //! A violation under `--seccomp kill` (the default) raises SIGSYS; the
 //! handler here writes which thread class and which system call (number
@@ -300,8 +300,7 @@ const FAULT_IOCTLS: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];
 /// memslot changes a device may make on the bus path.
 fn vcpu_ioctls() -> Vec<u64> {
     use kvm_bindings::{
-        kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
-        kvm_userspace_memory_region, kvm_vcpu_events,
+        kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
     };
     let mut v = vec![
         io(KVMIO, 0x80), // KVM_RUN
@@ -315,22 +314,48 @@ fn vcpu_ioctls() -> Vec<u64> {
         iow::<kvm_guest_debug>(KVMIO, 0x9b),
         ior::<kvm_vcpu_events>(KVMIO, 0x9f),
         iow::<kvm_vcpu_events>(KVMIO, 0xa0),
-        iow::<kvm_userspace_memory_region>(KVMIO, 0x46),
-        UFFDIO_REGISTER,
-        UFFDIO_UNREGISTER,
     ];
+    v.extend_from_slice(&memslot_ioctls());
     v.extend_from_slice(FAULT_IOCTLS);
     v
 }
 
-/// `ioctl` request numbers a class may issue; `None`: `ioctl` is either
-/// absent from its list or allowed whole (see [`allowed`]).
+/// Memory changes a device makes (virtio-mem's slices come and go as
+/// memslots registered with userfaultfd), on whichever thread serves it.
+fn memslot_ioctls() -> [u64; 3] {
+    [
+        iow::<kvm_bindings::kvm_userspace_memory_region>(KVMIO, 0x46),
+        UFFDIO_REGISTER,
+        UFFDIO_UNREGISTER,
+    ]
+}
+
+/// Terminal requests (`isatty`, `tcgetattr`, `tcsetattr` with each of its
+/// actions): the main thread puts the console back as it found it.
+const TERMINAL_IOCTLS: &[u64] = &[
+    libc::TCGETS as u64,
+    libc::TCSETS as u64,
+    libc::TCSETSW as u64,
+    libc::TCSETSF as u64,
+];
+
+/// `ioctl` request numbers a class may issue; `None`: `ioctl` is not in
+/// its list at all (see [`allowed`]).
 fn ioctls(class: ThreadClass) -> Option<Vec<u64>> {
-    match class {
-        ThreadClass::Vcpu => Some(vcpu_ioctls()),
-        ThreadClass::Handler => Some(FAULT_IOCTLS.to_vec()),
-        _ => None,
-    }
+    let mut v = match class {
+        ThreadClass::Vcpu => return Some(vcpu_ioctls()),
+        ThreadClass::Handler => return Some(FAULT_IOCTLS.to_vec()),
+        ThreadClass::Signals => return None,
+        // Device work: queue processing serves its own missing pages and
+        // virtio-mem adds and removes memslots.
+        ThreadClass::Events => memslot_ioctls().to_vec(),
+        // tokio/mio make each accepted socket non-blocking (FIONBIO); a
+        // request that reads guest memory serves its own missing pages.
+        ThreadClass::Api | ThreadClass::Metrics => vec![libc::FIONBIO],
+        ThreadClass::Main => TERMINAL_IOCTLS.to_vec(),
+    };
+    v.extend_from_slice(FAULT_IOCTLS);
+    Some(v)
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -470,7 +495,27 @@ mod tests {
     /// Fork; in the child install `class`'s filter built with `mismatch`,
     /// make `syscall`, exit 0 if it returned. Returns the
     /// child's wait status and what it wrote to stderr.
-    fn in_child(class: ThreadClass, mismatch: SeccompAction, syscall: i64) -> (i32, String) {
+    /// Arguments as for openat(AT_FDCWD, path, O_WRONLY); the other calls
+    /// tested ignore or reject them.
+    fn open_args() -> [u64; 3] {
+        [
+            libc::AT_FDCWD as u64,
+            c"/nonexistent-vmm-test".as_ptr() as u64,
+            libc::O_WRONLY as u64,
+        ]
+    }
+
+    /// `ioctl(-1, request)`: fails with EBADF if the filter lets it through.
+    fn ioctl_args(request: u64) -> [u64; 3] {
+        [u64::MAX, request, 0]
+    }
+
+    fn in_child(
+        class: ThreadClass,
+        mismatch: SeccompAction,
+        syscall: i64,
+        args: [u64; 3],
+    ) -> (i32, String) {
         let trap = mismatch == SeccompAction::Trap;
         let program = program(class, mismatch).unwrap();
         if trap {
@@ -489,14 +534,7 @@ mod tests {
                 if install(&program, class, trap).is_err() {
                     libc::_exit(3);
                 }
-                // Arguments as for openat(AT_FDCWD, path, O_WRONLY); the
-                // other calls tested ignore or reject them.
-                libc::syscall(
-                    syscall,
-                    libc::AT_FDCWD,
-                    c"/nonexistent-vmm-test".as_ptr(),
-                    libc::O_WRONLY,
-                );
+                libc::syscall(syscall, args[0], args[1], args[2]);
                 libc::_exit(0);
             }
             libc::close(fds[1]);
@@ -515,7 +553,12 @@ mod tests {
     #[test]
     fn a_forbidden_call_ends_the_process_with_a_report() {
         // A vCPU thread has no business opening sockets.
-        let (status, err) = in_child(ThreadClass::Vcpu, SeccompAction::Trap, libc::SYS_socket);
+        let (status, err) = in_child(
+            ThreadClass::Vcpu,
+            SeccompAction::Trap,
+            libc::SYS_socket,
+            open_args(),
+        );
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{err}");
         assert!(
@@ -523,19 +566,71 @@ mod tests {
             "{err}"
         );
         // A write-mode open is refused too.
-        let (status, err) = in_child(ThreadClass::Events, SeccompAction::Trap, libc::SYS_openat);
+        let (status, err) = in_child(
+            ThreadClass::Events,
+            SeccompAction::Trap,
+            libc::SYS_openat,
+            open_args(),
+        );
         assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{err}");
         // An allowed call goes through.
-        let (status, err) = in_child(ThreadClass::Vcpu, SeccompAction::Trap, libc::SYS_gettid);
+        let (status, err) = in_child(
+            ThreadClass::Vcpu,
+            SeccompAction::Trap,
+            libc::SYS_gettid,
+            open_args(),
+        );
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "{err}"
         );
     }
 
+    /// Each class's ioctl list: what the class issues goes through, another
+    /// class's request ends the process (the report shows the request).
+    #[test]
+    fn ioctl_requests_are_limited_per_class() {
+        let run = ioctl_args(0xae80); // KVM_RUN
+        let memslot = ioctl_args(memslot_ioctls()[0]);
+        let cases = [
+            (ThreadClass::Api, ioctl_args(libc::FIONBIO), true),
+            (ThreadClass::Api, run, false),
+            (ThreadClass::Metrics, memslot, false),
+            (ThreadClass::Events, memslot, true),
+            (ThreadClass::Events, ioctl_args(UFFDIO_COPY), true),
+            (ThreadClass::Events, ioctl_args(libc::TCSETS), false),
+            (ThreadClass::Main, ioctl_args(libc::TCSETS), true),
+            (ThreadClass::Main, run, false),
+            (ThreadClass::Handler, memslot, false),
+            (ThreadClass::Vcpu, run, true),
+            (ThreadClass::Signals, ioctl_args(libc::FIONBIO), false),
+        ];
+        for (class, args, allowed) in cases {
+            let (status, err) = in_child(class, SeccompAction::Trap, libc::SYS_ioctl, args);
+            let what = format!(
+                "{} ioctl {:#x}: status {status:#x} {err}",
+                class.name(),
+                args[1]
+            );
+            assert!(libc::WIFEXITED(status), "{what}");
+            if allowed {
+                assert_eq!(libc::WEXITSTATUS(status), 0, "{what}");
+            } else {
+                assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{what}");
+                let shown = format!("number 16 (args 0xffffffffffffffff, {:#x})", args[1]);
+                assert!(err.contains(&shown), "{what}");
+            }
+        }
+    }
+
     #[test]
     fn log_mode_lets_the_call_through() {
-        let (status, err) = in_child(ThreadClass::Vcpu, SeccompAction::Log, libc::SYS_socket);
+        let (status, err) = in_child(
+            ThreadClass::Vcpu,
+            SeccompAction::Log,
+            libc::SYS_socket,
+            open_args(),
+        );
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "{err}"
