@@ -333,10 +333,10 @@ fn memslot_ioctls() -> [u64; 3] {
 /// Terminal requests (`isatty`, `tcgetattr`, `tcsetattr` with each of its
 /// actions): the main thread puts the console back as it found it.
 const TERMINAL_IOCTLS: &[u64] = &[
-    libc::TCGETS as u64,
-    libc::TCSETS as u64,
-    libc::TCSETSW as u64,
-    libc::TCSETSF as u64,
+    libc::TCGETS,
+    libc::TCSETS,
+    libc::TCSETSW,
+    libc::TCSETSF,
 ];
 
 /// `ioctl` request numbers a class may issue; `None`: `ioctl` is not in
