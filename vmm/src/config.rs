@@ -15,7 +15,7 @@ pub enum ConfigError {
     MemNotPageAligned(u64),
     #[error("--mem {got} bytes is more than this VMM supports ({max} bytes)")]
     MemTooLarge { got: u64, max: u64 },
-    #[error("--mem-source needs a userfaultfd fault mode (vcpu or handler), not {0}")]
+    #[error("--mem-source needs a mode that serves first touches (vcpu, handler, or kernel: a private file mapping), not {0}")]
     SourceNeedsUffd(&'static str),
     #[error("--mem-source must be file:PATH (got {0:?})")]
     BadSource(String),

@@ -332,12 +332,7 @@ fn memslot_ioctls() -> [u64; 3] {
 
 /// Terminal requests (`isatty`, `tcgetattr`, `tcsetattr` with each of its
 /// actions): the main thread puts the console back as it found it.
-const TERMINAL_IOCTLS: &[u64] = &[
-    libc::TCGETS,
-    libc::TCSETS,
-    libc::TCSETSW,
-    libc::TCSETSF,
-];
+const TERMINAL_IOCTLS: &[u64] = &[libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
 
 /// `ioctl` request numbers a class may issue; `None`: `ioctl` is not in
 /// its list at all (see [`allowed`]).

@@ -154,7 +154,7 @@ impl Vm {
         let host = Host::open()?;
         config.validate(host.max_vcpus)?;
         let mode = fault::choose_mode(config.fault_mode, host.flavor);
-        if config.mem_source.is_some() && !mode.uses_uffd() {
+        if config.mem_source.is_some() && mode == FaultMode::Prefault {
             return Err(ConfigError::SourceNeedsUffd(mode.name()).into());
         }
         if config.hotplug.is_some() && !mode.uses_uffd() {
@@ -179,7 +179,7 @@ impl Vm {
         )?;
 
         let vm_fd = create_vm(&host)?;
-        let memory = Arc::new(create_memory(&config, &host, &vm_fd)?);
+        let memory = Arc::new(create_memory(&config, &host, &vm_fd, mode)?);
         let exit = Arc::new(VmExit::new());
         let markers = Arc::new(Mutex::new(MarkerLog::default()));
         let signal = Arc::new(AtomicU32::new(0));
@@ -512,14 +512,25 @@ fn create_memory(
     config: &VmConfig,
     host: &Host,
     vm_fd: &Arc<VmFd>,
+    mode: FaultMode,
 ) -> Result<MemoryManager, VmError> {
+    let ranges = layout::ram_ranges(config.mem_size);
     let source = match &config.mem_source {
+        // No fault engine: the host kernel serves the file (MAP_PRIVATE).
+        Some(p) if mode == FaultMode::Kernel => {
+            return Ok(MemoryManager::new_file_mapped(
+                vm_fd.clone(),
+                &ranges,
+                ImageFile::open(p, config.mem_size)?,
+                host.max_memslots,
+            )?);
+        }
         Some(p) => PageSource::File(ImageFile::open(p, config.mem_size)?),
         None => PageSource::Zero,
     };
     Ok(MemoryManager::new(
         vm_fd.clone(),
-        &layout::ram_ranges(config.mem_size),
+        &ranges,
         source,
         host.max_memslots,
     )?)

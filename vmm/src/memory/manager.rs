@@ -17,7 +17,9 @@ use vm_memory::{
     MmapRegion,
 };
 
-use super::{resident_pages, GuestMemory, KvmSlots, MemError, PageSource, RamRange, PAGE_SIZE};
+use super::{
+    resident_pages, GuestMemory, ImageFile, KvmSlots, MemError, PageSource, RamRange, PAGE_SIZE,
+};
 
 /// Host side of a memslot: its mapping (shared with the guest-memory view)
 /// and where its pages' first content comes from.
@@ -98,11 +100,35 @@ impl MemoryManager {
         source: PageSource,
         max_slots: usize,
     ) -> Result<Self, MemError> {
+        Self::build(kvm, ranges, source, max_slots, false)
+    }
+
+    /// Boot RAM as a `MAP_PRIVATE` mapping of the image file itself: the
+    /// host kernel serves first touches from its page cache and copies on
+    /// write (Firecracker's default snapshot restore; the `kernel` fault
+    /// mode with `--mem-source`). A discarded page shows the file's content
+    /// again, not zeros.
+    pub fn new_file_mapped(
+        kvm: Arc<dyn KvmSlots>,
+        ranges: &[RamRange],
+        image: Arc<ImageFile>,
+        max_slots: usize,
+    ) -> Result<Self, MemError> {
+        Self::build(kvm, ranges, PageSource::File(image), max_slots, true)
+    }
+
+    fn build(
+        kvm: Arc<dyn KvmSlots>,
+        ranges: &[RamRange],
+        source: PageSource,
+        max_slots: usize,
+        map_file: bool,
+    ) -> Result<Self, MemError> {
         let mut slots = Vec::with_capacity(ranges.len());
         let mut offset = 0;
         for (id, r) in ranges.iter().enumerate() {
             let id = id as u32;
-            let backing = map(r.gpa, r.size, source.clone(), offset)?;
+            let backing = map(r.gpa, r.size, source.clone(), offset, map_file)?;
             set_region(&*kvm, id, r.gpa, r.size, backing.hva())?;
             offset += r.size;
             slots.push(Arc::new(Memslot::new(id, r.gpa, r.size, backing)));
@@ -218,7 +244,7 @@ impl MemoryManager {
     }
 
     fn map_and_register(&self, id: u32, new: &NewSlot) -> Result<Arc<Slot>, MemError> {
-        let backing = map(new.gpa, new.size, new.source.clone(), 0)?;
+        let backing = map(new.gpa, new.size, new.source.clone(), 0, false)?;
         let hva = backing.hva();
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
@@ -409,20 +435,38 @@ impl MemoryManager {
     }
 }
 
-/// Map `size` bytes for guest address `gpa` (anonymous, not populated).
+/// Map `size` bytes for guest address `gpa`, not populated: anonymous, or
+/// with `map_file` a private mapping of the source file at `source_offset`.
 fn map(
     gpa: u64,
     size: u64,
     source: PageSource,
     source_offset: u64,
+    map_file: bool,
 ) -> Result<SlotBacking, MemError> {
     page_range(gpa, size)?;
-    let mapping = MmapRegion::<()>::build(
-        None,
-        size as usize,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-    )
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let mapping = match &source {
+        PageSource::File(img) if map_file => {
+            let file = img.file.try_clone().map_err(|e| MemError::Mmap {
+                gpa,
+                size,
+                source: vm_memory::mmap::MmapRegionError::Mmap(e),
+            })?;
+            MmapRegion::<()>::build(
+                Some(vm_memory::FileOffset::new(file, source_offset)),
+                size as usize,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+        }
+        _ => MmapRegion::<()>::build(
+            None,
+            size as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        ),
+    }
     .map_err(|source| MemError::Mmap { gpa, size, source })?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemError::Unaligned {
         gpa,
@@ -622,5 +666,44 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    /// The kernel mode's image mapping: each range shows the file at its
+    /// running offset, a write stays private (the file is unchanged), and a
+    /// discard brings the file's content back.
+    #[test]
+    fn file_mapping_is_private_and_follows_the_ranges() {
+        let path = std::env::temp_dir().join(format!("vmm-filemap-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..12 * MIB)
+            .map(|i| (i / 4096) as u8 ^ (i as u8))
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let ranges = [
+            RamRange {
+                gpa: 0,
+                size: 4 * MIB,
+            },
+            RamRange {
+                gpa: 8 * MIB,
+                size: 8 * MIB,
+            },
+        ];
+        let img = ImageFile::open(&path, 12 * MIB).unwrap();
+        let m = MemoryManager::new_file_mapped(Arc::new(NoKvm), &ranges, img, 8).unwrap();
+        let at = |gpa: u64| m.memory().read_obj::<u64>(GuestAddress(gpa)).unwrap();
+        let file = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
+        assert_eq!(at(4096), file(4096));
+        // The second range continues the file where the first ended.
+        assert_eq!(at(8 * MIB + 3 * 4096), file(4 * MIB as usize + 3 * 4096));
+        m.memory().write_obj(!0u64, GuestAddress(4096)).unwrap();
+        assert_eq!(at(4096), !0);
+        assert_eq!(
+            std::fs::read(&path).unwrap()[4096],
+            bytes[4096],
+            "written through"
+        );
+        m.discard(0, 2 * MIB).unwrap();
+        assert_eq!(at(4096), file(4096));
+        let _ = std::fs::remove_file(&path);
     }
 }
