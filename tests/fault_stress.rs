@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::image_file;
 use common::inproc::{all_modes, config, demand_modes, field, host_mode, lines, text};
 use vmm::config::FaultMode;
 use vmm::exit::ExitReason;
@@ -84,6 +85,9 @@ fn writes_survive_memslot_churn() {
         host_mode(),
     );
     c.mem_source = Some(img.clone());
+    // One page per fault (no fault-around): every fault reads the image
+    // before its trylock, the window a racing change falls into.
+    c.fault_around = 1;
     let vm = Vm::new(c).unwrap();
     let mem = vm.memory().clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,17 +287,6 @@ fn discards_racing_with_faults() {
     for v in &report.vcpus {
         assert_faults_accounted(v);
     }
-}
-
-fn image_file(name: &str, len: u64) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("vmm-img-{name}-{}", std::process::id()));
-    let mut buf = Vec::with_capacity(len as usize);
-    for o in (0..len).step_by(8) {
-        let v = (o ^ 0x1bad_b002).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        buf.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(&p, buf).unwrap();
-    p
 }
 
 fn image_run(mode: FaultMode) -> (RunReport, String, u64) {

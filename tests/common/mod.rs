@@ -215,3 +215,16 @@ pub fn spawn_lines(
     let err = pump(child.stderr.take().unwrap());
     (child, out, err)
 }
+
+/// A memory image of `len` bytes whose 8-byte word at offset o is
+/// `(o ^ 0x1badb002) * 0x9e3779b97f4a7c15` (memstress `mode=1` checks it).
+pub fn image_file(name: &str, len: u64) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("vmm-img-{name}-{}", std::process::id()));
+    let mut buf = Vec::with_capacity(len as usize);
+    for o in (0..len).step_by(8) {
+        let v = (o ^ 0x1bad_b002).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&p, buf).unwrap();
+    p
+}

@@ -40,6 +40,27 @@ pub struct BenchArgs {
     /// Memslot changes per second for the churn row.
     #[arg(long, default_value_t = 100)]
     pub churn_hz: u64,
+    /// First-touch content: `zero` (anonymous memory), or `file` (a memory
+    /// image on disk: `vcpu` and `handler` read it into each fault, `kernel`
+    /// maps it MAP_PRIVATE from the page cache, as Firecracker restores a
+    /// snapshot by default; rows with a warm and a cold page cache).
+    #[arg(long, value_enum, default_value = "zero")]
+    pub source: BenchSource,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchSource {
+    Zero,
+    File,
+}
+
+/// The image's page cache before a file-backed run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    /// Read whole just before the run.
+    Warm,
+    /// Dropped (`POSIX_FADV_DONTNEED`) just before the run.
+    Cold,
 }
 
 const BASE: u64 = 16 << 20;
@@ -60,20 +81,37 @@ struct Row {
     scrape: bool,
     /// First touches in a seeded random order (memstress `random=1`).
     random: bool,
+    /// RAM backed by the bench's image file (`--source file`).
+    file: Option<Cache>,
 }
 
-fn one_run(guest: &Path, row: Row, vcpus: usize, pages: u64) -> Result<Sample, String> {
+fn mem_size(pages: u64) -> u64 {
+    (BASE + pages * 4096 + (16 << 20)).next_multiple_of(2 << 20)
+}
+
+fn one_run(
+    guest: &Path,
+    image: Option<&Path>,
+    row: Row,
+    vcpus: usize,
+    pages: u64,
+) -> Result<Sample, String> {
     let Row {
         mode,
         fault_around,
         churn_hz,
         scrape,
         random,
+        file,
         ..
     } = row;
     let bytes = pages * 4096;
     let mut config = VmConfig::new(Some(guest.to_path_buf()));
-    config.mem_size = (BASE + bytes + (16 << 20)).next_multiple_of(2 << 20);
+    config.mem_size = mem_size(pages);
+    if let (Some(cache), Some(image)) = (file, image) {
+        set_cache(image, cache)?;
+        config.mem_source = Some(image.to_path_buf());
+    }
     config.vcpus = vcpus;
     config.cmdline = format!(
         "mode=0 rounds=1 base={BASE} bytes={bytes} stride=4096 random={}",
@@ -119,6 +157,55 @@ fn one_run(guest: &Path, row: Row, vcpus: usize, pages: u64) -> Result<Sample, S
         secs: t.as_secs_f64(),
         report,
     })
+}
+
+/// The bench's memory image: `size` bytes, no page of them zero, on disk
+/// (not tmpfs, so that its page cache can be dropped).
+fn make_image(size: u64) -> Result<std::path::PathBuf, String> {
+    use std::io::Write;
+    let dir = Path::new("/var/tmp");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("vmm-bench-image-{}", std::process::id()));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| e.to_string())?);
+    let mut page = [0u8; 4096];
+    for p in 0..size / 4096 {
+        for (i, w) in page.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(p << 12 | i as u64 | 1 << 63).to_le_bytes());
+        }
+        f.write_all(&page).map_err(|e| e.to_string())?;
+    }
+    f.into_inner()
+        .map_err(|e| e.to_string())?
+        .sync_all()
+        .map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// Warm: read the image whole (into the page cache). Cold: drop its clean
+/// pages from the page cache.
+fn set_cache(image: &Path, cache: Cache) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(image).map_err(|e| e.to_string())?;
+    match cache {
+        Cache::Warm => {
+            std::io::copy(&mut &f, &mut std::io::sink()).map_err(|e| e.to_string())?;
+        }
+        Cache::Cold => {
+            // SAFETY: an advisory call on a file descriptor we own.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if r != 0 {
+                return Err(format!(
+                    "posix_fadvise: {}",
+                    std::io::Error::from_raw_os_error(r)
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A thread that adds and removes a 2 MiB memslot above guest RAM at `hz`
@@ -217,6 +304,19 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         "resident",
         "retries"
     );
+    let image = match a.source {
+        BenchSource::File => Some(make_image(mem_size(a.pages))?),
+        BenchSource::Zero => None,
+    };
+    let r = run_rows(a, &guest, image.as_deref());
+    if let Some(image) = image {
+        let _ = std::fs::remove_file(image);
+    }
+    let _ = std::fs::remove_file(&guest);
+    r
+}
+
+fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), String> {
     let fa = a.fault_around;
     for &vcpus in &a.vcpus {
         let mut rate = std::collections::HashMap::new();
@@ -227,8 +327,13 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
             churn_hz,
             scrape,
             random,
+            file: None,
         };
-        let rows = [
+        let file = |name, mode, random, cache| Row {
+            file: Some(cache),
+            ..row(name, mode, fa, 0, false, random)
+        };
+        let zero_rows = [
             row("prefault", FaultMode::Prefault, fa, 0, false, false),
             row("kernel", FaultMode::Kernel, fa, 0, false, false),
             row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
@@ -241,12 +346,30 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
             row("vcpu/r", FaultMode::Vcpu, fa, 0, false, true),
             row("handler/r", FaultMode::Handler, fa, 0, false, true),
         ];
+        // Prefault stays anonymous: the no-fault baseline.
+        let file_rows = [
+            row("prefault", FaultMode::Prefault, fa, 0, false, false),
+            file("kernel", FaultMode::Kernel, false, Cache::Warm),
+            file("vcpu", FaultMode::Vcpu, false, Cache::Warm),
+            file("handler", FaultMode::Handler, false, Cache::Warm),
+            file("kernel-cold", FaultMode::Kernel, false, Cache::Cold),
+            file("vcpu-cold", FaultMode::Vcpu, false, Cache::Cold),
+            row("prefault/r", FaultMode::Prefault, fa, 0, false, true),
+            file("kernel/r", FaultMode::Kernel, true, Cache::Warm),
+            file("vcpu/r", FaultMode::Vcpu, true, Cache::Warm),
+            file("handler/r", FaultMode::Handler, true, Cache::Warm),
+        ];
+        let rows: &[Row] = if image.is_some() {
+            &file_rows
+        } else {
+            &zero_rows
+        };
         // Repetitions interleave the rows (all rows once, then again), so
         // drift in the shared machine's load hits every row alike.
         let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
         for _ in 0..a.repeat.max(1) {
             for (i, r) in rows.iter().enumerate() {
-                samples[i].push(one_run(&guest, *r, vcpus, a.pages)?);
+                samples[i].push(one_run(guest, image, *r, vcpus, a.pages)?);
             }
         }
         let medians: Vec<Sample> = samples.into_iter().map(median).collect();
@@ -280,6 +403,16 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
             );
         }
         let per = |n: &str, base: &str| (1.0 / rate[n] - 1.0 / rate[base]) * 1e6;
+        if image.is_some() {
+            println!(
+                "ratios (image file): vcpu/kernel={:.2} vcpu/r/kernel/r={:.2} vcpu/handler={:.2} vcpu-cold/kernel-cold={:.2} (vcpus={vcpus})",
+                rate["vcpu"] / rate["kernel"],
+                rate["vcpu/r"] / rate["kernel/r"],
+                rate["vcpu"] / rate["handler"],
+                rate["vcpu-cold"] / rate["kernel-cold"],
+            );
+            continue;
+        }
         println!(
             "more ratios: vcpu-nofa/prefault={:.2} vcpu+scrape/vcpu={:.3} vcpu/r overhead/kernel/r overhead={:.2} (vcpus={vcpus})",
             rate["vcpu-nofa"] / rate["prefault"],
@@ -295,6 +428,5 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
             rate["vcpu/r"] / rate["handler/r"],
         );
     }
-    let _ = std::fs::remove_file(&guest);
     Ok(())
 }

@@ -90,9 +90,10 @@ impl Access<'_> {
 #[repr(C, align(4096))]
 pub struct Page(pub [u8; PAGE_SIZE as usize]);
 
-/// What one fault-serving thread owns: its bounce page and counters.
+/// What one fault-serving thread owns: its bounce pages and counters.
 pub struct FaultCtx {
-    bounce: Box<Page>,
+    /// Image content read for an install (grows to the largest window).
+    bounce: Vec<Page>,
     pub stats: Arc<FaultStats>,
     /// Page number just past this thread's last install: a fault there
     /// continues a sequential stream.
@@ -106,7 +107,7 @@ pub struct FaultCtx {
 impl FaultCtx {
     pub fn new(stats: Arc<FaultStats>) -> Self {
         Self {
-            bounce: Box::new(Page([0; PAGE_SIZE as usize])),
+            bounce: vec![Page([0; PAGE_SIZE as usize])],
             stats,
             next_page: u64::MAX,
             window: 1,
@@ -270,13 +271,14 @@ struct UffdInstaller<'e, 'a> {
 }
 
 impl UffdInstaller<'_, '_> {
-    /// Pages to install at `page`: up to the stream's window, for
-    /// zero-sourced slots only (so it cannot put zeros over image content,
-    /// I3). The window never leaves the slot, never leaves a plugged block
-    /// (I6), and stops before a discarded page (a page the balloon took
-    /// stays out of the host until the guest touches it).
+    /// Pages to install at `page`: up to the stream's window. The window
+    /// never leaves the slot, never leaves a plugged block (I6), and stops
+    /// before a discarded page (a page the balloon took stays out of the
+    /// host until the guest touches it, and then reads zero). The caller
+    /// fills it with zeros only in a zero-sourced slot and with image
+    /// content only in an image slot (I3).
     fn window(&self, slot: &Slot, page: u64) -> u64 {
-        if self.want <= 1 || !matches!(slot.backing.source(), PageSource::Zero) {
+        if self.want <= 1 {
             return 1;
         }
         let end = match slot.block_size() {
@@ -289,19 +291,32 @@ impl UffdInstaller<'_, '_> {
 }
 
 impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
-    type Prepared = ();
+    /// Image pages read into the bounce buffer.
+    type Prepared = u64;
     type Error = InstallError;
 
-    /// Step 3, no lock held: read image content into the bounce page, or
-    /// decide on zeros.
-    fn prepare(&mut self, slot: &Slot, page: u64) -> Result<Content<()>, InstallError> {
+    /// Step 3, no lock held: read image content for the window into the
+    /// bounce pages (one read), or decide on zeros.
+    fn prepare(&mut self, slot: &Slot, page: u64) -> Result<Content<u64>, InstallError> {
         match slot.backing.source() {
             PageSource::File(img) if !slot.is_discarded(slot.page_index(page)) => {
+                let pages = self.window(slot, page);
+                let bounce = &mut self.ctx.bounce;
+                if bounce.len() < pages as usize {
+                    bounce.resize_with(pages as usize, || Page([0; PAGE_SIZE as usize]));
+                }
                 let offset = slot.backing.source_offset() + (page - slot.gpa);
-                img.read_page(offset, &mut self.ctx.bounce.0)
-                    .map_err(InstallError::Source)?;
-                self.ctx.stats.source_bytes.add(PAGE_SIZE);
-                Ok(Content::Source(()))
+                // SAFETY: `Page` is plain bytes; the first `pages` of the
+                // vector are one contiguous, initialised buffer.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        bounce.as_mut_ptr().cast::<u8>(),
+                        (pages * PAGE_SIZE) as usize,
+                    )
+                };
+                img.read_page(offset, buf).map_err(InstallError::Source)?;
+                self.ctx.stats.source_bytes.add(pages * PAGE_SIZE);
+                Ok(Content::Source(pages))
             }
             _ => Ok(Content::Zero),
         }
@@ -314,7 +329,7 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         &mut self,
         slot: &Slot,
         page: u64,
-        content: Content<()>,
+        content: Content<u64>,
         _held: &InstallGuard<'_>,
     ) -> Result<Install, InstallError> {
         if let Some(n) = self.engine.inject_eagain {
@@ -327,18 +342,26 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         let fd = self.engine.uffd.as_raw_fd();
         let wake = self.engine.wake == Wake::Waiters;
         let read = matches!(self.access, Access::Read(_));
+        // The window again, under the guard: a discard since `prepare`
+        // shortens it. Zeros go only where the slot's content is zero (I3).
         let pages = match content {
-            Content::Zero => self.window(slot, page),
-            Content::Source(()) => 1,
+            Content::Zero if matches!(slot.backing.source(), PageSource::Zero) => {
+                self.window(slot, page)
+            }
+            Content::Zero => 1,
+            Content::Source(read) => read.min(self.window(slot, page)),
         };
         let len = pages * PAGE_SIZE;
         // SAFETY: `hva..hva+len` lies in the slot's mapping (the window stays
         // inside the slot), which is registered with the uffd and cannot be
         // removed while the guard is held; the sources are live buffers of at
-        // least `len` bytes (`zeros` holds `fault_around` pages).
+        // least `len` bytes (`zeros` holds `fault_around` pages, `bounce` the
+        // pages `prepare` read).
         let r = unsafe {
             match content {
-                Content::Source(()) => uffd::copy(fd, hva, self.ctx.bounce.0.as_ptr(), len, wake),
+                Content::Source(_) => {
+                    uffd::copy(fd, hva, self.ctx.bounce.as_ptr().cast(), len, wake)
+                }
                 Content::Zero if read && pages == 1 => uffd::zeropage(fd, hva, len, wake),
                 Content::Zero => uffd::copy(fd, hva, self.engine.zeros.as_ptr().cast(), len, wake),
             }
