@@ -285,7 +285,8 @@ impl FaultSnapshot {
         }
     }
 
-    /// Latency quantile estimated from the histogram (upper bucket bound, ns).
+    /// Latency quantile estimated from the histogram (upper bucket bound, ns;
+    /// in the open-ended top bucket, the largest latency seen).
     pub fn latency_quantile_ns(&self, q: f64) -> Option<u64> {
         if self.latency_count == 0 {
             return None;
@@ -295,7 +296,7 @@ impl FaultSnapshot {
         for (i, n) in self.latency_buckets.iter().enumerate() {
             seen += n;
             if seen >= target {
-                return Some(bucket_bound_ns(i).unwrap_or(u64::MAX));
+                return Some(bucket_bound_ns(i).unwrap_or(self.latency_max_ns));
             }
         }
         None
@@ -332,5 +333,11 @@ mod tests {
         assert_eq!(snap.latency_quantile_ns(0.5), Some(2048));
         assert_eq!(snap.latency_quantile_ns(0.99), Some(2048));
         assert_eq!(snap.latency_quantile_ns(1.0), Some(1 << 20));
+        // Past the last bound: the largest latency seen, not u64::MAX (the
+        // bench printed p99 = 18446744073709552.0 us for a cold image).
+        s.record_latency(u64::MAX / 2);
+        s.record_latency(5_000_000_000);
+        let snap = s.snapshot();
+        assert_eq!(snap.latency_quantile_ns(1.0), Some(u64::MAX / 2));
     }
 }
