@@ -24,6 +24,7 @@ pub mod devices;
 pub mod exit;
 pub mod fault;
 pub mod host;
+pub mod http1;
 pub mod logger;
 pub mod memory;
 pub mod metrics;

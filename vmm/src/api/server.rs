@@ -4,7 +4,6 @@
 //! `{"error": "..."}` with a 4xx status that says what was wrong. See
 //! docs/API.md and docs/openapi.json.
 
-use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,7 +15,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
@@ -24,10 +22,7 @@ use thiserror::Error;
 use super::control::{BalloonTarget, ControlError, MemoryRequest, StatsInterval, VmControl};
 use crate::exit::VmExit;
 
-/// A client gets this long to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head, and largest request body.
-const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body (the head's limits are [`crate::http1`]'s).
 pub const MAX_BODY: usize = 64 * 1024;
 const MIB: u64 = 1 << 20;
 
@@ -147,19 +142,11 @@ pub async fn serve_connection<S>(stream: S, control: Arc<VmControl>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    crate::http1::serve(stream, "api", move |req| {
         let control = control.clone();
-        async move { Ok::<_, Infallible>(handle(req, &control).await) }
-    });
-    let r = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEAD)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(e) = r {
-        log::debug!("api: connection: {e}");
-    }
+        async move { handle(req, &control).await }
+    })
+    .await;
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {

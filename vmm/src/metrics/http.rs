@@ -9,7 +9,6 @@
 //! port in use is an error up front; one current-thread tokio runtime runs on
 //! the `metrics` thread, away from the vCPUs.
 
-use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,16 +19,11 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 
 use super::VmMetrics;
 use crate::exit::VmExit;
 
-/// A client gets this long to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head accepted (hyper answers 431 beyond it).
-const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
 
@@ -120,19 +114,10 @@ async fn serve(
                 let open = open.clone();
                 open.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-                    });
-                    let r = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .max_buf_size(MAX_HEAD)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = r {
-                        log::debug!("metrics: connection: {e}");
-                    }
+                    crate::http1::serve(stream, "metrics", move |req| {
+                        std::future::ready(respond(&req, &metrics))
+                    })
+                    .await;
                     open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
