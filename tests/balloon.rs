@@ -111,7 +111,7 @@ fn vm_balloon_counts(_out: &str, report: &vmm::vm::RunReport) -> (u64, u64) {
 }
 
 /// A guest that attacks both virtio devices, the balloon and virtio-mem
-/// (loops, bad addresses, lengths near 4 GiB, write-only descriptors,
+/// (5,000 random register writes each, loops, bad addresses, lengths near 4 GiB, write-only descriptors,
 /// notifies before DRIVER_OK and in floods, read-only and unaligned register
 /// writes, bogus features, queues outside RAM; for virtio-mem also 300
 /// random requests and malformed request chains) while its other vCPU

@@ -148,6 +148,37 @@ static void step_registers(const struct virtio_dev *d)
     }
 }
 
+/* ------------------------------------------------- b'. random registers */
+
+/* `n` seeded random writes (8, 16 or 32 bits) anywhere in the first 0x200 bytes
+ * (every register and the config space), each followed by a read elsewhere. Ring
+ * address registers only ever get addresses inside the zeroed `rawring`, so a
+ * device that goes live and is notified finds empty rings and writes nowhere else.
+ * The device is reset afterwards. */
+static void step_random_registers(const struct virtio_dev *d, int i, u64 n)
+{
+    u64 x = 0xbadc0ffeeUL + (u64)i, b = d->base, raw = (u64)rawring;
+
+    for (u64 off = 0; off < sizeof(rawring); off += 8)
+        *(volatile u64 *)(raw + off) = 0;
+    for (u64 k = 0; k < n; k++) {
+        u64 r = mix64(x += 0x9e3779b97f4a7c15UL);
+        u32 off = (u32)(r % 0x200), v = (u32)(r >> 32);
+        if (off >= 0x80 && off < 0xa8) {            /* QueueDesc/Driver/Device */
+            off &= ~3u;
+            v = (off & 4) ? 0 : (u32)(raw + (v % (sizeof(rawring) / 4096)) * 4096);
+        }
+        switch ((r >> 24) % 3) {
+        case 0: wr8(b + off, (u8)v); break;
+        case 1: wr16(b + (off & ~1u), (u16)v); break;
+        default: wr32(b + (off & ~3u), v); break;
+        }
+        sink += rd32(b + ((u32)(r >> 12) % 0x200 & ~3u));
+    }
+    virtio_set_status(d, 0);
+    printk("vhostile: dev=%d random_registers=%lu status=0x%x\n", i, n, virtio_get_status(d));
+}
+
 /* ----------------------------------------------------- c. bogus features */
 
 /* Returns 1 if FEATURES_OK stuck after accepting all 64 feature bits. */
@@ -648,6 +679,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     u64 flood = cmdline_u64(cmdline, "flood", 2000);
     u64 ptpfns = cmdline_u64(cmdline, "ptpfns", 1);
     u64 memreqs = cmdline_u64(cmdline, "memreqs", 300);
+    u64 randregs = cmdline_u64(cmdline, "randregs", 5000);
     memsize_g = memsize;
     int n = virtio_scan(cmdline, devs, VIRTIO_MAX_DEVICES);
 
@@ -682,6 +714,8 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
             step_early_notify(d);
             step(i, "registers");
             step_registers(d);
+            step(i, "random_registers");
+            step_random_registers(d, i, randregs);
             step(i, "bogus_features");
             if (step_bogus_features(d, i))
                 stuck[i] = 1;
