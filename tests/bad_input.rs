@@ -85,6 +85,13 @@ fn bad_hotplug_sizes() {
 }
 
 #[test]
+fn bad_hugepage_combinations() {
+    run(&["run", "--mem", "5M", "--mem-hugepages"]).assert_error("multiple of 2M");
+    run(&["run", "--mem-hugepages", "--balloon", "0"]).assert_error("not with --balloon");
+    run(&["run", "--mem-hugepages", "--hotplug", "128M"]).assert_error("not with --hotplug");
+}
+
+#[test]
 fn bad_vcpu_counts() {
     run(&["run", "--vcpus", "0"]).assert_error("--vcpus must be at least 1");
     run(&["run", "--vcpus", "100000"]).assert_error("more than this host allows");

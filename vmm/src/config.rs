@@ -29,6 +29,8 @@ pub enum ConfigError {
     Hotplug(String),
     #[error("--hotplug needs a userfaultfd fault mode (vcpu or handler), not {0}: only those enforce that unplugged blocks stay empty")]
     HotplugNeedsUffd(&'static str),
+    #[error("--mem-hugepages: {0}")]
+    HugePages(&'static str),
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {got} is more than this host allows ({max})")]
@@ -134,6 +136,8 @@ pub struct VmConfig {
     pub fault_mode: Option<FaultMode>,
     /// Memory image backing guest RAM (read lazily at first touch).
     pub mem_source: Option<PathBuf>,
+    /// Boot RAM on 2 MiB hugetlb pages (`--mem-hugepages`).
+    pub mem_hugepages: bool,
     /// Handler threads in `handler` mode.
     pub fault_threads: usize,
     /// Largest adaptive fault-around window, in pages (1 = off).
@@ -198,6 +202,7 @@ impl VmConfig {
             initrd: None,
             fault_mode: None,
             mem_source: None,
+            mem_hugepages: false,
             fault_threads: 1,
             fault_around: DEFAULT_FAULT_AROUND,
             serial: SerialOut::Stdout,
@@ -243,6 +248,22 @@ impl VmConfig {
                 block_size: h.block_size,
             };
             region.validate().map_err(ConfigError::Hotplug)?;
+        }
+        if self.mem_hugepages {
+            let why = if !self.mem_size.is_multiple_of(2 << 20) {
+                Some("--mem must be a multiple of 2M")
+            } else if self.mem_source.is_some() {
+                Some("not with --mem-source (image pages are read 4 KiB at a time)")
+            } else if self.balloon.is_some() {
+                Some("not with --balloon yet (a 4 KiB balloon page cannot be discarded from a 2 MiB page)")
+            } else if self.hotplug.is_some() {
+                Some("not with --hotplug yet")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::HugePages(why));
+            }
         }
         if self.vcpus > max_vcpus {
             return Err(ConfigError::TooManyVcpus {

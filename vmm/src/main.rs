@@ -175,6 +175,10 @@ struct RunArgs {
     /// as it starts (whole blocks, at most --hotplug; the API moves it).
     #[arg(long, default_value = "0", value_parser = parse_mem, requires = "hotplug")]
     hotplug_requested: u64,
+    /// Back guest RAM with 2 MiB hugetlb pages (the host's pool is raised
+    /// if it is short; a fault installs a whole huge page).
+    #[arg(long)]
+    mem_hugepages: bool,
     /// PVM hosts: complete guest SYSCALLs the host leaves half done (a
     /// breakpoint on the guest's #PF handler). auto: for Linux kernels that
     /// do not do it themselves; never armed on hardware KVM.
@@ -220,6 +224,7 @@ fn run(a: RunArgs) -> ExitCode {
         initrd: a.initrd,
         fault_mode: a.fault_mode,
         mem_source: a.mem_source,
+        mem_hugepages: a.mem_hugepages,
         fault_threads: a.fault_threads,
         fault_around: a.fault_around,
         serial: SerialOut::Stdout,

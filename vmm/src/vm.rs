@@ -515,6 +515,13 @@ fn create_memory(
     mode: FaultMode,
 ) -> Result<MemoryManager, VmError> {
     let ranges = layout::ram_ranges(config.mem_size);
+    if config.mem_hugepages {
+        return Ok(MemoryManager::new_hugetlb(
+            vm_fd.clone(),
+            &ranges,
+            host.max_memslots,
+        )?);
+    }
     let source = match &config.mem_source {
         // No fault engine: the host kernel serves the file (MAP_PRIVATE).
         Some(p) if mode == FaultMode::Kernel => {

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// snapshot by default; rows with a warm and a cold page cache).
     #[arg(long, value_enum, default_value = "zero")]
     pub source: BenchSource,
+    /// Add rows with guest RAM on 2 MiB hugetlb pages (`--mem-hugepages`),
+    /// beside the same modes on 4 KiB pages.
+    #[arg(long)]
+    pub hugepages: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,8 @@ struct Row {
     random: bool,
     /// RAM backed by the bench's image file (`--source file`).
     file: Option<Cache>,
+    /// RAM on 2 MiB hugetlb pages.
+    huge: bool,
 }
 
 fn mem_size(pages: u64) -> u64 {
@@ -103,11 +109,13 @@ fn one_run(
         scrape,
         random,
         file,
+        huge,
         ..
     } = row;
     let bytes = pages * 4096;
     let mut config = VmConfig::new(Some(guest.to_path_buf()));
     config.mem_size = mem_size(pages);
+    config.mem_hugepages = huge;
     if let (Some(cache), Some(image)) = (file, image) {
         set_cache(image, cache)?;
         config.mem_source = Some(image.to_path_buf());
@@ -292,7 +300,7 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         a.pages, a.repeat, a.fault_around
     );
     println!(
-        "{:<12} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
         "mode",
         "vcpus",
         "pages/s",
@@ -328,6 +336,11 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             scrape,
             random,
             file: None,
+            huge: false,
+        };
+        let huge = |name, mode, random| Row {
+            huge: true,
+            ..row(name, mode, fa, 0, false, random)
         };
         let file = |name, mode, random, cache| Row {
             file: Some(cache),
@@ -359,8 +372,25 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             file("vcpu/r", FaultMode::Vcpu, true, Cache::Warm),
             file("handler/r", FaultMode::Handler, true, Cache::Warm),
         ];
+        let huge_rows = [
+            row("prefault", FaultMode::Prefault, fa, 0, false, false),
+            row("kernel", FaultMode::Kernel, fa, 0, false, false),
+            row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
+            huge("prefault-2m", FaultMode::Prefault, false),
+            huge("kernel-2m", FaultMode::Kernel, false),
+            huge("vcpu-2m", FaultMode::Vcpu, false),
+            huge("handler-2m", FaultMode::Handler, false),
+            row("prefault/r", FaultMode::Prefault, fa, 0, false, true),
+            row("vcpu/r", FaultMode::Vcpu, fa, 0, false, true),
+            huge("prefault-2m/r", FaultMode::Prefault, true),
+            huge("kernel-2m/r", FaultMode::Kernel, true),
+            huge("vcpu-2m/r", FaultMode::Vcpu, true),
+            huge("handler-2m/r", FaultMode::Handler, true),
+        ];
         let rows: &[Row] = if image.is_some() {
             &file_rows
+        } else if a.hugepages {
+            &huge_rows
         } else {
             &zero_rows
         };
@@ -389,7 +419,7 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
                 }
             };
             println!(
-                "{:<12} {:>5} {:>10.0} {:>8.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+                "{:<13} {:>5} {:>10.0} {:>8.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
                 r.name,
                 vcpus,
                 pps,
@@ -403,6 +433,17 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             );
         }
         let per = |n: &str, base: &str| (1.0 / rate[n] - 1.0 / rate[base]) * 1e6;
+        if a.hugepages {
+            println!(
+                "ratios (2 MiB pages): vcpu-2m/prefault={:.2} vcpu-2m/r/prefault/r={:.2} vcpu-2m/prefault-2m={:.2} vcpu-2m/kernel-2m={:.2} vcpu-2m/handler-2m={:.2} (vcpus={vcpus})",
+                rate["vcpu-2m"] / rate["prefault"],
+                rate["vcpu-2m/r"] / rate["prefault/r"],
+                rate["vcpu-2m"] / rate["prefault-2m"],
+                rate["vcpu-2m"] / rate["kernel-2m"],
+                rate["vcpu-2m"] / rate["handler-2m"],
+            );
+            continue;
+        }
         if image.is_some() {
             println!(
                 "ratios (image file): vcpu/kernel={:.2} vcpu/r/kernel/r={:.2} vcpu/handler={:.2} vcpu-cold/kernel-cold={:.2} (vcpus={vcpus})",

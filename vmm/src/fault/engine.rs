@@ -147,13 +147,19 @@ impl FaultEngine {
         fault_around: u64,
     ) -> Self {
         let fault_around = fault_around.max(1);
+        // Zeros for the largest install: a window, or a 2 MiB huge page.
+        let zero_pages = if memory.has_hugetlb() {
+            fault_around.max(crate::memory::hugetlb::HUGE_PAGE / PAGE_SIZE)
+        } else {
+            fault_around
+        };
         Self {
             memory,
             uffd,
             exit,
             wake,
             fault_around,
-            zeros: (0..fault_around)
+            zeros: (0..zero_pages)
                 .map(|_| Page([0; PAGE_SIZE as usize]))
                 .collect(),
             inject_eagain: None,
@@ -338,25 +344,35 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
                 return Ok(Install::Again);
             }
         }
-        let hva = slot.backing.hva() + (page - slot.gpa);
         let fd = self.engine.uffd.as_raw_fd();
         let wake = self.engine.wake == Wake::Waiters;
         let read = matches!(self.access, Access::Read(_));
-        // The window again, under the guard: a discard since `prepare`
-        // shortens it. Zeros go only where the slot's content is zero (I3).
-        let pages = match content {
-            Content::Zero if matches!(slot.backing.source(), PageSource::Zero) => {
-                self.window(slot, page)
-            }
-            Content::Zero => 1,
-            Content::Source(read) => read.min(self.window(slot, page)),
+        let (first, pages) = match slot.backing.huge_page() {
+            // hugetlb: the whole huge page, always zeros (hugetlb has no
+            // UFFDIO_ZEROPAGE and no smaller install; its slots are
+            // zero-sourced and have no discards or blocks).
+            Some(huge) => (slot.gpa + (page - slot.gpa) / huge * huge, huge / PAGE_SIZE),
+            // The window again, under the guard: a discard since `prepare`
+            // shortens it. Zeros go only where the slot's content is zero
+            // (I3).
+            None => (
+                page,
+                match content {
+                    Content::Zero if matches!(slot.backing.source(), PageSource::Zero) => {
+                        self.window(slot, page)
+                    }
+                    Content::Zero => 1,
+                    Content::Source(read) => read.min(self.window(slot, page)),
+                },
+            ),
         };
+        let hva = slot.backing.hva() + (first - slot.gpa);
         let len = pages * PAGE_SIZE;
         // SAFETY: `hva..hva+len` lies in the slot's mapping (the window stays
         // inside the slot), which is registered with the uffd and cannot be
         // removed while the guard is held; the sources are live buffers of at
-        // least `len` bytes (`zeros` holds `fault_around` pages, `bounce` the
-        // pages `prepare` read).
+        // least `len` bytes (`zeros` holds the largest window or huge page,
+        // `bounce` the pages `prepare` read).
         let r = unsafe {
             match content {
                 Content::Source(_) => {

@@ -47,4 +47,6 @@ pub enum MemError {
         len: u64,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    HugePages(String),
 }

@@ -28,6 +28,8 @@ pub struct SlotBacking {
     source: PageSource,
     /// Offset of the slot's first byte within its page source.
     source_offset: u64,
+    /// 2 MiB hugetlb pages: installs are whole huge pages.
+    huge: bool,
 }
 
 impl SlotBacking {
@@ -44,6 +46,21 @@ impl SlotBacking {
     pub fn source_offset(&self) -> u64 {
         self.source_offset
     }
+
+    /// The mapping's huge page size, if it is hugetlb.
+    pub fn huge_page(&self) -> Option<u64> {
+        self.huge.then_some(super::hugetlb::HUGE_PAGE)
+    }
+}
+
+/// How a slot's host memory is mapped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mapping {
+    Anonymous,
+    /// `MAP_PRIVATE` of the source file.
+    PrivateFile,
+    /// Anonymous 2 MiB hugetlb pages.
+    HugeTlb,
 }
 
 pub type Slot = Memslot<SlotBacking>;
@@ -100,7 +117,29 @@ impl MemoryManager {
         source: PageSource,
         max_slots: usize,
     ) -> Result<Self, MemError> {
-        Self::build(kvm, ranges, source, max_slots, false)
+        Self::build(kvm, ranges, source, max_slots, Mapping::Anonymous)
+    }
+
+    /// Boot RAM on 2 MiB hugetlb pages (zero-filled; `--mem-hugepages`):
+    /// the host's pool is raised if it is short, and the mapping reserves
+    /// its pages at once, so a host without them fails here, clearly.
+    pub fn new_hugetlb(
+        kvm: Arc<dyn KvmSlots>,
+        ranges: &[RamRange],
+        max_slots: usize,
+    ) -> Result<Self, MemError> {
+        let huge = super::hugetlb::HUGE_PAGE;
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| r.gpa % huge != 0 || r.size % huge != 0)
+        {
+            return Err(MemError::HugePages(format!(
+                "RAM range {:#x}+{:#x} is not whole 2 MiB pages",
+                r.gpa, r.size
+            )));
+        }
+        super::hugetlb::reserve(ranges.iter().map(|r| r.size / huge).sum())?;
+        Self::build(kvm, ranges, PageSource::Zero, max_slots, Mapping::HugeTlb)
     }
 
     /// Boot RAM as a `MAP_PRIVATE` mapping of the image file itself: the
@@ -114,7 +153,13 @@ impl MemoryManager {
         image: Arc<ImageFile>,
         max_slots: usize,
     ) -> Result<Self, MemError> {
-        Self::build(kvm, ranges, PageSource::File(image), max_slots, true)
+        Self::build(
+            kvm,
+            ranges,
+            PageSource::File(image),
+            max_slots,
+            Mapping::PrivateFile,
+        )
     }
 
     fn build(
@@ -122,13 +167,13 @@ impl MemoryManager {
         ranges: &[RamRange],
         source: PageSource,
         max_slots: usize,
-        map_file: bool,
+        mapping: Mapping,
     ) -> Result<Self, MemError> {
         let mut slots = Vec::with_capacity(ranges.len());
         let mut offset = 0;
         for (id, r) in ranges.iter().enumerate() {
             let id = id as u32;
-            let backing = map(r.gpa, r.size, source.clone(), offset, map_file)?;
+            let backing = map(r.gpa, r.size, source.clone(), offset, mapping)?;
             set_region(&*kvm, id, r.gpa, r.size, backing.hva())?;
             offset += r.size;
             slots.push(Arc::new(Memslot::new(id, r.gpa, r.size, backing)));
@@ -194,6 +239,14 @@ impl MemoryManager {
         self.uffd.get()
     }
 
+    /// Whether any slot is on hugetlb pages.
+    pub fn has_hugetlb(&self) -> bool {
+        self.snapshot()
+            .slots
+            .iter()
+            .any(|s| s.backing.huge_page().is_some())
+    }
+
     /// Populate all RAM now (prefault mode).
     pub fn populate_all(&self) -> Result<(), MemError> {
         for s in &self.snapshot().slots {
@@ -244,7 +297,7 @@ impl MemoryManager {
     }
 
     fn map_and_register(&self, id: u32, new: &NewSlot) -> Result<Arc<Slot>, MemError> {
-        let backing = map(new.gpa, new.size, new.source.clone(), 0, false)?;
+        let backing = map(new.gpa, new.size, new.source.clone(), 0, Mapping::Anonymous)?;
         let hva = backing.hva();
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
@@ -435,19 +488,20 @@ impl MemoryManager {
     }
 }
 
-/// Map `size` bytes for guest address `gpa`, not populated: anonymous, or
-/// with `map_file` a private mapping of the source file at `source_offset`.
+/// Map `size` bytes for guest address `gpa`, not populated: anonymous
+/// (`MAP_NORESERVE`), a private mapping of the source file at
+/// `source_offset`, or hugetlb (its pages reserved now).
 fn map(
     gpa: u64,
     size: u64,
     source: PageSource,
     source_offset: u64,
-    map_file: bool,
+    mapping: Mapping,
 ) -> Result<SlotBacking, MemError> {
     page_range(gpa, size)?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let mapping = match &source {
-        PageSource::File(img) if map_file => {
+    let host = match &source {
+        PageSource::File(img) if mapping == Mapping::PrivateFile => {
             let file = img.file.try_clone().map_err(|e| MemError::Mmap {
                 gpa,
                 size,
@@ -460,6 +514,12 @@ fn map(
                 libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             )
         }
+        _ if mapping == Mapping::HugeTlb => MmapRegion::<()>::build(
+            None,
+            size as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        ),
         _ => MmapRegion::<()>::build(
             None,
             size as usize,
@@ -468,7 +528,7 @@ fn map(
         ),
     }
     .map_err(|source| MemError::Mmap { gpa, size, source })?;
-    let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemError::Unaligned {
+    let region = GuestRegionMmap::new(host, GuestAddress(gpa)).ok_or(MemError::Unaligned {
         gpa,
         end: gpa.wrapping_add(size),
     })?;
@@ -476,6 +536,7 @@ fn map(
         region: Arc::new(region),
         source,
         source_offset,
+        huge: mapping == Mapping::HugeTlb,
     })
 }
 

@@ -4,6 +4,7 @@
 //! The memslot table and its install protocol live in the `memslots` crate.
 
 mod error;
+pub mod hugetlb;
 mod kvm;
 mod manager;
 mod source;
