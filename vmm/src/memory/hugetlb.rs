@@ -18,7 +18,7 @@ fn pool() -> Result<(u64, u64, u64), MemError> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse::<u64>().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
     };
     if field("Hugepagesize:") != Some(HUGE_PAGE >> 10) {
         return Err(MemError::HugePages(format!(
