@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::inproc::{config, field, host_mode, text};
-use common::{guest, linux_file, run_with, vmm};
+use common::{guest, linux_file, run_with, vmm, wait_for};
 use vmm::config::{BalloonOptions, FaultMode};
 use vmm::exit::ExitReason;
 use vmm::vm::Vm;
@@ -23,14 +23,6 @@ fn balloon(target: u64) -> Option<BalloonOptions> {
         free_page_reporting: false,
         stats_interval_s: 0,
     })
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The test guest fills a 32 MiB pool, the host moves the target

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::inproc::{config, field, host_mode, text};
-use common::linux_file;
+use common::{linux_file, wait_for};
 use vmm::config::HotplugOptions;
 use vmm::exit::ExitReason;
 use vmm::memory::{resident_pages, MemoryManager, Slot};
@@ -25,14 +25,6 @@ fn hotplug(size: u64) -> Option<HotplugOptions> {
         block_size: 2 * MIB,
         requested: 0,
     })
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// I1 and I6 by mincore: every unplugged block of a present slice has no

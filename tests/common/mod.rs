@@ -7,6 +7,15 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Poll `f` every 20 ms until it holds; panic after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The test guests built by vmm's build script.
 pub fn guest(name: &str) -> PathBuf {
     PathBuf::from(env!("VMM_GUEST_DIR")).join(format!("{name}.elf"))

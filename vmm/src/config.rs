@@ -254,10 +254,6 @@ impl VmConfig {
                 Some("--mem must be a multiple of 2M")
             } else if self.mem_source.is_some() {
                 Some("not with --mem-source (image pages are read 4 KiB at a time)")
-            } else if self.balloon.is_some() {
-                Some("not with --balloon yet (a 4 KiB balloon page cannot be discarded from a 2 MiB page)")
-            } else if self.hotplug.is_some() {
-                Some("not with --hotplug yet")
             } else {
                 None
             };

@@ -519,6 +519,7 @@ fn create_memory(
         return Ok(MemoryManager::new_hugetlb(
             vm_fd.clone(),
             &ranges,
+            config.hotplug.map_or(0, |h| h.size),
             host.max_memslots,
         )?);
     }

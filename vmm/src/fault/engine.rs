@@ -350,7 +350,8 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         let (first, pages) = match slot.backing.huge_page() {
             // hugetlb: the whole huge page, always zeros (hugetlb has no
             // UFFDIO_ZEROPAGE and no smaller install; its slots are
-            // zero-sourced and have no discards or blocks).
+            // zero-sourced, a discard drops or zeroes whole pieces in
+            // place, and a block is whole huge pages).
             Some(huge) => (slot.gpa + (page - slot.gpa) / huge * huge, huge / PAGE_SIZE),
             // The window again, under the guard: a discard since `prepare`
             // shortens it. Zeros go only where the slot's content is zero

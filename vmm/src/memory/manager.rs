@@ -18,7 +18,8 @@ use vm_memory::{
 };
 
 use super::{
-    resident_pages, GuestMemory, ImageFile, KvmSlots, MemError, PageSource, RamRange, PAGE_SIZE,
+    partial::PartialHugePages, resident_pages, GuestMemory, ImageFile, KvmSlots, MemError,
+    PageSource, RamRange, PAGE_SIZE,
 };
 
 /// Host side of a memslot: its mapping (shared with the guest-memory view)
@@ -30,6 +31,8 @@ pub struct SlotBacking {
     source_offset: u64,
     /// 2 MiB hugetlb pages: installs are whole huge pages.
     huge: bool,
+    /// Huge pages the balloon has inflated part of (hugetlb only).
+    partial: PartialHugePages,
 }
 
 impl SlotBacking {
@@ -104,6 +107,8 @@ pub struct MemoryManager {
     free_ids: Mutex<Vec<u32>>,
     max_slots: usize,
     boot: Vec<RamRange>,
+    /// How hotplugged slots are mapped (like boot RAM).
+    mapping: Mapping,
     counters: Counters,
 }
 
@@ -123,9 +128,12 @@ impl MemoryManager {
     /// Boot RAM on 2 MiB hugetlb pages (zero-filled; `--mem-hugepages`):
     /// the host's pool is raised if it is short, and the mapping reserves
     /// its pages at once, so a host without them fails here, clearly.
+    /// `hotplug` more bytes are made free in the pool for slots added later
+    /// (they are hugetlb too, and reserve their pages when they are mapped).
     pub fn new_hugetlb(
         kvm: Arc<dyn KvmSlots>,
         ranges: &[RamRange],
+        hotplug: u64,
         max_slots: usize,
     ) -> Result<Self, MemError> {
         let huge = super::hugetlb::HUGE_PAGE;
@@ -138,7 +146,9 @@ impl MemoryManager {
                 r.gpa, r.size
             )));
         }
-        super::hugetlb::reserve(ranges.iter().map(|r| r.size / huge).sum())?;
+        super::hugetlb::reserve(
+            ranges.iter().map(|r| r.size).sum::<u64>().div_ceil(huge) + hotplug.div_ceil(huge),
+        )?;
         Self::build(kvm, ranges, PageSource::Zero, max_slots, Mapping::HugeTlb)
     }
 
@@ -173,7 +183,7 @@ impl MemoryManager {
         let mut offset = 0;
         for (id, r) in ranges.iter().enumerate() {
             let id = id as u32;
-            let backing = map(r.gpa, r.size, source.clone(), offset, mapping)?;
+            let backing = map(r.gpa, r.size, source.clone(), offset, mapping, true)?;
             set_region(&*kvm, id, r.gpa, r.size, backing.hva())?;
             offset += r.size;
             slots.push(Arc::new(Memslot::new(id, r.gpa, r.size, backing)));
@@ -189,6 +199,7 @@ impl MemoryManager {
             free_ids: Mutex::new((ranges.len() as u32..limit).rev().collect()),
             max_slots,
             boot: ranges.to_vec(),
+            mapping,
             counters: Counters::default(),
         })
     }
@@ -264,11 +275,23 @@ impl MemoryManager {
     /// generation and a view that includes the slot. Returns the KVM slot id.
     pub fn add_slot(&self, new: NewSlot) -> Result<u32, MemError> {
         let end = page_range(new.gpa, new.size)?;
+        let unit = match self.mapping {
+            Mapping::HugeTlb => super::hugetlb::HUGE_PAGE,
+            _ => PAGE_SIZE,
+        };
         if new
             .block_size
-            .is_some_and(|b| b < PAGE_SIZE || !b.is_power_of_two() || !new.size.is_multiple_of(b))
+            .is_some_and(|b| b < unit || !b.is_power_of_two() || !new.size.is_multiple_of(b))
         {
             return Err(MemError::NotBlocks { gpa: new.gpa, end });
+        }
+        if !new.gpa.is_multiple_of(unit) || !new.size.is_multiple_of(unit) {
+            return Err(MemError::Unaligned { gpa: new.gpa, end });
+        }
+        if unit > PAGE_SIZE && !matches!(new.source, PageSource::Zero) {
+            return Err(MemError::HugePages(
+                "a hugetlb slot is zero-filled: it cannot have an image".into(),
+            ));
         }
         let locked = self.slots.lock_slots();
         if locked
@@ -297,7 +320,11 @@ impl MemoryManager {
     }
 
     fn map_and_register(&self, id: u32, new: &NewSlot) -> Result<Arc<Slot>, MemError> {
-        let backing = map(new.gpa, new.size, new.source.clone(), 0, Mapping::Anonymous)?;
+        let mapping = match self.mapping {
+            Mapping::HugeTlb => Mapping::HugeTlb,
+            _ => Mapping::Anonymous,
+        };
+        let backing = map(new.gpa, new.size, new.source.clone(), 0, mapping, false)?;
         let hva = backing.hva();
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
@@ -340,15 +367,83 @@ impl MemoryManager {
         r.and(zapped)
     }
 
-    /// Balloon-style discard of `[gpa, gpa+len)`, inside one slot: the pages
-    /// are zapped and refault as zero, never as their old or image content
-    /// (I3).
+    /// Discard `[gpa, gpa+len)`, inside one slot: the pages are zapped and
+    /// refault as zero, never as their old or image content (I3). The guest
+    /// may use them again at any time (free page reporting, the stress
+    /// command). On hugetlb, whole huge pages are dropped and the pieces of
+    /// partly covered ones are zeroed in place (they stay resident).
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        self.drop_pages(gpa, len, false)
+    }
+
+    /// A balloon inflate of `[gpa, gpa+len)`: a discard whose pages stay
+    /// the host's until [`deflate`](Self::deflate). On hugetlb a partly
+    /// inflated huge page is zeroed piecewise and recorded, and dropped when
+    /// its last 4 KiB frame comes in.
+    pub fn inflate(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        self.drop_pages(gpa, len, true)
+    }
+
+    /// A balloon deflate: the guest has `[gpa, gpa+len)` back (the pages
+    /// refault on touch). On hugetlb the frames leave the partial records,
+    /// so they are never dropped with their neighbours later.
+    pub fn deflate(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        let (slot, _, _) = self.range_in_slot(gpa, len)?;
+        for (huge, at, stop) in huge_pieces(&slot, gpa, gpa + len) {
+            let first = (at - huge_base(&slot, huge)) / PAGE_SIZE;
+            slot.backing
+                .partial
+                .deflate(huge, first, (stop - at) / PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// 4 KiB frames of partly inflated huge pages still resident.
+    pub fn partial_huge_frames(&self) -> u64 {
+        self.snapshot()
+            .slots
+            .iter()
+            .map(|s| s.backing.partial.frames())
+            .sum()
+    }
+
+    fn drop_pages(&self, gpa: u64, len: u64, inflate: bool) -> Result<(), MemError> {
         let (slot, first, count) = self.range_in_slot(gpa, len)?;
-        let exclusive = slot.begin_discard(first, count);
-        let hva = slot.backing.hva() + (gpa - slot.gpa);
-        let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
-        drop(exclusive);
+        let r = if slot.backing.huge_page().is_none() {
+            let exclusive = slot.begin_discard(first, count);
+            let hva = slot.backing.hva() + (gpa - slot.gpa);
+            let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
+            drop(exclusive);
+            r
+        } else {
+            huge_pieces(&slot, gpa, gpa + len).try_for_each(|(huge, at, stop)| {
+                let base = huge_base(&slot, huge);
+                let size = super::hugetlb::HUGE_PAGE;
+                let frames = (stop - at) / PAGE_SIZE;
+                let whole = if inflate {
+                    let first = (at - base) / PAGE_SIZE;
+                    slot.backing.partial.inflate(huge, first, frames)
+                } else {
+                    frames * PAGE_SIZE == size
+                };
+                if whole {
+                    let exclusive = slot.begin_discard(slot.page_index(base), size / PAGE_SIZE);
+                    if !inflate {
+                        // The guest may reuse it: no record may drop it later.
+                        slot.backing.partial.forget(huge);
+                    }
+                    let hva = slot.backing.hva() + (base - slot.gpa);
+                    let r = madvise(hva, size, libc::MADV_DONTNEED, "MADV_DONTNEED");
+                    drop(exclusive);
+                    r
+                } else {
+                    let exclusive = slot.begin_discard(slot.page_index(at), frames);
+                    zero_if_resident(slot.backing.hva() + (at - slot.gpa), stop - at);
+                    drop(exclusive);
+                    Ok(())
+                }
+            })
+        };
         self.counters
             .discarded_pages
             .fetch_add(count, Ordering::Relaxed);
@@ -369,6 +464,11 @@ impl MemoryManager {
     pub fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemError> {
         let (slot, first, count) = self.blocks_in_slot(gpa, len)?;
         let exclusive = slot.begin_unplug(first, count);
+        // Blocks are whole huge pages on hugetlb: no partial record outlives
+        // its page (a stale one could drop a re-plugged page in use).
+        for (huge, _, _) in huge_pieces(&slot, gpa, gpa + len) {
+            slot.backing.partial.forget(huge);
+        }
         let hva = slot.backing.hva() + (gpa - slot.gpa);
         let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
         drop(exclusive);
@@ -408,16 +508,41 @@ impl MemoryManager {
     /// Pages resident in `[gpa, gpa+len)` (mincore; ranges outside RAM count
     /// nothing).
     pub fn resident_pages_in(&self, gpa: u64, len: u64) -> u64 {
+        self.pieces(gpa, len)
+            .iter()
+            .map(|(s, a, b)| resident_pages(s.backing.hva() + (a - s.gpa), b - a))
+            .sum()
+    }
+
+    /// Like [`resident_pages_in`](Self::resident_pages_in), less the
+    /// inflated frames a partly inflated huge page keeps resident: for a
+    /// range in the balloon, the pages the guest touched again.
+    pub fn resident_touched_in(&self, gpa: u64, len: u64) -> u64 {
+        self.pieces(gpa, len)
+            .iter()
+            .map(|(s, a, b)| {
+                let hva = |g: u64| s.backing.hva() + (g - s.gpa);
+                let held: u64 = huge_pieces(s, *a, *b)
+                    .filter(|(_, at, stop)| resident_pages(hva(*at), stop - at) > 0)
+                    .map(|(h, at, stop)| {
+                        let first = (at - huge_base(s, h)) / PAGE_SIZE;
+                        s.backing.partial.held(h, first, (stop - at) / PAGE_SIZE)
+                    })
+                    .sum();
+                resident_pages(hva(*a), b - a) - held
+            })
+            .sum()
+    }
+
+    /// The parts of `[gpa, gpa+len)` in each slot it overlaps.
+    fn pieces(&self, gpa: u64, len: u64) -> Vec<(Arc<Slot>, u64, u64)> {
         let end = gpa.saturating_add(len);
         self.snapshot()
             .slots
             .iter()
             .filter(|s| s.gpa < end && gpa < s.end())
-            .map(|s| {
-                let (a, b) = (gpa.max(s.gpa), end.min(s.end()));
-                resident_pages(s.backing.hva() + (a - s.gpa), b - a)
-            })
-            .sum()
+            .map(|s| (s.clone(), gpa.max(s.gpa), end.min(s.end())))
+            .collect()
     }
 
     /// Whether `gpa` is guest RAM now (a lock-free lookup).
@@ -490,13 +615,15 @@ impl MemoryManager {
 
 /// Map `size` bytes for guest address `gpa`, not populated: anonymous
 /// (`MAP_NORESERVE`), a private mapping of the source file at
-/// `source_offset`, or hugetlb (its pages reserved now).
+/// `source_offset`, or hugetlb (its pages reserved now; `at_boot`: before
+/// the seccomp filters, so the pool may be raised again on a race).
 fn map(
     gpa: u64,
     size: u64,
     source: PageSource,
     source_offset: u64,
     mapping: Mapping,
+    at_boot: bool,
 ) -> Result<SlotBacking, MemError> {
     page_range(gpa, size)?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
@@ -514,12 +641,7 @@ fn map(
                 libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             )
         }
-        _ if mapping == Mapping::HugeTlb => MmapRegion::<()>::build(
-            None,
-            size as usize,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
-        ),
+        _ if mapping == Mapping::HugeTlb => map_hugetlb(size, prot, at_boot),
         _ => MmapRegion::<()>::build(
             None,
             size as usize,
@@ -537,7 +659,76 @@ fn map(
         source,
         source_offset,
         huge: mapping == Mapping::HugeTlb,
+        partial: PartialHugePages::default(),
     })
+}
+
+/// The huge pages of a hugetlb slot that `[gpa, end)` touches, as
+/// `(index in the slot, piece start, piece end)`; nothing on other slots.
+fn huge_pieces(slot: &Slot, gpa: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    let size = slot.backing.huge_page();
+    let mut at = gpa;
+    std::iter::from_fn(move || {
+        let size = size?;
+        if at >= end {
+            return None;
+        }
+        let huge = (at - slot.gpa) / size;
+        let stop = end.min(slot.gpa + (huge + 1) * size);
+        let piece = (huge, at, stop);
+        at = stop;
+        Some(piece)
+    })
+}
+
+fn huge_base(slot: &Slot, huge: u64) -> u64 {
+    slot.gpa + huge * super::hugetlb::HUGE_PAGE
+}
+
+/// Zero `[hva, hva+len)` of a hugetlb page if the page is present. Called
+/// with the slot's install lock held exclusively: no install can race, and
+/// a missing page is left alone (writing would fault it in through the
+/// very lock held here; it installs as zeros later anyway).
+fn zero_if_resident(hva: u64, len: u64) {
+    if resident_pages(hva, len) == len / PAGE_SIZE {
+        // SAFETY: the range lies inside a live slot mapping, its huge page
+        // is present (mincore) and cannot be dropped while the exclusive
+        // guard is held; the guest has given these frames up.
+        unsafe { std::ptr::write_bytes(hva as *mut u8, 0, len as usize) };
+    }
+}
+
+/// A hugetlb mapping, its pages reserved now. Another process (or VM) may
+/// take the pages the pool was raised for between the check and the map:
+/// on ENOMEM the pool is raised again and the map retried, a few times, if
+/// `raise` (boot RAM, mapped before the seccomp filters, which forbid the
+/// files `reserve` opens; a slot added later fails instead).
+fn map_hugetlb(
+    size: u64,
+    prot: i32,
+    raise: bool,
+) -> Result<MmapRegion<()>, vm_memory::mmap::MmapRegionError> {
+    let huge = super::hugetlb::HUGE_PAGE;
+    let mut tries = 0;
+    loop {
+        let r = MmapRegion::<()>::build(
+            None,
+            size as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        );
+        match r {
+            Err(vm_memory::mmap::MmapRegionError::Mmap(e))
+                if raise && e.raw_os_error() == Some(libc::ENOMEM) && tries < 4 =>
+            {
+                tries += 1;
+                if super::hugetlb::reserve(size.div_ceil(huge)).is_err() {
+                    return Err(vm_memory::mmap::MmapRegionError::Mmap(e));
+                }
+            }
+            r => return r,
+        }
+    }
 }
 
 fn view_of(slots: &[Arc<Slot>]) -> Result<GuestMemory, MemError> {
@@ -727,6 +918,106 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    fn fill(m: &MemoryManager, gpa: u64, len: u64, byte: u8) {
+        m.memory()
+            .write_slice(&vec![byte; len as usize], GuestAddress(gpa))
+            .unwrap();
+    }
+
+    /// Bytes of `[gpa, gpa+len)` that are not `byte`.
+    fn not(m: &MemoryManager, gpa: u64, len: u64, byte: u8) -> usize {
+        let mut buf = vec![0u8; len as usize];
+        m.memory().read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+        buf.iter().filter(|b| **b != byte).count()
+    }
+
+    /// A balloon on hugetlb RAM: a partly inflated huge page is zeroed
+    /// piecewise and stays resident; a deflated frame keeps the page (and
+    /// the guest's write to it) when the rest comes in; the last frame in
+    /// drops the page; a report zeroes without recording; an unplug drops
+    /// the records of its blocks. Needs the host's hugetlb pool (root).
+    #[test]
+    fn partial_huge_pages_are_recorded_until_whole() {
+        let ranges = [RamRange {
+            gpa: 0,
+            size: 8 * MIB,
+        }];
+        let m = MemoryManager::new_hugetlb(Arc::new(NoKvm), &ranges, 4 * MIB, 32).unwrap();
+        let h = 2 * MIB;
+        fill(&m, h, 2 * MIB, 0xa5);
+        assert_eq!(m.resident_pages_in(h, 2 * MIB), 512);
+
+        m.inflate(h, MIB).unwrap();
+        assert_eq!(not(&m, h, MIB, 0), 0, "inflated frames read zero");
+        assert_eq!(not(&m, h + MIB, MIB, 0xa5), 0, "the rest is kept");
+        assert_eq!(m.resident_pages_in(h, 2 * MIB), 512);
+        assert_eq!(m.partial_huge_frames(), 256);
+
+        // The guest gets frame 1 back and writes it.
+        m.deflate(h + 4096, 4096).unwrap();
+        fill(&m, h + 4096, 4096, 0x55);
+        assert_eq!(m.partial_huge_frames(), 255);
+        m.inflate(h + MIB, MIB).unwrap();
+        assert_eq!(m.partial_huge_frames(), 511);
+        assert_eq!(m.resident_pages_in(h, 2 * MIB), 512, "frame 1 is in use");
+        assert_eq!(
+            m.resident_touched_in(h, 2 * MIB),
+            1,
+            "only frame 1 was touched"
+        );
+        assert_eq!(
+            not(&m, h + 4096, 4096, 0x55),
+            0,
+            "a deflated frame's write is kept"
+        );
+        m.inflate(h + 4096, 4096).unwrap();
+        assert_eq!(m.partial_huge_frames(), 0);
+        assert_eq!(
+            m.resident_pages_in(h, 2 * MIB),
+            0,
+            "the whole page went back"
+        );
+        assert_eq!(not(&m, h, 2 * MIB, 0), 0);
+
+        // Free page reporting: zeroed, not recorded; whole pages dropped.
+        fill(&m, 4 * MIB, 4 * MIB, 0x77);
+        m.discard(4 * MIB, MIB).unwrap();
+        assert_eq!(m.partial_huge_frames(), 0);
+        assert_eq!(not(&m, 4 * MIB, MIB, 0), 0);
+        assert_eq!(not(&m, 5 * MIB, MIB, 0x77), 0);
+        m.discard(5 * MIB, 3 * MIB).unwrap();
+        assert_eq!(m.resident_pages_in(4 * MIB, 4 * MIB), 512);
+        assert_eq!(not(&m, 4 * MIB, 4 * MIB, 0), 0);
+
+        // Hotplugged slots are hugetlb too: whole huge pages and blocks.
+        let slot = |gpa, size, block| NewSlot {
+            gpa,
+            size,
+            source: PageSource::Zero,
+            block_size: Some(block),
+        };
+        let g = 64 * MIB;
+        assert!(matches!(
+            m.add_slot(slot(g, 4 * MIB, MIB)),
+            Err(MemError::NotBlocks { .. })
+        ));
+        assert!(matches!(
+            m.add_slot(slot(g + MIB, 4 * MIB, 2 * MIB)),
+            Err(MemError::Unaligned { .. })
+        ));
+        m.add_slot(slot(g, 4 * MIB, 2 * MIB)).unwrap();
+        m.plug(g, 4 * MIB).unwrap();
+        fill(&m, g, 4 * MIB, 0x33);
+        m.inflate(g + 2 * MIB, 4096).unwrap();
+        assert_eq!(m.partial_huge_frames(), 1);
+        m.unplug(g + 2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(m.partial_huge_frames(), 0, "an unplug drops its records");
+        assert_eq!(m.resident_pages_in(g, 4 * MIB), 512);
+        m.plug(g + 2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(not(&m, g + 2 * MIB, 2 * MIB, 0), 0, "re-plugged reads zero");
+        assert_eq!(not(&m, g, 2 * MIB, 0x33), 0);
     }
 
     /// The kernel mode's image mapping: each range shows the file at its

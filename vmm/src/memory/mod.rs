@@ -7,6 +7,7 @@ mod error;
 pub mod hugetlb;
 mod kvm;
 mod manager;
+mod partial;
 mod source;
 
 pub use error::MemError;

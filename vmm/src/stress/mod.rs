@@ -118,6 +118,10 @@ pub struct StressArgs {
     /// Order in which the faulting vCPUs visit their pages.
     #[arg(long, value_enum, default_value = "mixed")]
     pub pattern: Pattern,
+    /// Guest RAM (and the hotplug region and extra memslots) on 2 MiB
+    /// hugetlb pages: the balloon's 4 KiB frames are taken out of huge pages.
+    #[arg(long)]
+    pub mem_hugepages: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -264,6 +268,13 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     config.inject_eagain_every = a.inject_eagain_every;
     config.metrics_addr = a.metrics_addr;
     config.metrics_linger = a.metrics_linger;
+    config.mem_hugepages = a.mem_hugepages;
+    if a.mem_hugepages {
+        // The extra memslots are hugetlb too: room for them in the pool.
+        let bytes = a.mem + a.hotplug + EXTRA_SLOT * u64::from(EXTRA_SLOTS);
+        crate::memory::hugetlb::reserve(bytes.div_ceil(crate::memory::hugetlb::HUGE_PAGE))
+            .map_err(|e| e.to_string())?;
+    }
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&guest);
     let mode = vm.mode();

@@ -12,9 +12,12 @@
 //!   while an install lock is held exclusively); PFNs outside RAM are counted
 //!   and ignored; chains over 256 PFNs are rejected; the PFNs are coalesced
 //!   into ranges split at memslot boundaries and each range is discarded
-//!   through [`MemoryManager::discard`] (I3); only then is the chain used
-//!   and the interrupt raised.
-//! - deflate: acknowledged (the pages refault on touch).
+//!   through [`MemoryManager::inflate`] (I3; on hugetlb RAM a huge page is
+//!   dropped when all its frames are in); only then is the chain used and
+//!   the interrupt raised.
+//! - deflate: the frames leave the memory manager's partial huge page
+//!   records (hugetlb RAM), then the chain is used (the pages refault on
+//!   touch).
 //! - stats: the driver's buffer is parsed and held; every polling interval
 //!   it is returned (used) so the driver refills it.
 //! - free page reporting: each reported range is discarded, then the chain
@@ -67,6 +70,18 @@ pub const STAT_NAMES: [(u16, &str); 10] = [
     (8, "hugetlb_allocations"),
     (9, "hugetlb_failures"),
 ];
+
+/// What a PFN run or reported range does to guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Given to the host until deflated ([`MemoryManager::inflate`]).
+    Inflate,
+    /// Back to the guest ([`MemoryManager::deflate`]).
+    Deflate,
+    /// Free now, the guest's again when the chain is used
+    /// ([`MemoryManager::discard`]).
+    Report,
+}
 
 /// What a queue index is, given the negotiated features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +236,7 @@ impl Balloon {
 
     fn resident_run(&self, first: u64, last: u64) -> u64 {
         self.memory
-            .resident_pages_in(first << PFN_SHIFT, (last - first + 1) << PFN_SHIFT)
+            .resident_touched_in(first << PFN_SHIFT, (last - first + 1) << PFN_SHIFT)
     }
 
     pub fn target(&self) -> u32 {
@@ -232,12 +247,12 @@ impl Balloon {
         self.actual
     }
 
-    /// Discard the 4 KiB frames `pfns` (deduplicated, coalesced, split at
-    /// memslot boundaries); PFNs outside RAM are counted and skipped.
-    /// Returns the pages discarded.
-    fn discard_pfns(&self, pfns: &mut [u64]) -> u64 {
+    /// Inflate (or deflate) the 4 KiB frames `pfns` (deduplicated,
+    /// coalesced, split at memslot boundaries); PFNs outside RAM are
+    /// skipped (and counted on inflate). Returns the pages acted on.
+    fn balloon_pfns(&self, pfns: &mut [u64], op: Op) -> u64 {
         pfns.sort_unstable();
-        let mut discarded = 0;
+        let mut done = 0;
         let mut i = 0;
         while i < pfns.len() {
             let mut j = i + 1;
@@ -247,15 +262,16 @@ impl Balloon {
             // One run of consecutive frames (duplicates folded).
             let first = pfns[i];
             let count = pfns[j - 1] - first + 1;
-            discarded += self.discard_range(first << PFN_SHIFT, count * PAGE_SIZE);
+            done += self.apply_range(first << PFN_SHIFT, count * PAGE_SIZE, op);
             i = j;
         }
-        discarded
+        done
     }
 
-    /// Discard `[gpa, gpa+len)`, split at memslot boundaries; pages outside
-    /// RAM are counted. Returns the pages discarded.
-    fn discard_range(&self, gpa: u64, len: u64) -> u64 {
+    /// Apply `op` to `[gpa, gpa+len)`, split at memslot boundaries; pages
+    /// outside RAM are counted (except on deflate). Returns the pages acted
+    /// on.
+    fn apply_range(&self, gpa: u64, len: u64, op: Op) -> u64 {
         let end = gpa.saturating_add(len);
         let snap = self.memory.snapshot();
         let mut at = gpa;
@@ -264,12 +280,19 @@ impl Balloon {
             match snap.lookup(at) {
                 Some(slot) => {
                     let stop = end.min(slot.end());
-                    match self.memory.discard(at, stop - at) {
+                    let r = match op {
+                        Op::Inflate => self.memory.inflate(at, stop - at),
+                        Op::Deflate => self.memory.deflate(at, stop - at),
+                        Op::Report => self.memory.discard(at, stop - at),
+                    };
+                    match r {
                         Ok(()) => {
                             done += (stop - at) / PAGE_SIZE;
-                            add(&self.stats.discarded_bytes, stop - at);
+                            if op != Op::Deflate {
+                                add(&self.stats.discarded_bytes, stop - at);
+                            }
                         }
-                        Err(e) => log::warn!("virtio-balloon: discard failed: {e}"),
+                        Err(e) => log::warn!("virtio-balloon: {op:?} failed: {e}"),
                     }
                     at = stop;
                 }
@@ -283,10 +306,12 @@ impl Balloon {
                         .min()
                         .unwrap_or(end)
                         .min(end);
-                    add(
-                        &self.stats.pfns_outside_ram,
-                        (next - at).div_ceil(PAGE_SIZE),
-                    );
+                    if op != Op::Deflate {
+                        add(
+                            &self.stats.pfns_outside_ram,
+                            (next - at).div_ceil(PAGE_SIZE),
+                        );
+                    }
                     at = next;
                 }
             }
@@ -334,7 +359,7 @@ impl Balloon {
                         .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                         .collect();
                     if inflate {
-                        let n = self.discard_pfns(&mut pfns);
+                        let n = self.balloon_pfns(&mut pfns, Op::Inflate);
                         add(&self.stats.inflated_pages, n);
                         self.ballooned.extend(pfns.iter().copied());
                     } else {
@@ -342,6 +367,7 @@ impl Balloon {
                         for p in &pfns {
                             self.ballooned.remove(p);
                         }
+                        self.balloon_pfns(&mut pfns, Op::Deflate);
                     }
                 }
                 Ok(bytes) => self.reject(format!(
@@ -376,7 +402,7 @@ impl Balloon {
                     ));
                     continue;
                 }
-                let n = self.discard_range(gpa, len);
+                let n = self.apply_range(gpa, len, Op::Report);
                 add(&self.stats.reported_pages, n);
             }
             used(queue, mem, head)?;
