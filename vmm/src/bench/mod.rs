@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// beside the same modes on 4 KiB pages.
     #[arg(long)]
     pub hugepages: bool,
+    /// Keep this many host threads spinning for the whole run (a busy
+    /// machine: on 2 cores, `--busy 1` leaves one core to the VM's threads).
+    #[arg(long, default_value_t = 0)]
+    pub busy: usize,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +277,46 @@ fn spawn_scraper(
     })
 }
 
+/// Host threads that burn CPU until dropped (`--busy`).
+struct Spinners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Spinners {
+    fn start(n: usize) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        if n > 0 {
+            println!("busy: {n} host thread(s) spinning throughout");
+        }
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..1000 {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                        }
+                    }
+                    x
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn median(mut v: Vec<Sample>) -> Sample {
     v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     let mid = v.len() / 2;
@@ -299,6 +343,7 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         "fault benchmark: {} pages (one store per 4 KiB page), median of {} runs, fault-around up to {} pages",
         a.pages, a.repeat, a.fault_around
     );
+    let spinners = Spinners::start(a.busy);
     println!(
         "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
         "mode",
@@ -317,6 +362,7 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         BenchSource::Zero => None,
     };
     let r = run_rows(a, &guest, image.as_deref());
+    drop(spinners);
     if let Some(image) = image {
         let _ = std::fs::remove_file(image);
     }
