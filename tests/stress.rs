@@ -328,3 +328,30 @@ fn linux_churn() {
     assert!(report["balloon"]["inflated_pages"].as_u64().unwrap() > 0);
     assert!(report["hotplug"]["slices_added"].as_u64().unwrap() > 0);
 }
+
+/// `--mem-hugepages`: balloon, virtio-mem and memslot churn on hugetlb RAM
+/// while vCPUs fault; every invariant checked and held (the guest checks
+/// each deflated and re-plugged page reads zero), no ballooned frame counted
+/// as touched, and every install a whole huge page.
+#[test]
+fn stress_on_huge_pages() {
+    let (report, r) = stress(&[
+        "--mem-hugepages",
+        "--duration",
+        "20s",
+        "--vcpus",
+        "2",
+        "--mem",
+        "256M",
+        "--hotplug",
+        "256M",
+        "--seed",
+        "11",
+    ]);
+    assert_all_held(&report, &r, &ALL);
+    assert!(report["balloon"]["inflated_pages"].as_u64().unwrap() > 0);
+    assert_eq!(report["balloon"]["touched_in_balloon"], 0, "{report:#}");
+    assert!(report["hotplug"]["plugs"].as_u64().unwrap() > 0);
+    let installed = report["pages_installed"].as_u64().unwrap();
+    assert!(installed > 0 && installed.is_multiple_of(512), "{report:#}");
+}
