@@ -279,14 +279,13 @@ fn spawn_scraper(
 
 /// Host threads that burn CPU until dropped (`--busy`).
 struct Spinners {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<u64>>,
 }
 
 impl Spinners {
     fn start(n: usize) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         if n > 0 {
             println!("busy: {n} host thread(s) spinning throughout");
         }
@@ -310,7 +309,7 @@ impl Spinners {
 
 impl Drop for Spinners {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

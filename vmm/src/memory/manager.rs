@@ -250,12 +250,9 @@ impl MemoryManager {
         self.uffd.get()
     }
 
-    /// Whether any slot is on hugetlb pages.
+    /// Whether guest RAM (and every slot added to it) is on hugetlb pages.
     pub fn has_hugetlb(&self) -> bool {
-        self.snapshot()
-            .slots
-            .iter()
-            .any(|s| s.backing.huge_page().is_some())
+        self.mapping == Mapping::HugeTlb
     }
 
     /// Populate all RAM now (prefault mode).
@@ -408,17 +405,11 @@ impl MemoryManager {
     }
 
     fn drop_pages(&self, gpa: u64, len: u64, inflate: bool) -> Result<(), MemError> {
-        let (slot, first, count) = self.range_in_slot(gpa, len)?;
-        let r = if slot.backing.huge_page().is_none() {
-            let exclusive = slot.begin_discard(first, count);
-            let hva = slot.backing.hva() + (gpa - slot.gpa);
-            let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
-            drop(exclusive);
-            r
-        } else {
-            huge_pieces(&slot, gpa, gpa + len).try_for_each(|(huge, at, stop)| {
+        let (slot, _, count) = self.range_in_slot(gpa, len)?;
+        let r = match slot.backing.huge_page() {
+            None => zap(&slot, gpa, len),
+            Some(size) => huge_pieces(&slot, gpa, gpa + len).try_for_each(|(huge, at, stop)| {
                 let base = huge_base(&slot, huge);
-                let size = super::hugetlb::HUGE_PAGE;
                 let frames = (stop - at) / PAGE_SIZE;
                 let whole = if inflate {
                     let first = (at - base) / PAGE_SIZE;
@@ -427,22 +418,17 @@ impl MemoryManager {
                     frames * PAGE_SIZE == size
                 };
                 if whole {
-                    let exclusive = slot.begin_discard(slot.page_index(base), size / PAGE_SIZE);
                     if !inflate {
                         // The guest may reuse it: no record may drop it later.
                         slot.backing.partial.forget(huge);
                     }
-                    let hva = slot.backing.hva() + (base - slot.gpa);
-                    let r = madvise(hva, size, libc::MADV_DONTNEED, "MADV_DONTNEED");
-                    drop(exclusive);
-                    r
-                } else {
-                    let exclusive = slot.begin_discard(slot.page_index(at), frames);
-                    zero_if_resident(slot.backing.hva() + (at - slot.gpa), stop - at);
-                    drop(exclusive);
-                    Ok(())
+                    return zap(&slot, base, size);
                 }
-            })
+                let exclusive = slot.begin_discard(slot.page_index(at), frames);
+                zero_if_resident(slot.backing.hva() + (at - slot.gpa), stop - at);
+                drop(exclusive);
+                Ok(())
+            }),
         };
         self.counters
             .discarded_pages
@@ -663,6 +649,16 @@ fn map(
     })
 }
 
+/// Discard `[gpa, gpa+len)` of `slot`: mark it discarded and drop its pages
+/// with no installer inside the slot (I3).
+fn zap(slot: &Slot, gpa: u64, len: u64) -> Result<(), MemError> {
+    let exclusive = slot.begin_discard(slot.page_index(gpa), len / PAGE_SIZE);
+    let hva = slot.backing.hva() + (gpa - slot.gpa);
+    let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
+    drop(exclusive);
+    r
+}
+
 /// The huge pages of a hugetlb slot that `[gpa, end)` touches, as
 /// `(index in the slot, piece start, piece end)`; nothing on other slots.
 fn huge_pieces(slot: &Slot, gpa: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
@@ -799,17 +795,15 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// RAM ranges from `(gpa, size)` pairs.
+    fn ram(list: &[(u64, u64)]) -> Vec<RamRange> {
+        list.iter()
+            .map(|&(gpa, size)| RamRange { gpa, size })
+            .collect()
+    }
+
     fn manager() -> MemoryManager {
-        let ranges = [
-            RamRange {
-                gpa: 0,
-                size: 4 * MIB,
-            },
-            RamRange {
-                gpa: 8 * MIB,
-                size: 4 * MIB,
-            },
-        ];
+        let ranges = ram(&[(0, 4 * MIB), (8 * MIB, 4 * MIB)]);
         MemoryManager::new(Arc::new(NoKvm), &ranges, PageSource::Zero, 32).unwrap()
     }
 
@@ -940,10 +934,7 @@ mod tests {
     /// the records of its blocks. Needs the host's hugetlb pool (root).
     #[test]
     fn partial_huge_pages_are_recorded_until_whole() {
-        let ranges = [RamRange {
-            gpa: 0,
-            size: 8 * MIB,
-        }];
+        let ranges = ram(&[(0, 8 * MIB)]);
         let m = MemoryManager::new_hugetlb(Arc::new(NoKvm), &ranges, 4 * MIB, 32).unwrap();
         let h = 2 * MIB;
         fill(&m, h, 2 * MIB, 0xa5);
@@ -1030,16 +1021,7 @@ mod tests {
             .map(|i| (i / 4096) as u8 ^ (i as u8))
             .collect();
         std::fs::write(&path, &bytes).unwrap();
-        let ranges = [
-            RamRange {
-                gpa: 0,
-                size: 4 * MIB,
-            },
-            RamRange {
-                gpa: 8 * MIB,
-                size: 8 * MIB,
-            },
-        ];
+        let ranges = ram(&[(0, 4 * MIB), (8 * MIB, 8 * MIB)]);
         let img = ImageFile::open(&path, 12 * MIB).unwrap();
         let m = MemoryManager::new_file_mapped(Arc::new(NoKvm), &ranges, img, 8).unwrap();
         let at = |gpa: u64| m.memory().read_obj::<u64>(GuestAddress(gpa)).unwrap();
