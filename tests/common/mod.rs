@@ -99,11 +99,27 @@ impl Run {
     }
 }
 
+/// Spawn `cmd`. A binary a test has just copied can be busy for a moment:
+/// a child forked by another test thread holds the copy's write descriptor
+/// until it execs (ETXTBSY); that spawn is retried.
+fn spawn(cmd: &mut Command) -> std::process::Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.expect("spawn vmm"),
+        }
+    }
+}
+
 /// Run `vmm` with `args`, killing it after `timeout`.
 pub fn run_with(mut cmd: Command, timeout: Duration) -> Run {
     let start = Instant::now();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn vmm");
+    let child = spawn(&mut cmd);
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -219,7 +235,7 @@ pub fn spawn_lines(
         rx
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn vmm");
+    let mut child = spawn(&mut cmd);
     let out = pump(child.stdout.take().unwrap());
     let err = pump(child.stderr.take().unwrap());
     (child, out, err)
