@@ -177,7 +177,7 @@ pub mod inproc {
     /// `vcpu` where the host reports missing pages to the vCPU, `handler`
     /// elsewhere), named in the test's output.
     pub fn host_mode() -> FaultMode {
-        let m = vmm::fault::choose_mode(None, vmm::host::detect_flavor());
+        let m = vmm::host::detect_flavor().default_fault_mode();
         eprintln!("fault mode (auto-selected for this host): {}", m.name());
         m
     }

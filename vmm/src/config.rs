@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub use crate::devices::serial::SerialOut;
+pub use crate::fault::FaultMode;
+
 /// Errors in the configuration, reported before any KVM object is created.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -69,33 +72,6 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
-/// How guest RAM is populated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FaultMode {
-    /// Userfaultfd (SIGBUS mode): the faulting vCPU thread serves its own fault.
-    Vcpu,
-    /// Blocking userfaultfd served by handler threads (Firecracker/QEMU).
-    Handler,
-    /// All RAM populated before the guest starts: no faults.
-    Prefault,
-    /// Anonymous memory filled by the host kernel (benchmark baseline).
-    Kernel,
-}
-
-impl FaultMode {
-    pub fn uses_uffd(self) -> bool {
-        matches!(self, FaultMode::Vcpu | FaultMode::Handler)
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            FaultMode::Vcpu => "vcpu",
-            FaultMode::Handler => "handler",
-            FaultMode::Prefault => "prefault",
-            FaultMode::Kernel => "kernel",
-        }
-    }
-}
-
 /// The SYSCALL assist for stock Linux kernels on PVM hosts
 /// (`vcpu::syscall`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -107,15 +83,6 @@ pub enum SyscallAssistMode {
     /// On for any Linux kernel on a PVM host (never on hardware KVM).
     On,
     Off,
-}
-
-/// Where serial output goes.
-#[derive(Debug, Clone, Default)]
-pub enum SerialOut {
-    #[default]
-    Stdout,
-    /// Into a buffer (benchmarks and in-process tests).
-    Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>),
 }
 
 /// A validated VM configuration.

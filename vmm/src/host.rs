@@ -8,6 +8,8 @@ use std::path::Path;
 use kvm_ioctls::{Cap, Kvm};
 use thiserror::Error;
 
+use crate::fault::FaultMode;
+
 #[derive(Debug, Error)]
 pub enum HostError {
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
@@ -41,6 +43,24 @@ impl fmt::Display for KvmFlavor {
             KvmFlavor::Pvm => "PVM (kvm_pvm: guest supervisor code is emulated)",
             KvmFlavor::Unknown => "unidentified KVM module",
         })
+    }
+}
+
+impl KvmFlavor {
+    /// The fault mode when none is asked for: `vcpu` where the host delivers
+    /// a missing page's address to the faulting vCPU (PVM: an MMIO exit at
+    /// the GPA, or an emulation failure on a fetch), `handler` elsewhere
+    /// (hardware KVM returns a bare EFAULT until exit-on-missing is merged).
+    pub fn default_fault_mode(self) -> FaultMode {
+        match self {
+            KvmFlavor::Pvm => FaultMode::Vcpu,
+            other => {
+                log::info!(
+                    "fault mode: handler ({other} returns a bare EFAULT for missing pages, so the vCPU cannot learn the address)"
+                );
+                FaultMode::Handler
+            }
+        }
     }
 }
 

@@ -15,18 +15,19 @@
 //! - [`vm`]: builds a VM from a configuration and runs it to its end.
 //! - [`exit`]: how any thread ends the VM and with what status.
 
+pub use vmm_devices as devices;
+pub use vmm_exit as exit;
+pub use vmm_fault as fault;
+pub use vmm_memory as memory;
+
 pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod boot;
 pub mod config;
-pub mod devices;
-pub mod exit;
-pub mod fault;
 pub mod host;
 pub mod http1;
 pub mod logger;
-pub mod memory;
 pub mod metrics;
 pub mod seccomp;
 pub mod stress;

@@ -121,7 +121,7 @@ pub fn confine(mode: SeccompMode, class: ThreadClass, exit: &crate::exit::VmExit
     match apply(mode, class) {
         Ok(()) => true,
         Err(e) => {
-            exit.request(crate::exit::ExitReason::Error(e.to_string()));
+            exit.fail(e);
             false
         }
     }

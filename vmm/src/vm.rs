@@ -86,6 +86,11 @@ pub enum VmError {
     SyscallAssist(vcpu::syscall::SyscallAssistError),
 }
 
+/// The device event loop failed (it ends the VM).
+#[derive(Debug, Error)]
+#[error("device event loop: {0:?}")]
+pub struct EventLoopError(event_manager::Error);
+
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
     r.map_err(|source| VmError::Kvm { what, source })
 }
@@ -153,7 +158,9 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         let host = Host::open()?;
         config.validate(host.max_vcpus)?;
-        let mode = fault::choose_mode(config.fault_mode, host.flavor);
+        let mode = config
+            .fault_mode
+            .unwrap_or_else(|| host.flavor.default_fault_mode());
         if config.mem_source.is_some() && mode == FaultMode::Prefault {
             return Err(ConfigError::SourceNeedsUffd(mode.name()).into());
         }
@@ -208,7 +215,15 @@ impl Vm {
             &supported,
             &image,
             initrd.as_deref(),
-            &virtio.infos(),
+            &virtio
+                .windows()
+                .iter()
+                .map(|w| MmioDeviceInfo {
+                    base: w.base,
+                    len: w.len,
+                    gsi: w.gsi,
+                })
+                .collect::<Vec<_>>(),
         )?;
         drop(initrd);
 
@@ -348,13 +363,13 @@ impl Vm {
             source,
         })?;
         let handlers = match (&self.engine, self.mode) {
-            (Some(e), FaultMode::Handler) => handler::spawn_handlers(
-                e.clone(),
-                self.exit.clone(),
-                &self.metrics.handlers,
-                seccomp,
-            )
-            .map_err(VmError::Thread)?,
+            (Some(e), FaultMode::Handler) => {
+                handler::spawn_handlers(e.clone(), self.exit.clone(), &self.metrics.handlers, {
+                    let exit = self.exit.clone();
+                    move || confine(seccomp, ThreadClass::Handler, &exit)
+                })
+                .map_err(VmError::Thread)?
+            }
             _ => Vec::new(),
         };
         let linger = self.config.metrics_linger;
@@ -658,7 +673,7 @@ fn spawn_event_loop(
         let mut em = match EventManager::<Box<dyn MutEventSubscriber + Send>>::new() {
             Ok(em) => em,
             Err(e) => {
-                exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
+                exit.fail(EventLoopError(e));
                 return;
             }
         };
@@ -667,7 +682,7 @@ fn spawn_event_loop(
         }
         while !exit.is_stopping() {
             if let Err(e) = em.run_with_timeout(100) {
-                exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
+                exit.fail(EventLoopError(e));
                 break;
             }
             ticker.tick();

@@ -30,7 +30,6 @@ use clap::Parser;
 use crate::api::VmControl;
 use crate::arch::x86_64::layout;
 use crate::config::{parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig};
-use crate::exit::ExitReason;
 use crate::fault::stats::FAULT_KINDS;
 use crate::fault::FaultSnapshot;
 use crate::memory::{MemoryManager, NewSlot, PageSource, PAGE_SIZE};
@@ -218,6 +217,13 @@ struct Activity {
 }
 
 /// Run `vmm stress`; returns whether every invariant held.
+/// Why a stress run ended the VM itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StressError {
+    #[error("stress: the guest did not finish after the run")]
+    GuestDidNotFinish,
+}
+
 pub fn run(a: &StressArgs) -> Result<bool, String> {
     if let Some(k) = &a.kernel {
         return linux::run(a, k.clone());
@@ -376,9 +382,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
             let t0 = Instant::now();
             while !exit.is_stopping() {
                 if t0.elapsed() > limit && done.load(Ordering::Acquire) {
-                    exit.request(ExitReason::Error(
-                        "stress: the guest did not finish after the run".into(),
-                    ));
+                    exit.fail(StressError::GuestDidNotFinish);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

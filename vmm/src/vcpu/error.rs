@@ -3,9 +3,11 @@
 use thiserror::Error;
 
 use super::exit::hex;
+use super::syscall::SyscallAssistError;
+use crate::fault::FaultError;
 
 /// A vCPU failure, with where the vCPU was (RIP, CPL) when it is known.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Error)]
 pub enum VcpuError {
     #[error(
         "vCPU {vcpu}: KVM_EXIT_INTERNAL_ERROR suberror 1 at RIP {rip:#x} (CPL {cpl}): the host could not emulate the instruction{}",
@@ -30,7 +32,7 @@ pub enum VcpuError {
         vcpu: usize,
         gpa: u64,
         rip: u64,
-        error: String,
+        error: FaultError,
     },
     #[error(
         "vCPU {vcpu}: KVM_RUN returned EFAULT without the faulting address at RIP {rip:#x} (CPL {cpl}): \
@@ -51,5 +53,8 @@ pub enum VcpuError {
     #[error("vCPU {vcpu}: unhandled exit {what} at RIP {rip:#x}")]
     Unhandled { vcpu: usize, what: String, rip: u64 },
     #[error("vCPU {vcpu}: the SYSCALL assist failed: {error}")]
-    Assist { vcpu: usize, error: String },
+    Assist {
+        vcpu: usize,
+        error: SyscallAssistError,
+    },
 }

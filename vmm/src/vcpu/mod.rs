@@ -101,6 +101,10 @@ impl Vcpu {
                     exit.request(reason);
                     break;
                 }
+                Next::Fail(error) => {
+                    exit.fail(error);
+                    break;
+                }
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));

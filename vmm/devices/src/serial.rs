@@ -43,6 +43,15 @@ impl SerialEvents for InputEvents {
 
 /// Serial output goes to stdout, flushed per write so that a guest's partial
 /// line (a prompt) is visible at once.
+/// Where serial output goes.
+#[derive(Debug, Clone, Default)]
+pub enum SerialOut {
+    #[default]
+    Stdout,
+    /// Into a buffer (benchmarks and in-process tests).
+    Capture(Arc<Mutex<Vec<u8>>>),
+}
+
 pub struct FlushingStdout;
 
 impl Write for FlushingStdout {
@@ -74,7 +83,7 @@ impl Write for CaptureWriter {
 /// syncing"), so that the reset `panic=-1` triggers ends `vmm` as a crash.
 pub struct PanicWatch<W> {
     inner: W,
-    exit: Arc<crate::exit::VmExit>,
+    exit: Arc<vmm_exit::VmExit>,
     /// The last bytes seen, to match across writes (the UART writes bytes).
     tail: Vec<u8>,
 }
@@ -82,7 +91,7 @@ pub struct PanicWatch<W> {
 const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
 
 impl<W: Write> PanicWatch<W> {
-    pub fn new(inner: W, exit: Arc<crate::exit::VmExit>) -> Self {
+    pub fn new(inner: W, exit: Arc<vmm_exit::VmExit>) -> Self {
         Self {
             inner,
             exit,
@@ -272,18 +281,18 @@ mod tests {
 
     #[test]
     fn panic_banner_is_seen_across_byte_writes() {
-        let exit = Arc::new(crate::exit::VmExit::new());
+        let exit = Arc::new(vmm_exit::VmExit::new());
         let mut w = PanicWatch::new(io::sink(), exit.clone());
         for b in b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
             w.write_all(&[*b]).unwrap();
         }
         exit.request_reset();
-        assert_eq!(exit.reason(), Some(crate::exit::ExitReason::KernelPanic));
-        let calm = Arc::new(crate::exit::VmExit::new());
+        assert_eq!(exit.reason(), Some(vmm_exit::ExitReason::KernelPanic));
+        let calm = Arc::new(vmm_exit::VmExit::new());
         let mut w = PanicWatch::new(io::sink(), calm.clone());
         w.write_all(b"reboot: Restarting system\n").unwrap();
         calm.request_reset();
-        assert_eq!(calm.reason(), Some(crate::exit::ExitReason::Reset));
+        assert_eq!(calm.reason(), Some(vmm_exit::ExitReason::Reset));
     }
 
     #[test]

@@ -11,10 +11,11 @@ use memslots::{Bail, Content, Install, InstallGuard, Installer, Outcome, Path, R
 use thiserror::Error;
 use userfaultfd::Uffd;
 
-use super::stats::FaultStats;
-use super::uffd;
-use crate::exit::VmExit;
-use crate::memory::{MemoryManager, PageSource, Slot, SlotBacking, SourceError, PAGE_SIZE};
+use vmm_exit::VmExit;
+use vmm_memory::{MemoryManager, PageSource, Slot, SlotBacking, SourceError, PAGE_SIZE};
+
+use crate::stats::FaultStats;
+use crate::uffd;
 
 #[derive(Debug, Error)]
 pub enum FaultError {
@@ -149,7 +150,7 @@ impl FaultEngine {
         let fault_around = fault_around.max(1);
         // Zeros for the largest install: a window, or a 2 MiB huge page.
         let zero_pages = if memory.has_hugetlb() {
-            fault_around.max(crate::memory::hugetlb::HUGE_PAGE / PAGE_SIZE)
+            fault_around.max(vmm_memory::hugetlb::HUGE_PAGE / PAGE_SIZE)
         } else {
             fault_around
         };

@@ -1,10 +1,51 @@
 //! How the VM ends. Any vCPU or device may request the end; the first request
 //! wins and fixes the exit status. All vCPU threads are then kicked out of
 //! `KVM_RUN` (a signal whose handler sets `immediate_exit`) and joined.
+//!
+//! A failure is carried as the typed error its layer raised ([`Failure`]):
+//! this crate sits below every layer and names none of their error types;
+//! whoever needs the detail downcasts.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// A failure that ended the VM: the error of the layer that failed (a
+/// vCPU's `VcpuError`, the fault engine's `FaultError`, ...), shared.
+#[derive(Clone)]
+pub struct Failure(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Failure {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Failure(Arc::new(e))
+    }
+
+    /// The layer's own error, if it is a `T`.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+/// The same failure (one report, shared by clones).
+impl PartialEq for Failure {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Failure {}
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,10 +58,9 @@ pub enum ExitReason {
     TripleFault { vcpu: usize, rip: u64 },
     /// All vCPUs halted with interrupts disabled: nothing can wake them.
     AllHalted,
-    /// A VMM-side failure while running the guest (message says what).
-    Error(String),
-    /// A vCPU could not go on (emulation failure, unservable fault, ...).
-    Vcpu(crate::vcpu::VcpuError),
+    /// A vCPU, device thread or fault handler could not go on (emulation
+    /// failure, unservable fault, event loop error, ...).
+    Failed(Failure),
     /// The VMM was asked to stop (SIGINT, SIGTERM).
     Signal(i32),
     /// A Linux guest panicked (seen on its console) and then reset.
@@ -39,8 +79,7 @@ impl ExitReason {
             ExitReason::Reset | ExitReason::PowerOff => 0,
             ExitReason::TripleFault { .. }
             | ExitReason::AllHalted
-            | ExitReason::Error(_)
-            | ExitReason::Vcpu(_) => 1,
+            | ExitReason::Failed(_) => 1,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::KernelPanic => 1,
             ExitReason::Stopped => 0,
@@ -60,8 +99,7 @@ impl fmt::Display for ExitReason {
                 )
             }
             ExitReason::AllHalted => write!(f, "all vCPUs halted with no way to wake them"),
-            ExitReason::Error(m) => write!(f, "{m}"),
-            ExitReason::Vcpu(e) => write!(f, "{e}"),
+            ExitReason::Failed(e) => write!(f, "{e}"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
             ExitReason::KernelPanic => {
                 write!(f, "the guest kernel panicked (see its console) and reset")
@@ -85,6 +123,11 @@ pub struct VmExit {
 impl VmExit {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// End the VM because `error` happened (see [`Failure`]).
+    pub fn fail(&self, error: impl std::error::Error + Send + Sync + 'static) -> bool {
+        self.request(ExitReason::Failed(Failure::new(error)))
     }
 
     /// Request the VM to end. Only the first reason is kept. Returns true if
@@ -150,5 +193,26 @@ mod tests {
         assert!(e.is_stopping());
         assert_eq!(e.wait(), ExitReason::GuestStatus(3));
         assert_eq!(e.reason().unwrap().status(), 3);
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Broke(u32);
+    impl fmt::Display for Broke {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "broke {}", self.0)
+        }
+    }
+    impl std::error::Error for Broke {}
+
+    #[test]
+    fn a_failure_keeps_its_type() {
+        let e = VmExit::new();
+        assert!(e.fail(Broke(7)));
+        let ExitReason::Failed(f) = e.wait() else {
+            panic!("not a failure")
+        };
+        assert_eq!(f.downcast_ref::<Broke>(), Some(&Broke(7)));
+        assert_eq!(e.reason().unwrap().to_string(), "broke 7");
+        assert_eq!(e.reason().unwrap().status(), 1);
     }
 }

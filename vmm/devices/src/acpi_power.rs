@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::BusDevice;
-use crate::exit::{ExitReason, VmExit};
+use vmm_exit::{ExitReason, VmExit};
 
 /// `SLEEP_CONTROL_REG` (1 byte); `SLEEP_STATUS_REG` is the next port.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;

@@ -35,7 +35,7 @@ use super::{
     DeviceCounters, GuestError, Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING,
     VIRTIO_F_VERSION_1,
 };
-use crate::memory::{GuestMemory, MemoryManager, PAGE_SIZE};
+use vmm_memory::{GuestMemory, MemoryManager, PAGE_SIZE};
 
 pub const DEVICE_ID: u32 = 5;
 pub const F_STATS_VQ: u32 = 1;

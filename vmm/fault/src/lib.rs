@@ -1,25 +1,75 @@
 //! The stage-2 fault engine: guest RAM left unpopulated under userfaultfd and
 //! filled on first touch, on the faulting vCPU thread (`vcpu` mode) or by
 //! handler threads (`handler` mode). See docs/FAULT-PATH.md.
+//!
+//! - [`engine`]: `FaultEngine::resolve`, the userfaultfd installer the
+//!   `memslots` protocol drives (fault-around, I3/I6 under the guard);
+//! - [`uffd`]: the two install ioctls, issued directly;
+//! - [`sigbus`]: faults met by VMM threads (and `fxrstor` inside `KVM_RUN`);
+//! - [`handler`]: `handler` mode's threads;
+//! - [`stats`]: per-thread counters, written by their owner only.
+//!
+//! It knows guest memory through `vmm-memory` and ends the VM through
+//! `vmm-exit`; it knows nothing of vCPUs, devices or seccomp (a handler
+//! thread's filter is its caller's `on_start`).
 
 pub mod engine;
 pub mod handler;
 pub mod sigbus;
 pub mod stats;
-pub(crate) mod uffd;
+pub mod uffd;
 
 use std::sync::Arc;
 
 use thiserror::Error;
 use userfaultfd::{FeatureFlags, UffdBuilder};
+use vmm_exit::VmExit;
+use vmm_memory::{MemError, MemoryManager};
 
 pub use engine::{Access, FaultCtx, FaultEngine, FaultError, Resolved, Wake};
 pub use stats::{FaultKind, FaultSnapshot, FaultStats};
 
-use crate::config::FaultMode;
-use crate::exit::VmExit;
-use crate::host::KvmFlavor;
-use crate::memory::{MemError, MemoryManager};
+/// How guest RAM is populated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum FaultMode {
+    /// Userfaultfd (SIGBUS mode): the faulting vCPU thread serves its own fault.
+    Vcpu,
+    /// Blocking userfaultfd served by handler threads (Firecracker/QEMU).
+    Handler,
+    /// All RAM populated before the guest starts: no faults.
+    Prefault,
+    /// Anonymous memory filled by the host kernel (benchmark baseline).
+    Kernel,
+}
+
+impl FaultMode {
+    pub fn uses_uffd(self) -> bool {
+        matches!(self, FaultMode::Vcpu | FaultMode::Handler)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultMode::Vcpu => "vcpu",
+            FaultMode::Handler => "handler",
+            FaultMode::Prefault => "prefault",
+            FaultMode::Kernel => "kernel",
+        }
+    }
+}
+
+/// A fault a serving thread (not a vCPU: those report their own) could not
+/// serve; it ends the VM.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("userfaultfd read failed: {0}")]
+    UffdRead(userfaultfd::Error),
+    #[error("{thread} fault at GPA {gpa:#x}: {error}")]
+    Fault {
+        thread: &'static str,
+        gpa: u64,
+        error: FaultError,
+    },
+}
 
 #[derive(Debug, Error)]
 pub enum FaultSetupError {
@@ -29,26 +79,6 @@ pub enum FaultSetupError {
     Memory(#[from] MemError),
     #[error("cannot install the SIGBUS handler: {0}")]
     Sigbus(vmm_sys_util::errno::Error),
-}
-
-/// The fault mode to use: the one asked for, else `vcpu` where the host
-/// delivers a missing page's address to the faulting vCPU (PVM: an MMIO
-/// exit at the GPA, or an emulation failure on a fetch) and `handler`
-/// elsewhere (hardware KVM returns a bare EFAULT until exit-on-missing is
-/// merged).
-pub fn choose_mode(asked: Option<FaultMode>, flavor: KvmFlavor) -> FaultMode {
-    if let Some(m) = asked {
-        return m;
-    }
-    match flavor {
-        KvmFlavor::Pvm => FaultMode::Vcpu,
-        other => {
-            log::info!(
-                "fault mode: handler ({other} returns a bare EFAULT for missing pages, so the vCPU cannot learn the address)"
-            );
-            FaultMode::Handler
-        }
-    }
 }
 
 /// Set guest RAM up for `mode`: register it with a new userfaultfd and build

@@ -2,35 +2,37 @@
 //! Firecracker/QEMU design). The faulting thread sleeps in the kernel until a
 //! handler installs the page and wakes it.
 
-use crate::seccomp::{confine, SeccompMode, ThreadClass};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread;
 
 use userfaultfd::{Event, EventBuffer};
+use vmm_exit::VmExit;
 
-use super::engine::{Access, FaultCtx, FaultEngine};
-use super::stats::{FaultKind, FaultStats};
-use crate::exit::{ExitReason, VmExit};
+use crate::engine::{Access, FaultCtx, FaultEngine};
+use crate::stats::{FaultKind, FaultStats};
+use crate::ServeError;
 
 /// Start one handler thread per counter set in `stats`; they end when the
-/// VM stops.
+/// VM stops. Each runs `on_start` first (e.g. its seccomp filter) and
+/// serves only if it returns true.
 pub fn spawn_handlers(
     engine: Arc<FaultEngine>,
     exit: Arc<VmExit>,
     stats: &[Arc<FaultStats>],
-    seccomp: SeccompMode,
+    on_start: impl Fn() -> bool + Clone + Send + 'static,
 ) -> std::io::Result<Vec<thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(stats.len());
     for (i, s) in stats.iter().enumerate() {
         let s = s.clone();
         let engine = engine.clone();
         let exit = exit.clone();
+        let on_start = on_start.clone();
         threads.push(
             thread::Builder::new()
                 .name(format!("uffd{i}"))
                 .spawn(move || {
-                    if confine(seccomp, ThreadClass::Handler, &exit) {
+                    if on_start() {
                         serve(engine, exit, s)
                     }
                 })?,
@@ -57,7 +59,7 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
         let batch = match uffd.read_events(&mut events) {
             Ok(b) => b,
             Err(e) => {
-                exit.request(ExitReason::Error(format!("userfaultfd read failed: {e}")));
+                exit.fail(ServeError::UffdRead(e));
                 return;
             }
         };
@@ -72,8 +74,12 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
                 continue;
             };
             stats.by_kind[FaultKind::Userfault as usize].add(1);
-            if let Err(e) = engine.resolve(&mut ctx, gpa, &mut Access::None) {
-                exit.request(ExitReason::Error(format!("fault at GPA {gpa:#x}: {e}")));
+            if let Err(error) = engine.resolve(&mut ctx, gpa, &mut Access::None) {
+                exit.fail(ServeError::Fault {
+                    thread: "userfaultfd handler",
+                    gpa,
+                    error,
+                });
                 // Unblock the faulting thread so the VM can stop.
                 engine.install_zero_hva(hva);
                 return;

@@ -8,7 +8,7 @@
 //! - [`balloon`] is virtio-balloon, [`mem`] virtio-mem.
 //!
 //! Queues are rust-vmm's `virtio-queue` over the guest-memory view the
-//! [`crate::memory::MemoryManager`] publishes; a descriptor on a missing page
+//! [`vmm_memory::MemoryManager`] publishes; a descriptor on a missing page
 //! is served by the fault engine on the thread that reads it.
 
 pub mod balloon;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMemory;
+use vmm_memory::GuestMemory;
 
 /// `VIRTIO_F_VERSION_1`: the only kind of device this VMM offers.
 pub const VIRTIO_F_VERSION_1: u32 = 32;

@@ -15,9 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{MmioTransport, NotifyPath, QUEUE_NOTIFY, WINDOW_SIZE};
 use super::{DeviceCounters, Interrupt, VirtioDevice};
-use crate::boot::MmioDeviceInfo;
-use crate::devices::{lock, Bus, DeviceError};
-use crate::memory::MemoryManager;
+use crate::{lock, Bus, DeviceError};
+use vmm_memory::MemoryManager;
 
 /// First virtio-mmio window (inside the 3–4 GiB gap, below the IOAPIC).
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -28,9 +27,18 @@ pub const MMIO_END: u64 = 0xfe00_0000;
 pub const FIRST_GSI: u32 = 5;
 pub const LAST_GSI: u32 = 23;
 
+/// Where a virtio-mmio device sits, as the guest must be told (the command
+/// line and the DSDT, written by the boot layer from these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioWindow {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
 /// One device as the rest of the VMM sees it.
 pub struct VirtioEntry {
-    pub info: MmioDeviceInfo,
+    pub window: MmioWindow,
     pub name: &'static str,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub counters: Arc<DeviceCounters>,
@@ -147,7 +155,7 @@ impl VirtioDevices {
         lock(&transport).set_notify_path(path);
         mmio.insert(base, WINDOW_SIZE, transport.clone())?;
         self.entries.push(VirtioEntry {
-            info: MmioDeviceInfo {
+            window: MmioWindow {
                 base,
                 len: WINDOW_SIZE,
                 gsi,
@@ -160,8 +168,8 @@ impl VirtioDevices {
     }
 
     /// What the guest is told (command line, DSDT).
-    pub fn infos(&self) -> Vec<MmioDeviceInfo> {
-        self.entries.iter().map(|e| e.info).collect()
+    pub fn windows(&self) -> Vec<MmioWindow> {
+        self.entries.iter().map(|e| e.window).collect()
     }
 
     pub fn entries(&self) -> &[VirtioEntry] {

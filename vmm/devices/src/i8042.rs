@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_superio::{I8042Device, Trigger};
 
 use super::BusDevice;
-use crate::exit::VmExit;
+use vmm_exit::VmExit;
 
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;

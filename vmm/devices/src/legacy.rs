@@ -11,9 +11,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::acpi_power::{AcpiSleep, SLEEP_CONTROL_PORT};
 use super::marker::{MarkerLog, MarkerPort, SignalPort, MARKER_PORT, SIGNAL_PORT};
+use super::serial::SerialOut;
 use super::{exit_port, i8042, serial, Bus, BusDevice, DeviceError, Sink};
-use crate::config::SerialOut;
-use crate::exit::VmExit;
+use vmm_exit::VmExit;
 
 /// Linux's I/O-delay port.
 const POST_CODE_PORT: u64 = 0x80;

@@ -15,9 +15,9 @@ use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 
-use super::engine::{Access, FaultCtx, FaultEngine, FaultError};
-use super::stats::{FaultKind, FaultStats};
-use crate::exit::ExitReason;
+use crate::engine::{Access, FaultCtx, FaultEngine, FaultError};
+use crate::stats::{FaultKind, FaultStats};
+use crate::ServeError;
 
 /// Engines of the VMs in this process (tests run several at once).
 static ENGINES: std::sync::LazyLock<ArcSwap<Vec<Weak<FaultEngine>>>> =
@@ -88,10 +88,12 @@ extern "C" fn handle_sigbus(
                 }
                 // The slot went away since the lookup: the access repeats.
                 Err(FaultError::NotRam(_)) => {}
-                Err(e) => {
-                    engine.exit().request(ExitReason::Error(format!(
-                        "SIGBUS fault at GPA {gpa:#x}: {e}"
-                    )));
+                Err(error) => {
+                    engine.exit().fail(ServeError::Fault {
+                        thread: "SIGBUS",
+                        gpa,
+                        error,
+                    });
                     engine.install_zero_hva(hva);
                 }
             }

@@ -10,12 +10,13 @@ pub mod exit_port;
 pub mod i8042;
 pub mod legacy;
 pub mod marker;
+mod rate_limit;
 pub mod serial;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
-use crate::logger::RateLimit;
+pub use rate_limit::RateLimit;
 
 /// A device that could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -790,7 +790,7 @@ fn madvise(hva: u64, len: u64, advice: libc::c_int, what: &'static str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::NoKvm;
+    use crate::NoKvm;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     const MIB: u64 = 1 << 20;

@@ -28,7 +28,7 @@ use super::{
     DeviceCounters, GuestError, Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING,
     VIRTIO_F_VERSION_1,
 };
-use crate::memory::{GuestMemory, MemError, MemoryManager, NewSlot, PageSource};
+use vmm_memory::{GuestMemory, MemError, MemoryManager, NewSlot, PageSource};
 
 pub const DEVICE_ID: u32 = 24;
 pub const F_UNPLUGGED_INACCESSIBLE: u32 = 1;
@@ -559,7 +559,7 @@ impl VirtioDevice for VirtioMem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{NoKvm, RamRange};
+    use vmm_memory::{NoKvm, RamRange};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const MIB: u64 = 1 << 20;

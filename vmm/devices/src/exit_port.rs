@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::BusDevice;
-use crate::exit::{ExitReason, VmExit};
+use vmm_exit::{ExitReason, VmExit};
 
 /// The port test guests use (QEMU's isa-debug-exit default).
 pub const EXIT_PORT: u64 = 0x501;

@@ -23,9 +23,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::{status, DeviceCounters, Interrupt, VirtioDevice, INT_CONFIG};
-use crate::devices::{lock, BusDevice};
-use crate::logger::RateLimit;
-use crate::memory::MemoryManager;
+use crate::{lock, BusDevice};
+use crate::RateLimit;
+use vmm_memory::MemoryManager;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -508,9 +508,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
-    use crate::devices::virtio::INT_USED_RING;
-    use crate::memory::{NoKvm, PageSource, RamRange};
+    use crate::virtio::balloon::{Balloon, BalloonConfig};
+    use crate::virtio::INT_USED_RING;
+    use vmm_memory::{NoKvm, PageSource, RamRange};
     use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
