@@ -12,7 +12,7 @@ shift
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--vcpus 2 --pages 20000 --repeat 3)
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 dir=${BENCH_OLD_DIR:-/tmp/vmm-bench-old}
 if [ ! -d "$dir/.git" ] && [ ! -f "$dir/.git" ]; then
   git worktree add -f "$dir" "$old" >/dev/null
@@ -20,7 +20,8 @@ else
   git -C "$dir" checkout -q --detach "$old"
 fi
 echo "building $old in $dir"
-(cd "$dir" && cargo build --release -p vmm >/dev/null)
+# The binary's package: vmm-cli since the workspace split, vmm before.
+(cd "$dir" && { cargo build --release -p vmm-cli >/dev/null 2>&1 || cargo build --release -p vmm >/dev/null; })
 for round in 1 2; do
   for side in old new; do
     bin=target/release/vmm

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 echo "\$ vmm bench balloon --mib 256"
 target/release/vmm bench balloon --mib 256
 echo

@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 echo "\$ vmm bench faults $*"
 exec target/release/vmm bench faults "$@"

@@ -26,7 +26,7 @@ L=guest-images/out/linux
 INITRD=$L/initramfs-userland.cpio
 [ -f "$INITRD" ] && [ -f $L/bzImage-micro ] || guest-images/build.sh >/dev/null
 scripts/setup.sh >/dev/null
-cargo build --release -p vmm >/dev/null 2>&1 || { echo "cargo build failed" >&2; exit 1; }
+cargo build --release -p vmm-cli >/dev/null 2>&1 || { echo "cargo build failed" >&2; exit 1; }
 if [[ " $VMMS " == *" qemu "* ]] && ! command -v qemu-system-x86_64 >/dev/null; then
 	echo "installing qemu-system-x86 (apt) for the side-by-side runs"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null 2>&1 ||

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-cargo build --release -p vmm >/dev/null 2>&1
+cargo build --release -p vmm-cli >/dev/null 2>&1
 out=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$out"' EXIT
 make -s -C guest-images OUT="$out" >/dev/null

@@ -56,7 +56,7 @@ for v in 1 2; do
 	done
 done
 
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 ours=$(mktemp)
 echo "\$ vmm bench faults --vcpus 1,2 --pages $pages --repeat 3"
 target/release/vmm bench faults --vcpus 1,2 --pages "$pages" --repeat 3 2>/dev/null | tee "$ours"

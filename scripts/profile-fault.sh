@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pages=${1:-65536}
 command -v perf >/dev/null || { echo "profile-fault: perf is missing (apt-get install linux-perf)" >&2; exit 1; }
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 make -s -C guest-images >/dev/null
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT; [ -n "${KEEP:-}" ] && trap - EXIT && echo "kept $tmp"

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo run --release -p vmm -- run "$@"
+exec cargo run --release -p vmm-cli -- run "$@"

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 d=${1:-10m}
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null
+cargo build --release -p vmm-cli >/dev/null
 common=(--vcpus 3 --mem 512M --hotplug 512M --seed 11 --pattern mixed)
 echo "== baseline: no churn, 60 s"
 target/release/vmm stress "${common[@]}" --duration 60s --balloon-rate 0 --hotplug-rate 0 --memslot-rate 0

@@ -13,11 +13,11 @@ export CARGO_TARGET_DIR=$ROOT/target/stress-mutants/target
 
 # name | expected invariant | file | python regex (must match once) | replacement
 MUTANTS=(
-  "a discard does not zap the pages|I3|vmm/src/memory/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n\}|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n}"
-  "an unplug does not zap the block|I6|vmm/src/memory/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n(\s*)\}\n\n(\s*)fn range_in_slot|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n\3}\n\n\4fn range_in_slot"
-  "neither unplug nor slot removal drops pages|I1|vmm/src/memory/manager.rs|let zapped = madvise\(hva, slot\.size, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);|let zapped: Result<(), MemError> = Ok(()); let _ = hva; if false { let _ = madvise(hva, 0, 0, \"\"); }"
-  "a write completed through an exit is dropped|I2|vmm/src/fault/engine.rs|unsafe \{ std::ptr::write_volatile\(\(hva \+ i as u64\) as \*mut u8, \*b\) \};|let _ = (hva, i, b);"
-  "a speculative install is not counted|I4|vmm/src/fault/engine.rs|Path::Speculative => stats\.speculative_installs\.add\(1\),|Path::Speculative => {}"
+  "a discard does not zap the pages|I3|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n\}|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n}"
+  "an unplug does not zap the block|I6|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n(\s*)\}\n\n(\s*)fn range_in_slot|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n\3}\n\n\4fn range_in_slot"
+  "neither unplug nor slot removal drops pages|I1|vmm/memory/src/manager.rs|let zapped = madvise\(hva, slot\.size, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);|let zapped: Result<(), MemError> = Ok(()); let _ = hva; if false { let _ = madvise(hva, 0, 0, \"\"); }"
+  "a write completed through an exit is dropped|I2|vmm/fault/src/engine.rs|unsafe \{ std::ptr::write_volatile\(\(hva \+ i as u64\) as \*mut u8, \*b\) \};|let _ = (hva, i, b);"
+  "a speculative install is not counted|I4|vmm/fault/src/engine.rs|Path::Speculative => stats\.speculative_installs\.add\(1\),|Path::Speculative => {}"
 )
 # The I1 mutant also needs the unplug one (blocks must still hold pages
 # when their slice goes): applied together.
@@ -46,7 +46,7 @@ PY
     IFS='|' read -r _ _ f2 p2 r2 <<<"${MUTANTS[1]}"
     plant "$f2" "$p2" "$r2"
   fi
-  if ! (cd "$WORK" && cargo build --release -q -p vmm 2>"$WORK/build.log"); then
+  if ! (cd "$WORK" && cargo build --release -q -p vmm-cli 2>"$WORK/build.log"); then
     echo "MUTANT DID NOT BUILD: $name"; tail -n 20 "$WORK/build.log"; fails=$((fails + 1)); continue
   fi
   out=$("$CARGO_TARGET_DIR/release/vmm" stress --json --duration 8s --vcpus 2 --mem 256M \

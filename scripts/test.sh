@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --release -- -D warnings
 step "unit and integration tests"
-cargo build --release -p vmm
+cargo build --release -p vmm-cli
 cargo test --workspace --release "$@"
 step "loom models of the fault protocol (own target dir: --cfg loom rebuilds loom)"
 CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \

@@ -325,7 +325,7 @@ fn vmm_ctl_drives_every_endpoint() {
 // ---- the server against docs/openapi.json ----
 
 fn openapi() -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

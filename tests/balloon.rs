@@ -218,7 +218,7 @@ fn guest_that_balloons_its_own_page_tables_crashes_alone() {
 #[test]
 fn linux_driver_inflates_and_deflates() {
     let out: common::inproc::Output = Default::default();
-    let mut c = vmm::config::VmConfig::new(Some(linux_file("bzImage-micro").into()));
+    let mut c = vmm::config::VmConfig::new(std::path::PathBuf::from(linux_file("bzImage-micro")));
     c.initrd = Some(linux_file("initramfs-idle.cpio").into());
     c.vcpus = 1;
     c.mem_size = 256 * MIB;

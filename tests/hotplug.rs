@@ -269,7 +269,7 @@ fn faults_survive_100_resizes() {
 #[test]
 fn linux_driver_follows_requested_size() {
     let out: common::inproc::Output = Default::default();
-    let mut c = vmm::config::VmConfig::new(Some(linux_file("bzImage-micro").into()));
+    let mut c = vmm::config::VmConfig::new(std::path::PathBuf::from(linux_file("bzImage-micro")));
     c.initrd = Some(linux_file("initramfs-idle.cpio").into());
     c.vcpus = 1;
     c.mem_size = 256 * MIB;

@@ -299,7 +299,7 @@ fn the_seed_fixes_the_schedule() {
 #[test]
 fn linux_churn() {
     let dir =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/linux");
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest-images/out/linux");
     let kernel = dir.join("bzImage-micro");
     let initrd = dir.join("initramfs-idle.cpio");
     assert!(kernel.exists(), "run guest-images/build.sh");

@@ -18,13 +18,13 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 /// The test guests built by vmm's build script.
 pub fn guest(name: &str) -> PathBuf {
-    PathBuf::from(env!("VMM_GUEST_DIR")).join(format!("{name}.elf"))
+    vmm_guests::path(name)
 }
 
 /// A Linux guest file from `guest-images/build.sh` (kernels, initramfs).
 pub fn linux_file(name: &str) -> String {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-images/out/linux")
+        .join("../../guest-images/out/linux")
         .join(name);
     assert!(
         p.exists(),
@@ -164,7 +164,7 @@ pub mod inproc {
         mode: FaultMode,
     ) -> (VmConfig, Output) {
         let out: Output = Default::default();
-        let mut c = VmConfig::new(Some(super::guest(name)));
+        let mut c = VmConfig::new(super::guest(name));
         c.vcpus = vcpus;
         c.mem_size = mem;
         c.cmdline = cmdline.to_string();

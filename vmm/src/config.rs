@@ -38,6 +38,8 @@ pub enum ConfigError {
     NoVcpus,
     #[error("--vcpus {got} is more than this host allows ({max})")]
     TooManyVcpus { got: usize, max: usize },
+    #[error("invalid duration {0:?}: a whole number with s, m or h (a bare number is seconds), e.g. 90s or 10m")]
+    BadDuration(String),
 }
 
 /// Smallest guest RAM accepted: room for boot structures and a test guest.
@@ -85,11 +87,39 @@ pub enum SyscallAssistMode {
     Off,
 }
 
+/// The image a VM boots.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    /// A file: a Linux bzImage or ELF vmlinux, or an ELF test guest.
+    File(PathBuf),
+    /// An image built into the program (the `vmm` binary's default guest).
+    Embedded {
+        name: &'static str,
+        image: &'static [u8],
+    },
+}
+
+impl From<PathBuf> for Kernel {
+    fn from(p: PathBuf) -> Self {
+        Kernel::File(p)
+    }
+}
+
+impl Kernel {
+    /// For messages: the path, or what the embedded image is.
+    pub fn name(&self) -> String {
+        match self {
+            Kernel::File(p) => p.display().to_string(),
+            Kernel::Embedded { name, .. } => name.to_string(),
+        }
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// ELF image to boot; `None` runs the embedded default guest.
-    pub kernel: Option<PathBuf>,
+    /// The image to boot.
+    pub kernel: Kernel,
     /// Guest RAM in bytes (page aligned).
     pub mem_size: u64,
     /// Number of vCPUs.
@@ -160,9 +190,9 @@ pub struct BalloonOptions {
 
 impl VmConfig {
     /// A configuration with defaults for everything but the image.
-    pub fn new(kernel: Option<PathBuf>) -> Self {
+    pub fn new(kernel: impl Into<Kernel>) -> Self {
         Self {
-            kernel,
+            kernel: kernel.into(),
             mem_size: 512 << 20,
             vcpus: 2,
             cmdline: String::new(),
@@ -238,6 +268,24 @@ impl VmConfig {
     }
 }
 
+/// Parse a duration: `90s`, `10m`, `1h`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, ConfigError> {
+    let bad = || ConfigError::BadDuration(s.to_string());
+    let t = s.trim();
+    let (n, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        _ => None,
+    };
+    secs.map(std::time::Duration::from_secs).ok_or_else(bad)
+}
+
 /// Parse `--mem-source file:PATH`.
 pub fn parse_mem_source(s: &str) -> Result<PathBuf, ConfigError> {
     match s.strip_prefix("file:") {
@@ -290,6 +338,17 @@ mod tests {
             "1 G",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("10m").unwrap().as_secs(), 600);
+        assert_eq!(parse_duration("2h").unwrap().as_secs(), 7200);
+        for bad in ["", "s", "1d", "-1s", "1.5m", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -22,7 +22,6 @@ pub use vmm_memory as memory;
 
 pub mod api;
 pub mod arch;
-pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod host;
@@ -30,18 +29,7 @@ pub mod http1;
 pub mod logger;
 pub mod metrics;
 pub mod seccomp;
-pub mod stress;
 pub mod summary;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
-
-/// The memory stress guest (`guest-images/memstress`), used by benchmarks.
-pub static MEMSTRESS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memstress.elf"));
-
-/// The churn guest (`guest-images/memchurn`), used by benchmarks and `vmm
-/// stress`.
-pub static MEMCHURN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memchurn.elf"));
-
-/// The default guest embedded in the binary (built from `guest-images/demo`).
-pub static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));

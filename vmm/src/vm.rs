@@ -20,9 +20,11 @@ use thiserror::Error;
 
 use crate::api::control::{BalloonInfo, HotplugControl, HotplugInfo};
 use crate::api::{ApiError, ApiServer, BalloonControl, VmControl};
-use crate::arch::x86_64::{self as arch, layout, vcpu::VcpuBoot};
-use crate::boot::{self, Boot, BootError, BootSpec, MmioDeviceInfo};
-use crate::config::{BalloonOptions, ConfigError, FaultMode, HotplugOptions, VmConfig};
+use crate::arch::x86_64::layout::MmioDeviceInfo;
+use crate::arch::x86_64::{self as arch, layout};
+use crate::boot::vcpu::VcpuBoot;
+use crate::boot::{self, Boot, BootError, BootKind, BootSpec};
+use crate::config::{BalloonOptions, ConfigError, FaultMode, HotplugOptions, Kernel, VmConfig};
 use crate::devices::marker::{MarkerHook, MarkerLog};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::manager::{DeviceSummary, Ticker, VirtioDevices};
@@ -175,8 +177,8 @@ impl Vm {
             mode.name()
         );
         let image = match &config.kernel {
-            Some(path) => boot::read_image(path)?,
-            None => crate::DEFAULT_GUEST.to_vec(),
+            Kernel::File(path) => boot::read_image(path)?,
+            Kernel::Embedded { image, .. } => image.to_vec(),
         };
         let initrd = read_initrd(&config)?;
         let supported = kvm(
@@ -272,7 +274,12 @@ impl Vm {
             config.vcpus,
             mode,
         ));
-        let syscall_assist = vcpu::syscall::wanted(config.syscall_assist, host.flavor, &boot);
+        let syscall_assist = vcpu::syscall::wanted(
+            config.syscall_assist,
+            host.flavor,
+            boot.kind == BootKind::Linux,
+            boot.completes_syscall,
+        );
         if syscall_assist {
             vcpu::syscall::filter_lstar_writes(&vm_fd).map_err(VmError::SyscallAssist)?;
         }
@@ -573,11 +580,7 @@ fn load_boot_image(
     let ram = memory.boot_ranges();
     let ram_top = ram.iter().map(|r| r.end()).max().unwrap_or(0);
     arch::write_boot_structures(&mem, ram_top, arch::has_1g_pages(supported))?;
-    let image_name = config
-        .kernel
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "the embedded demo guest".into());
+    let image_name = config.kernel.name();
     Ok(boot::load(
         &mem,
         ram,
@@ -612,7 +615,7 @@ fn create_vcpus(
     (0..config.vcpus)
         .map(|index| {
             let fd = kvm("KVM_CREATE_VCPU", vm_fd.create_vcpu(index as u64))?;
-            arch::vcpu::configure(&fd, index, &b)
+            boot::vcpu::configure(&fd, index, &b)
                 .map_err(|source| VmError::VcpuSetup { index, source })?;
             Ok(fd)
         })
@@ -754,4 +757,27 @@ fn add_hotplug(
         counters,
         region,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::acpi;
+    use crate::devices::{acpi_power, i8042, serial, BusDevice};
+
+    /// The ACPI tables (arch) describe the devices (devices) by number,
+    /// and neither layer may import the other: this is where they meet.
+    #[test]
+    fn acpi_tables_describe_the_devices_as_they_are() {
+        assert_eq!(u64::from(acpi::COM1_PORT), serial::COM1_BASE);
+        assert_eq!(acpi::COM1_IRQ, serial::COM1_IRQ);
+        assert_eq!(acpi::SLEEP_CONTROL_PORT, acpi_power::SLEEP_CONTROL_PORT);
+        assert_eq!(acpi::SLEEP_STATUS_PORT, acpi_power::SLEEP_STATUS_PORT);
+        assert_eq!(acpi::S5_SLEEP_TYPE, acpi_power::S5_SLEEP_TYPE);
+        // The FADT's reset register resets through the i8042.
+        let exit = Arc::new(VmExit::new());
+        let mut kbd = i8042::I8042::new(exit.clone());
+        kbd.write(acpi::RESET_PORT - i8042::I8042_BASE, &[acpi::RESET_VALUE]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
 }

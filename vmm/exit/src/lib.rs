@@ -77,9 +77,7 @@ impl ExitReason {
         match self {
             ExitReason::GuestStatus(s) => i32::from(*s),
             ExitReason::Reset | ExitReason::PowerOff => 0,
-            ExitReason::TripleFault { .. }
-            | ExitReason::AllHalted
-            | ExitReason::Failed(_) => 1,
+            ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Failed(_) => 1,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::KernelPanic => 1,
             ExitReason::Stopped => 0,

@@ -274,7 +274,7 @@ pub(crate) mod tests {
     }
 
     fn guest_bzimage(format: Compression) -> Vec<u8> {
-        make_bzimage(&compress(format, crate::DEFAULT_GUEST), 0x020f)
+        make_bzimage(&compress(format, vmm_guests::DEMO), 0x020f)
     }
 
     #[test]
@@ -290,7 +290,7 @@ pub(crate) mod tests {
             let img = guest_bzimage(format);
             assert!(is_bzimage(&img));
             let elf = extract_vmlinux(&img).unwrap_or_else(|e| panic!("{format}: {e}"));
-            assert!(elf == crate::DEFAULT_GUEST, "{format}: output differs");
+            assert!(elf == vmm_guests::DEMO, "{format}: output differs");
         }
     }
 
@@ -338,7 +338,7 @@ pub(crate) mod tests {
 
     #[test]
     fn non_bzimages_are_rejected() {
-        let inputs: [&[u8]; 4] = [crate::DEFAULT_GUEST, &[], b"MZ\x90\x00", &[0u8; 4096]];
+        let inputs: [&[u8]; 4] = [vmm_guests::DEMO, &[], b"MZ\x90\x00", &[0u8; 4096]];
         for input in inputs {
             assert!(!is_bzimage(input));
             assert!(matches!(
@@ -447,7 +447,7 @@ pub(crate) mod tests {
         );
         let e = extract_vmlinux(&img).unwrap_err();
         assert!(matches!(e, BzImageError::NotElf { .. }), "{e}");
-        let mut elf32 = crate::DEFAULT_GUEST.to_vec();
+        let mut elf32 = vmm_guests::DEMO.to_vec();
         elf32[4] = 1;
         let img = make_bzimage(&compress(Compression::Zstd, &elf32), 0x020f);
         assert!(matches!(

@@ -284,17 +284,17 @@ mod tests {
 
     #[test]
     fn the_default_guest_is_a_valid_image() {
-        let info = parse(crate::DEFAULT_GUEST).unwrap();
+        let info = parse(vmm_guests::DEMO).unwrap();
         info.check_placement(&RAM).unwrap();
         assert!(info.entry >= 0x100000);
         assert!(!info.segments.is_empty());
-        assert!(info.note_owners(crate::DEFAULT_GUEST).is_empty());
-        assert!(!is_linux(crate::DEFAULT_GUEST));
+        assert!(info.note_owners(vmm_guests::DEMO).is_empty());
+        assert!(!is_linux(vmm_guests::DEMO));
     }
 
     #[test]
     fn malformed_images_are_named() {
-        let good = crate::DEFAULT_GUEST;
+        let good = vmm_guests::DEMO;
         assert!(matches!(parse(&[]), Err(ElfError::Empty)));
         assert!(matches!(parse(b"MZ\x90\x00junk"), Err(ElfError::NotElf(_))));
         assert!(matches!(parse(&good[..40]), Err(ElfError::Truncated(_))));
@@ -318,7 +318,7 @@ mod tests {
     /// wrap (debug builds check overflow).
     #[test]
     fn huge_offsets_are_errors_not_panics() {
-        let good = crate::DEFAULT_GUEST;
+        let good = vmm_guests::DEMO;
         let info = parse(good).unwrap();
         // Program header table offset near u64::MAX.
         let mut img = good.to_vec();

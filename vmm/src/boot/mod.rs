@@ -15,12 +15,14 @@ pub mod decompress;
 pub mod elf;
 mod le;
 pub mod params;
+pub mod vcpu;
 
 use std::path::Path;
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::arch::x86_64::layout::MmioDeviceInfo;
 use crate::arch::x86_64::{acpi, layout};
 use crate::host::KvmFlavor;
 use crate::memory::{GuestMemory, RamRange};
@@ -73,14 +75,6 @@ pub struct Boot {
 /// Owner of the ELF note the micro kernel's SYSCALL patch adds
 /// (guest-images/linux/patches).
 pub const SYSCALL_NOTE_OWNER: &[u8] = b"RSVMM";
-
-/// A virtio-mmio device as the guest is told about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioDeviceInfo {
-    pub base: u64,
-    pub len: u64,
-    pub gsi: u32,
-}
 
 /// What to boot and with what.
 pub struct BootSpec<'a> {

@@ -393,7 +393,7 @@ mod tests {
     fn header_from_a_bzimage_is_copied_and_completed() {
         let payload = crate::boot::decompress::tests::compress(
             crate::boot::decompress::Compression::Gzip,
-            crate::DEFAULT_GUEST,
+            vmm_guests::DEMO,
         );
         let img = bzimage::tests::make_bzimage(&payload, 0x020d);
         let h = bzimage::setup_header(&img).unwrap();

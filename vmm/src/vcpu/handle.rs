@@ -19,7 +19,6 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::fault::stats::AssistKind;
 use crate::fault::{Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved};
-use crate::memory::GuestMemory;
 
 /// Whether the host needs the VMM to complete instructions its emulator
 /// cannot (PVM hosts).
@@ -39,7 +38,7 @@ pub struct VcpuShared {
     pub assists: Assists,
     /// Set when the SYSCALL assist is on (a stock Linux kernel on a PVM
     /// host): the guest memory it reads (IDT gates, exception frames).
-    pub syscall_assist: Option<vm_memory::GuestMemoryAtomic<GuestMemory>>,
+    pub syscall_assist: Option<vm_memory::GuestMemoryAtomic<super::GuestView>>,
 }
 
 /// What the loop does after an exit.

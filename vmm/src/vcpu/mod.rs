@@ -21,6 +21,12 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 pub use error::VcpuError;
+
+/// Guest memory as a vCPU reads it itself (the SYSCALL assist reads IDT
+/// gates and exception frames): `vm-memory`'s view, which the memory
+/// manager publishes. The vCPU layer never goes through the memory manager:
+/// a missing page is the fault engine's business.
+pub type GuestView = vm_memory::GuestMemoryMmap<()>;
 pub use handle::{Assists, ExitHandler, Next, VcpuShared};
 pub use regs::VcpuState;
 

@@ -41,11 +41,10 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::regs::{GuestDebug, VcpuState};
-use crate::boot::{Boot, BootKind};
+use super::GuestView as GuestMemory;
 use crate::config::SyscallAssistMode;
 use crate::fault::stats::{AssistKind, FaultStats};
 use crate::host::KvmFlavor;
-use crate::memory::GuestMemory;
 
 pub const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -76,9 +75,16 @@ fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Sysc
     r.map_err(|source| SyscallAssistError::Kvm { what, source })
 }
 
-/// Whether this VM gets the assist (logged either way on a PVM host).
-pub fn wanted(mode: SyscallAssistMode, flavor: KvmFlavor, boot: &Boot) -> bool {
-    if boot.kind != BootKind::Linux || mode == SyscallAssistMode::Off {
+/// Whether this VM gets the assist (logged either way on a PVM host):
+/// `linux`, the image is a Linux kernel; `completes_syscall`, it finishes a
+/// half-done SYSCALL itself (its "RSVMM" note).
+pub fn wanted(
+    mode: SyscallAssistMode,
+    flavor: KvmFlavor,
+    linux: bool,
+    completes_syscall: bool,
+) -> bool {
+    if !linux || mode == SyscallAssistMode::Off {
         return false;
     }
     if flavor != KvmFlavor::Pvm {
@@ -87,7 +93,7 @@ pub fn wanted(mode: SyscallAssistMode, flavor: KvmFlavor, boot: &Boot) -> bool {
         }
         return false;
     }
-    if mode == SyscallAssistMode::Auto && boot.completes_syscall {
+    if mode == SyscallAssistMode::Auto && completes_syscall {
         log::info!("SYSCALL assist not armed: the kernel completes SYSCALL itself (RSVMM note)");
         return false;
     }
@@ -794,31 +800,21 @@ mod tests {
 
     #[test]
     fn armed_only_for_linux_on_pvm() {
-        let linux = |completes_syscall| Boot {
-            kind: BootKind::Linux,
-            entry: 0,
-            zero_page: 0,
-            completes_syscall,
-        };
-        let test_guest = Boot {
-            kind: BootKind::TestGuest,
-            ..linux(false)
-        };
         use SyscallAssistMode::*;
         for mode in [Auto, On, Off] {
             assert!(
-                !wanted(mode, KvmFlavor::Hardware, &linux(false)),
+                !wanted(mode, KvmFlavor::Hardware, true, false),
                 "never on hardware KVM"
             );
-            assert!(!wanted(mode, KvmFlavor::Pvm, &test_guest));
+            assert!(!wanted(mode, KvmFlavor::Pvm, false, false), "test guest");
         }
-        assert!(wanted(Auto, KvmFlavor::Pvm, &linux(false)));
+        assert!(wanted(Auto, KvmFlavor::Pvm, true, false));
         assert!(
-            !wanted(Auto, KvmFlavor::Pvm, &linux(true)),
+            !wanted(Auto, KvmFlavor::Pvm, true, true),
             "the kernel does it"
         );
-        assert!(wanted(On, KvmFlavor::Pvm, &linux(true)));
-        assert!(!wanted(Off, KvmFlavor::Pvm, &linux(false)));
+        assert!(wanted(On, KvmFlavor::Pvm, true, true));
+        assert!(!wanted(Off, KvmFlavor::Pvm, true, false));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::{status, DeviceCounters, Interrupt, VirtioDevice, INT_CONFIG};
-use crate::{lock, BusDevice};
 use crate::RateLimit;
+use crate::{lock, BusDevice};
 use vmm_memory::MemoryManager;
 
 /// "virt", little-endian.
@@ -510,9 +510,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::virtio::balloon::{Balloon, BalloonConfig};
     use crate::virtio::INT_USED_RING;
-    use vmm_memory::{NoKvm, PageSource, RamRange};
     use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_memory::{NoKvm, PageSource, RamRange};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     pub const RAM: u64 = 16 << 20;

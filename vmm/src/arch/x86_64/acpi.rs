@@ -17,8 +17,9 @@
 //! - reset: the FADT's reset register is the i8042 command port (write
 //!   0xFE to port 0x64), so both `reboot=a` (the default) and `reboot=k`
 //!   reach the VMM's i8042 reset;
-//! - power-off: the FADT's sleep control and status registers are I/O ports
-//!   of [`crate::devices::acpi_power`] and the DSDT has `\_S5_`, so Linux
+//! - power-off: the FADT's sleep control and status registers are the I/O
+//!   ports of the VMM's ACPI sleep device (`vmm_devices::acpi_power`, the
+//!   same numbers: `vm.rs` checks) and the DSDT has `\_S5_`, so Linux
 //!   registers its ACPI power-off handler and `poweroff` ends the VM;
 //! - COM1 is described in the DSDT (PNP0501, I/O 0x3f8-0x3ff, IRQ 4) and is
 //!   also found by the 8250 driver's legacy port probe.
@@ -41,8 +42,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::e820;
-use crate::boot::MmioDeviceInfo;
-use crate::devices::acpi_power;
+use super::layout::MmioDeviceInfo;
 use crate::memory::GuestMemory;
 
 /// Where the RSDP goes: the start of the BIOS area Linux scans.
@@ -68,11 +68,17 @@ const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// The i8042 command port and its CPU-reset command.
-const RESET_PORT: u64 = 0x64;
-const RESET_VALUE: u8 = 0xfe;
+pub const RESET_PORT: u64 = 0x64;
+pub const RESET_VALUE: u8 = 0xfe;
 /// COM1, as the VMM's serial device sits.
-const COM1_PORT: u16 = 0x3f8;
-const COM1_IRQ: u32 = 4;
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// The ACPI sleep device's registers (control; status is the next port)
+/// and the sleep type `\_S5_` names: the devices layer's numbers, which
+/// this layer may not import (a `vm.rs` test holds them equal).
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const SLEEP_STATUS_PORT: u16 = SLEEP_CONTROL_PORT + 1;
+pub const S5_SLEEP_TYPE: u8 = 5;
 
 #[derive(Debug, Error)]
 pub enum AcpiError {
@@ -263,10 +269,7 @@ fn dsdt(virtio: &[MmioDeviceInfo]) -> Vec<u8> {
         .map(|(i, d)| virtio_device(i, d))
         .collect();
     // Sleep type for S5 (soft off), as written to the sleep control register.
-    let s5 = aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&acpi_power::S5_SLEEP_TYPE]),
-    );
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
     let mut children: Vec<&dyn Aml> = vec![&com1];
     children.extend(devices.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), children);
@@ -331,8 +334,8 @@ fn fadt(dsdt: u64) -> Vec<u8> {
             u64::from(port),
         )
     };
-    b.sleep_control_reg = sleep_reg(acpi_power::SLEEP_CONTROL_PORT);
-    b.sleep_status_reg = sleep_reg(acpi_power::SLEEP_STATUS_PORT);
+    b.sleep_control_reg = sleep_reg(SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = sleep_reg(SLEEP_STATUS_PORT);
     b.iapc_boot_arch =
         (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
     bytes_of(&b.finalize())

@@ -96,3 +96,11 @@ mod tests {
         assert_eq!(r[0].size + r[1].size, 4 << 30);
     }
 }
+
+/// A virtio-mmio device as the guest is told about it (command line, DSDT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDeviceInfo {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}

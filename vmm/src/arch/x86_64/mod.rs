@@ -8,7 +8,6 @@ pub mod gdt;
 pub mod layout;
 pub mod paging;
 pub mod regs;
-pub mod vcpu;
 
 use vm_memory::{Bytes, GuestAddress};
 

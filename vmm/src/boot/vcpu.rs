@@ -5,8 +5,8 @@
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 
-use super::{cpuid, regs};
-use crate::boot::{Boot, BootKind};
+use super::{Boot, BootKind};
+use crate::arch::x86_64::{cpuid, regs};
 use crate::host::KvmFlavor;
 
 pub use regs::RegsError;

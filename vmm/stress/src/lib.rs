@@ -27,17 +27,19 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use crate::api::VmControl;
-use crate::arch::x86_64::layout;
-use crate::config::{parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig};
-use crate::fault::stats::FAULT_KINDS;
-use crate::fault::FaultSnapshot;
-use crate::memory::{MemoryManager, NewSlot, PageSource, PAGE_SIZE};
-use crate::metrics::VmMetrics;
-use crate::vm::Vm;
 use audit::{SlotAudit, Tally};
 use report::{BalloonSummary, HotplugSummary, Invariant, Latency, Report};
 use schedule::{Action, Event, Limits};
+use vmm::api::VmControl;
+use vmm::arch::x86_64::layout;
+use vmm::config::{
+    parse_duration, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig,
+};
+use vmm::fault::stats::FAULT_KINDS;
+use vmm::fault::FaultSnapshot;
+use vmm::memory::{MemoryManager, NewSlot, PageSource, PAGE_SIZE};
+use vmm::metrics::VmMetrics;
+use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 /// Where the guest's balloon pool starts (above its image and stacks).
@@ -67,23 +69,6 @@ impl Pattern {
 
 fn size(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
-}
-
-/// `90s`, `10m`, `1h`, or bare seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (n, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&t[..i], &t[i..]),
-        None => (t, "s"),
-    };
-    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("invalid duration {s:?}: use s, m or h")),
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -234,8 +219,8 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     let lay = Layout::new(a.mem, a.vcpus)?;
     let guest =
         std::env::temp_dir().join(format!("vmm-stress-memchurn-{}.elf", std::process::id()));
-    std::fs::write(&guest, crate::MEMCHURN_GUEST).map_err(|e| e.to_string())?;
-    let mut config = VmConfig::new(Some(guest.clone()));
+    std::fs::write(&guest, vmm_guests::MEMCHURN).map_err(|e| e.to_string())?;
+    let mut config = VmConfig::new(guest.clone());
     config.vcpus = a.vcpus;
     config.mem_size = a.mem;
     config.fault_mode = a.fault_mode;
@@ -278,7 +263,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     if a.mem_hugepages {
         // The extra memslots are hugetlb too: room for them in the pool.
         let bytes = a.mem + a.hotplug + EXTRA_SLOT * u64::from(EXTRA_SLOTS);
-        crate::memory::hugetlb::reserve(bytes.div_ceil(crate::memory::hugetlb::HUGE_PAGE))
+        vmm::memory::hugetlb::reserve(bytes.div_ceil(vmm::memory::hugetlb::HUGE_PAGE))
             .map_err(|e| e.to_string())?;
     }
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
@@ -554,7 +539,7 @@ fn controller(
     extra_base: u64,
     activity: &Activity,
     audit: &Mutex<(SlotAudit, SlotAudit)>,
-    exit: &crate::exit::VmExit,
+    exit: &vmm::exit::VmExit,
 ) {
     let t0 = Instant::now();
     for e in events {
@@ -611,7 +596,7 @@ fn watchdog(
     metrics: &VmMetrics,
     done: &AtomicBool,
     stuck: &Mutex<Tally>,
-    exit: &crate::exit::VmExit,
+    exit: &vmm::exit::VmExit,
     limit: Duration,
     duration: Duration,
     activity: &Activity,
@@ -669,16 +654,6 @@ fn watchdog(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("1.5m").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("5d").is_err());
-    }
 
     #[test]
     fn shares_match_the_guest_split() {

@@ -14,12 +14,12 @@ use super::audit::{SlotAudit, Tally};
 use super::report::{BalloonSummary, HotplugSummary, Invariant, Latency, Report};
 use super::schedule::Rng;
 use super::StressArgs;
-use crate::api::VmControl;
-use crate::arch::x86_64::layout;
-use crate::config::{BalloonOptions, HotplugOptions, VmConfig};
-use crate::fault::stats::FAULT_KINDS;
-use crate::memory::{MemoryManager, NewSlot, PageSource};
-use crate::vm::Vm;
+use vmm::api::VmControl;
+use vmm::arch::x86_64::layout;
+use vmm::config::{BalloonOptions, HotplugOptions, VmConfig};
+use vmm::fault::stats::FAULT_KINDS;
+use vmm::memory::{MemoryManager, NewSlot, PageSource};
+use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 
@@ -41,13 +41,13 @@ struct Cycles {
 }
 
 pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
-    let mut config = VmConfig::new(Some(kernel));
+    let mut config = VmConfig::new(kernel);
     config.initrd = a.initrd.clone();
     config.vcpus = a.vcpus;
     config.mem_size = a.mem;
     config.cmdline = "console=ttyS0".into();
     config.fault_mode = a.fault_mode;
-    config.serial = crate::config::SerialOut::Capture(Default::default());
+    config.serial = vmm::config::SerialOut::Capture(Default::default());
     config.balloon = Some(BalloonOptions {
         target: 0,
         free_page_reporting: false,

@@ -1,13 +1,13 @@
 //! Builds the freestanding test guests in `guest-images/` with the system
-//! gcc/binutils and exposes their directory to the crate (`VMM_GUEST_DIR`);
-//! the `demo` guest is embedded in the binary.
+//! gcc/binutils into this crate's OUT_DIR and tells the crate where they are
+//! (`VMM_GUEST_DIR`).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let src = manifest.join("../guest-images");
+    let src = manifest.join("../../guest-images");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
     // Cargo scans a directory named here recursively for changes.
     println!("cargo:rerun-if-changed={}", src.display());
@@ -19,9 +19,5 @@ fn main() {
         .status()
         .expect("running make for guest-images (needs make and gcc)");
     assert!(status.success(), "building guest-images failed");
-    for embedded in ["demo.elf", "memstress.elf", "memchurn.elf"] {
-        let dst = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(embedded);
-        std::fs::copy(out.join(embedded), dst).expect("copy an embedded guest");
-    }
     println!("cargo:rustc-env=VMM_GUEST_DIR={}", out.display());
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use crate::config::{BalloonOptions, SerialOut, VmConfig};
-use crate::exit::ExitReason;
-use crate::fault::FaultSnapshot;
-use crate::vm::Vm;
+use vmm::config::{BalloonOptions, SerialOut, VmConfig};
+use vmm::exit::ExitReason;
+use vmm::fault::FaultSnapshot;
+use vmm::vm::Vm;
 
 #[derive(Parser, Debug, Clone)]
 pub struct BalloonBenchArgs {
@@ -63,11 +63,11 @@ pub(super) fn us(ns: Option<u64>) -> String {
 /// Run the balloon benchmark and print its table.
 pub fn run(a: &BalloonBenchArgs) -> Result<(), String> {
     let guest = std::env::temp_dir().join(format!("vmm-bench-memchurn-{}.elf", std::process::id()));
-    std::fs::write(&guest, crate::MEMCHURN_GUEST).map_err(|e| e.to_string())?;
+    std::fs::write(&guest, vmm_guests::MEMCHURN).map_err(|e| e.to_string())?;
     let pool = a.mib * MIB;
     let wbase = POOL_BASE + pool;
     let wbytes = a.worker_mib * MIB;
-    let mut config = VmConfig::new(Some(guest.clone()));
+    let mut config = VmConfig::new(guest.clone());
     config.vcpus = 2;
     config.mem_size = (wbase + wbytes + 16 * MIB).next_multiple_of(2 * MIB);
     config.cmdline =

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use vmm::bench::{self, BenchArgs};
 use vmm::config::{
-    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut,
+    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, Kernel, SerialOut,
     SyscallAssistMode, VmConfig,
 };
 use vmm::vm::Vm;
+use vmm_bench::{self as bench, BenchArgs};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +34,7 @@ enum Command {
     Ctl(CtlArgs),
     /// Balloon and hotplug churn while every vCPU faults, with the
     /// invariants counted (exit status 1 on any violation).
-    Stress(vmm::stress::StressArgs),
+    Stress(vmm_stress::StressArgs),
 }
 
 #[derive(Parser)]
@@ -97,9 +97,9 @@ enum BenchCmd {
     /// Fault throughput and latency under each fault mode.
     Faults(BenchArgs),
     /// Balloon inflate/deflate rates and fault latency while inflating.
-    Balloon(vmm::bench::balloon::BalloonBenchArgs),
+    Balloon(vmm_bench::balloon::BalloonBenchArgs),
     /// virtio-mem plug/unplug latency and fault latency while they happen.
-    Hotplug(vmm::bench::hotplug::HotplugBenchArgs),
+    Hotplug(vmm_bench::hotplug::HotplugBenchArgs),
 }
 
 #[derive(Parser)]
@@ -145,7 +145,7 @@ struct RunArgs {
     metrics_allow_remote: bool,
     /// Keep serving metrics this long after the VM ends (a last scrape of
     /// the final counters), e.g. 10s.
-    #[arg(long, default_value = "0s", value_parser = vmm::stress::parse_duration, requires = "metrics_addr")]
+    #[arg(long, default_value = "0s", value_parser = vmm::config::parse_duration, requires = "metrics_addr")]
     metrics_linger: std::time::Duration,
     /// Do not print the fault summary at the end.
     #[arg(long)]
@@ -217,7 +217,13 @@ fn ensure_std_fds() {
 
 fn run(a: RunArgs) -> ExitCode {
     let config = VmConfig {
-        kernel: a.kernel,
+        kernel: match a.kernel {
+            Some(path) => Kernel::File(path),
+            None => Kernel::Embedded {
+                name: "the embedded demo guest",
+                image: vmm_guests::DEMO,
+            },
+        },
         mem_size: a.mem,
         vcpus: a.vcpus,
         cmdline: a.cmdline,
@@ -358,10 +364,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Bench(BenchCmd::Balloon(a)) => bench_result(vmm::bench::balloon::run(&a)),
-        Command::Bench(BenchCmd::Hotplug(a)) => bench_result(vmm::bench::hotplug::run(&a)),
+        Command::Bench(BenchCmd::Balloon(a)) => bench_result(vmm_bench::balloon::run(&a)),
+        Command::Bench(BenchCmd::Hotplug(a)) => bench_result(vmm_bench::hotplug::run(&a)),
         Command::Ctl(a) => ctl(a),
-        Command::Stress(a) => match vmm::stress::run(&a) {
+        Command::Stress(a) => match vmm_stress::run(&a) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use super::balloon::{us, wait, Window};
-use crate::config::{HotplugOptions, SerialOut, VmConfig};
-use crate::exit::ExitReason;
-use crate::vm::Vm;
+use vmm::config::{HotplugOptions, SerialOut, VmConfig};
+use vmm::exit::ExitReason;
+use vmm::vm::Vm;
 
 #[derive(Parser, Debug, Clone)]
 pub struct HotplugBenchArgs {
@@ -50,9 +50,9 @@ fn quantiles(v: &[u64]) -> (String, String, usize) {
 /// Run the hotplug benchmark and print its table.
 pub fn run(a: &HotplugBenchArgs) -> Result<(), String> {
     let guest = std::env::temp_dir().join(format!("vmm-bench-hotplug-{}.elf", std::process::id()));
-    std::fs::write(&guest, crate::MEMCHURN_GUEST).map_err(|e| e.to_string())?;
+    std::fs::write(&guest, vmm_guests::MEMCHURN).map_err(|e| e.to_string())?;
     let wbytes = a.worker_mib * MIB;
-    let mut config = VmConfig::new(Some(guest.clone()));
+    let mut config = VmConfig::new(guest.clone());
     config.vcpus = 2;
     config.mem_size = (WBASE + wbytes + 16 * MIB).next_multiple_of(2 * MIB);
     config.cmdline = format!("wbase={WBASE} wbytes={wbytes} wdiscard=1");

@@ -17,10 +17,10 @@ pub mod hotplug;
 
 use clap::Parser;
 
-use crate::config::{FaultMode, SerialOut, VmConfig};
-use crate::exit::ExitReason;
-use crate::memory::{NewSlot, PageSource};
-use crate::vm::{RunReport, Vm};
+use vmm::config::{FaultMode, SerialOut, VmConfig};
+use vmm::exit::ExitReason;
+use vmm::memory::{NewSlot, PageSource};
+use vmm::vm::{RunReport, Vm};
 
 #[derive(Parser, Debug, Clone)]
 pub struct BenchArgs {
@@ -35,7 +35,7 @@ pub struct BenchArgs {
     pub repeat: usize,
     /// Largest fault-around window of the default rows (pages); the
     /// `vcpu-nofa` row always runs without fault-around.
-    #[arg(long, default_value_t = crate::config::DEFAULT_FAULT_AROUND)]
+    #[arg(long, default_value_t = vmm::config::DEFAULT_FAULT_AROUND)]
     pub fault_around: u64,
     /// Memslot changes per second for the churn row.
     #[arg(long, default_value_t = 100)]
@@ -117,7 +117,7 @@ fn one_run(
         ..
     } = row;
     let bytes = pages * 4096;
-    let mut config = VmConfig::new(Some(guest.to_path_buf()));
+    let mut config = VmConfig::new(guest.to_path_buf());
     config.mem_size = mem_size(pages);
     config.mem_hugepages = huge;
     if let (Some(cache), Some(image)) = (file, image) {
@@ -260,7 +260,7 @@ fn spawn_churn(vm: &Vm, hz: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()
 /// behaviour, ten times more often than usual).
 fn spawn_scraper(
     addr: std::net::SocketAddr,
-    exit: Arc<crate::exit::VmExit>,
+    exit: Arc<vmm::exit::VmExit>,
 ) -> std::thread::JoinHandle<()> {
     use std::io::{Read, Write};
     std::thread::spawn(move || {
@@ -337,7 +337,7 @@ fn us(ns: Option<u64>) -> String {
 pub fn faults(a: &BenchArgs) -> Result<(), String> {
     let guest =
         std::env::temp_dir().join(format!("vmm-bench-memstress-{}.elf", std::process::id()));
-    std::fs::write(&guest, crate::MEMSTRESS_GUEST).map_err(|e| e.to_string())?;
+    std::fs::write(&guest, vmm_guests::MEMSTRESS).map_err(|e| e.to_string())?;
     println!(
         "fault benchmark: {} pages (one store per 4 KiB page), median of {} runs, fault-around up to {} pages",
         a.pages, a.repeat, a.fault_around

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::memory::{resident_pages, MemoryManager, Slot};
+use vmm::memory::{resident_pages, MemoryManager, Slot};
 
 /// Checks made and violations found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
