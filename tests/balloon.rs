@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::inproc::{config, field, host_mode, text};
 use common::{guest, linux_file, run_with, vmm, wait_for};
 use vmm::config::{BalloonOptions, FaultMode};
+use vmm::devices::virtio::balloon::BalloonStat;
 use vmm::exit::ExitReason;
 use vmm::vm::Vm;
 
@@ -43,7 +44,12 @@ fn test_guest_follows_the_target_with_exact_accounting() {
     let pool_pages = bytes / PAGE;
     let driver = std::thread::spawn(move || {
         let pool = || memory.resident_pages_in(base, bytes);
-        let actual = || control.balloon_info().unwrap().actual_pages;
+        let actual = || {
+            control
+                .balloon_info()
+                .unwrap()
+                .get(BalloonStat::ActualPages)
+        };
         wait_for(
             "the guest to fill its pool",
             Duration::from_secs(120),
@@ -99,7 +105,10 @@ fn test_guest_follows_the_target_with_exact_accounting() {
 /// The VMM's own inflate/deflate counts from the run's memory stats.
 fn vm_balloon_counts(_out: &str, report: &vmm::vm::RunReport) -> (u64, u64) {
     let b = report.balloon.as_ref().expect("a balloon in the report");
-    (b.inflated_pages, b.deflated_pages)
+    (
+        b.get(BalloonStat::InflatedPages),
+        b.get(BalloonStat::DeflatedPages),
+    )
 }
 
 /// A guest that attacks both virtio devices, the balloon and virtio-mem
@@ -239,12 +248,12 @@ fn linux_driver_inflates_and_deflates() {
         let target = 32 * MIB;
         control.set_balloon_target(target).unwrap();
         wait_for("the driver to inflate", Duration::from_secs(600), || {
-            info().actual_pages == target / PAGE
+            info().get(BalloonStat::ActualPages) == target / PAGE
         });
         let inflated = memory.resident_pages();
         control.set_balloon_target(0).unwrap();
         wait_for("the driver to deflate", Duration::from_secs(600), || {
-            info().actual_pages == 0
+            info().get(BalloonStat::ActualPages) == 0
         });
         let i = info();
         control.stop();
@@ -254,13 +263,21 @@ fn linux_driver_inflates_and_deflates() {
     let (before, inflated, info) = driver.join().unwrap();
     let console = text(&out);
     assert_eq!(report.reason, ExitReason::Stopped, "{console}");
-    assert_eq!(info.inflated_pages, 32 * MIB / PAGE, "{info:?}");
-    assert_eq!(info.deflated_pages, 32 * MIB / PAGE, "{info:?}");
+    assert_eq!(
+        info.get(BalloonStat::InflatedPages),
+        32 * MIB / PAGE,
+        "{info:?}"
+    );
+    assert_eq!(
+        info.get(BalloonStat::DeflatedPages),
+        32 * MIB / PAGE,
+        "{info:?}"
+    );
     assert_eq!(
         before - inflated,
-        info.inflated_pages,
+        info.get(BalloonStat::InflatedPages),
         "resident pages must drop by exactly the pages inflated"
     );
-    assert_eq!(info.rejected_descriptors, 0);
+    assert_eq!(info.get(BalloonStat::RejectedDescriptors), 0);
     drop(exit);
 }

@@ -12,6 +12,7 @@ use common::image_file;
 use common::inproc::{config, field, host_mode, text};
 use vmm::config::FaultMode;
 use vmm::exit::ExitReason;
+use vmm::fault::stats::ThreadStat;
 use vmm::memory::MemoryManager;
 use vmm::vm::{RunReport, Vm};
 
@@ -59,13 +60,17 @@ fn a_sequential_stream_grows_the_window() {
             mode.name(),
             off.faults(),
             on.faults(),
-            on.pages_installed
+            on[ThreadStat::PagesInstalled]
         );
         assert!(off.faults() >= pages, "{}: {off:?}", mode.name());
         // 2048 pages: windows of 1, 2, 4, ... 512 pages cover them in about
         // a dozen faults; allow for the guest's own code and stack.
         assert!(on.faults() * 16 < pages, "{}: {on:?}", mode.name());
-        assert!(on.pages_installed >= pages, "{}: {on:?}", mode.name());
+        assert!(
+            on[ThreadStat::PagesInstalled] >= pages,
+            "{}: {on:?}",
+            mode.name()
+        );
     }
 }
 
@@ -101,7 +106,7 @@ fn the_window_stops_before_discarded_pages() {
     let (_, plain) = run(mode, bytes, "stride=4096", 512, |_| {});
     let spilled = plain.resident_pages_in(after, 2 * MIB);
     let (report, ballooned) = run(mode, bytes, "stride=4096", 512, |m| {
-        m.discard(after, 2 * MIB).unwrap()
+        m.discard(after, 2 * MIB).map(drop).unwrap()
     });
     let resident = ballooned.resident_pages_in(after, 2 * MIB);
     eprintln!("past the stream: {spilled} pages without a discard, {resident} with");
@@ -138,13 +143,17 @@ fn image_backed_streams_are_read_in_windows() {
             "{}: {} faults, {} pages installed, {} bytes read",
             mode.name(),
             t.faults(),
-            t.pages_installed,
-            t.source_bytes
+            t[ThreadStat::PagesInstalled],
+            t[ThreadStat::SourceBytes]
         );
         // The whole image below the region is read too (the guest's code
         // and stack): allow for it, but not for a fault per page.
         assert!(t.faults() * 16 < 2048, "{}: {t:?}", mode.name());
         // Every installed page was read from the file but the discarded one.
-        assert_eq!(t.source_bytes, (t.pages_installed - 1) * 4096, "{t:?}");
+        assert_eq!(
+            t[ThreadStat::SourceBytes],
+            (t[ThreadStat::PagesInstalled] - 1) * 4096,
+            "{t:?}"
+        );
     }
 }

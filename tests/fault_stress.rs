@@ -15,7 +15,9 @@ use common::image_file;
 use common::inproc::{all_modes, config, demand_modes, field, host_mode, lines, text};
 use vmm::config::FaultMode;
 use vmm::exit::ExitReason;
+use vmm::fault::stats::ThreadStat;
 use vmm::fault::FaultSnapshot;
+use vmm::memory::MemStat;
 use vmm::memory::{resident_pages, NewSlot, PageSource};
 use vmm::vm::{RunReport, Vm};
 
@@ -58,11 +60,13 @@ fn seed() -> u64 {
 fn assert_faults_accounted(s: &FaultSnapshot) {
     assert_eq!(
         s.faults(),
-        s.speculative_installs + s.slow_path_installs + s.already_present,
+        s[ThreadStat::SpeculativeInstalls]
+            + s[ThreadStat::SlowPathInstalls]
+            + s[ThreadStat::AlreadyPresent],
         "faults not all accounted for: {s:?}"
     );
     assert_eq!(
-        s.latency_count,
+        s.latency.count,
         s.faults(),
         "latency histogram count != faults"
     );
@@ -114,25 +118,28 @@ fn writes_survive_memslot_churn() {
     assert!(t.faults() >= 24_000, "too few faults: {t:?}");
     // The churn thread ran on after the report was taken: at most as many.
     assert!(
-        report.memory.memslot_changes >= 100,
+        report.memory[MemStat::Changes] >= 100,
         "churn made too few changes"
     );
-    assert!(report.memory.memslot_changes <= changes.load(Ordering::Relaxed));
+    assert!(report.memory[MemStat::Changes] <= changes.load(Ordering::Relaxed));
     assert!(
-        t.retries > 0,
+        t[ThreadStat::Retries] > 0,
         "no retries counted with {} memslot changes",
-        report.memory.memslot_changes
+        report.memory[MemStat::Changes]
     );
-    assert!(t.slow_path_installs + t.already_present > 0 || t.retries > 0);
+    assert!(
+        t[ThreadStat::SlowPathInstalls] + t[ThreadStat::AlreadyPresent] > 0
+            || t[ThreadStat::Retries] > 0
+    );
     for v in &report.vcpus {
         assert_faults_accounted(v);
     }
     eprintln!(
         "faults {} retries {} slow {} changes {}",
         t.faults(),
-        t.retries,
-        t.slow_path_installs,
-        report.memory.memslot_changes
+        t[ThreadStat::Retries],
+        t[ThreadStat::SlowPathInstalls],
+        report.memory[MemStat::Changes]
     );
 }
 
@@ -240,7 +247,10 @@ fn discarded_pages_read_back_as_zero() {
             i + 1
         );
     }
-    assert_eq!(report.memory.discarded_pages, expected.iter().sum::<u64>());
+    assert_eq!(
+        report.memory[MemStat::DiscardedPages],
+        expected.iter().sum::<u64>()
+    );
     for v in &report.vcpus {
         assert_faults_accounted(v);
     }
@@ -337,10 +347,10 @@ fn image_backed_memory_matches_the_file() {
         );
         let t = report.total();
         assert!(
-            t.source_bytes >= 32 * MIB,
+            t[ThreadStat::SourceBytes] >= 32 * MIB,
             "{}: read {} bytes from the image",
             mode.name(),
-            t.source_bytes
+            t[ThreadStat::SourceBytes]
         );
     }
 }
@@ -397,12 +407,16 @@ fn every_fault_mode_runs_touch() {
             // fault-around covers the sequential stream.
             FaultMode::Vcpu | FaultMode::Handler => {
                 assert!(t.faults() > 0, "{}: {t:?}", mode.name());
-                assert!(t.pages_installed >= 1024, "{}: {t:?}", mode.name());
+                assert!(
+                    t[ThreadStat::PagesInstalled] >= 1024,
+                    "{}: {t:?}",
+                    mode.name()
+                );
             }
             _ => assert_eq!(t.faults(), 0),
         }
         if mode == FaultMode::Prefault {
-            assert_eq!(report.resident_pages, 128 * MIB / 4096);
+            assert_eq!(report.memory[MemStat::ResidentPages], 128 * MIB / 4096);
         }
     }
 }

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use common::inproc::{config, field, host_mode, text};
 use common::{linux_file, wait_for};
 use vmm::config::HotplugOptions;
+use vmm::devices::virtio::mem::HotplugStat;
 use vmm::exit::ExitReason;
+use vmm::fault::stats::ThreadStat;
+use vmm::memory::MemStat;
 use vmm::memory::{resident_pages, MemoryManager, Slot};
 use vmm::vm::{RunReport, Vm};
 
@@ -75,7 +78,9 @@ fn assert_faults_accounted(report: &RunReport) {
     for (i, s) in report.vcpus.iter().enumerate() {
         assert_eq!(
             s.faults(),
-            s.speculative_installs + s.slow_path_installs + s.already_present,
+            s[ThreadStat::SpeculativeInstalls]
+                + s[ThreadStat::SlowPathInstalls]
+                + s[ThreadStat::AlreadyPresent],
             "vCPU {i}: faults not all accounted for: {s:?}"
         );
     }
@@ -106,7 +111,7 @@ fn test_guest_follows_requested_size() {
                 // The guest tries one plug beyond the target once it is
                 // reached: hold the target until the device has NACKed it.
                 wait_for("the over-plug", Duration::from_secs(60), || {
-                    control.memory_info().unwrap().requests["plug"]["nack"] == 1
+                    control.memory_info().unwrap().get(HotplugStat::PlugNack) == 1
                 });
             }
             checks += check_unplugged_empty(&memory, region, &mut seen);
@@ -137,10 +142,13 @@ fn test_guest_follows_requested_size() {
     );
     assert!(checks > 0);
     // The device's view agrees with the guest's.
-    assert_eq!(info.requests["plug"]["ack"], 32);
-    assert_eq!(info.requests["plug"]["nack"], 1);
-    assert_eq!(info.requests["unplug"]["ack"], 32);
-    assert!(info.slices_added >= 1 && info.slices_added == info.slices_removed);
+    assert_eq!(info.get(HotplugStat::PlugAck), 32);
+    assert_eq!(info.get(HotplugStat::PlugNack), 1);
+    assert_eq!(info.get(HotplugStat::UnplugAck), 32);
+    assert!(
+        info.get(HotplugStat::SlicesAdded) >= 1
+            && info.get(HotplugStat::SlicesAdded) == info.get(HotplugStat::SlicesRemoved)
+    );
     assert_faults_accounted(&report);
 }
 
@@ -248,18 +256,18 @@ fn faults_survive_100_resizes() {
         rounds >= 100,
         "workers faulted in only {rounds} blocks: {out}"
     );
-    let retries: u64 = report.vcpus.iter().map(|s| s.retries).sum();
+    let retries: u64 = report.vcpus.iter().map(|s| s[ThreadStat::Retries]).sum();
     assert!(
         retries > 0,
         "no fault retried across {} memslot changes",
-        report.memory.memslot_changes
+        report.memory[MemStat::Changes]
     );
-    assert!(info.slices_added >= 10, "{info:?}");
+    assert!(info.get(HotplugStat::SlicesAdded) >= 10, "{info:?}");
     assert!(checks > 1000, "only {checks} mincore checks");
     assert_faults_accounted(&report);
     eprintln!(
         "rounds {rounds}, retries {retries}, memslot changes {}, mincore checks {checks}",
-        report.memory.memslot_changes
+        report.memory[MemStat::Changes]
     );
 }
 
@@ -305,9 +313,13 @@ fn linux_driver_follows_requested_size() {
     assert_eq!(report.reason, ExitReason::Stopped, "{console}");
     eprintln!("steps (MiB, time): {steps:?}");
     assert!(console.contains("virtio_mem"), "{console}");
-    assert!(info.slices_added >= 2, "{info:?}");
-    assert_eq!(info.slices_added, info.slices_removed, "{info:?}");
-    assert!(report.memory.memslot_changes >= 4);
-    assert_eq!(info.requests["plug"]["error"], 0, "{info:?}");
-    assert_eq!(info.requests["unplug"]["error"], 0, "{info:?}");
+    assert!(info.get(HotplugStat::SlicesAdded) >= 2, "{info:?}");
+    assert_eq!(
+        info.get(HotplugStat::SlicesAdded),
+        info.get(HotplugStat::SlicesRemoved),
+        "{info:?}"
+    );
+    assert!(report.memory[MemStat::Changes] >= 4);
+    assert_eq!(info.get(HotplugStat::PlugError), 0, "{info:?}");
+    assert_eq!(info.get(HotplugStat::UnplugError), 0, "{info:?}");
 }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use common::inproc::{all_modes, config, field, host_mode, text};
 use common::wait_for;
 use vmm::config::{BalloonOptions, FaultMode};
+use vmm::devices::virtio::balloon::BalloonStat;
 use vmm::exit::ExitReason;
+use vmm::fault::stats::ThreadStat;
+use vmm::memory::MemStat;
 use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
@@ -41,15 +44,15 @@ fn every_mode_runs_on_huge_pages() {
             "{}: {} faults, {} pages installed, {} resident",
             mode.name(),
             t.faults(),
-            t.pages_installed,
-            report.resident_pages
+            t[ThreadStat::PagesInstalled],
+            report.memory[MemStat::ResidentPages]
         );
         if matches!(mode, FaultMode::Vcpu | FaultMode::Handler) {
             // 32 huge pages in the region, plus the guest's image, stack
             // and page tables below it: a fault per 2 MiB, not per 4 KiB.
             assert!(t.faults() >= 32 && t.faults() <= 48, "{t:?}");
-            assert_eq!(t.pages_installed % 512, 0, "{t:?}");
-            assert_eq!(t.pages_installed, t.faults() * 512, "{t:?}");
+            assert_eq!(t[ThreadStat::PagesInstalled] % 512, 0, "{t:?}");
+            assert_eq!(t[ThreadStat::PagesInstalled], t.faults() * 512, "{t:?}");
         }
     }
 }
@@ -89,7 +92,11 @@ fn balloon_gives_back_whole_huge_pages() {
         for target in [15 * MIB, 3 * MIB, 5 * MIB, 0] {
             control.set_balloon_target(target).unwrap();
             wait_for("the balloon target", Duration::from_secs(120), || {
-                control.balloon_info().unwrap().actual_pages == target / PAGE
+                control
+                    .balloon_info()
+                    .unwrap()
+                    .get(BalloonStat::ActualPages)
+                    == target / PAGE
             });
             let want = pool_pages - target / (2 * MIB) * 512;
             // The guest re-touches deflated pages after it updates `actual`.
@@ -125,5 +132,11 @@ fn balloon_gives_back_whole_huge_pages() {
     let inflated = field(&out, done, "inflated").unwrap();
     assert_eq!(inflated, (15 + 2) * MIB / PAGE, "{out}");
     let b = report.balloon.as_ref().unwrap();
-    assert_eq!((b.inflated_pages, b.deflated_pages), (inflated, inflated));
+    assert_eq!(
+        (
+            b.get(BalloonStat::InflatedPages),
+            b.get(BalloonStat::DeflatedPages)
+        ),
+        (inflated, inflated)
+    );
 }

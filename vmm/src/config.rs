@@ -29,7 +29,7 @@ pub enum ConfigError {
     #[error("--balloon {target} bytes is more than guest RAM ({mem} bytes)")]
     BalloonTooLarge { target: u64, mem: u64 },
     #[error("--hotplug: {0}")]
-    Hotplug(String),
+    Hotplug(#[from] crate::devices::virtio::mem::RegionError),
     #[error("--hotplug needs a userfaultfd fault mode (vcpu or handler), not {0}: only those enforce that unplugged blocks stay empty")]
     HotplugNeedsUffd(&'static str),
     #[error("--mem-hugepages: {0}")]
@@ -244,7 +244,7 @@ impl VmConfig {
                 size: h.size,
                 block_size: h.block_size,
             };
-            region.validate().map_err(ConfigError::Hotplug)?;
+            region.validate()?;
         }
         if self.mem_hugepages {
             let why = if !self.mem_size.is_multiple_of(2 << 20) {

@@ -15,6 +15,7 @@
 //! - [`vm`]: builds a VM from a configuration and runs it to its end.
 //! - [`exit`]: how any thread ends the VM and with what status.
 
+pub use vmm_counters as counters;
 pub use vmm_devices as devices;
 pub use vmm_exit as exit;
 pub use vmm_fault as fault;

@@ -8,15 +8,16 @@
 //! faults every page again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
+use vmm::api::VmControl;
+use vmm::config::BalloonOptions;
+use vmm::devices::virtio::balloon::BalloonStat;
+use vmm::memory::MemoryManager;
+use vmm::metrics::VmMetrics;
 
-use vmm::config::{BalloonOptions, SerialOut, VmConfig};
-use vmm::exit::ExitReason;
-use vmm::fault::FaultSnapshot;
-use vmm::vm::Vm;
+use crate::churn::{wait, ChurnGuest, Window, MIB};
 
 #[derive(Parser, Debug, Clone)]
 pub struct BalloonBenchArgs {
@@ -31,125 +32,85 @@ pub struct BalloonBenchArgs {
     pub quiet_s: u64,
 }
 
-const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const POOL_BASE: u64 = 16 * MIB;
 
-pub(super) fn wait(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> bool,
-) -> Result<Duration, String> {
-    let t0 = Instant::now();
-    while !f() {
-        if t0.elapsed() > limit {
-            return Err(format!("timed out after {limit:?} waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(t0.elapsed())
-}
-
-pub(super) struct Window {
-    pub secs: f64,
-    pub faults: FaultSnapshot,
-}
-
-pub(super) fn us(ns: Option<u64>) -> String {
-    ns.map(|n| format!("{:.1}", n as f64 / 1000.0))
-        .unwrap_or_else(|| "-".into())
-}
-
 /// Run the balloon benchmark and print its table.
 pub fn run(a: &BalloonBenchArgs) -> Result<(), String> {
-    let guest = std::env::temp_dir().join(format!("vmm-bench-memchurn-{}.elf", std::process::id()));
-    std::fs::write(&guest, vmm_guests::MEMCHURN).map_err(|e| e.to_string())?;
     let pool = a.mib * MIB;
-    let wbase = POOL_BASE + pool;
-    let wbytes = a.worker_mib * MIB;
-    let mut config = VmConfig::new(guest.clone());
-    config.vcpus = 2;
-    config.mem_size = (wbase + wbytes + 16 * MIB).next_multiple_of(2 * MIB);
-    config.cmdline =
-        format!("pool_base={POOL_BASE} pool_bytes={pool} wbase={wbase} wbytes={wbytes} wdiscard=1");
-    config.serial = SerialOut::Capture(Default::default());
-    let SerialOut::Capture(out) = config.serial.clone() else {
-        unreachable!()
-    };
-    config.balloon = Some(BalloonOptions {
-        target: 0,
-        free_page_reporting: false,
-        stats_interval_s: 0,
-    });
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let memory = vm.memory().clone();
-    let control = vm.control().clone();
-    let metrics = vm.metrics().clone();
-    // The faulting vCPU's passes: discard its area at each pass's end.
-    let passes = Arc::new(AtomicU64::new(0));
-    {
-        let (memory, passes) = (memory.clone(), passes.clone());
-        vm.on_marker(Box::new(move |v| {
-            if v == 0x101 {
-                let _ = memory.discard(wbase, wbytes);
-                passes.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    let quiet_s = a.quiet_s;
-    let bench = std::thread::spawn(move || -> Result<_, String> {
-        let worker = || metrics.vcpus[1].snapshot();
-        let actual = || control.balloon_info().map(|b| b.actual_pages).unwrap_or(0);
-        wait(
-            "the guest to fill its pool",
-            Duration::from_secs(300),
-            || memory.resident_pages_in(POOL_BASE, pool) == pool / PAGE,
-        )?;
-        wait(
-            "the worker's first passes",
-            Duration::from_secs(120),
-            || passes.load(Ordering::Relaxed) >= 2,
-        )?;
-        let window = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<Window, String> {
-            let s0 = worker();
-            let t0 = Instant::now();
-            f()?;
-            Ok(Window {
-                secs: t0.elapsed().as_secs_f64(),
-                faults: worker().since(&s0),
+    let g = ChurnGuest::boot(
+        "balloon",
+        format!("pool_base={POOL_BASE} pool_bytes={pool}"),
+        POOL_BASE + pool,
+        a.worker_mib * MIB,
+        |c| {
+            c.balloon = Some(BalloonOptions {
+                target: 0,
+                free_page_reporting: false,
+                stats_interval_s: 0,
             })
-        };
-        let quiet = window(&mut || {
-            std::thread::sleep(Duration::from_secs(quiet_s));
-            Ok(())
-        })?;
-        let inflate = window(&mut || {
-            control
-                .set_balloon_target(pool)
-                .map_err(|e| e.to_string())?;
-            wait("the inflate", Duration::from_secs(600), || {
-                actual() == pool / PAGE
-            })
-            .map(|_| ())
-        })?;
-        let deflate = window(&mut || {
-            control.set_balloon_target(0).map_err(|e| e.to_string())?;
-            wait("the deflate", Duration::from_secs(600), || actual() == 0).map(|_| ())
-        })?;
+        },
+    )?;
+    let (control, memory, metrics) = (
+        g.vm.control().clone(),
+        g.vm.memory().clone(),
+        g.vm.metrics().clone(),
+    );
+    let (passes, quiet_s) = (g.passes.clone(), a.quiet_s);
+    let (done, windows) = g.run(move || {
+        let r = phases(&control, &memory, &metrics, &passes, pool, quiet_s);
         control.signal_guest(1);
-        Ok((quiet, inflate, deflate))
-    });
-    let report = vm.run().map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_file(&guest);
-    let (quiet, inflate, deflate) = bench.join().map_err(|_| "bench thread panicked")??;
-    let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    let done = text
-        .lines()
-        .find(|l| l.starts_with("memchurn: done"))
-        .ok_or_else(|| format!("the guest did not finish ({}): {text}", report.reason))?;
-    if report.reason != ExitReason::GuestStatus(0) {
-        return Err(format!("the guest failed ({}): {done}", report.reason));
-    }
+        r
+    })?;
+    print_table(a, windows);
+    println!("guest: {done}");
+    Ok(())
+}
+
+/// Once the guest filled its pool and its worker runs: a quiet window, the
+/// inflate of the whole pool, the deflate, each with the worker's faults.
+fn phases(
+    control: &VmControl,
+    memory: &MemoryManager,
+    metrics: &VmMetrics,
+    passes: &AtomicU64,
+    pool: u64,
+    quiet_s: u64,
+) -> Result<[Window; 3], String> {
+    let actual = || {
+        control
+            .balloon_info()
+            .map(|b| b.get(BalloonStat::ActualPages))
+            .unwrap_or(0)
+    };
+    wait(
+        "the guest to fill its pool",
+        Duration::from_secs(300),
+        || memory.resident_pages_in(POOL_BASE, pool) == pool / PAGE,
+    )?;
+    wait(
+        "the worker's first passes",
+        Duration::from_secs(120),
+        || passes.load(Ordering::Relaxed) >= 2,
+    )?;
+    let quiet = Window::quiet(metrics, quiet_s)?;
+    let inflate = Window::measure(metrics, &mut || {
+        control
+            .set_balloon_target(pool)
+            .map_err(|e| e.to_string())?;
+        wait("the inflate", Duration::from_secs(600), || {
+            actual() == pool / PAGE
+        })
+        .map(|_| ())
+    })?;
+    let deflate = Window::measure(metrics, &mut || {
+        control.set_balloon_target(0).map_err(|e| e.to_string())?;
+        wait("the deflate", Duration::from_secs(600), || actual() == 0).map(|_| ())
+    })?;
+    Ok([quiet, inflate, deflate])
+}
+
+fn print_table(a: &BalloonBenchArgs, [quiet, inflate, deflate]: [Window; 3]) {
     println!(
         "balloon benchmark: {} MiB, faulting vCPU cycling {} MiB (host discards it each pass)",
         a.mib, a.worker_mib
@@ -163,17 +124,7 @@ pub fn run(a: &BalloonBenchArgs) -> Result<(), String> {
         ("inflate", &inflate, Some(a.mib as f64 / inflate.secs)),
         ("deflate", &deflate, Some(a.mib as f64 / deflate.secs)),
     ] {
-        println!(
-            "{:<10} {:>8.3} {:>10} {:>10} {:>10} {:>10}",
-            name,
-            w.secs,
-            rate.map(|r| format!("{r:.0}"))
-                .unwrap_or_else(|| "-".into()),
-            w.faults.faults(),
-            us(w.faults.latency_quantile_ns(0.5)),
-            us(w.faults.latency_quantile_ns(0.99)),
-        );
+        let rate = rate.map_or_else(|| "-".into(), |r| format!("{r:.0}"));
+        println!("{}", w.row(name, &format!(" {rate:>10}")));
     }
-    println!("guest: {done}");
-    Ok(())
 }

@@ -7,18 +7,24 @@
 //! per page over its share of `pages` pages, then writes the marker port.
 //! The time from vCPU start to that marker is the fault phase.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod balloon;
+mod churn;
+
+use churn::us;
 pub mod hotplug;
 
 use clap::Parser;
 
 use vmm::config::{FaultMode, SerialOut, VmConfig};
 use vmm::exit::ExitReason;
+use vmm::fault::stats::ThreadStat;
+use vmm::memory::MemStat;
 use vmm::memory::{NewSlot, PageSource};
 use vmm::vm::{RunReport, Vm};
 
@@ -322,11 +328,6 @@ fn median(mut v: Vec<Sample>) -> Sample {
     v.swap_remove(mid)
 }
 
-fn us(ns: Option<u64>) -> String {
-    ns.map(|n| format!("{:.1}", n as f64 / 1000.0))
-        .unwrap_or_else(|| "-".into())
-}
-
 /// Run the fault benchmark and print its table.
 ///
 /// Rows: the fault modes with default flags (adaptive fault-around on),
@@ -370,42 +371,55 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
 }
 
 fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), String> {
-    let fa = a.fault_around;
     for &vcpus in &a.vcpus {
-        let mut rate = std::collections::HashMap::new();
-        let row = |name, mode, fault_around, churn_hz, scrape, random| Row {
-            name,
-            mode,
-            fault_around,
-            churn_hz,
-            scrape,
-            random,
-            file: None,
-            huge: false,
-        };
-        let huge = |name, mode, random| Row {
-            huge: true,
-            ..row(name, mode, fa, 0, false, random)
-        };
-        let file = |name, mode, random, cache| Row {
-            file: Some(cache),
-            ..row(name, mode, fa, 0, false, random)
-        };
-        let zero_rows = [
-            row("prefault", FaultMode::Prefault, fa, 0, false, false),
-            row("kernel", FaultMode::Kernel, fa, 0, false, false),
-            row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
-            row("vcpu-nofa", FaultMode::Vcpu, 1, 0, false, false),
-            row("handler", FaultMode::Handler, fa, 0, false, false),
-            row("vcpu+churn", FaultMode::Vcpu, fa, a.churn_hz, false, false),
-            row("vcpu+scrape", FaultMode::Vcpu, fa, 0, true, false),
-            row("prefault/r", FaultMode::Prefault, fa, 0, false, true),
-            row("kernel/r", FaultMode::Kernel, fa, 0, false, true),
-            row("vcpu/r", FaultMode::Vcpu, fa, 0, false, true),
-            row("handler/r", FaultMode::Handler, fa, 0, false, true),
-        ];
+        let rows = rows(a, image.is_some());
+        // Repetitions interleave the rows (all rows once, then again), so
+        // drift in the shared machine's load hits every row alike.
+        let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..a.repeat.max(1) {
+            for (i, r) in rows.iter().enumerate() {
+                samples[i].push(one_run(guest, image, *r, vcpus, a.pages)?);
+            }
+        }
+        let medians: Vec<Sample> = samples.into_iter().map(median).collect();
+        let rate: HashMap<&str, f64> = rows
+            .iter()
+            .zip(&medians)
+            .map(|(r, s)| (r.name, a.pages as f64 / s.secs))
+            .collect();
+        for (r, s) in rows.iter().zip(&medians) {
+            print_row(r, s, vcpus, &rate);
+        }
+        print_ratios(a, image.is_some(), vcpus, &rate);
+    }
+    Ok(())
+}
+
+/// The rows of one table: the fault modes on zero-filled RAM, on an image
+/// file (`--source file`), or on huge pages (`--hugepages`).
+fn rows(a: &BenchArgs, file_backed: bool) -> Vec<Row> {
+    let fa = a.fault_around;
+    let row = |name, mode, fault_around, churn_hz, scrape, random| Row {
+        name,
+        mode,
+        fault_around,
+        churn_hz,
+        scrape,
+        random,
+        file: None,
+        huge: false,
+    };
+    let huge = |name, mode, random| Row {
+        huge: true,
+        ..row(name, mode, fa, 0, false, random)
+    };
+    let file = |name, mode, random, cache| Row {
+        file: Some(cache),
+        ..row(name, mode, fa, 0, false, random)
+    };
+    if file_backed {
         // Prefault stays anonymous: the no-fault baseline.
-        let file_rows = [
+        return vec![
             row("prefault", FaultMode::Prefault, fa, 0, false, false),
             file("kernel", FaultMode::Kernel, false, Cache::Warm),
             file("vcpu", FaultMode::Vcpu, false, Cache::Warm),
@@ -417,7 +431,9 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             file("vcpu/r", FaultMode::Vcpu, true, Cache::Warm),
             file("handler/r", FaultMode::Handler, true, Cache::Warm),
         ];
-        let huge_rows = [
+    }
+    if a.hugepages {
+        return vec![
             row("prefault", FaultMode::Prefault, fa, 0, false, false),
             row("kernel", FaultMode::Kernel, fa, 0, false, false),
             row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
@@ -432,87 +448,87 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             huge("vcpu-2m/r", FaultMode::Vcpu, true),
             huge("handler-2m/r", FaultMode::Handler, true),
         ];
-        let rows: &[Row] = if image.is_some() {
-            &file_rows
-        } else if a.hugepages {
-            &huge_rows
-        } else {
-            &zero_rows
-        };
-        // Repetitions interleave the rows (all rows once, then again), so
-        // drift in the shared machine's load hits every row alike.
-        let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
-        for _ in 0..a.repeat.max(1) {
-            for (i, r) in rows.iter().enumerate() {
-                samples[i].push(one_run(guest, image, *r, vcpus, a.pages)?);
-            }
-        }
-        let medians: Vec<Sample> = samples.into_iter().map(median).collect();
-        for (r, s) in rows.iter().zip(&medians) {
-            rate.insert(r.name, a.pages as f64 / s.secs);
-        }
-        for (r, s) in rows.iter().zip(&medians) {
-            let total = s.report.total();
-            let pps = rate[r.name];
-            let base = rate[if r.random { "prefault/r" } else { "prefault" }];
-            let overhead = (1.0 / pps - 1.0 / base) * 1e6;
-            let uffd = |v: u64| {
-                if r.mode.uses_uffd() {
-                    v.to_string()
-                } else {
-                    "-".into()
-                }
-            };
-            println!(
-                "{:<13} {:>5} {:>10.0} {:>8.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
-                r.name,
-                vcpus,
-                pps,
-                overhead,
-                us(total.latency_quantile_ns(0.5)),
-                us(total.latency_quantile_ns(0.99)),
-                uffd(total.faults()),
-                uffd(total.pages_installed),
-                s.report.resident_pages,
-                total.retries,
-            );
-        }
-        let per = |n: &str, base: &str| (1.0 / rate[n] - 1.0 / rate[base]) * 1e6;
-        if a.hugepages {
-            println!(
-                "ratios (2 MiB pages): vcpu-2m/prefault={:.2} vcpu-2m/r/prefault/r={:.2} vcpu-2m/prefault-2m={:.2} vcpu-2m/kernel-2m={:.2} vcpu-2m/handler-2m={:.2} (vcpus={vcpus})",
-                rate["vcpu-2m"] / rate["prefault"],
-                rate["vcpu-2m/r"] / rate["prefault/r"],
-                rate["vcpu-2m"] / rate["prefault-2m"],
-                rate["vcpu-2m"] / rate["kernel-2m"],
-                rate["vcpu-2m"] / rate["handler-2m"],
-            );
-            continue;
-        }
-        if image.is_some() {
-            println!(
-                "ratios (image file): vcpu/kernel={:.2} vcpu/r/kernel/r={:.2} vcpu/handler={:.2} vcpu-cold/kernel-cold={:.2} (vcpus={vcpus})",
-                rate["vcpu"] / rate["kernel"],
-                rate["vcpu/r"] / rate["kernel/r"],
-                rate["vcpu"] / rate["handler"],
-                rate["vcpu-cold"] / rate["kernel-cold"],
-            );
-            continue;
-        }
-        println!(
-            "more ratios: vcpu-nofa/prefault={:.2} vcpu+scrape/vcpu={:.3} vcpu/r overhead/kernel/r overhead={:.2} (vcpus={vcpus})",
-            rate["vcpu-nofa"] / rate["prefault"],
-            rate["vcpu+scrape"] / rate["vcpu"],
-            per("vcpu/r", "prefault/r") / per("kernel/r", "prefault/r"),
-        );
-        // The headline line, last for the last vCPU count.
-        println!(
-            "ratios: vcpu/prefault={:.2} vcpu/handler={:.2} vcpu/kernel={:.2} vcpu/r/handler/r={:.2} (vcpus={vcpus})",
-            rate["vcpu"] / rate["prefault"],
-            rate["vcpu"] / rate["handler"],
-            rate["vcpu"] / rate["kernel"],
-            rate["vcpu/r"] / rate["handler/r"],
-        );
     }
-    Ok(())
+    vec![
+        row("prefault", FaultMode::Prefault, fa, 0, false, false),
+        row("kernel", FaultMode::Kernel, fa, 0, false, false),
+        row("vcpu", FaultMode::Vcpu, fa, 0, false, false),
+        row("vcpu-nofa", FaultMode::Vcpu, 1, 0, false, false),
+        row("handler", FaultMode::Handler, fa, 0, false, false),
+        row("vcpu+churn", FaultMode::Vcpu, fa, a.churn_hz, false, false),
+        row("vcpu+scrape", FaultMode::Vcpu, fa, 0, true, false),
+        row("prefault/r", FaultMode::Prefault, fa, 0, false, true),
+        row("kernel/r", FaultMode::Kernel, fa, 0, false, true),
+        row("vcpu/r", FaultMode::Vcpu, fa, 0, false, true),
+        row("handler/r", FaultMode::Handler, fa, 0, false, true),
+    ]
+}
+
+/// One row of the table: rate, cost per page over the no-fault baseline of
+/// the same pattern, latency, counters.
+fn print_row(r: &Row, s: &Sample, vcpus: usize, rate: &HashMap<&str, f64>) {
+    let total = s.report.total();
+    let pps = rate[r.name];
+    let base = rate[if r.random { "prefault/r" } else { "prefault" }];
+    let overhead = (1.0 / pps - 1.0 / base) * 1e6;
+    let uffd = |v: u64| {
+        if r.mode.uses_uffd() {
+            v.to_string()
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "{:<13} {:>5} {:>10.0} {:>8.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        r.name,
+        vcpus,
+        pps,
+        overhead,
+        us(total.latency_quantile_ns(0.5)),
+        us(total.latency_quantile_ns(0.99)),
+        uffd(total.faults()),
+        uffd(total[ThreadStat::PagesInstalled]),
+        s.report.memory[MemStat::ResidentPages],
+        total[ThreadStat::Retries],
+    );
+}
+
+/// The ratios of one table, the headline line last.
+fn print_ratios(a: &BenchArgs, file_backed: bool, vcpus: usize, rate: &HashMap<&str, f64>) {
+    let per = |n: &str, base: &str| (1.0 / rate[n] - 1.0 / rate[base]) * 1e6;
+    if file_backed {
+        println!(
+            "ratios (image file): vcpu/kernel={:.2} vcpu/r/kernel/r={:.2} vcpu/handler={:.2} vcpu-cold/kernel-cold={:.2} (vcpus={vcpus})",
+            rate["vcpu"] / rate["kernel"],
+            rate["vcpu/r"] / rate["kernel/r"],
+            rate["vcpu"] / rate["handler"],
+            rate["vcpu-cold"] / rate["kernel-cold"],
+        );
+        return;
+    }
+    if a.hugepages {
+        println!(
+            "ratios (2 MiB pages): vcpu-2m/prefault={:.2} vcpu-2m/r/prefault/r={:.2} vcpu-2m/prefault-2m={:.2} vcpu-2m/kernel-2m={:.2} vcpu-2m/handler-2m={:.2} (vcpus={vcpus})",
+            rate["vcpu-2m"] / rate["prefault"],
+            rate["vcpu-2m/r"] / rate["prefault/r"],
+            rate["vcpu-2m"] / rate["prefault-2m"],
+            rate["vcpu-2m"] / rate["kernel-2m"],
+            rate["vcpu-2m"] / rate["handler-2m"],
+        );
+        return;
+    }
+    println!(
+        "more ratios: vcpu-nofa/prefault={:.2} vcpu+scrape/vcpu={:.3} vcpu/r overhead/kernel/r overhead={:.2} (vcpus={vcpus})",
+        rate["vcpu-nofa"] / rate["prefault"],
+        rate["vcpu+scrape"] / rate["vcpu"],
+        per("vcpu/r", "prefault/r") / per("kernel/r", "prefault/r"),
+    );
+    // The headline line, last for the last vCPU count.
+    println!(
+        "ratios: vcpu/prefault={:.2} vcpu/handler={:.2} vcpu/kernel={:.2} vcpu/r/handler/r={:.2} (vcpus={vcpus})",
+        rate["vcpu"] / rate["prefault"],
+        rate["vcpu"] / rate["handler"],
+        rate["vcpu"] / rate["kernel"],
+        rate["vcpu/r"] / rate["handler/r"],
+    );
 }

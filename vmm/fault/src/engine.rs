@@ -14,7 +14,7 @@ use userfaultfd::Uffd;
 use vmm_exit::VmExit;
 use vmm_memory::{MemoryManager, PageSource, Slot, SlotBacking, SourceError, PAGE_SIZE};
 
-use crate::stats::FaultStats;
+use crate::stats::{FaultStats, ThreadStat};
 use crate::uffd;
 
 #[derive(Debug, Error)]
@@ -227,11 +227,11 @@ impl FaultEngine {
         installer.ctx.next_page = pn + installed.max(1);
         let stats = &installer.ctx.stats;
         let r = r?;
-        stats.retries.add(u64::from(r.retries()));
+        stats.add(ThreadStat::Retries, u64::from(r.retries()));
         if r.outcome == Outcome::Installed {
             match r.path {
-                Path::Speculative => stats.speculative_installs.add(1),
-                Path::Slow => stats.slow_path_installs.add(1),
+                Path::Speculative => stats.add(ThreadStat::SpeculativeInstalls, 1),
+                Path::Slow => stats.add(ThreadStat::SlowPathInstalls, 1),
             }
         }
         Ok(r.outcome)
@@ -322,7 +322,9 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
                     )
                 };
                 img.read_page(offset, buf).map_err(InstallError::Source)?;
-                self.ctx.stats.source_bytes.add(pages * PAGE_SIZE);
+                self.ctx
+                    .stats
+                    .add(ThreadStat::SourceBytes, pages * PAGE_SIZE);
                 Ok(Content::Source(pages))
             }
             _ => Ok(Content::Zero),
@@ -388,17 +390,17 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         match r {
             Ok(uffd::Install::Done) => {
                 self.installed = pages;
-                stats.pages_installed.add(pages);
+                stats.add(ThreadStat::PagesInstalled, pages);
                 Ok(Install::Done)
             }
             // A window stopped at a present page: the faulting page is in.
             Ok(uffd::Install::Again(n) | uffd::Install::Exists(n)) if n >= PAGE_SIZE => {
                 self.installed = n / PAGE_SIZE;
-                stats.pages_installed.add(n / PAGE_SIZE);
+                stats.add(ThreadStat::PagesInstalled, n / PAGE_SIZE);
                 Ok(Install::Done)
             }
             Ok(uffd::Install::Exists(_)) => {
-                stats.already_present.add(1);
+                stats.add(ThreadStat::AlreadyPresent, 1);
                 if wake {
                     // A failed copy wakes nobody; the faulting thread may be
                     // blocked on this page (handler mode).

@@ -73,7 +73,7 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
                 log::warn!("userfault at {hva:#x} outside guest RAM");
                 continue;
             };
-            stats.by_kind[FaultKind::Userfault as usize].add(1);
+            stats.add(FaultKind::Userfault, 1);
             if let Err(error) = engine.resolve(&mut ctx, gpa, &mut Access::None) {
                 exit.fail(ServeError::Fault {
                     thread: "userfaultfd handler",

@@ -27,7 +27,7 @@ use vmm_exit::VmExit;
 use vmm_memory::{MemError, MemoryManager};
 
 pub use engine::{Access, FaultCtx, FaultEngine, FaultError, Resolved, Wake};
-pub use stats::{FaultKind, FaultSnapshot, FaultStats};
+pub use stats::{FaultKind, FaultSnapshot, FaultStats, ThreadStat};
 
 /// How guest RAM is populated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -83,7 +83,7 @@ extern "C" fn handle_sigbus(
             match engine.resolve(ctx, gpa, &mut Access::None) {
                 // Like every other fault kind: histogram count == faults.
                 Ok(_) => {
-                    ctx.stats.by_kind[FaultKind::Sigbus as usize].add(1);
+                    ctx.stats.add(FaultKind::Sigbus, 1);
                     ctx.stats.record_latency(start.elapsed().as_nanos() as u64);
                 }
                 // The slot went away since the lookup: the access repeats.

@@ -1,107 +1,241 @@
-//! Per-vCPU fault counters: written only by their owner thread with relaxed
-//! atomics (no lock, no allocation on the fault path), read by anyone.
+//! Per-thread fault counters: one table ([`THREAD_METRICS`]) declares every
+//! series a fault-serving thread exports; [`FaultStats`] holds its values,
+//! written only by their owner thread with relaxed atomics (no lock, no
+//! allocation on the fault path), read by anyone.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Index;
+
+use vmm_counters::{metrics, Counter, Counters, Metric, Scope};
+
+const FAULTS: &str = "Stage-2 faults served, by how they reached the VMM";
+const EXITS: &str = "KVM_RUN exits, by reason";
+const ASSISTS: &str = "What the VMM did for the guest on a PVM host, by kind";
+const VCPU: Scope = Scope::VCPU;
+
+metrics! {
+    /// The series of one fault-serving thread (a vCPU, a handler thread, or
+    /// another VMM thread that met a missing page).
+    pub enum ThreadStat in THREAD_METRICS {
+        /// `KVM_EXIT_MMIO` at a GPA inside a RAM memslot.
+        FaultMmio = Metric::counter("vmm_faults", "faults", FAULTS)
+            .labels(&[("kind", "mmio")])
+            .only(VCPU),
+        /// `KVM_EXIT_INTERNAL_ERROR` (emulation failure) with RIP on a
+        /// missing page.
+        FaultEmulationFailure = Metric::counter("vmm_faults", "faults", FAULTS)
+            .labels(&[("kind", "emulation_failure")])
+            .only(VCPU),
+        /// `KVM_EXIT_MEMORY_FAULT`.
+        FaultMemoryFault = Metric::counter("vmm_faults", "faults", FAULTS)
+            .labels(&[("kind", "memory_fault")])
+            .only(VCPU),
+        /// SIGBUS in a VMM thread on guest RAM (a vCPU inside `KVM_RUN`, a
+        /// device or API thread).
+        FaultSigbus = Metric::counter("vmm_faults", "faults", FAULTS)
+            .labels(&[("kind", "sigbus")])
+            .only(VCPU.or(Scope::VMM)),
+        /// A blocking userfaultfd event served by a handler thread.
+        FaultUserfault = Metric::counter("vmm_faults", "faults", FAULTS)
+            .labels(&[("kind", "userfault")])
+            .only(Scope::HANDLER),
+        SpeculativeInstalls = Metric::counter(
+            "vmm_speculative_installs",
+            "speculative_installs",
+            "Pages installed on the speculative (lock-free lookup + trylock) path",
+        ),
+        Retries = Metric::counter(
+            "vmm_fault_retries",
+            "retries",
+            "Speculative attempts that bailed out (memslot change, removal, contention) and retried under the slots lock",
+        ),
+        SlowPathInstalls = Metric::counter(
+            "vmm_slow_path_installs",
+            "slow_path_installs",
+            "Pages installed under the slots lock after a retry",
+        ),
+        AlreadyPresent = Metric::counter(
+            "vmm_already_present",
+            "already_present",
+            "Faults whose page another thread had installed first",
+        ),
+        PagesInstalled = Metric::counter(
+            "vmm_pages_installed",
+            "pages_installed",
+            "Pages installed by this thread",
+        ),
+        SourceBytes = Metric::counter(
+            "vmm_source_read_bytes",
+            "source_bytes",
+            "Bytes read from page sources (memory image files)",
+        ),
+        ExitIo = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "io")]).only(VCPU),
+        ExitMmio = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "mmio")]).only(VCPU),
+        ExitHlt = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "hlt")]).only(VCPU),
+        ExitShutdown = Metric::counter("vmm_exits", "exits", EXITS)
+            .labels(&[("reason", "shutdown")])
+            .only(VCPU),
+        ExitInternalError = Metric::counter("vmm_exits", "exits", EXITS)
+            .labels(&[("reason", "internal_error")])
+            .only(VCPU),
+        ExitMemoryFault = Metric::counter("vmm_exits", "exits", EXITS)
+            .labels(&[("reason", "memory_fault")])
+            .only(VCPU),
+        ExitSystemEvent = Metric::counter("vmm_exits", "exits", EXITS)
+            .labels(&[("reason", "system_event")])
+            .only(VCPU),
+        ExitIntr = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "intr")]).only(VCPU),
+        ExitOther = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "other")]).only(VCPU),
+        /// `KVM_EXIT_DEBUG` (the SYSCALL assist's breakpoint).
+        ExitDebug = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "debug")]).only(VCPU),
+        /// `KVM_EXIT_X86_WRMSR`/`RDMSR` (the MSR filter).
+        ExitMsr = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "msr")]).only(VCPU),
+        /// `int3` the emulator failed on: RIP+1, #BP injected.
+        AssistInt3 = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "int3")]).only(VCPU),
+        AssistClac = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "clac")]).only(VCPU),
+        AssistStac = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "stac")]).only(VCPU),
+        AssistFwait = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "fwait")])
+            .only(VCPU),
+        /// A guest LSTAR write seen through the MSR filter.
+        AssistLstarWrite = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "lstar_write")])
+            .only(VCPU),
+        /// The #PF-handler breakpoint (re)armed.
+        AssistArm = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "arm")]).only(VCPU),
+        /// A half-done SYSCALL entered at LSTAR.
+        AssistSyscall = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "syscall")])
+            .only(VCPU),
+        /// An ordinary #PF let through by performing the handler's first
+        /// instructions (endbr64, NOPs, clac, cld) and resuming past them.
+        AssistPfSkip = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "pf_skip")])
+            .only(VCPU),
+        /// An ordinary #PF let through with RFLAGS.RF.
+        AssistPfResume = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "pf_resume")])
+            .only(VCPU),
+        /// An ordinary #PF let through by single-stepping.
+        AssistPfStep = Metric::counter("vmm_assists", "assists", ASSISTS)
+            .labels(&[("kind", "pf_step")])
+            .only(VCPU),
+        /// Time spent in the VMM on assists (from the exit to the re-entry);
+        /// the SYSCALL assist's breakpoint exits dominate it, so the summary
+        /// divides it by the guest #PFs for a per-#PF cost.
+        AssistTime = Metric::counter(
+            "vmm_assist_seconds",
+            "assist_seconds",
+            "Time the VMM spent on assists (exit to re-entry)",
+        )
+        .nanoseconds()
+        .only(VCPU),
+    }
+}
+
+/// The fault latency histogram of every thread.
+pub static FAULT_LATENCY: Metric = Metric::histogram(
+    "vmm_fault_latency_seconds",
+    "fault_latency",
+    "Fault latency from the exit (or event) to re-entry (or wake)",
+);
 
 /// How a fault reached the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
-    /// `KVM_EXIT_MMIO` at a GPA inside a RAM memslot.
-    Mmio = 0,
-    /// `KVM_EXIT_INTERNAL_ERROR` (emulation failure) with RIP on a missing page.
-    EmulationFailure = 1,
-    /// `KVM_EXIT_MEMORY_FAULT`.
-    MemoryFault = 2,
-    /// SIGBUS in a VMM thread on guest RAM.
-    Sigbus = 3,
-    /// A blocking userfaultfd event served by a handler thread.
-    Userfault = 4,
+    Mmio,
+    EmulationFailure,
+    MemoryFault,
+    Sigbus,
+    Userfault,
 }
 
-/// Number of [`FaultKind`]s.
-pub const FAULT_KIND_COUNT: usize = 5;
+impl From<FaultKind> for ThreadStat {
+    fn from(k: FaultKind) -> Self {
+        match k {
+            FaultKind::Mmio => ThreadStat::FaultMmio,
+            FaultKind::EmulationFailure => ThreadStat::FaultEmulationFailure,
+            FaultKind::MemoryFault => ThreadStat::FaultMemoryFault,
+            FaultKind::Sigbus => ThreadStat::FaultSigbus,
+            FaultKind::Userfault => ThreadStat::FaultUserfault,
+        }
+    }
+}
 
-pub const FAULT_KINDS: [(FaultKind, &str); FAULT_KIND_COUNT] = [
-    (FaultKind::Mmio, "mmio"),
-    (FaultKind::EmulationFailure, "emulation_failure"),
-    (FaultKind::MemoryFault, "memory_fault"),
-    (FaultKind::Sigbus, "sigbus"),
-    (FaultKind::Userfault, "userfault"),
+/// The rows that count faults (one per [`FaultKind`]).
+pub const FAULT_ROWS: [ThreadStat; 5] = [
+    ThreadStat::FaultMmio,
+    ThreadStat::FaultEmulationFailure,
+    ThreadStat::FaultMemoryFault,
+    ThreadStat::FaultSigbus,
+    ThreadStat::FaultUserfault,
 ];
 
 /// `KVM_RUN` exits by reason, counted per vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
-    Io = 0,
-    Mmio = 1,
-    Hlt = 2,
-    Shutdown = 3,
-    InternalError = 4,
-    MemoryFault = 5,
-    SystemEvent = 6,
-    Intr = 7,
-    Other = 8,
-    /// `KVM_EXIT_DEBUG` (the SYSCALL assist's breakpoint).
-    Debug = 9,
-    /// `KVM_EXIT_X86_WRMSR`/`RDMSR` (the MSR filter).
-    Msr = 10,
+    Io,
+    Mmio,
+    Hlt,
+    Shutdown,
+    InternalError,
+    MemoryFault,
+    SystemEvent,
+    Intr,
+    Other,
+    Debug,
+    Msr,
 }
 
-/// Number of [`ExitKind`]s.
-pub const EXIT_KIND_COUNT: usize = 11;
-
-pub const EXIT_KINDS: [(ExitKind, &str); EXIT_KIND_COUNT] = [
-    (ExitKind::Io, "io"),
-    (ExitKind::Mmio, "mmio"),
-    (ExitKind::Hlt, "hlt"),
-    (ExitKind::Shutdown, "shutdown"),
-    (ExitKind::InternalError, "internal_error"),
-    (ExitKind::MemoryFault, "memory_fault"),
-    (ExitKind::SystemEvent, "system_event"),
-    (ExitKind::Intr, "intr"),
-    (ExitKind::Other, "other"),
-    (ExitKind::Debug, "debug"),
-    (ExitKind::Msr, "msr"),
-];
+impl From<ExitKind> for ThreadStat {
+    fn from(k: ExitKind) -> Self {
+        match k {
+            ExitKind::Io => ThreadStat::ExitIo,
+            ExitKind::Mmio => ThreadStat::ExitMmio,
+            ExitKind::Hlt => ThreadStat::ExitHlt,
+            ExitKind::Shutdown => ThreadStat::ExitShutdown,
+            ExitKind::InternalError => ThreadStat::ExitInternalError,
+            ExitKind::MemoryFault => ThreadStat::ExitMemoryFault,
+            ExitKind::SystemEvent => ThreadStat::ExitSystemEvent,
+            ExitKind::Intr => ThreadStat::ExitIntr,
+            ExitKind::Other => ThreadStat::ExitOther,
+            ExitKind::Debug => ThreadStat::ExitDebug,
+            ExitKind::Msr => ThreadStat::ExitMsr,
+        }
+    }
+}
 
 /// What the VMM did for a guest on a PVM host (`vcpu::assist`,
 /// `vcpu::syscall`), counted per vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AssistKind {
-    /// `int3` the emulator failed on: RIP+1, #BP injected.
-    Int3 = 0,
-    Clac = 1,
-    Stac = 2,
-    Fwait = 3,
-    /// A guest LSTAR write seen through the MSR filter.
-    LstarWrite = 4,
-    /// The #PF-handler breakpoint (re)armed.
-    Arm = 5,
-    /// A half-done SYSCALL entered at LSTAR.
-    Syscall = 6,
-    /// An ordinary #PF let through by performing the handler's first
-    /// instructions (endbr64, NOPs, clac, cld) and resuming past them.
-    PfSkip = 7,
-    /// An ordinary #PF let through with RFLAGS.RF.
-    PfResume = 8,
-    /// An ordinary #PF let through by single-stepping.
-    PfStep = 9,
+    Int3,
+    Clac,
+    Stac,
+    Fwait,
+    LstarWrite,
+    Arm,
+    Syscall,
+    PfSkip,
+    PfResume,
+    PfStep,
 }
 
-pub const ASSIST_KIND_COUNT: usize = 10;
-
-pub const ASSIST_KINDS: [(AssistKind, &str); ASSIST_KIND_COUNT] = [
-    (AssistKind::Int3, "int3"),
-    (AssistKind::Clac, "clac"),
-    (AssistKind::Stac, "stac"),
-    (AssistKind::Fwait, "fwait"),
-    (AssistKind::LstarWrite, "lstar_write"),
-    (AssistKind::Arm, "arm"),
-    (AssistKind::Syscall, "syscall"),
-    (AssistKind::PfSkip, "pf_skip"),
-    (AssistKind::PfResume, "pf_resume"),
-    (AssistKind::PfStep, "pf_step"),
-];
+impl From<AssistKind> for ThreadStat {
+    fn from(k: AssistKind) -> Self {
+        match k {
+            AssistKind::Int3 => ThreadStat::AssistInt3,
+            AssistKind::Clac => ThreadStat::AssistClac,
+            AssistKind::Stac => ThreadStat::AssistStac,
+            AssistKind::Fwait => ThreadStat::AssistFwait,
+            AssistKind::LstarWrite => ThreadStat::AssistLstarWrite,
+            AssistKind::Arm => ThreadStat::AssistArm,
+            AssistKind::Syscall => ThreadStat::AssistSyscall,
+            AssistKind::PfSkip => ThreadStat::AssistPfSkip,
+            AssistKind::PfResume => ThreadStat::AssistPfResume,
+            AssistKind::PfStep => ThreadStat::AssistPfStep,
+        }
+    }
+}
 
 /// Latency histogram buckets: upper bounds in ns, powers of two from 1 µs
 /// to ~8.4 ms, plus +Inf.
@@ -119,184 +253,157 @@ fn bucket_of(ns: u64) -> usize {
     b.min(LATENCY_BUCKETS - 1)
 }
 
-/// One owner-written counter on its own cache line.
-#[repr(align(64))]
+/// One thread's fault latency histogram (owner-written).
 #[derive(Default)]
-pub struct Counter(AtomicU64);
+pub struct Latency {
+    buckets: [Counter; LATENCY_BUCKETS],
+    sum_ns: Counter,
+    count: Counter,
+    /// The slowest fault (ns): a stuck fault shows here.
+    max_ns: Counter,
+}
 
-impl Counter {
-    /// Owner-only increment: a relaxed load and store (no locked RMW).
-    #[inline]
-    pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-    #[inline]
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    /// Owner-only store.
-    #[inline]
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
+/// A copy of a [`Latency`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LatencySnapshot {
+    /// Per bucket (not cumulative).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_ns: u64,
+    pub count: u64,
+    pub max_ns: u64,
 }
 
 /// Counters of one fault-serving thread (a vCPU or a handler thread).
 #[derive(Default)]
 pub struct FaultStats {
-    pub by_kind: [Counter; FAULT_KIND_COUNT],
-    /// Installs done on the speculative path (trylock succeeded).
-    pub speculative_installs: Counter,
-    /// Speculative attempts that bailed out (generation, invalid, contended).
-    pub retries: Counter,
-    /// Installs done under the slots lock after a retry.
-    pub slow_path_installs: Counter,
-    /// Faults whose page another thread had already installed (EEXIST).
-    pub already_present: Counter,
-    /// Pages installed (a fault-around install counts every page).
-    pub pages_installed: Counter,
-    /// Bytes read from page sources (image files).
-    pub source_bytes: Counter,
-    pub latency_buckets: [Counter; LATENCY_BUCKETS],
-    pub latency_sum_ns: Counter,
-    pub latency_count: Counter,
-    /// The slowest fault (ns): a stuck fault shows here.
-    pub latency_max_ns: Counter,
-    /// Exits by [`ExitKind`] (vCPU threads only).
-    pub exits: [Counter; EXIT_KIND_COUNT],
-    /// Assists by [`AssistKind`] (vCPU threads on PVM hosts only).
-    pub assists: [Counter; ASSIST_KIND_COUNT],
-    /// Time spent in the VMM on assists (from the exit to the re-entry);
-    /// the SYSCALL assist's breakpoint exits dominate it, so the summary
-    /// divides it by the guest #PFs for a per-#PF cost.
-    pub assist_ns: Counter,
+    counters: Counters<{ ThreadStat::COUNT }>,
+    latency: Latency,
 }
 
 impl FaultStats {
+    /// Owner-only: add `n` to row `stat`.
+    #[inline]
+    pub fn add(&self, stat: impl Into<ThreadStat>, n: u64) {
+        self.counters.at(stat.into() as usize).add(n);
+    }
+
+    #[inline]
+    pub fn get(&self, stat: impl Into<ThreadStat>) -> u64 {
+        self.counters.at(stat.into() as usize).get()
+    }
+
     #[inline]
     pub fn record_latency(&self, ns: u64) {
-        self.latency_buckets[bucket_of(ns)].add(1);
-        self.latency_sum_ns.add(ns);
-        self.latency_count.add(1);
-        if ns > self.latency_max_ns.get() {
-            self.latency_max_ns.set(ns);
+        let l = &self.latency;
+        l.buckets[bucket_of(ns)].add(1);
+        l.sum_ns.add(ns);
+        l.count.add(1);
+        if ns > l.max_ns.get() {
+            l.max_ns.set(ns);
         }
     }
 
     pub fn faults(&self) -> u64 {
-        self.by_kind.iter().map(Counter::get).sum()
+        FAULT_ROWS.iter().map(|r| self.get(*r)).sum()
     }
 
     /// A plain copy for reporting.
     pub fn snapshot(&self) -> FaultSnapshot {
+        let l = &self.latency;
         FaultSnapshot {
-            by_kind: std::array::from_fn(|i| self.by_kind[i].get()),
-            speculative_installs: self.speculative_installs.get(),
-            retries: self.retries.get(),
-            slow_path_installs: self.slow_path_installs.get(),
-            already_present: self.already_present.get(),
-            pages_installed: self.pages_installed.get(),
-            source_bytes: self.source_bytes.get(),
-            latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
-            latency_sum_ns: self.latency_sum_ns.get(),
-            latency_count: self.latency_count.get(),
-            latency_max_ns: self.latency_max_ns.get(),
-            exits: std::array::from_fn(|i| self.exits[i].get()),
-            assists: std::array::from_fn(|i| self.assists[i].get()),
-            assist_ns: self.assist_ns.get(),
+            values: self.counters.read(),
+            latency: LatencySnapshot {
+                buckets: std::array::from_fn(|i| l.buckets[i].get()),
+                sum_ns: l.sum_ns.get(),
+                count: l.count.get(),
+                max_ns: l.max_ns.get(),
+            },
         }
     }
 }
 
-/// A copy of [`FaultStats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+/// A copy of [`FaultStats`] at one moment: `values[i]` is row `i` of
+/// [`THREAD_METRICS`]; index it with a [`ThreadStat`] (or a kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultSnapshot {
-    pub by_kind: [u64; FAULT_KIND_COUNT],
-    pub speculative_installs: u64,
-    pub retries: u64,
-    pub slow_path_installs: u64,
-    pub already_present: u64,
-    pub pages_installed: u64,
-    pub source_bytes: u64,
-    pub latency_buckets: [u64; LATENCY_BUCKETS],
-    pub latency_sum_ns: u64,
-    pub latency_count: u64,
-    pub latency_max_ns: u64,
-    pub exits: [u64; EXIT_KIND_COUNT],
-    pub assists: [u64; ASSIST_KIND_COUNT],
-    pub assist_ns: u64,
+    pub values: [u64; ThreadStat::COUNT],
+    pub latency: LatencySnapshot,
+}
+
+impl Default for FaultSnapshot {
+    fn default() -> Self {
+        Self {
+            values: [0; ThreadStat::COUNT],
+            latency: LatencySnapshot::default(),
+        }
+    }
+}
+
+impl<T: Into<ThreadStat>> Index<T> for FaultSnapshot {
+    type Output = u64;
+    fn index(&self, stat: T) -> &u64 {
+        &self.values[stat.into() as usize]
+    }
 }
 
 impl FaultSnapshot {
     pub fn faults(&self) -> u64 {
-        self.by_kind.iter().sum()
+        self.total("faults")
+    }
+
+    /// The sum of a family's rows (by JSON key: "faults", "exits", ...).
+    pub fn total(&self, key: &str) -> u64 {
+        THREAD_METRICS
+            .iter()
+            .zip(&self.values)
+            .filter(|(m, _)| m.key == key)
+            .map(|(_, v)| v)
+            .sum()
     }
 
     pub fn add(&mut self, o: &FaultSnapshot) {
-        for i in 0..self.by_kind.len() {
-            self.by_kind[i] += o.by_kind[i];
+        for (a, b) in self.values.iter_mut().zip(&o.values) {
+            *a += b;
         }
-        self.speculative_installs += o.speculative_installs;
-        self.retries += o.retries;
-        self.slow_path_installs += o.slow_path_installs;
-        self.already_present += o.already_present;
-        self.pages_installed += o.pages_installed;
-        self.source_bytes += o.source_bytes;
-        for i in 0..LATENCY_BUCKETS {
-            self.latency_buckets[i] += o.latency_buckets[i];
+        let (l, m) = (&mut self.latency, &o.latency);
+        for (a, b) in l.buckets.iter_mut().zip(&m.buckets) {
+            *a += b;
         }
-        self.latency_sum_ns += o.latency_sum_ns;
-        self.latency_count += o.latency_count;
-        self.latency_max_ns = self.latency_max_ns.max(o.latency_max_ns);
-        for i in 0..self.exits.len() {
-            self.exits[i] += o.exits[i];
-        }
-        for i in 0..self.assists.len() {
-            self.assists[i] += o.assists[i];
-        }
-        self.assist_ns += o.assist_ns;
+        l.sum_ns += m.sum_ns;
+        l.count += m.count;
+        l.max_ns = l.max_ns.max(m.max_ns);
     }
 
     /// What happened between `earlier` and this snapshot (counters only go
     /// up; a counter that went down counts 0).
     pub fn since(&self, earlier: &FaultSnapshot) -> FaultSnapshot {
         let d = |a: u64, b: u64| a.saturating_sub(b);
+        let (l, e) = (&self.latency, &earlier.latency);
         FaultSnapshot {
-            by_kind: std::array::from_fn(|i| d(self.by_kind[i], earlier.by_kind[i])),
-            speculative_installs: d(self.speculative_installs, earlier.speculative_installs),
-            retries: d(self.retries, earlier.retries),
-            slow_path_installs: d(self.slow_path_installs, earlier.slow_path_installs),
-            already_present: d(self.already_present, earlier.already_present),
-            pages_installed: d(self.pages_installed, earlier.pages_installed),
-            source_bytes: d(self.source_bytes, earlier.source_bytes),
-            latency_buckets: std::array::from_fn(|i| {
-                d(self.latency_buckets[i], earlier.latency_buckets[i])
-            }),
-            latency_sum_ns: d(self.latency_sum_ns, earlier.latency_sum_ns),
-            latency_count: d(self.latency_count, earlier.latency_count),
-            // The max over the whole run: not a difference.
-            latency_max_ns: self.latency_max_ns,
-            exits: std::array::from_fn(|i| d(self.exits[i], earlier.exits[i])),
-            assists: std::array::from_fn(|i| d(self.assists[i], earlier.assists[i])),
-            assist_ns: d(self.assist_ns, earlier.assist_ns),
+            values: std::array::from_fn(|i| d(self.values[i], earlier.values[i])),
+            latency: LatencySnapshot {
+                buckets: std::array::from_fn(|i| d(l.buckets[i], e.buckets[i])),
+                sum_ns: d(l.sum_ns, e.sum_ns),
+                count: d(l.count, e.count),
+                // The max over the whole run: not a difference.
+                max_ns: l.max_ns,
+            },
         }
     }
 
     /// Latency quantile estimated from the histogram (upper bucket bound, ns;
     /// in the open-ended top bucket, the largest latency seen).
     pub fn latency_quantile_ns(&self, q: f64) -> Option<u64> {
-        if self.latency_count == 0 {
+        let l = &self.latency;
+        if l.count == 0 {
             return None;
         }
-        let target = ((self.latency_count as f64) * q).ceil().max(1.0) as u64;
+        let target = ((l.count as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
-        for (i, n) in self.latency_buckets.iter().enumerate() {
+        for (i, n) in l.buckets.iter().enumerate() {
             seen += n;
             if seen >= target {
-                return Some(bucket_bound_ns(i).unwrap_or(self.latency_max_ns));
+                return Some(bucket_bound_ns(i).unwrap_or(l.max_ns));
             }
         }
         None
@@ -326,10 +433,11 @@ mod tests {
             s.record_latency(1500);
         }
         s.record_latency(1_000_000);
-        s.by_kind[FaultKind::Mmio as usize].add(100);
+        s.add(FaultKind::Mmio, 100);
         let snap = s.snapshot();
         assert_eq!(snap.faults(), 100);
-        assert_eq!(snap.latency_count, 100);
+        assert_eq!(snap[FaultKind::Mmio], 100);
+        assert_eq!(snap.latency.count, 100);
         assert_eq!(snap.latency_quantile_ns(0.5), Some(2048));
         assert_eq!(snap.latency_quantile_ns(0.99), Some(2048));
         assert_eq!(snap.latency_quantile_ns(1.0), Some(1 << 20));
@@ -339,5 +447,40 @@ mod tests {
         s.record_latency(5_000_000_000);
         let snap = s.snapshot();
         assert_eq!(snap.latency_quantile_ns(1.0), Some(u64::MAX / 2));
+    }
+
+    /// Rows of one family are adjacent and share their help and labels'
+    /// names, and every kind enum maps onto a row of its family.
+    #[test]
+    fn the_table_is_consistent() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last = "";
+        for m in &THREAD_METRICS {
+            if m.name != last {
+                assert!(seen.insert(m.name), "{} is split in the table", m.name);
+                last = m.name;
+            }
+        }
+        for (i, m) in THREAD_METRICS.iter().enumerate() {
+            for n in &THREAD_METRICS[i + 1..] {
+                if n.name == m.name {
+                    assert_eq!((n.key, n.help), (m.key, m.help));
+                    assert_ne!(n.labels, m.labels, "{} twice", m.name);
+                } else {
+                    assert_ne!(n.key, m.key, "two families keyed {}", m.key);
+                }
+            }
+        }
+        for r in FAULT_ROWS {
+            assert_eq!(r.metric().name, "vmm_faults");
+        }
+        assert_eq!(
+            ThreadStat::from(ExitKind::Msr).metric().label_value(),
+            Some("msr")
+        );
+        assert_eq!(
+            ThreadStat::from(AssistKind::PfStep).metric().label_value(),
+            Some("pf_step")
+        );
     }
 }

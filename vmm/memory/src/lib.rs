@@ -12,7 +12,9 @@ mod source;
 
 pub use error::MemError;
 pub use kvm::{KvmSlots, NoKvm};
-pub use manager::{MemoryManager, MemoryStats, NewSlot, Slot, SlotBacking};
+pub use manager::{
+    MemStat, MemoryManager, MemoryStats, NewSlot, Slot, SlotBacking, MEMORY_METRICS,
+};
 pub use memslots::PAGE_SIZE;
 pub use source::{ImageFile, PageSource, SourceError};
 

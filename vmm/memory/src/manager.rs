@@ -16,6 +16,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestRegionMmap,
     MmapRegion,
 };
+use vmm_counters::{metrics, Metric};
 
 use super::{
     partial::PartialHugePages, resident_pages, GuestMemory, ImageFile, KvmSlots, MemError,
@@ -79,13 +80,49 @@ pub struct NewSlot {
     pub block_size: Option<u64>,
 }
 
-/// Memory activity counters, read for metrics and reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+metrics! {
+    /// What the memory manager reports for the VM.
+    pub enum MemStat in MEMORY_METRICS {
+        Generation = Metric::gauge(
+            "vmm_memslot_generation",
+            "memslot_generation",
+            "Generation of the memslot table (bumped by every committed change)",
+        ),
+        Changes = Metric::counter(
+            "vmm_memslot_changes",
+            "memslot_changes",
+            "Memslot changes (hotplug, unplug)",
+        ),
+        ResidentPages = Metric::gauge(
+            "vmm_resident_pages",
+            "resident_pages",
+            "Guest RAM pages resident on the host",
+        ),
+        DiscardedPages = Metric::counter(
+            "vmm_discarded_pages",
+            "discarded_pages",
+            "Guest RAM pages discarded (balloon, free page reporting, stress)",
+        ),
+        Memslots = Metric::gauge(
+            "vmm_memslots",
+            "memslots",
+            "Memslots: boot RAM ranges, plugged hotplug slices, extra slots",
+        ),
+    }
+}
+
+/// The values of [`MEMORY_METRICS`] at one moment; index it with a
+/// [`MemStat`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryStats {
-    pub generation: u64,
-    pub memslot_changes: u64,
-    pub discarded_pages: u64,
-    pub slots: u64,
+    pub values: [u64; MemStat::COUNT],
+}
+
+impl std::ops::Index<MemStat> for MemoryStats {
+    type Output = u64;
+    fn index(&self, s: MemStat) -> &u64 {
+        &self.values[s as usize]
+    }
 }
 
 #[derive(Default)]
@@ -364,35 +401,62 @@ impl MemoryManager {
         r.and(zapped)
     }
 
-    /// Discard `[gpa, gpa+len)`, inside one slot: the pages are zapped and
-    /// refault as zero, never as their old or image content (I3). The guest
-    /// may use them again at any time (free page reporting, the stress
-    /// command). On hugetlb, whole huge pages are dropped and the pieces of
-    /// partly covered ones are zeroed in place (they stay resident).
-    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemError> {
-        self.drop_pages(gpa, len, false)
+    /// Discard the guest RAM in `[gpa, gpa+len)` (page aligned; it may
+    /// span memslots and holes, which are skipped): the pages are zapped
+    /// and refault as zero, never as their old or image content (I3). The
+    /// guest may use them again at any time (free page reporting, the
+    /// stress command). On hugetlb, whole huge pages are dropped and the
+    /// pieces of partly covered ones are zeroed in place (they stay
+    /// resident). Returns the bytes of RAM the range covered.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        self.each_piece(gpa, len, |slot, at, stop| {
+            self.drop_pages(slot, at, stop, false)
+        })
     }
 
-    /// A balloon inflate of `[gpa, gpa+len)`: a discard whose pages stay
-    /// the host's until [`deflate`](Self::deflate). On hugetlb a partly
-    /// inflated huge page is zeroed piecewise and recorded, and dropped when
-    /// its last 4 KiB frame comes in.
-    pub fn inflate(&self, gpa: u64, len: u64) -> Result<(), MemError> {
-        self.drop_pages(gpa, len, true)
+    /// A balloon inflate of `[gpa, gpa+len)` (as [`discard`](Self::discard)
+    /// takes it): a discard whose pages stay the host's until
+    /// [`deflate`](Self::deflate). On hugetlb a partly inflated huge page is
+    /// zeroed piecewise and recorded, and dropped when its last 4 KiB frame
+    /// comes in.
+    pub fn inflate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        self.each_piece(gpa, len, |slot, at, stop| {
+            self.drop_pages(slot, at, stop, true)
+        })
     }
 
     /// A balloon deflate: the guest has `[gpa, gpa+len)` back (the pages
     /// refault on touch). On hugetlb the frames leave the partial records,
-    /// so they are never dropped with their neighbours later.
-    pub fn deflate(&self, gpa: u64, len: u64) -> Result<(), MemError> {
-        let (slot, _, _) = self.range_in_slot(gpa, len)?;
-        for (huge, at, stop) in huge_pieces(&slot, gpa, gpa + len) {
-            let first = (at - huge_base(&slot, huge)) / PAGE_SIZE;
-            slot.backing
-                .partial
-                .deflate(huge, first, (stop - at) / PAGE_SIZE);
+    /// so they are never dropped with their neighbours later. Returns the
+    /// bytes of RAM the range covered.
+    pub fn deflate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        self.each_piece(gpa, len, |slot, at, stop| {
+            for (huge, a, b) in huge_pieces(slot, at, stop) {
+                let first = (a - huge_base(slot, huge)) / PAGE_SIZE;
+                slot.backing
+                    .partial
+                    .deflate(huge, first, (b - a) / PAGE_SIZE);
+            }
+            Ok(())
+        })
+    }
+
+    /// Run `f` on the part of `[gpa, gpa+len)` in each memslot (the range
+    /// page aligned; holes skipped); returns the bytes of RAM covered. An
+    /// error stops at that piece (the pieces before it are done).
+    fn each_piece(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(&Slot, u64, u64) -> Result<(), MemError>,
+    ) -> Result<u64, MemError> {
+        page_range(gpa, len)?;
+        let mut covered = 0;
+        for (slot, at, stop) in self.pieces(gpa, len) {
+            f(&slot, at, stop)?;
+            covered += stop - at;
         }
-        Ok(())
+        Ok(covered)
     }
 
     /// 4 KiB frames of partly inflated huge pages still resident.
@@ -404,12 +468,13 @@ impl MemoryManager {
             .sum()
     }
 
-    fn drop_pages(&self, gpa: u64, len: u64, inflate: bool) -> Result<(), MemError> {
-        let (slot, _, count) = self.range_in_slot(gpa, len)?;
+    /// Drop the pages of `[gpa, end)`, inside `slot`.
+    fn drop_pages(&self, slot: &Slot, gpa: u64, end: u64, inflate: bool) -> Result<(), MemError> {
+        let (len, count) = (end - gpa, (end - gpa) / PAGE_SIZE);
         let r = match slot.backing.huge_page() {
-            None => zap(&slot, gpa, len),
-            Some(size) => huge_pieces(&slot, gpa, gpa + len).try_for_each(|(huge, at, stop)| {
-                let base = huge_base(&slot, huge);
+            None => zap(slot, gpa, len),
+            Some(size) => huge_pieces(slot, gpa, end).try_for_each(|(huge, at, stop)| {
+                let base = huge_base(slot, huge);
                 let frames = (stop - at) / PAGE_SIZE;
                 let whole = if inflate {
                     let first = (at - base) / PAGE_SIZE;
@@ -422,7 +487,7 @@ impl MemoryManager {
                         // The guest may reuse it: no record may drop it later.
                         slot.backing.partial.forget(huge);
                     }
-                    return zap(&slot, base, size);
+                    return zap(slot, base, size);
                 }
                 let exclusive = slot.begin_discard(slot.page_index(at), frames);
                 zero_if_resident(slot.backing.hva() + (at - slot.gpa), stop - at);
@@ -572,14 +637,20 @@ impl MemoryManager {
     }
 
     /// Counters, the generation and the number of slots.
+    /// Every value of [`MEMORY_METRICS`] now (resident pages by mincore).
     pub fn stats(&self) -> MemoryStats {
         let snap = self.snapshot();
-        MemoryStats {
-            generation: snap.generation,
-            memslot_changes: self.counters.changes.load(Ordering::Relaxed),
-            discarded_pages: self.counters.discarded_pages.load(Ordering::Relaxed),
-            slots: snap.slots.len() as u64,
+        let mut values = [0; MemStat::COUNT];
+        for (i, row) in MemStat::ALL.iter().enumerate() {
+            values[i] = match row {
+                MemStat::Generation => snap.generation,
+                MemStat::Changes => self.counters.changes.load(Ordering::Relaxed),
+                MemStat::ResidentPages => self.resident_pages(),
+                MemStat::DiscardedPages => self.counters.discarded_pages.load(Ordering::Relaxed),
+                MemStat::Memslots => snap.slots.len() as u64,
+            };
         }
+        MemoryStats { values }
     }
 
     fn publish_view(&self, slots: &[Arc<Slot>]) {
@@ -823,15 +894,15 @@ mod tests {
         let held = m.memory();
         assert_eq!(held.num_regions(), 3);
         held.write_obj(0xabcd_u64, GuestAddress(gpa + 8)).unwrap();
-        assert_eq!(m.stats().generation, 1);
+        assert_eq!(m.stats()[MemStat::Generation], 1);
         m.remove_slot(gpa).unwrap();
         // A new view never shows the removed region; the old snapshot still
         // maps it (no use after unmap).
         assert_eq!(m.memory().num_regions(), 2);
         assert!(m.memory().read_obj::<u64>(GuestAddress(gpa)).is_err());
         assert!(held.read_obj::<u64>(GuestAddress(gpa + 8)).is_ok());
-        assert_eq!(m.stats().memslot_changes, 2);
-        assert_eq!(m.stats().generation, 2);
+        assert_eq!(m.stats()[MemStat::Changes], 2);
+        assert_eq!(m.stats()[MemStat::Generation], 2);
         assert!(!m.is_ram(gpa));
     }
 
@@ -861,9 +932,12 @@ mod tests {
             Err(MemError::NoSuchSlot(_))
         ));
         assert!(matches!(
-            m.discard(3 * MIB, 2 * MIB),
-            Err(MemError::NotInOneSlot { .. })
+            m.discard(3 * MIB + 1, 2 * MIB),
+            Err(MemError::Unaligned { .. })
         ));
+        // A range across a hole and two slots: the RAM in it (1 + 2 MiB).
+        assert_eq!(m.discard(3 * MIB, 7 * MIB).unwrap(), 3 * MIB);
+        assert_eq!(m.discard(5 * MIB, 2 * MIB).unwrap(), 0, "all hole");
         assert!(matches!(
             m.plug(0, 2 * MIB),
             Err(MemError::NotBlocks { .. })
@@ -877,7 +951,7 @@ mod tests {
         assert!(m.resident_pages() >= 1);
         m.discard(0x3000, 0x1000).unwrap();
         assert_eq!(m.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
-        assert_eq!(m.stats().discarded_pages, 1);
+        assert_eq!(m.stats()[MemStat::DiscardedPages], 1);
         assert!(m.snapshot().lookup(0x3000).unwrap().is_discarded(3));
     }
 

@@ -3,47 +3,53 @@
 //! whether the API server, a test or `vmm stress` asks.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::config::FaultMode;
+use crate::counters::{Readings, Scope};
 use crate::devices::lock;
-use crate::devices::virtio::balloon::{Balloon, BalloonStats, STAT_NAMES};
-use crate::devices::virtio::mem::{MemRegion, MemStats, VirtioMem, REQUEST_NAMES, RESULT_NAMES};
-use crate::devices::virtio::DeviceCounters;
+use crate::devices::virtio::balloon::{BalloonHandle, BalloonInfo};
+use crate::devices::virtio::mem::{HotplugHandle, HotplugInfo, RegionError, Timings};
 use crate::exit::{ExitReason, VmExit};
-use crate::memory::{MemoryManager, PAGE_SIZE};
+use crate::fault::FaultMode;
+use crate::memory::{MemStat, MemoryManager, MEMORY_METRICS, PAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
 
-/// A request the control plane refused; `status` is the HTTP status the API
-/// answers with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ControlError {
-    pub status: u16,
-    pub message: String,
+/// A request the control plane refused; [`ControlError::status`] is the
+/// HTTP status the API answers with.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("no {what} is configured (start the VM with {flag})")]
+    NotConfigured {
+        what: &'static str,
+        flag: &'static str,
+    },
+    #[error("{0} is too large")]
+    TooLarge(&'static str),
+    #[error("balloon target {target_mib} MiB is larger than guest RAM ({ram_mib} MiB)")]
+    BalloonBeyondRam { target_mib: u64, ram_mib: u64 },
+    #[error("interval_s {secs} is longer than {max}")]
+    IntervalTooLong { secs: u64, max: u64 },
+    #[error(transparent)]
+    Region(#[from] RegionError),
 }
 
 impl ControlError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            status: 400,
-            message: message.into(),
-        }
-    }
-    pub fn not_configured(what: &str, flag: &str) -> Self {
-        Self {
-            status: 409,
-            message: format!("no {what} is configured (start the VM with {flag})"),
+    /// 409 for a device the VM does not have, 400 for a bad value.
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::NotConfigured { .. } => 409,
+            _ => 400,
         }
     }
 }
 
 /// `GET /vm`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize)]
 pub struct VmInfo {
     /// "running" or "stopping".
     pub state: String,
@@ -55,39 +61,14 @@ pub struct VmInfo {
     pub hotplug: Option<HotplugInfo>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Guest memory: boot RAM, resident RAM, and one key per row of
+/// [`MEMORY_METRICS`].
+#[derive(Debug, Clone, Serialize)]
 pub struct MemoryInfo {
     pub boot_mib: u64,
     pub resident_mib: f64,
-    pub memslots: u64,
-    pub memslot_generation: u64,
-    pub memslot_changes: u64,
-    pub discarded_pages: u64,
-}
-
-/// `GET /balloon`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BalloonInfo {
-    /// The guest's driver has set the device up (DRIVER_OK).
-    pub driver_ready: bool,
-    pub target_mib: u64,
-    pub target_pages: u64,
-    pub actual_mib: u64,
-    pub actual_pages: u64,
-    pub inflated_pages: u64,
-    pub deflated_pages: u64,
-    pub reported_pages: u64,
-    pub discarded_bytes: u64,
-    pub rejected_descriptors: u64,
-    pub pfns_outside_ram: u64,
-    /// Guest errors the device met (bad registers, bad descriptors, ...).
-    pub guest_errors: u64,
-    pub stats_interval_s: u64,
-    /// The guest's latest statistics by name (bytes, or counts), if it sent
-    /// any.
-    pub guest_stats: std::collections::BTreeMap<String, u64>,
-    /// Seconds since the guest last sent statistics.
-    pub guest_stats_age_s: Option<f64>,
+    #[serde(flatten)]
+    pub counters: Readings,
 }
 
 /// `PUT /balloon`.
@@ -104,32 +85,6 @@ pub struct StatsInterval {
     pub interval_s: u64,
 }
 
-/// The balloon as the control plane drives it.
-#[derive(Clone)]
-pub struct BalloonControl {
-    pub device: Arc<Mutex<Balloon>>,
-    pub stats: Arc<BalloonStats>,
-    pub counters: Arc<DeviceCounters>,
-}
-
-/// `GET /memory`: the virtio-mem device.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HotplugInfo {
-    pub driver_ready: bool,
-    /// Guest-physical start of the region.
-    pub region_addr: u64,
-    pub region_mib: u64,
-    pub block_size_mib: u64,
-    pub plugged_mib: u64,
-    pub requested_mib: u64,
-    /// Requests by kind ("plug", "unplug", "unplug_all", "state") and result
-    /// ("ack", "nack", "busy", "error").
-    pub requests: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
-    pub slices_added: u64,
-    pub slices_removed: u64,
-    pub guest_errors: u64,
-}
-
 /// `PUT /memory`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,52 +92,12 @@ pub struct MemoryRequest {
     pub requested_mib: u64,
 }
 
-/// virtio-mem as the control plane drives it.
-#[derive(Clone)]
-pub struct HotplugControl {
-    pub device: Arc<Mutex<VirtioMem>>,
-    pub stats: Arc<MemStats>,
-    pub counters: Arc<DeviceCounters>,
-    pub region: MemRegion,
-}
-
-impl HotplugControl {
-    pub fn info(&self) -> HotplugInfo {
-        let s = &self.stats;
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let requests = REQUEST_NAMES
-            .iter()
-            .zip(&s.requests)
-            .map(|(k, row)| {
-                let by = RESULT_NAMES
-                    .iter()
-                    .zip(row)
-                    .map(|(r, c)| (r.to_string(), get(c)))
-                    .collect();
-                (k.to_string(), by)
-            })
-            .collect();
-        HotplugInfo {
-            driver_ready: s.driver_ready.load(Ordering::Relaxed),
-            region_addr: self.region.addr,
-            region_mib: self.region.size / MIB,
-            block_size_mib: self.region.block_size / MIB,
-            plugged_mib: get(&s.plugged_bytes) / MIB,
-            requested_mib: get(&s.requested_bytes) / MIB,
-            requests,
-            slices_added: get(&s.slices_added),
-            slices_removed: get(&s.slices_removed),
-            guest_errors: get(&self.counters.guest_errors),
-        }
-    }
-}
-
 /// What the control plane acts on.
 pub struct VmControl {
     exit: Arc<VmExit>,
     memory: Arc<MemoryManager>,
-    balloon: Option<BalloonControl>,
-    hotplug: Option<HotplugControl>,
+    balloon: Option<BalloonHandle>,
+    hotplug: Option<HotplugHandle>,
     /// What the guest reads on the host-signal port (test guests).
     signal: Arc<AtomicU32>,
     vcpus: usize,
@@ -197,8 +112,8 @@ impl VmControl {
     pub fn new(
         exit: Arc<VmExit>,
         memory: Arc<MemoryManager>,
-        balloon: Option<BalloonControl>,
-        hotplug: Option<HotplugControl>,
+        balloon: Option<BalloonHandle>,
+        hotplug: Option<HotplugHandle>,
         signal: Arc<AtomicU32>,
         vcpus: usize,
         mode: FaultMode,
@@ -217,6 +132,7 @@ impl VmControl {
 
     pub fn vm_info(&self) -> VmInfo {
         let m = self.memory.stats();
+        let resident = m[MemStat::ResidentPages];
         VmInfo {
             state: if self.exit.is_stopping() {
                 "stopping"
@@ -229,25 +145,23 @@ impl VmControl {
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory: MemoryInfo {
                 boot_mib: self.memory.boot_size() / MIB,
-                resident_mib: (self.memory.resident_pages() * PAGE_SIZE) as f64 / MIB as f64,
-                memslots: m.slots,
-                memslot_generation: m.generation,
-                memslot_changes: m.memslot_changes,
-                discarded_pages: m.discarded_pages,
+                resident_mib: (resident * PAGE_SIZE) as f64 / MIB as f64,
+                counters: Readings::new(&MEMORY_METRICS, &m.values, Scope::ANY),
             },
-            balloon: self.balloon.as_ref().map(balloon_info),
-            hotplug: self.hotplug.as_ref().map(HotplugControl::info),
+            balloon: self.balloon.as_ref().map(BalloonHandle::info),
+            hotplug: self.hotplug.as_ref().map(HotplugHandle::info),
         }
     }
 
-    fn balloon(&self) -> Result<&BalloonControl, ControlError> {
-        self.balloon
-            .as_ref()
-            .ok_or_else(|| ControlError::not_configured("balloon", "--balloon SIZE"))
+    fn balloon(&self) -> Result<&BalloonHandle, ControlError> {
+        self.balloon.as_ref().ok_or(ControlError::NotConfigured {
+            what: "balloon",
+            flag: "--balloon SIZE",
+        })
     }
 
     pub fn balloon_info(&self) -> Result<BalloonInfo, ControlError> {
-        self.balloon().map(balloon_info)
+        self.balloon().map(BalloonHandle::info)
     }
 
     /// Move the balloon's target; at most the boot RAM.
@@ -255,15 +169,13 @@ impl VmControl {
         let b = self.balloon()?;
         let ram = self.memory.boot_size();
         if bytes > ram {
-            return Err(ControlError::bad_request(format!(
-                "balloon target {} MiB is larger than guest RAM ({} MiB)",
-                bytes / MIB,
-                ram / MIB
-            )));
+            return Err(ControlError::BalloonBeyondRam {
+                target_mib: bytes / MIB,
+                ram_mib: ram / MIB,
+            });
         }
-        let pages = u32::try_from(bytes / PAGE_SIZE).map_err(|_| {
-            ControlError::bad_request(format!("balloon target {} MiB is too large", bytes / MIB))
-        })?;
+        let pages = u32::try_from(bytes / PAGE_SIZE)
+            .map_err(|_| ControlError::TooLarge("the balloon target"))?;
         lock(&b.device).set_target(pages);
         Ok(())
     }
@@ -271,35 +183,35 @@ impl VmControl {
     pub fn set_balloon_stats_interval(&self, secs: u64) -> Result<(), ControlError> {
         let b = self.balloon()?;
         if secs > MAX_STATS_INTERVAL_S {
-            return Err(ControlError::bad_request(format!(
-                "interval_s {secs} is longer than {MAX_STATS_INTERVAL_S}"
-            )));
+            return Err(ControlError::IntervalTooLong {
+                secs,
+                max: MAX_STATS_INTERVAL_S,
+            });
         }
         b.stats.stats_interval_s.store(secs, Ordering::Relaxed);
         Ok(())
     }
 
-    fn hotplug(&self) -> Result<&HotplugControl, ControlError> {
-        self.hotplug
-            .as_ref()
-            .ok_or_else(|| ControlError::not_configured("hotplug memory", "--hotplug SIZE"))
+    fn hotplug(&self) -> Result<&HotplugHandle, ControlError> {
+        self.hotplug.as_ref().ok_or(ControlError::NotConfigured {
+            what: "hotplug memory",
+            flag: "--hotplug SIZE",
+        })
     }
 
     pub fn memory_info(&self) -> Result<HotplugInfo, ControlError> {
-        self.hotplug().map(HotplugControl::info)
+        self.hotplug().map(HotplugHandle::info)
     }
 
     /// Move virtio-mem's `requested_size` (bytes; a multiple of the block
     /// size, at most the region).
     pub fn set_requested_memory(&self, bytes: u64) -> Result<(), ControlError> {
         let h = self.hotplug()?;
-        lock(&h.device)
-            .set_requested(bytes)
-            .map_err(ControlError::bad_request)
+        Ok(lock(&h.device).set_requested(bytes)?)
     }
 
     /// virtio-mem's host-side timings so far (benchmarks).
-    pub fn hotplug_timings(&self) -> Option<crate::devices::virtio::mem::Timings> {
+    pub fn hotplug_timings(&self) -> Option<Timings> {
         self.hotplug.as_ref().map(|h| {
             h.stats
                 .timings
@@ -329,50 +241,5 @@ impl VmControl {
 
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
-    }
-}
-
-impl BalloonControl {
-    /// The balloon's state and counters now.
-    pub fn info(&self) -> BalloonInfo {
-        balloon_info(self)
-    }
-}
-
-fn balloon_info(b: &BalloonControl) -> BalloonInfo {
-    let s = &b.stats;
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let (guest_stats, age) = {
-        let g = s.guest.lock().unwrap_or_else(|e| e.into_inner());
-        let named =
-            g.0.iter()
-                .map(|(tag, v)| {
-                    let name = STAT_NAMES
-                        .iter()
-                        .find(|(t, _)| t == tag)
-                        .map_or_else(|| format!("tag_{tag}"), |(_, n)| n.to_string());
-                    (name, *v)
-                })
-                .collect();
-        (named, g.1.map(|t| t.elapsed().as_secs_f64()))
-    };
-    let target = get(&s.target_pages);
-    let actual = get(&s.actual_pages);
-    BalloonInfo {
-        driver_ready: s.driver_ready.load(Ordering::Relaxed),
-        target_mib: target * PAGE_SIZE / MIB,
-        target_pages: target,
-        actual_mib: actual * PAGE_SIZE / MIB,
-        actual_pages: actual,
-        inflated_pages: get(&s.inflated_pages),
-        deflated_pages: get(&s.deflated_pages),
-        reported_pages: get(&s.reported_pages),
-        discarded_bytes: get(&s.discarded_bytes),
-        rejected_descriptors: get(&s.rejected_descriptors),
-        pfns_outside_ram: get(&s.pfns_outside_ram),
-        guest_errors: get(&b.counters.guest_errors),
-        stats_interval_s: get(&s.stats_interval_s),
-        guest_stats,
-        guest_stats_age_s: age,
     }
 }

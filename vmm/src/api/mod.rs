@@ -5,5 +5,5 @@ pub mod client;
 pub mod control;
 pub mod server;
 
-pub use control::{BalloonControl, ControlError, VmControl};
+pub use control::{ControlError, VmControl};
 pub use server::{ApiError, ApiServer};

@@ -165,8 +165,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
 
 fn from_control(e: ControlError) -> Response<Full<Bytes>> {
     error(
-        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
-        e.message,
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+        e.to_string(),
     )
 }
 
@@ -239,7 +239,7 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
             Ok(t) => match t
                 .target_mib
                 .checked_mul(MIB)
-                .ok_or_else(|| ControlError::bad_request("target_mib is too large"))
+                .ok_or(ControlError::TooLarge("target_mib"))
                 .and_then(|b| control.set_balloon_target(b))
             {
                 Ok(()) => no_content(),
@@ -262,7 +262,7 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
             Ok(m) => match m
                 .requested_mib
                 .checked_mul(MIB)
-                .ok_or_else(|| ControlError::bad_request("requested_mib is too large"))
+                .ok_or(ControlError::TooLarge("requested_mib"))
                 .and_then(|b| control.set_requested_memory(b))
             {
                 Ok(()) => no_content(),

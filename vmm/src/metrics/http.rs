@@ -160,8 +160,7 @@ fn respond(req: &Request<Incoming>, metrics: &VmMetrics) -> Response<Full<Bytes>
         ),
         "/metrics.json" => text(
             StatusCode::OK,
-            serde_json::to_string(&metrics.snapshot())
-                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            metrics.snapshot().to_json().to_string(),
             "application/json",
         ),
         _ => text(StatusCode::OK, "ok\n".into(), "text/plain"),

@@ -1,29 +1,41 @@
 //! Fault metrics published over HTTP while the VM runs (`--metrics-addr`).
 //!
-//! The fault path only bumps its own thread's counters (`fault::stats`); the
-//! HTTP thread reads them on each scrape and aggregates. See docs/METRICS.md.
+//! Every series is a row of one table, declared once where it is counted
+//! (`vmm_counters::metrics!`): per fault-serving thread
+//! ([`THREAD_METRICS`], the fault engine), per VM ([`MEMORY_METRICS`], the
+//! memory manager), per virtio device ([`VIRTIO_METRICS`]), the balloon's
+//! and virtio-mem's. A scrape copies the values ([`MetricsSnapshot`]); the
+//! OpenMetrics encoder ([`prometheus`]), the JSON and the end-of-run
+//! summary walk the same rows. See docs/METRICS.md.
 
 mod http;
 mod prometheus;
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde_json::{json, Map, Value};
 
 pub use http::{MetricsError, MetricsServer};
 
-use crate::api::control::{BalloonControl, BalloonInfo, HotplugControl, HotplugInfo};
-use crate::config::FaultMode;
+use crate::counters::{Metric, Readings, Sample, Scope};
+use crate::devices::virtio::balloon::{BalloonHandle, BalloonInfo, BALLOON_GUEST_STAT};
 use crate::devices::virtio::manager::DeviceSummary;
-use crate::fault::stats::{
-    bucket_bound_ns, ASSIST_KINDS, EXIT_KINDS, FAULT_KINDS, LATENCY_BUCKETS,
-};
-use crate::fault::{FaultSnapshot, FaultStats};
-use crate::memory::MemoryManager;
+use crate::devices::virtio::mem::{HotplugHandle, HotplugInfo};
+use crate::devices::virtio::VIRTIO_METRICS;
+use crate::fault::stats::{bucket_bound_ns, FAULT_LATENCY, LATENCY_BUCKETS, THREAD_METRICS};
+use crate::fault::{FaultMode, FaultSnapshot, FaultStats};
+use crate::memory::{MemoryManager, MemoryStats, MEMORY_METRICS};
 
 /// VMM threads other than vCPUs and handlers that may touch guest RAM (and
 /// then serve the fault themselves, through SIGBUS), by name.
 pub const VMM_THREADS: [&str; 2] = ["events", "api"];
+
+/// Which fault mode the VM runs (1 for the active mode, labelled `mode`).
+pub static FAULT_MODE: Metric = Metric::gauge(
+    "vmm_fault_mode",
+    "fault_mode",
+    "How guest RAM is populated (1 for the active mode)",
+);
 
 /// Reads one device's counters.
 pub type DeviceProbe = Box<dyn Fn() -> DeviceSummary + Send + Sync>;
@@ -38,8 +50,8 @@ pub struct VmMetrics {
     pub mode: FaultMode,
     /// Each virtio device's counters.
     pub devices: Vec<DeviceProbe>,
-    pub balloon: Option<BalloonControl>,
-    pub hotplug: Option<HotplugControl>,
+    pub balloon: Option<BalloonHandle>,
+    pub hotplug: Option<HotplugHandle>,
 }
 
 impl VmMetrics {
@@ -66,116 +78,158 @@ impl VmMetrics {
             .unwrap_or_else(|| panic!("{name} is not one of {VMM_THREADS:?}"));
         self.threads[i].clone()
     }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let snap = |v: &[Arc<FaultStats>]| v.iter().map(|s| s.snapshot()).collect();
+        MetricsSnapshot {
+            fault_mode: self.mode.name(),
+            memory: self.memory.stats(),
+            vcpus: snap(&self.vcpus),
+            handlers: snap(&self.handlers),
+            threads: VMM_THREADS
+                .iter()
+                .zip(&self.threads)
+                .map(|(n, s)| (*n, s.snapshot()))
+                .collect(),
+            devices: self.devices.iter().map(|f| f()).collect(),
+            balloon: self.balloon.as_ref().map(BalloonHandle::info),
+            hotplug: self.hotplug.as_ref().map(HotplugHandle::info),
+        }
+    }
+}
+
+/// A fault-serving thread as the exporters see it: its label, its kind
+/// (which rows apply) and its counters.
+pub struct Thread<'a> {
+    pub label: (&'static str, String),
+    pub scope: Scope,
+    pub stats: &'a FaultSnapshot,
+}
+
+impl Thread<'_> {
+    /// The rows of [`THREAD_METRICS`] that apply to this thread.
+    pub fn readings(&self) -> Readings {
+        Readings::new(&THREAD_METRICS, &self.stats.values, self.scope)
+    }
 }
 
 /// One consistent-enough copy of every metric (each counter is read once).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct MetricsSnapshot {
     pub fault_mode: &'static str,
-    pub memslot_generation: u64,
-    pub memslot_changes: u64,
-    pub resident_pages: u64,
-    pub discarded_pages: u64,
-    pub vcpus: Vec<ThreadMetrics>,
-    pub handlers: Vec<ThreadMetrics>,
+    pub memory: MemoryStats,
+    pub vcpus: Vec<FaultSnapshot>,
+    pub handlers: Vec<FaultSnapshot>,
     /// Other VMM threads, by name.
-    pub threads: std::collections::BTreeMap<&'static str, ThreadMetrics>,
+    pub threads: Vec<(&'static str, FaultSnapshot)>,
     pub devices: Vec<DeviceSummary>,
     pub balloon: Option<BalloonInfo>,
     pub hotplug: Option<HotplugInfo>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ThreadMetrics {
-    pub faults: std::collections::BTreeMap<&'static str, u64>,
-    pub speculative_installs: u64,
-    pub retries: u64,
-    pub slow_path_installs: u64,
-    pub already_present: u64,
-    pub pages_installed: u64,
-    pub source_bytes: u64,
-    pub exits: std::collections::BTreeMap<&'static str, u64>,
-    /// What the VMM did for the guest on a PVM host, by kind.
-    pub assists: std::collections::BTreeMap<&'static str, u64>,
-    /// Time spent in the VMM on assists.
-    pub assist_seconds: f64,
-    pub fault_latency: Histogram,
-}
+impl MetricsSnapshot {
+    /// Every fault-serving thread: `vcpu="N"`, `handler="N"`,
+    /// `thread="NAME"`.
+    pub fn threads(&self) -> impl Iterator<Item = Thread<'_>> {
+        let v = self.vcpus.iter().enumerate().map(|(i, s)| Thread {
+            label: ("vcpu", i.to_string()),
+            scope: Scope::VCPU,
+            stats: s,
+        });
+        let h = self.handlers.iter().enumerate().map(|(i, s)| Thread {
+            label: ("handler", i.to_string()),
+            scope: Scope::HANDLER,
+            stats: s,
+        });
+        let o = self.threads.iter().map(|(n, s)| Thread {
+            label: ("thread", n.to_string()),
+            scope: Scope::VMM,
+            stats: s,
+        });
+        v.chain(h).chain(o)
+    }
 
-/// A histogram in seconds, per-bucket (not cumulative) counts.
-#[derive(Debug, Clone, Serialize)]
-pub struct Histogram {
-    pub sum_seconds: f64,
-    pub count: u64,
-    /// (upper bound in seconds, +Inf as `null` in JSON; count in that bucket)
-    pub buckets: Vec<(Option<f64>, u64)>,
-}
-
-impl ThreadMetrics {
-    fn from(s: &FaultSnapshot) -> Self {
-        Self {
-            faults: FAULT_KINDS
-                .iter()
-                .map(|(k, n)| (*n, s.by_kind[*k as usize]))
-                .collect(),
-            speculative_installs: s.speculative_installs,
-            retries: s.retries,
-            slow_path_installs: s.slow_path_installs,
-            already_present: s.already_present,
-            pages_installed: s.pages_installed,
-            source_bytes: s.source_bytes,
-            exits: EXIT_KINDS
-                .iter()
-                .map(|(k, n)| (*n, s.exits[*k as usize]))
-                .collect(),
-            assists: ASSIST_KINDS
-                .iter()
-                .map(|(k, n)| (*n, s.assists[*k as usize]))
-                .collect(),
-            assist_seconds: s.assist_ns as f64 / 1e9,
-            fault_latency: Histogram {
-                sum_seconds: s.latency_sum_ns as f64 / 1e9,
-                count: s.latency_count,
-                buckets: (0..LATENCY_BUCKETS)
-                    .map(|i| {
-                        (
-                            bucket_bound_ns(i).map(|b| b as f64 / 1e9),
-                            s.latency_buckets[i],
-                        )
-                    })
-                    .collect(),
-            },
+    /// Every value but the latency histograms, in table order: threads,
+    /// memory, devices, balloon, virtio-mem, the fault mode.
+    pub fn samples(&self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for t in self.threads() {
+            out.extend(t.readings().samples(std::slice::from_ref(&t.label)));
         }
+        out.extend(Readings::new(&MEMORY_METRICS, &self.memory.values, Scope::ANY).samples(&[]));
+        for d in &self.devices {
+            let r = Readings::new(&VIRTIO_METRICS, &d.values, Scope::ANY);
+            out.extend(r.samples(&[("device", d.name.to_string())]));
+        }
+        if let Some(b) = &self.balloon {
+            out.extend(b.counters.samples(&[]));
+            for (stat, v) in &b.guest_stats {
+                out.push(Sample {
+                    metric: &BALLOON_GUEST_STAT,
+                    labels: vec![("stat", stat.clone())],
+                    value: *v,
+                });
+            }
+        }
+        if let Some(h) = &self.hotplug {
+            out.extend(h.counters.samples(&[]));
+        }
+        out.push(Sample {
+            metric: &FAULT_MODE,
+            labels: vec![("mode", self.fault_mode.to_string())],
+            value: 1,
+        });
+        out
+    }
+
+    /// The JSON of `/metrics.json`: the same rows, by their keys.
+    pub fn to_json(&self) -> Value {
+        let thread = |t: Thread| -> Value {
+            let mut m = t.readings().to_json();
+            m.insert(FAULT_LATENCY.key.into(), latency_json(t.stats));
+            Value::Object(m)
+        };
+        let mut threads = self.threads();
+        let vcpus: Vec<Value> = threads
+            .by_ref()
+            .take(self.vcpus.len())
+            .map(thread)
+            .collect();
+        let handlers: Vec<Value> = threads
+            .by_ref()
+            .take(self.handlers.len())
+            .map(thread)
+            .collect();
+        let others: Map<String, Value> = self
+            .threads
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .zip(threads.map(thread))
+            .collect();
+        let mut out = Readings::new(&MEMORY_METRICS, &self.memory.values, Scope::ANY).to_json();
+        out.insert(FAULT_MODE.key.into(), json!(self.fault_mode));
+        out.insert("vcpus".into(), Value::Array(vcpus));
+        out.insert("handlers".into(), Value::Array(handlers));
+        out.insert("threads".into(), Value::Object(others));
+        out.insert("devices".into(), json!(self.devices));
+        out.insert("balloon".into(), json!(self.balloon));
+        out.insert("hotplug".into(), json!(self.hotplug));
+        Value::Object(out)
     }
 }
 
-impl VmMetrics {
-    pub fn snapshot(&self) -> MetricsSnapshot {
-        let m = self.memory.stats();
-        MetricsSnapshot {
-            fault_mode: self.mode.name(),
-            memslot_generation: m.generation,
-            memslot_changes: m.memslot_changes,
-            resident_pages: self.memory.resident_pages(),
-            discarded_pages: m.discarded_pages,
-            vcpus: self
-                .vcpus
-                .iter()
-                .map(|s| ThreadMetrics::from(&s.snapshot()))
-                .collect(),
-            handlers: self
-                .handlers
-                .iter()
-                .map(|s| ThreadMetrics::from(&s.snapshot()))
-                .collect(),
-            threads: VMM_THREADS
-                .iter()
-                .zip(&self.threads)
-                .map(|(n, s)| (*n, ThreadMetrics::from(&s.snapshot())))
-                .collect(),
-            devices: self.devices.iter().map(|f| f()).collect(),
-            balloon: self.balloon.as_ref().map(BalloonControl::info),
-            hotplug: self.hotplug.as_ref().map(HotplugControl::info),
-        }
-    }
+/// A latency histogram in JSON: seconds, per-bucket (not cumulative)
+/// counts, the open bucket's bound `null`.
+fn latency_json(s: &FaultSnapshot) -> Value {
+    let l = &s.latency;
+    let buckets: Vec<Value> = (0..LATENCY_BUCKETS)
+        .map(|i| json!([bucket_bound_ns(i).map(|b| b as f64 / 1e9), l.buckets[i]]))
+        .collect();
+    json!({
+        "sum_seconds": l.sum_ns as f64 / 1e9,
+        "count": l.count,
+        "buckets": buckets,
+    })
 }
+
+pub use prometheus::render;

@@ -17,7 +17,7 @@ use super::regs::VcpuState;
 use super::syscall::{DebugOutcome, SyscallAssist, MSR_LSTAR};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
-use crate::fault::stats::AssistKind;
+use crate::fault::stats::{AssistKind, ThreadStat};
 use crate::fault::{Access, FaultCtx, FaultEngine, FaultError, FaultKind, FaultStats, Resolved};
 
 /// Whether the host needs the VMM to complete instructions its emulator
@@ -83,7 +83,7 @@ impl ExitHandler {
     /// Handle one exit. `exited` is when `KVM_RUN` returned: fault latency is
     /// measured from there to the next entry.
     pub fn handle(&mut self, exit: Exit, vcpu: &dyn VcpuState, exited: Instant) -> Next {
-        self.ctx.stats.exits[exit.kind() as usize].add(1);
+        self.ctx.stats.add(exit.kind(), 1);
         let index = self.index;
         let shared = self.shared.clone();
         let engine = shared.fault.as_deref();
@@ -122,30 +122,7 @@ impl ExitHandler {
             Exit::SystemEvent(KVM_SYSTEM_EVENT_RESET) => Next::Stop(ExitReason::Reset),
             Exit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => Next::Stop(ExitReason::GuestStatus(0)),
             Exit::SystemEvent(kind) => self.stop(VcpuError::SystemEvent { vcpu: index, kind }),
-            Exit::Emulation { insn } => {
-                // Instruction bytes mean the fetch worked: an assist may
-                // apply. Without them the instruction may sit on a missing
-                // page.
-                if shared.assists == Assists::Pvm {
-                    if let Some(a) = insn.as_deref().and_then(|b| assist::apply(vcpu, b)) {
-                        log::debug!("vCPU {index}: assisted {a:?}");
-                        let stats = &self.ctx.stats;
-                        stats.assists[AssistKind::from(a) as usize].add(1);
-                        stats.assist_ns.add(exited.elapsed().as_nanos() as u64);
-                        return Next::Continue;
-                    }
-                }
-                if let Some(next) = self.fetch_fault(vcpu, exited) {
-                    return next;
-                }
-                let (rip, cpl) = vcpu.position();
-                self.stop(VcpuError::Emulation {
-                    vcpu: index,
-                    rip,
-                    cpl,
-                    insn,
-                })
-            }
+            Exit::Emulation { insn } => self.emulation(vcpu, insn, exited),
             Exit::Internal { suberror, data } => {
                 let (rip, cpl) = vcpu.position();
                 self.stop(VcpuError::Internal {
@@ -164,28 +141,58 @@ impl ExitHandler {
             Exit::Intr => Next::Continue,
             Exit::WrMsr { index, data, error } => self.wrmsr(vcpu, index, data, error),
             Exit::Debug { pc, .. } => self.debug(vcpu, pc, exited),
-            Exit::Failed { errno } if errno == libc::EINTR || errno == libc::EAGAIN => {
-                Next::Continue
-            }
-            Exit::Failed { errno } if errno == libc::EFAULT && engine.is_some() => {
-                let (rip, cpl) = vcpu.position();
-                self.stop(VcpuError::EfaultWithoutAddress {
-                    vcpu: index,
-                    rip,
-                    cpl,
-                })
-            }
-            Exit::Failed { errno } => {
-                let (rip, cpl) = vcpu.position();
-                self.stop(VcpuError::Run {
-                    vcpu: index,
-                    rip,
-                    cpl,
-                    errno,
-                })
-            }
+            Exit::Failed { errno } => self.failed(vcpu, errno),
             Exit::Unhandled(what) => self.unhandled(vcpu, &what),
         }
+    }
+
+    /// An emulation failure. Instruction bytes mean the fetch worked: an
+    /// assist may apply (PVM). Without them the instruction may sit on a
+    /// missing page (a fetch fault). Anything else ends the VM.
+    fn emulation(&mut self, vcpu: &dyn VcpuState, insn: Option<Vec<u8>>, exited: Instant) -> Next {
+        if self.shared.assists == Assists::Pvm {
+            if let Some(a) = insn.as_deref().and_then(|b| assist::apply(vcpu, b)) {
+                log::debug!("vCPU {}: assisted {a:?}", self.index);
+                let stats = &self.ctx.stats;
+                stats.add(AssistKind::from(a), 1);
+                stats.add(ThreadStat::AssistTime, exited.elapsed().as_nanos() as u64);
+                return Next::Continue;
+            }
+        }
+        if let Some(next) = self.fetch_fault(vcpu, exited) {
+            return next;
+        }
+        let (rip, cpl) = vcpu.position();
+        self.stop(VcpuError::Emulation {
+            vcpu: self.index,
+            rip,
+            cpl,
+            insn,
+        })
+    }
+
+    /// `KVM_RUN` failed: a kick (EINTR) or a retry (EAGAIN) goes on; a
+    /// bare EFAULT in `vcpu` mode is a missing page this host did not
+    /// report; anything else ends the VM.
+    fn failed(&self, vcpu: &dyn VcpuState, errno: i32) -> Next {
+        if errno == libc::EINTR || errno == libc::EAGAIN {
+            return Next::Continue;
+        }
+        let (vcpu_index, (rip, cpl)) = (self.index, vcpu.position());
+        self.stop(if errno == libc::EFAULT && self.shared.fault.is_some() {
+            VcpuError::EfaultWithoutAddress {
+                vcpu: vcpu_index,
+                rip,
+                cpl,
+            }
+        } else {
+            VcpuError::Run {
+                vcpu: vcpu_index,
+                rip,
+                cpl,
+                errno,
+            }
+        })
     }
 
     /// An MMIO exit. In `vcpu` mode an access inside a RAM memslot is a
@@ -251,8 +258,7 @@ impl ExitHandler {
         let r = a.on_debug(vcpu, &mem.memory(), pc, &self.ctx.stats);
         self.ctx
             .stats
-            .assist_ns
-            .add(exited.elapsed().as_nanos() as u64);
+            .add(ThreadStat::AssistTime, exited.elapsed().as_nanos() as u64);
         match r {
             Ok(DebugOutcome::NotOurs) => self.unhandled(
                 vcpu,
@@ -338,7 +344,7 @@ impl ExitHandler {
 
     fn count_fault(&self, kind: FaultKind, exited: Instant) {
         let stats = &self.ctx.stats;
-        stats.by_kind[kind as usize].add(1);
+        stats.add(kind, 1);
         stats.record_latency(exited.elapsed().as_nanos() as u64);
     }
 }
@@ -492,9 +498,12 @@ mod tests {
         let got: u32 = r.memory.memory().read_obj(GuestAddress(0x5008)).unwrap();
         assert_eq!(got, 0x1122_3344);
         let s = r.handler.stats().snapshot();
-        assert_eq!(s.by_kind[FaultKind::Mmio as usize], 1);
-        assert_eq!((s.speculative_installs, s.latency_count), (1, 1));
-        assert_eq!(s.exits[ExitKind::Mmio as usize], 1);
+        assert_eq!(s[FaultKind::Mmio], 1);
+        assert_eq!(
+            (s[ThreadStat::SpeculativeInstalls], s.latency.count),
+            (1, 1)
+        );
+        assert_eq!(s[ExitKind::Mmio], 1);
         assert!(r.dev.lock().unwrap().0.is_empty());
     }
 
@@ -514,7 +523,7 @@ mod tests {
         assert!(matches!(next, Next::Continue));
         assert_eq!(data, [0; 4]);
         let s = r.handler.stats().snapshot();
-        assert_eq!(s.pages_installed, 2);
+        assert_eq!(s[ThreadStat::PagesInstalled], 2);
     }
 
     #[test]
@@ -568,7 +577,7 @@ mod tests {
         );
         assert_eq!(data, [0x5a]);
         assert_eq!(r.dev.lock().unwrap().0, vec![(1, vec![1, 2])]);
-        assert_eq!(r.handler.stats().snapshot().exits[ExitKind::Io as usize], 2);
+        assert_eq!(r.handler.stats().snapshot()[ExitKind::Io], 2);
     }
 
     #[test]
@@ -583,9 +592,12 @@ mod tests {
         // each a fault, and the accounting identity holds.
         assert_eq!(resident(&r.memory), 2);
         let s = r.handler.stats().snapshot();
-        assert_eq!(s.by_kind[FaultKind::EmulationFailure as usize], 2);
-        assert_eq!(s.faults(), s.speculative_installs + s.already_present);
-        assert_eq!(s.latency_count, s.faults());
+        assert_eq!(s[FaultKind::EmulationFailure], 2);
+        assert_eq!(
+            s.faults(),
+            s[ThreadStat::SpeculativeInstalls] + s[ThreadStat::AlreadyPresent]
+        );
+        assert_eq!(s.latency.count, s.faults());
         // Re-entering retries the fetch; a second failure with the page
         // present is a genuine one.
         let next = r
@@ -593,7 +605,10 @@ mod tests {
             .handle(Exit::Emulation { insn: None }, &v, Instant::now());
         assert!(matches!(next, Next::Fail(VcpuError::Emulation { .. })));
         let s = r.handler.stats().snapshot();
-        assert_eq!(s.faults(), s.speculative_installs + s.already_present);
+        assert_eq!(
+            s.faults(),
+            s[ThreadStat::SpeculativeInstalls] + s[ThreadStat::AlreadyPresent]
+        );
     }
 
     #[test]
@@ -662,10 +677,10 @@ mod tests {
             AssistKind::Fwait,
         ]
         .iter()
-        .map(|k| s.assists[*k as usize])
+        .map(|k| s[*k])
         .collect();
         assert_eq!(counts, [1, 1, 1, 1]);
-        assert_eq!(s.assists.iter().sum::<u64>(), 4);
+        assert_eq!(s.total("assists"), 4);
     }
 
     #[test]

@@ -357,7 +357,7 @@ impl SyscallAssist {
         stats: &FaultStats,
     ) -> Result<(), SyscallAssistError> {
         kvm("KVM_SET_MSRS (LSTAR)", vcpu.set_msr(MSR_LSTAR, value))?;
-        stats.assists[AssistKind::LstarWrite as usize].add(1);
+        stats.add(AssistKind::LstarWrite, 1);
         self.lstar = value;
         self.arm(vcpu, mem, stats)
     }
@@ -389,7 +389,7 @@ impl SyscallAssist {
                 }
                 self.handler = Some(h);
                 self.stepping = false;
-                stats.assists[AssistKind::Arm as usize].add(1);
+                stats.add(AssistKind::Arm, 1);
             }
             None => {
                 log::warn!(
@@ -444,7 +444,7 @@ impl SyscallAssist {
             kvm("KVM_SET_SREGS", vcpu.set_sregs(&sregs))?;
             kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
             self.last_resume = None;
-            stats.assists[AssistKind::Syscall as usize].add(1);
+            stats.add(AssistKind::Syscall, 1);
             return Ok(DebugOutcome::Syscall);
         }
         let mut code = [0u8; PROLOGUE_BYTES];
@@ -454,7 +454,7 @@ impl SyscallAssist {
                 regs.rip = handler + len as u64;
                 regs.rflags &= !clear;
                 kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
-                stats.assists[AssistKind::PfSkip as usize].add(1);
+                stats.add(AssistKind::PfSkip, 1);
                 return Ok(DebugOutcome::Skipped);
             }
         }
@@ -470,7 +470,7 @@ impl SyscallAssist {
                 regs.rflags |= RFLAGS_RF;
                 kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
                 self.last_resume = Some(this);
-                stats.assists[AssistKind::PfResume as usize].add(1);
+                stats.add(AssistKind::PfResume, 1);
                 return Ok(DebugOutcome::Resumed);
             }
         }
@@ -479,7 +479,7 @@ impl SyscallAssist {
             vcpu.set_debug(GuestDebug::SingleStep),
         )?;
         self.stepping = true;
-        stats.assists[AssistKind::PfStep as usize].add(1);
+        stats.add(AssistKind::PfStep, 1);
         Ok(DebugOutcome::Stepping)
     }
 }
@@ -622,8 +622,8 @@ mod tests {
         assert_eq!(fake.lstar.get(), LSTAR);
         assert_eq!(fake.debug.get(), GuestDebug::Breakpoint(HANDLER));
         assert_eq!(a.handler(), Some(HANDLER));
-        assert_eq!(stats.assists[AssistKind::LstarWrite as usize].get(), 1);
-        assert_eq!(stats.assists[AssistKind::Arm as usize].get(), 1);
+        assert_eq!(stats.get(AssistKind::LstarWrite), 1);
+        assert_eq!(stats.get(AssistKind::Arm), 1);
     }
 
     #[test]
@@ -657,7 +657,7 @@ mod tests {
         assert_eq!((r.rcx, r.r11), (0x40_1234, 0x246), "RCX/R11 untouched");
         assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x10, 0, 1));
         assert_eq!((s.ss.selector, s.ss.dpl, s.ss.db), (0x18, 0, 1));
-        assert_eq!(stats.assists[AssistKind::Syscall as usize].get(), 1);
+        assert_eq!(stats.get(AssistKind::Syscall), 1);
     }
 
     /// The handler's entry as Linux 6.12 has it: endbr64, three NOPs (an
@@ -717,7 +717,7 @@ mod tests {
             a.on_debug(&fake, &mem, HANDLER, &stats).unwrap(),
             DebugOutcome::Syscall
         );
-        assert_eq!(stats.assists[AssistKind::PfSkip as usize].get(), 1);
+        assert_eq!(stats.get(AssistKind::PfSkip), 1);
     }
 
     #[test]
@@ -742,8 +742,8 @@ mod tests {
             DebugOutcome::Resumed
         );
         assert_eq!(fake.sregs.borrow().cs.dpl, 0, "fake default untouched");
-        assert_eq!(stats.assists[AssistKind::Syscall as usize].get(), 0);
-        assert_eq!(stats.assists[AssistKind::PfResume as usize].get(), 2);
+        assert_eq!(stats.get(AssistKind::Syscall), 0);
+        assert_eq!(stats.get(AssistKind::PfResume), 2);
     }
 
     #[test]

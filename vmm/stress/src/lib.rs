@@ -28,14 +28,14 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use audit::{SlotAudit, Tally};
-use report::{BalloonSummary, HotplugSummary, Invariant, Latency, Report};
+use report::{Churned, Invariant, Report, RunId};
 use schedule::{Action, Event, Limits};
 use vmm::api::VmControl;
 use vmm::arch::x86_64::layout;
 use vmm::config::{
     parse_duration, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig,
 };
-use vmm::fault::stats::FAULT_KINDS;
+use vmm::fault::stats::ThreadStat;
 use vmm::fault::FaultSnapshot;
 use vmm::memory::{MemoryManager, NewSlot, PageSource, PAGE_SIZE};
 use vmm::metrics::VmMetrics;
@@ -201,7 +201,6 @@ struct Activity {
     extra_changes: AtomicU64,
 }
 
-/// Run `vmm stress`; returns whether every invariant held.
 /// Why a stress run ended the VM itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StressError {
@@ -209,6 +208,7 @@ pub enum StressError {
     GuestDidNotFinish,
 }
 
+/// Run `vmm stress`; returns whether every invariant held.
 pub fn run(a: &StressArgs) -> Result<bool, String> {
     if let Some(k) = &a.kernel {
         return linux::run(a, k.clone());
@@ -220,14 +220,85 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     let guest =
         std::env::temp_dir().join(format!("vmm-stress-memchurn-{}.elf", std::process::id()));
     std::fs::write(&guest, vmm_guests::MEMCHURN).map_err(|e| e.to_string())?;
-    let mut config = VmConfig::new(guest.clone());
+    let (config, out) = vm_config(a, &lay, guest.clone())?;
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&guest);
+    let memory = vm.memory().clone();
+    let control = vm.control().clone();
+    discard_each_pass(&vm, lay);
+    let region = control
+        .memory_info()
+        .map(|m| (m.region_addr, m.region_mib * MIB))
+        .unwrap_or((0, 0));
+    let extra_base = (region.0 + region.1)
+        .max(layout::MMIO_GAP_END)
+        .max(a.mem + layout::MMIO_GAP_END)
+        .next_multiple_of(1 << 30);
+    let events = schedule::build(a.seed, &limits(a, &lay));
+    let digest = format!("{:016x}", schedule::digest(&events));
+    let audit = Arc::new(Mutex::new((
+        SlotAudit::new(region.0, region.1),
+        SlotAudit::new(extra_base, u64::from(EXTRA_SLOTS) * (1 << 30)),
+    )));
+    let churn = Churn::start(a, &vm, events, extra_base, audit.clone())?;
+    let started = Instant::now();
+    let run = vm.run().map_err(|e| e.to_string())?;
+    let elapsed = started.elapsed();
+    let (activity, stuck) = churn.join();
+
+    let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let guest = guest_report(&text);
+    // A last audit after everything stopped.
+    let (hot, extra) = {
+        let mut au = audit.lock().unwrap_or_else(|e| e.into_inner());
+        au.0.check(&memory);
+        au.1.check(&memory);
+        ((au.0.removed, au.0.unplugged), au.1.removed)
+    };
+    let mut i1 = hot.0;
+    i1.add(extra);
+    let i4 = report::i4(&run.total(), stuck, a.watchdog);
+    let invariants = invariants(i1, hot.1, i4, &guest);
+    let id = RunId {
+        seed: a.seed,
+        schedule_digest: digest,
+        vcpus: a.vcpus,
+        elapsed,
+    };
+    let churned = Churned {
+        extra_memslot_changes: activity.extra_changes.load(Ordering::Relaxed),
+        balloon_target_changes: activity.balloon_changes.load(Ordering::Relaxed),
+        resizes: activity.resizes.load(Ordering::Relaxed),
+    };
+    let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+    let finished = !guest.is_empty();
+    let ok_guest = g("errors") == 0 && finished;
+    let mut report = Report::new(id, &run, &control, churned, invariants, guest);
+    report.ok &= ok_guest;
+    report.print(a.json)?;
+    if !finished {
+        eprintln!("stress: the guest gave no report; its console:\n{text}");
+    }
+    linger(a);
+    Ok(report.ok)
+}
+
+/// Where the guest's console goes (read after the run).
+type Console = Arc<Mutex<Vec<u8>>>;
+
+/// The VM a stress run boots: the churn guest with its layout on the
+/// command line, a balloon, virtio-mem, its console captured (returned).
+fn vm_config(
+    a: &StressArgs,
+    lay: &Layout,
+    guest: std::path::PathBuf,
+) -> Result<(VmConfig, Console), String> {
+    let mut config = VmConfig::new(guest);
     config.vcpus = a.vcpus;
     config.mem_size = a.mem;
     config.fault_mode = a.fault_mode;
-    config.serial = SerialOut::Capture(Default::default());
-    let SerialOut::Capture(out) = config.serial.clone() else {
-        unreachable!()
-    };
+    let out = Arc::new(Mutex::new(Vec::new()));
+    config.serial = SerialOut::Capture(out.clone());
     let mut cmdline = format!(
         "seed={} pool_base={POOL_BASE} pool_bytes={} wbase={} wbytes={} wdiscard=1 wpattern={}",
         a.seed,
@@ -266,40 +337,25 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
         vmm::memory::hugetlb::reserve(bytes.div_ceil(vmm::memory::hugetlb::HUGE_PAGE))
             .map_err(|e| e.to_string())?;
     }
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_file(&guest);
-    let mode = vm.mode();
+    Ok((config, out))
+}
+
+/// Each worker's pass ends with a marker: discard its share, so the next
+/// pass first-touches discarded pages (and checks they read zero).
+fn discard_each_pass(vm: &Vm, lay: Layout) {
     let memory = vm.memory().clone();
-    let control = vm.control().clone();
-    let metrics = vm.metrics().clone();
-    let exit = vm.exit_handle();
-
-    // Each worker's pass ends with a marker: discard its share, so the
-    // next pass first-touches discarded pages (and checks they read zero).
-    let discards = Arc::new(AtomicU64::new(0));
-    {
-        let (memory, discards) = (memory.clone(), discards.clone());
-        vm.on_marker(Box::new(move |v| {
-            if let Some((gpa, len)) = v.checked_sub(0x100).and_then(|c| lay.share(u64::from(c))) {
-                match memory.discard(gpa, len) {
-                    Ok(()) => {
-                        discards.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => log::error!("stress: discard of a worker share failed: {e}"),
-                }
+    vm.on_marker(Box::new(move |v| {
+        if let Some((gpa, len)) = v.checked_sub(0x100).and_then(|c| lay.share(u64::from(c))) {
+            if let Err(e) = memory.discard(gpa, len) {
+                log::error!("stress: discard of a worker share failed: {e}");
             }
-        }));
-    }
+        }
+    }));
+}
 
-    let region = control
-        .memory_info()
-        .map(|m| (m.region_addr, m.region_mib * MIB))
-        .unwrap_or((0, 0));
-    let extra_base = (region.0 + region.1)
-        .max(layout::MMIO_GAP_END)
-        .max(a.mem + layout::MMIO_GAP_END)
-        .next_multiple_of(1 << 30);
-    let limits = Limits {
+/// What the seeded schedule may do.
+fn limits(a: &StressArgs, lay: &Layout) -> Limits {
+    Limits {
         duration: a.duration,
         balloon_rate: a.balloon_rate,
         hotplug_rate: if a.hotplug > 0 { a.hotplug_rate } else { 0.0 },
@@ -309,80 +365,13 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
         hotplug_max: a.hotplug,
         hotplug_unit: a.hotplug_block,
         extra_slots: EXTRA_SLOTS,
-    };
-    let events = schedule::build(a.seed, &limits);
-    let digest = format!("{:016x}", schedule::digest(&events));
-    let activity = Arc::new(Activity::default());
-    let audit = Arc::new(Mutex::new((
-        SlotAudit::new(region.0, region.1),
-        SlotAudit::new(extra_base, u64::from(EXTRA_SLOTS) * (1 << 30)),
-    )));
-    let done = Arc::new(AtomicBool::new(false));
-    let stuck = Arc::new(Mutex::new(Tally::default()));
+    }
+}
 
-    let controller = {
-        let (control, memory, activity, audit, done, exit) = (
-            control.clone(),
-            memory.clone(),
-            activity.clone(),
-            audit.clone(),
-            done.clone(),
-            exit.clone(),
-        );
-        let (duration, started) = (a.duration, Instant::now());
-        std::thread::Builder::new()
-            .name("stress-controller".into())
-            .spawn(move || {
-                controller(
-                    &control, &memory, &events, extra_base, &activity, &audit, &exit,
-                );
-                // The run lasts its duration even when the schedule ends
-                // earlier (or is empty: a churn-free baseline).
-                while let Some(left) = duration.checked_sub(started.elapsed()) {
-                    if exit.is_stopping() || left.is_zero() {
-                        break;
-                    }
-                    std::thread::sleep(left.min(Duration::from_millis(100)));
-                }
-                done.store(true, Ordering::Release);
-                // Let the guest finish and verify what it wrote.
-                control.signal_guest(1);
-            })
-            .map_err(|e| e.to_string())?
-    };
-    let watchdog = {
-        let (metrics, done, stuck, exit) =
-            (metrics.clone(), done.clone(), stuck.clone(), exit.clone());
-        let (limit, duration, activity) = (a.watchdog, a.duration, activity.clone());
-        std::thread::Builder::new()
-            .name("stress-watchdog".into())
-            .spawn(move || watchdog(&metrics, &done, &stuck, &exit, limit, duration, &activity))
-            .map_err(|e| e.to_string())?
-    };
-    // The guest gets this long after the signal to verify and report.
-    let finish = {
-        let (done, exit) = (done.clone(), exit.clone());
-        let limit = a.duration + Duration::from_secs(300);
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while !exit.is_stopping() {
-                if t0.elapsed() > limit && done.load(Ordering::Acquire) {
-                    exit.fail(StressError::GuestDidNotFinish);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
-    let started = Instant::now();
-    let run = vm.run().map_err(|e| e.to_string())?;
-    let elapsed = started.elapsed();
-    done.store(true, Ordering::Release);
-    let _ = controller.join();
-    let _ = watchdog.join();
-    let _ = finish.join();
-
-    let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    let guest: BTreeMap<String, u64> = text
+/// The guest's `memchurn: done k=v ...` line, parsed (empty if it never
+/// finished).
+fn guest_report(console: &str) -> BTreeMap<String, u64> {
+    console
         .lines()
         .find(|l| l.starts_with("memchurn: done"))
         .map(|l| {
@@ -391,34 +380,20 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
                 .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
                 .collect()
         })
-        .unwrap_or_default();
-    let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+        .unwrap_or_default()
+}
 
-    // A last audit after everything stopped.
-    let (hot, extra) = {
-        let mut au = audit.lock().unwrap_or_else(|e| e.into_inner());
-        au.0.check(&memory);
-        au.1.check(&memory);
-        ((au.0.removed, au.0.unplugged), au.1.removed)
-    };
-    let total = run.total();
-    let faults = total.faults();
-    let accounted = total.speculative_installs + total.slow_path_installs + total.already_present;
-    let mut i4 = *stuck.lock().unwrap_or_else(|e| e.into_inner());
-    i4.checks += faults;
-    i4.violations += faults.saturating_sub(accounted) + accounted.saturating_sub(faults);
-    if total.latency_max_ns > a.watchdog.as_nanos() as u64 {
-        i4.violations += 1;
-        log::error!(
-            "I4: a fault took {:.3} s (watchdog {:?})",
-            total.latency_max_ns as f64 / 1e9,
-            a.watchdog
-        );
-    }
-    let guest_finished = !guest.is_empty();
-    let mut i1 = hot.0;
-    i1.add(extra);
-    let invariants = vec![
+/// Every invariant with its checks: I1 and I6 from the host's audits, I2,
+/// I3 and I6's STATE checks from the guest's report, I4 from the counters.
+fn invariants(
+    i1: Tally,
+    unplugged: Tally,
+    i4: Tally,
+    guest: &BTreeMap<String, u64>,
+) -> Vec<Invariant> {
+    let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+    let finished = !guest.is_empty();
+    vec![
         Invariant::new(
             "I1",
             "no resident page in a removed slot",
@@ -430,7 +405,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
             "every write the guest made is found",
             Tally {
                 checks: g("verified"),
-                violations: g("worker_bad") + g("pattern_bad") + u64::from(!guest_finished),
+                violations: g("worker_bad") + g("pattern_bad") + u64::from(!finished),
             },
             "the guest re-reads every page it wrote",
         ),
@@ -453,81 +428,125 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
             "I6",
             "nothing installed into an unplugged block",
             Tally {
-                checks: hot.1.checks + g("plugs") + g("unplugs"),
-                violations: hot.1.violations + g("state_bad") + g("overplug_acked"),
+                checks: unplugged.checks + g("plugs") + g("unplugs"),
+                violations: unplugged.violations + g("state_bad") + g("overplug_acked"),
             },
             "mincore of unplugged blocks after each resize; STATE after each plug/unplug",
         ),
-    ];
-    let ok = invariants.iter().all(|i| i.violations == 0) && g("errors") == 0 && guest_finished;
-    let binfo = control.balloon_info().ok();
-    let hinfo = control.memory_info().ok();
-    let lat = |q| total.latency_quantile_ns(q).map(|n| n as f64 / 1000.0);
-    let report = Report {
-        seed: a.seed,
-        schedule_digest: digest,
-        fault_mode: mode.name(),
-        vcpus: a.vcpus,
-        duration_s: elapsed.as_secs_f64(),
-        faults: FAULT_KINDS
-            .iter()
-            .map(|(k, n)| (*n, total.by_kind[*k as usize]))
-            .collect(),
-        faults_total: faults,
-        faults_per_s: faults as f64 / elapsed.as_secs_f64().max(1e-9),
-        retries: total.retries,
-        retries_pct: 100.0 * total.retries as f64 / (faults.max(1)) as f64,
-        slow_path_installs: total.slow_path_installs,
-        already_present: total.already_present,
-        pages_installed: total.pages_installed,
-        memslot_changes: run.memory.memslot_changes,
-        extra_memslot_changes: activity.extra_changes.load(Ordering::Relaxed),
-        balloon: BalloonSummary {
-            target_changes: activity.balloon_changes.load(Ordering::Relaxed),
-            inflated_pages: binfo.as_ref().map_or(0, |b| b.inflated_pages),
-            deflated_pages: binfo.as_ref().map_or(0, |b| b.deflated_pages),
-            touched_in_balloon: control.balloon_touched_pages(),
-        },
-        hotplug: HotplugSummary {
-            resizes: activity.resizes.load(Ordering::Relaxed),
-            plugs: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["ack"]),
-            unplugs: hinfo.as_ref().map_or(0, |h| h.requests["unplug"]["ack"]),
-            nacks: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["nack"]),
-            errors: hinfo
-                .as_ref()
-                .map_or(0, |h| h.requests.values().map(|r| r["error"]).sum::<u64>()),
-            slices_added: hinfo.as_ref().map_or(0, |h| h.slices_added),
-            slices_removed: hinfo.as_ref().map_or(0, |h| h.slices_removed),
-        },
-        fault_latency: Latency {
-            p50_us: lat(0.5),
-            p99_us: lat(0.99),
-            max_us: total.latency_max_ns as f64 / 1000.0,
-        },
-        invariants,
-        guest,
-        exit: run.reason.to_string(),
-        ok,
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", report.human());
-    }
-    if !guest_finished {
-        eprintln!("stress: the guest gave no report; its console:\n{text}");
-    }
+    ]
+}
+
+/// The report is out; the metrics endpoint serves the same final counters
+/// a little longer (for a last scrape).
+fn linger(a: &StressArgs) {
     if a.metrics_addr.is_some() && !a.metrics_linger.is_zero() {
-        // The report is out; the metrics endpoint serves the same final
-        // counters a little longer (for a last scrape).
         use std::io::Write;
         let _ = std::io::stdout().flush();
         std::thread::sleep(a.metrics_linger);
     }
-    Ok(report.ok)
+}
+
+/// The host side of a run: the controller applying the schedule, the
+/// watchdog, and the guard that ends a guest that never finishes.
+struct Churn {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    done: Arc<AtomicBool>,
+    activity: Arc<Activity>,
+    stuck: Arc<Mutex<Tally>>,
+}
+
+impl Churn {
+    fn start(
+        a: &StressArgs,
+        vm: &Vm,
+        events: Vec<Event>,
+        extra_base: u64,
+        audit: Arc<Mutex<(SlotAudit, SlotAudit)>>,
+    ) -> Result<Churn, String> {
+        let (control, memory, metrics, exit) = (
+            vm.control().clone(),
+            vm.memory().clone(),
+            vm.metrics().clone(),
+            vm.exit_handle(),
+        );
+        let activity = Arc::new(Activity::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let stuck = Arc::new(Mutex::new(Tally::default()));
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| e.to_string())
+        };
+        let controller = {
+            let (activity, done, exit) = (activity.clone(), done.clone(), exit.clone());
+            let (duration, started) = (a.duration, Instant::now());
+            spawn(
+                "stress-controller",
+                Box::new(move || {
+                    controller(
+                        &control, &memory, &events, extra_base, &activity, &audit, &exit,
+                    );
+                    // The run lasts its duration even when the schedule
+                    // ends earlier (or is empty: a churn-free baseline).
+                    while let Some(left) = duration.checked_sub(started.elapsed()) {
+                        if exit.is_stopping() || left.is_zero() {
+                            break;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(100)));
+                    }
+                    done.store(true, Ordering::Release);
+                    // Let the guest finish and verify what it wrote.
+                    control.signal_guest(1);
+                }),
+            )?
+        };
+        let watchdog = {
+            let (done, stuck, exit, activity) =
+                (done.clone(), stuck.clone(), exit.clone(), activity.clone());
+            let (limit, duration) = (a.watchdog, a.duration);
+            spawn(
+                "stress-watchdog",
+                Box::new(move || {
+                    watchdog(&metrics, &done, &stuck, &exit, limit, duration, &activity)
+                }),
+            )?
+        };
+        // The guest gets this long after the signal to verify and report.
+        let finish = {
+            let done = done.clone();
+            let limit = a.duration + Duration::from_secs(300);
+            spawn(
+                "stress-finish",
+                Box::new(move || {
+                    let t0 = Instant::now();
+                    while !exit.is_stopping() {
+                        if t0.elapsed() > limit && done.load(Ordering::Acquire) {
+                            exit.fail(StressError::GuestDidNotFinish);
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }),
+            )?
+        };
+        Ok(Churn {
+            threads: vec![controller, watchdog, finish],
+            done,
+            activity,
+            stuck,
+        })
+    }
+
+    /// After the VM ended: what the controller did and what the watchdog
+    /// counted.
+    fn join(self) -> (Arc<Activity>, Tally) {
+        self.done.store(true, Ordering::Release);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let stuck = *self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+        (self.activity, stuck)
+    }
 }
 
 /// Apply the schedule in time; audit after each change.
@@ -601,7 +620,7 @@ fn watchdog(
     duration: Duration,
     activity: &Activity,
 ) {
-    let exits = |s: &FaultSnapshot| s.exits.iter().sum::<u64>();
+    let exits = |s: &FaultSnapshot| s.total("exits");
     let snap = || -> Vec<FaultSnapshot> { metrics.vcpus.iter().map(|s| s.snapshot()).collect() };
     let mut last: Vec<(u64, Instant)> = snap().iter().map(|s| (exits(s), Instant::now())).collect();
     let tty = std::io::stderr().is_terminal();
@@ -634,7 +653,7 @@ fn watchdog(
             duration.as_secs(),
             faults,
             faults - last_faults,
-            total.retries,
+            total[ThreadStat::Retries],
             activity.balloon_changes.load(Ordering::Relaxed),
             activity.resizes.load(Ordering::Relaxed),
             activity.extra_changes.load(Ordering::Relaxed)

@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::audit::{SlotAudit, Tally};
-use super::report::{BalloonSummary, HotplugSummary, Invariant, Latency, Report};
+use super::report::{self, Churned, Invariant, Report, RunId};
 use super::schedule::Rng;
 use super::StressArgs;
 use vmm::api::VmControl;
 use vmm::arch::x86_64::layout;
 use vmm::config::{BalloonOptions, HotplugOptions, VmConfig};
-use vmm::fault::stats::FAULT_KINDS;
+use vmm::devices::virtio::balloon::BalloonStat;
 use vmm::memory::{MemoryManager, NewSlot, PageSource};
 use vmm::vm::Vm;
 
@@ -41,6 +41,12 @@ struct Cycles {
 }
 
 pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
+    let vm = Vm::new(vm_config(a, kernel)).map_err(|e| e.to_string())?;
+    stress(a, vm)
+}
+
+/// The kernel and initramfs, a balloon and virtio-mem, the console captured.
+fn vm_config(a: &StressArgs, kernel: PathBuf) -> VmConfig {
     let mut config = VmConfig::new(kernel);
     config.initrd = a.initrd.clone();
     config.vcpus = a.vcpus;
@@ -60,8 +66,12 @@ pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
     });
     config.metrics_addr = a.metrics_addr;
     config.metrics_linger = a.metrics_linger;
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let mode = vm.mode();
+    config
+}
+
+/// Boot the kernel, churn memslots and move the balloon and virtio-mem
+/// targets cycle by cycle until it ends; every invariant the host can check.
+fn stress(a: &StressArgs, vm: Vm) -> Result<bool, String> {
     let memory = vm.memory().clone();
     let control = vm.control().clone();
     let region = control
@@ -113,18 +123,42 @@ pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
         au.1.check(&memory);
         ((au.0.removed, au.0.unplugged), au.1.removed)
     };
-    let total = run.total();
-    let faults = total.faults();
-    let accounted = total.speculative_installs + total.slow_path_installs + total.already_present;
-    let mut i4 = Tally {
-        checks: faults,
-        violations: faults.abs_diff(accounted),
-    };
-    if total.latency_max_ns > a.watchdog.as_nanos() as u64 {
-        i4.violations += 1;
-    }
     let mut i1 = hot.0;
     i1.add(extra_removed);
+    let i4 = report::i4(&run.total(), Tally::default(), a.watchdog);
+    let invariants = invariants(i1, hot.1, i4);
+    let mut guest = std::collections::BTreeMap::new();
+    guest.insert("cycles".into(), cycles.done);
+    guest.insert("cycles_missed".into(), cycles.missed.len() as u64);
+    let id = RunId {
+        seed: a.seed,
+        schedule_digest: format!("linux-{}-cycles", a.cycles),
+        vcpus: a.vcpus,
+        elapsed,
+    };
+    let churned = Churned {
+        extra_memslot_changes: extra.load(Ordering::Relaxed),
+        balloon_target_changes: cycles.done,
+        resizes: cycles.done,
+    };
+    let mut report = Report::new(id, &run, &control, churned, invariants, guest);
+    report.ok &= cycles.missed.is_empty();
+    for m in &cycles.missed {
+        eprintln!("stress: {m}");
+    }
+    if let Ok(b) = control.balloon_info() {
+        eprintln!(
+            "stress: the guest's last memory statistics: {:?}",
+            b.guest_stats
+        );
+    }
+    report.print(a.json)?;
+    Ok(report.ok)
+}
+
+/// The invariants the host checks under Linux (I2 and I3 are the guest
+/// kernel's own business).
+fn invariants(i1: Tally, unplugged: Tally, i4: Tally) -> Vec<Invariant> {
     let not_checked = |name, what| {
         Invariant::new(
             name,
@@ -133,7 +167,7 @@ pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
             "not checked: Linux checks its own memory",
         )
     };
-    let invariants = vec![
+    vec![
         Invariant::new(
             "I1",
             "no resident page in a removed slot",
@@ -151,81 +185,10 @@ pub fn run(a: &StressArgs, kernel: PathBuf) -> Result<bool, String> {
         Invariant::new(
             "I6",
             "nothing installed into an unplugged block",
-            hot.1,
+            unplugged,
             "mincore of unplugged blocks after each cycle",
         ),
-    ];
-    let ok = invariants.iter().all(|i| i.violations == 0) && cycles.missed.is_empty();
-    let binfo = control.balloon_info().ok();
-    let hinfo = control.memory_info().ok();
-    let lat = |q| total.latency_quantile_ns(q).map(|n| n as f64 / 1000.0);
-    let mut guest = std::collections::BTreeMap::new();
-    guest.insert("cycles".into(), cycles.done);
-    guest.insert("cycles_missed".into(), cycles.missed.len() as u64);
-    let report = Report {
-        seed: a.seed,
-        schedule_digest: format!("linux-{}-cycles", a.cycles),
-        fault_mode: mode.name(),
-        vcpus: a.vcpus,
-        duration_s: elapsed.as_secs_f64(),
-        faults: FAULT_KINDS
-            .iter()
-            .map(|(k, n)| (*n, total.by_kind[*k as usize]))
-            .collect(),
-        faults_total: faults,
-        faults_per_s: faults as f64 / elapsed.as_secs_f64().max(1e-9),
-        retries: total.retries,
-        retries_pct: 100.0 * total.retries as f64 / faults.max(1) as f64,
-        slow_path_installs: total.slow_path_installs,
-        already_present: total.already_present,
-        pages_installed: total.pages_installed,
-        memslot_changes: run.memory.memslot_changes,
-        extra_memslot_changes: extra.load(Ordering::Relaxed),
-        balloon: BalloonSummary {
-            target_changes: cycles.done,
-            inflated_pages: binfo.as_ref().map_or(0, |b| b.inflated_pages),
-            deflated_pages: binfo.as_ref().map_or(0, |b| b.deflated_pages),
-            touched_in_balloon: control.balloon_touched_pages(),
-        },
-        hotplug: HotplugSummary {
-            resizes: cycles.done,
-            plugs: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["ack"]),
-            unplugs: hinfo.as_ref().map_or(0, |h| h.requests["unplug"]["ack"]),
-            nacks: hinfo.as_ref().map_or(0, |h| h.requests["plug"]["nack"]),
-            errors: hinfo
-                .as_ref()
-                .map_or(0, |h| h.requests.values().map(|r| r["error"]).sum()),
-            slices_added: hinfo.as_ref().map_or(0, |h| h.slices_added),
-            slices_removed: hinfo.as_ref().map_or(0, |h| h.slices_removed),
-        },
-        fault_latency: Latency {
-            p50_us: lat(0.5),
-            p99_us: lat(0.99),
-            max_us: total.latency_max_ns as f64 / 1000.0,
-        },
-        invariants,
-        guest,
-        exit: run.reason.to_string(),
-        ok,
-    };
-    for m in &cycles.missed {
-        eprintln!("stress: {m}");
-    }
-    if let Some(b) = &binfo {
-        eprintln!(
-            "stress: the guest's last memory statistics: {:?}",
-            b.guest_stats
-        );
-    }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", report.human());
-    }
-    Ok(report.ok)
+    ]
 }
 
 fn churn_once(
@@ -296,7 +259,7 @@ fn cycle(
         let reached = wait(Duration::from_secs(900), || {
             control
                 .balloon_info()
-                .is_ok_and(|b| b.actual_pages * 4096 == target)
+                .is_ok_and(|b| b.get(BalloonStat::ActualPages) * 4096 == target)
                 && (hot == 0
                     || control
                         .memory_info()

@@ -3,8 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::Duration;
 
 use serde::Serialize;
+use vmm::api::VmControl;
+use vmm::devices::virtio::balloon::BalloonStat;
+use vmm::devices::virtio::mem::HotplugStat;
+use vmm::fault::stats::{ThreadStat, FAULT_ROWS};
+use vmm::fault::FaultSnapshot;
+use vmm::memory::MemStat;
+use vmm::vm::RunReport;
 
 use super::audit::Tally;
 
@@ -85,7 +93,118 @@ impl Invariant {
     }
 }
 
+/// What identifies a run, whichever guest ran.
+pub struct RunId {
+    pub seed: u64,
+    pub schedule_digest: String,
+    pub vcpus: usize,
+    pub elapsed: Duration,
+}
+
+/// What the host-side churn did.
+pub struct Churned {
+    pub extra_memslot_changes: u64,
+    pub balloon_target_changes: u64,
+    pub resizes: u64,
+}
+
+/// I4 from the run's counters: every fault ended installed or already
+/// present (faults == speculative + slow-path + present) and none took
+/// longer than the watchdog; `stuck` holds the watchdog's own checks.
+pub fn i4(total: &FaultSnapshot, mut stuck: Tally, watchdog: Duration) -> Tally {
+    let faults = total.faults();
+    let accounted = total[ThreadStat::SpeculativeInstalls]
+        + total[ThreadStat::SlowPathInstalls]
+        + total[ThreadStat::AlreadyPresent];
+    stuck.checks += faults;
+    stuck.violations += faults.abs_diff(accounted);
+    if total.latency.max_ns > watchdog.as_nanos() as u64 {
+        stuck.violations += 1;
+        log::error!(
+            "I4: a fault took {:.3} s (watchdog {watchdog:?})",
+            total.latency.max_ns as f64 / 1e9
+        );
+    }
+    stuck
+}
+
 impl Report {
+    /// The report of a finished run: its counters, the devices' and the
+    /// churn's, and the invariants as checked.
+    pub fn new(
+        id: RunId,
+        run: &RunReport,
+        control: &VmControl,
+        churned: Churned,
+        invariants: Vec<Invariant>,
+        guest: BTreeMap<String, u64>,
+    ) -> Report {
+        let total = run.total();
+        let faults = total.faults();
+        let secs = id.elapsed.as_secs_f64();
+        let binfo = control.balloon_info().ok();
+        let b = |s| binfo.as_ref().map_or(0, |b| b.get(s));
+        let hinfo = control.memory_info().ok();
+        let h = |s| hinfo.as_ref().map_or(0, |h| h.get(s));
+        let lat = |q| total.latency_quantile_ns(q).map(|n| n as f64 / 1000.0);
+        let ok = invariants.iter().all(|i| i.violations == 0);
+        Report {
+            seed: id.seed,
+            schedule_digest: id.schedule_digest,
+            fault_mode: run.mode.name(),
+            vcpus: id.vcpus,
+            duration_s: secs,
+            faults: FAULT_ROWS
+                .iter()
+                .map(|r| (r.metric().label_value().unwrap_or_default(), total[*r]))
+                .collect(),
+            faults_total: faults,
+            faults_per_s: faults as f64 / secs.max(1e-9),
+            retries: total[ThreadStat::Retries],
+            retries_pct: 100.0 * total[ThreadStat::Retries] as f64 / faults.max(1) as f64,
+            slow_path_installs: total[ThreadStat::SlowPathInstalls],
+            already_present: total[ThreadStat::AlreadyPresent],
+            pages_installed: total[ThreadStat::PagesInstalled],
+            memslot_changes: run.memory[MemStat::Changes],
+            extra_memslot_changes: churned.extra_memslot_changes,
+            balloon: BalloonSummary {
+                target_changes: churned.balloon_target_changes,
+                inflated_pages: b(BalloonStat::InflatedPages),
+                deflated_pages: b(BalloonStat::DeflatedPages),
+                touched_in_balloon: control.balloon_touched_pages(),
+            },
+            hotplug: HotplugSummary {
+                resizes: churned.resizes,
+                plugs: h(HotplugStat::PlugAck),
+                unplugs: h(HotplugStat::UnplugAck),
+                nacks: h(HotplugStat::PlugNack),
+                errors: HotplugStat::ERRORS.iter().map(|s| h(*s)).sum(),
+                slices_added: h(HotplugStat::SlicesAdded),
+                slices_removed: h(HotplugStat::SlicesRemoved),
+            },
+            fault_latency: Latency {
+                p50_us: lat(0.5),
+                p99_us: lat(0.99),
+                max_us: total.latency.max_ns as f64 / 1000.0,
+            },
+            invariants,
+            guest,
+            exit: run.reason.to_string(),
+            ok,
+        }
+    }
+
+    /// Print it: JSON, or for people.
+    pub fn print(&self, json: bool) -> Result<(), String> {
+        if json {
+            let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+            println!("{text}");
+        } else {
+            print!("{}", self.human());
+        }
+        Ok(())
+    }
+
     pub fn human(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(

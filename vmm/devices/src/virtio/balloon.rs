@@ -11,10 +11,10 @@
 //! - inflate: every PFN of a chain is read first (no guest memory is touched
 //!   while an install lock is held exclusively); PFNs outside RAM are counted
 //!   and ignored; chains over 256 PFNs are rejected; the PFNs are coalesced
-//!   into ranges split at memslot boundaries and each range is discarded
-//!   through [`MemoryManager::inflate`] (I3; on hugetlb RAM a huge page is
-//!   dropped when all its frames are in); only then is the chain used and
-//!   the interrupt raised.
+//!   into runs and each run is discarded through [`MemoryManager::inflate`]
+//!   (I3, across memslots; on hugetlb RAM a huge page is dropped when all
+//!   its frames are in); only then is the chain used and the interrupt
+//!   raised.
 //! - deflate: the frames leave the memory manager's partial huge page
 //!   records (hugetlb RAM), then the chain is used (the pages refault on
 //!   touch).
@@ -24,18 +24,17 @@
 //!   is used.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::Bytes;
+use serde::Serialize;
+use vmm_counters::{metrics, Counters, Metric, Readings, Scope};
+use vmm_memory::{MemoryManager, PAGE_SIZE};
 
 use super::{
-    DeviceCounters, GuestError, Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    Chain, ChainError, Completions, DeviceCounters, GuestError, Interrupt, VirtioDevice, VirtioStat,
 };
-use vmm_memory::{GuestMemory, MemoryManager, PAGE_SIZE};
 
 pub const DEVICE_ID: u32 = 5;
 pub const F_STATS_VQ: u32 = 1;
@@ -50,7 +49,7 @@ const QUEUE_SIZE: u16 = 256;
 const QUEUES: usize = 4;
 /// `struct virtio_balloon_config`: num_pages, actual, free_page_hint_cmd_id,
 /// poison_val.
-const CONFIG_SIZE: u64 = 16;
+const CONFIG_SIZE: usize = 16;
 const CONFIG_ACTUAL: u64 = 4;
 /// One stats entry: u16 tag, u64 value (packed).
 const STAT_ENTRY: usize = 10;
@@ -70,6 +69,60 @@ pub const STAT_NAMES: [(u16, &str); 10] = [
     (8, "hugetlb_allocations"),
     (9, "hugetlb_failures"),
 ];
+
+metrics! {
+    /// What the balloon counts.
+    pub enum BalloonStat in BALLOON_METRICS {
+        TargetPages = Metric::gauge(
+            "vmm_balloon_target_pages",
+            "target_pages",
+            "Balloon target (4 KiB pages)",
+        ),
+        ActualPages = Metric::gauge(
+            "vmm_balloon_actual_pages",
+            "actual_pages",
+            "Pages in the balloon, as the guest reports it",
+        ),
+        InflatedPages = Metric::counter(
+            "vmm_balloon_inflated_pages",
+            "inflated_pages",
+            "Pages inflated (discarded)",
+        ),
+        DeflatedPages = Metric::counter(
+            "vmm_balloon_deflated_pages",
+            "deflated_pages",
+            "Pages deflated",
+        ),
+        ReportedPages = Metric::counter(
+            "vmm_balloon_reported_pages",
+            "reported_pages",
+            "Free pages the guest reported (discarded)",
+        ),
+        DiscardedBytes = Metric::counter(
+            "vmm_balloon_discarded_bytes",
+            "discarded_bytes",
+            "Bytes of guest RAM the balloon discarded",
+        ),
+        RejectedDescriptors = Metric::counter(
+            "vmm_balloon_rejected_descriptors",
+            "rejected_descriptors",
+            "Balloon descriptor chains rejected as malformed",
+        ),
+        PfnsOutsideRam = Metric::counter(
+            "vmm_balloon_pfns_outside_ram",
+            "pfns_outside_ram",
+            "Balloon PFNs outside guest RAM (ignored)",
+        ),
+    }
+}
+
+/// The guest's latest memory statistics, one series per statistic
+/// (labelled `stat`, named as [`STAT_NAMES`] says).
+pub static BALLOON_GUEST_STAT: Metric = Metric::gauge(
+    "vmm_balloon_guest_stat",
+    "guest_stats",
+    "The guest's latest memory statistics (VIRTIO_BALLOON_S_*)",
+);
 
 /// What a PFN run or reported range does to guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,28 +160,108 @@ fn role(index: usize, acked: u64) -> Option<Role> {
     order.get(index).copied()
 }
 
-/// The balloon's counters and the guest's stats (read by metrics and the
-/// API without the device lock).
+/// The balloon's [`BALLOON_METRICS`] values and the guest's stats (read
+/// by metrics and the API without the device lock).
 #[derive(Default)]
 pub struct BalloonStats {
+    counters: Counters<{ BalloonStat::COUNT }>,
     /// The driver set DRIVER_OK (and has not reset the device since).
-    pub driver_ready: std::sync::atomic::AtomicBool,
-    pub target_pages: AtomicU64,
-    pub actual_pages: AtomicU64,
-    pub inflated_pages: AtomicU64,
-    pub deflated_pages: AtomicU64,
-    pub reported_pages: AtomicU64,
-    pub discarded_bytes: AtomicU64,
-    pub rejected_descriptors: AtomicU64,
-    pub pfns_outside_ram: AtomicU64,
+    pub driver_ready: AtomicBool,
     /// Latest guest stats by tag, and when they arrived.
     pub guest: Mutex<(BTreeMap<u16, u64>, Option<Instant>)>,
     /// Stats polling interval in seconds (0: off).
     pub stats_interval_s: AtomicU64,
 }
 
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+impl BalloonStats {
+    pub fn get(&self, s: BalloonStat) -> u64 {
+        self.counters.at(s as usize).get()
+    }
+
+    /// Every value of [`BALLOON_METRICS`] now.
+    pub fn read(&self) -> [u64; BalloonStat::COUNT] {
+        self.counters.read()
+    }
+
+    fn add(&self, s: BalloonStat, n: u64) {
+        self.counters.at(s as usize).add_shared(n);
+    }
+
+    fn set(&self, s: BalloonStat, v: u64) {
+        self.counters.at(s as usize).set(v);
+    }
+
+    /// The guest's statistics by name (`tag_N` for tags this VMM does not
+    /// name), and how long ago they arrived.
+    pub fn guest_stats(&self) -> (BTreeMap<String, u64>, Option<Duration>) {
+        let g = self.guest.lock().unwrap_or_else(|e| e.into_inner());
+        let named =
+            g.0.iter()
+                .map(|(tag, v)| {
+                    let name = STAT_NAMES
+                        .iter()
+                        .find(|(t, _)| t == tag)
+                        .map_or_else(|| format!("tag_{tag}"), |(_, n)| n.to_string());
+                    (name, *v)
+                })
+                .collect();
+        (named, g.1.map(|t| t.elapsed()))
+    }
+}
+
+/// The balloon as the VMM holds it: the device (behind its lock) and what
+/// is read without the lock.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    pub device: Arc<Mutex<Balloon>>,
+    pub stats: Arc<BalloonStats>,
+    pub counters: Arc<DeviceCounters>,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl BalloonHandle {
+    /// The balloon's state and counters now.
+    pub fn info(&self) -> BalloonInfo {
+        let s = &self.stats;
+        let (guest_stats, age) = s.guest_stats();
+        BalloonInfo {
+            driver_ready: s.driver_ready.load(Ordering::Relaxed),
+            target_mib: s.get(BalloonStat::TargetPages) * PAGE_SIZE / MIB,
+            actual_mib: s.get(BalloonStat::ActualPages) * PAGE_SIZE / MIB,
+            guest_errors: self.counters.get(VirtioStat::GuestErrors),
+            stats_interval_s: s.stats_interval_s.load(Ordering::Relaxed),
+            guest_stats,
+            guest_stats_age_s: age.map(|d| d.as_secs_f64()),
+            counters: Readings::new(&BALLOON_METRICS, &s.read(), Scope::ANY),
+        }
+    }
+}
+
+/// The balloon now (`GET /balloon`, metrics JSON): its state, and one key
+/// per row of [`BALLOON_METRICS`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BalloonInfo {
+    /// The guest's driver has set the device up (DRIVER_OK).
+    pub driver_ready: bool,
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    /// Guest errors the device met (bad registers, bad descriptors, ...).
+    pub guest_errors: u64,
+    pub stats_interval_s: u64,
+    /// The guest's latest statistics by name (bytes, or counts), if it sent
+    /// any.
+    pub guest_stats: BTreeMap<String, u64>,
+    /// Seconds since the guest last sent statistics.
+    pub guest_stats_age_s: Option<f64>,
+    #[serde(flatten)]
+    pub counters: Readings,
+}
+
+impl BalloonInfo {
+    pub fn get(&self, s: BalloonStat) -> u64 {
+        self.counters.get(s as usize)
+    }
 }
 
 /// How the balloon is configured at boot.
@@ -145,13 +278,11 @@ pub struct BalloonConfig {
 pub struct Balloon {
     memory: Arc<MemoryManager>,
     interrupt: Arc<Interrupt>,
-    counters: Arc<DeviceCounters>,
     stats: Arc<BalloonStats>,
     offered: u64,
     acked: u64,
     num_pages: u32,
     actual: u32,
-    generation: u32,
     /// The driver's stats buffer, held until the next poll.
     stats_head: Option<u16>,
     /// Frames in the balloon now (inflated, not deflated since).
@@ -166,27 +297,23 @@ impl Balloon {
         interrupt: Arc<Interrupt>,
         config: BalloonConfig,
     ) -> Self {
-        let mut offered = 1u64 << VIRTIO_F_VERSION_1 | 1 << F_STATS_VQ | 1 << F_DEFLATE_ON_OOM;
+        let mut offered = 1u64 << F_STATS_VQ | 1 << F_DEFLATE_ON_OOM;
         if config.free_page_reporting {
             offered |= 1 << F_FREE_PAGE_REPORTING;
         }
         let stats = Arc::new(BalloonStats::default());
-        stats
-            .target_pages
-            .store(config.target_pages.into(), Ordering::Relaxed);
+        stats.set(BalloonStat::TargetPages, config.target_pages.into());
         stats
             .stats_interval_s
             .store(config.stats_interval.as_secs(), Ordering::Relaxed);
         Self {
             memory,
             interrupt,
-            counters: Arc::new(DeviceCounters::default()),
             stats,
             offered,
             acked: 0,
             num_pages: config.target_pages,
             actual: 0,
-            generation: 0,
             stats_head: None,
             ballooned: Default::default(),
             last_poll: Instant::now(),
@@ -198,19 +325,11 @@ impl Balloon {
         self.stats.clone()
     }
 
-    /// The device's generic counters (guest errors, notifies, ...).
-    pub fn device_counters(&self) -> Arc<DeviceCounters> {
-        self.counters.clone()
-    }
-
     /// Set the target (4 KiB pages) and tell the driver (config interrupt).
     pub fn set_target(&mut self, pages: u32) {
         self.num_pages = pages;
-        self.generation = self.generation.wrapping_add(1);
-        self.stats
-            .target_pages
-            .store(pages.into(), Ordering::Relaxed);
-        self.interrupt.trigger(INT_CONFIG);
+        self.stats.set(BalloonStat::TargetPages, pages.into());
+        self.interrupt.config_changed();
     }
 
     /// Pages in the balloon that are resident again: the guest used them
@@ -248,8 +367,7 @@ impl Balloon {
     }
 
     /// Inflate (or deflate) the 4 KiB frames `pfns` (deduplicated,
-    /// coalesced, split at memslot boundaries); PFNs outside RAM are
-    /// skipped (and counted on inflate). Returns the pages acted on.
+    /// coalesced into runs). Returns the pages acted on.
     fn balloon_pfns(&self, pfns: &mut [u64], op: Op) -> u64 {
         pfns.sort_unstable();
         let mut done = 0;
@@ -268,192 +386,96 @@ impl Balloon {
         done
     }
 
-    /// Apply `op` to `[gpa, gpa+len)`, split at memslot boundaries; pages
-    /// outside RAM are counted (except on deflate). Returns the pages acted
-    /// on.
+    /// Apply `op` to the guest RAM in `[gpa, gpa+len)` (across memslots);
+    /// pages outside RAM are counted (except on deflate). Returns the pages
+    /// acted on.
     fn apply_range(&self, gpa: u64, len: u64, op: Op) -> u64 {
-        let end = gpa.saturating_add(len);
-        let snap = self.memory.snapshot();
-        let mut at = gpa;
-        let mut done = 0;
-        while at < end {
-            match snap.lookup(at) {
-                Some(slot) => {
-                    let stop = end.min(slot.end());
-                    let r = match op {
-                        Op::Inflate => self.memory.inflate(at, stop - at),
-                        Op::Deflate => self.memory.deflate(at, stop - at),
-                        Op::Report => self.memory.discard(at, stop - at),
-                    };
-                    match r {
-                        Ok(()) => {
-                            done += (stop - at) / PAGE_SIZE;
-                            if op != Op::Deflate {
-                                add(&self.stats.discarded_bytes, stop - at);
-                            }
-                        }
-                        Err(e) => log::warn!("virtio-balloon: {op:?} failed: {e}"),
-                    }
-                    at = stop;
+        let r = match op {
+            Op::Inflate => self.memory.inflate(gpa, len),
+            Op::Deflate => self.memory.deflate(gpa, len),
+            Op::Report => self.memory.discard(gpa, len),
+        };
+        match r {
+            Ok(ram) => {
+                let outside = len.div_ceil(PAGE_SIZE) - ram / PAGE_SIZE;
+                if op != Op::Deflate {
+                    self.stats.add(BalloonStat::DiscardedBytes, ram);
+                    self.stats.add(BalloonStat::PfnsOutsideRam, outside);
                 }
-                None => {
-                    // Skip to the next slot, or to the end.
-                    let next = snap
-                        .slots
-                        .iter()
-                        .map(|s| s.gpa)
-                        .filter(|&g| g > at)
-                        .min()
-                        .unwrap_or(end)
-                        .min(end);
-                    if op != Op::Deflate {
-                        add(
-                            &self.stats.pfns_outside_ram,
-                            (next - at).div_ceil(PAGE_SIZE),
-                        );
-                    }
-                    at = next;
-                }
+                ram / PAGE_SIZE
+            }
+            Err(e) => {
+                log::warn!("virtio-balloon: {op:?} failed: {e}");
+                0
             }
         }
-        done
     }
 
-    /// Every device-readable byte of a chain, at most `max` (else `Err`).
-    fn read_chain(
-        chain: DescriptorChain<&GuestMemory>,
-        mem: &GuestMemory,
-        max: usize,
-    ) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        for d in chain {
-            if d.is_write_only() {
-                return Err("a write-only descriptor where the device reads".into());
-            }
-            let len = d.len() as usize;
-            if out.len() + len > max {
-                return Err(format!("chain of more than {max} bytes"));
-            }
-            let start = out.len();
-            out.resize(start + len, 0);
-            mem.read_slice(&mut out[start..], d.addr())
-                .map_err(|e| format!("descriptor at {:#x}+{len:#x}: {e}", d.addr().0))?;
-        }
-        Ok(out)
+    /// A chain the balloon cannot use: counted here (and by the transport
+    /// as a guest error).
+    fn reject(&self, e: ChainError) -> ChainError {
+        self.stats.add(BalloonStat::RejectedDescriptors, 1);
+        e
     }
 
-    /// Inflate or deflate chains: read every PFN first, then act.
-    fn pfn_queue(
-        &mut self,
-        queue: &mut Queue,
-        mem: &GuestMemory,
-        inflate: bool,
-    ) -> Result<(), GuestError> {
-        let chains = pop_all(queue, mem)?;
-        for chain in chains {
-            let head = chain.head_index();
-            match Self::read_chain(chain, mem, MAX_PFNS * 4) {
-                Ok(bytes) if bytes.len() % 4 == 0 => {
-                    let mut pfns: Vec<u64> = bytes
-                        .chunks_exact(4)
-                        .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                        .collect();
-                    if inflate {
-                        let n = self.balloon_pfns(&mut pfns, Op::Inflate);
-                        add(&self.stats.inflated_pages, n);
-                        self.ballooned.extend(pfns.iter().copied());
-                    } else {
-                        add(&self.stats.deflated_pages, pfns.len() as u64);
-                        for p in &pfns {
-                            self.ballooned.remove(p);
-                        }
-                        self.balloon_pfns(&mut pfns, Op::Deflate);
-                    }
-                }
-                Ok(bytes) => self.reject(format!(
-                    "{} bytes is not a whole number of PFNs",
-                    bytes.len()
-                )),
-                Err(e) => self.reject(e),
+    /// An inflate or deflate chain: read every PFN first, then act.
+    fn pfns(&mut self, chain: &Chain, inflate: bool) -> Result<(), ChainError> {
+        let entries = chain
+            .read_entries::<4>(MAX_PFNS)
+            .map_err(|e| self.reject(e))?;
+        let mut pfns: Vec<u64> = entries
+            .iter()
+            .map(|e| u64::from(u32::from_le_bytes(*e)))
+            .collect();
+        if inflate {
+            let n = self.balloon_pfns(&mut pfns, Op::Inflate);
+            self.stats.add(BalloonStat::InflatedPages, n);
+            self.ballooned.extend(pfns.iter().copied());
+        } else {
+            self.stats
+                .add(BalloonStat::DeflatedPages, pfns.len() as u64);
+            for p in &pfns {
+                self.ballooned.remove(p);
             }
-            used(queue, mem, head)?;
-            DeviceCounters::bump(&self.counters.chains, 1);
+            self.balloon_pfns(&mut pfns, Op::Deflate);
         }
-        self.interrupt.trigger(INT_USED_RING);
         Ok(())
     }
 
-    fn reject(&self, why: String) {
-        add(&self.stats.rejected_descriptors, 1);
-        DeviceCounters::bump(&self.counters.guest_errors, 1);
-        log::debug!("virtio-balloon: rejected chain: {why}");
-    }
-
-    /// Free page reporting: discard each reported range, then use the chain.
-    fn reporting(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), GuestError> {
-        let chains = pop_all(queue, mem)?;
-        for chain in chains {
-            let head = chain.head_index();
-            for d in chain {
-                let (gpa, len) = (d.addr().0, u64::from(d.len()));
-                if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
-                    self.reject(format!(
-                        "reported range {gpa:#x}+{len:#x} is not whole pages"
-                    ));
-                    continue;
-                }
-                let n = self.apply_range(gpa, len, Op::Report);
-                add(&self.stats.reported_pages, n);
+    /// Free page reporting: discard each reported range (whole pages only;
+    /// another is rejected and the rest of the chain still served).
+    fn reporting(&mut self, chain: &Chain, done: &mut Completions) {
+        for (gpa, len) in chain.ranges() {
+            if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+                done.guest_error(
+                    self.reject(ChainError::Request("a reported range is not whole pages")),
+                );
+                continue;
             }
-            used(queue, mem, head)?;
-            DeviceCounters::bump(&self.counters.chains, 1);
+            let n = self.apply_range(gpa, len, Op::Report);
+            self.stats.add(BalloonStat::ReportedPages, n);
         }
-        self.interrupt.trigger(INT_USED_RING);
-        Ok(())
     }
 
     /// A stats buffer arrived: parse it and hold it until the next poll.
-    fn stats_buffer(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), GuestError> {
-        for chain in pop_all(queue, mem)? {
-            let head = chain.head_index();
-            if let Some(old) = self.stats_head.replace(head) {
-                // The driver has one buffer out at a time; give back the old.
-                used(queue, mem, old)?;
-            }
-            match Self::read_chain(chain, mem, MAX_STATS * STAT_ENTRY) {
-                Ok(bytes) => {
-                    let mut g = self.stats.guest.lock().unwrap_or_else(|e| e.into_inner());
-                    for e in bytes.chunks_exact(STAT_ENTRY) {
-                        let tag = u16::from_le_bytes([e[0], e[1]]);
-                        let mut v = [0u8; 8];
-                        v.copy_from_slice(&e[2..]);
-                        g.0.insert(tag, u64::from_le_bytes(v));
-                    }
-                    g.1 = Some(Instant::now());
-                }
-                Err(e) => self.reject(format!("stats buffer: {e}")),
-            }
+    fn stats_buffer(&mut self, chain: &Chain, done: &mut Completions) -> Result<(), ChainError> {
+        let bytes = chain
+            .read_all(MAX_STATS * STAT_ENTRY)
+            .map_err(|e| self.reject(e))?;
+        if let Some(old) = self.stats_head.replace(chain.head()) {
+            // The driver has one buffer out at a time; give back the old.
+            done.used(old, 0);
         }
+        let mut g = self.stats.guest.lock().unwrap_or_else(|e| e.into_inner());
+        for e in bytes.chunks_exact(STAT_ENTRY) {
+            let tag = u16::from_le_bytes([e[0], e[1]]);
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&e[2..]);
+            g.0.insert(tag, u64::from_le_bytes(v));
+        }
+        g.1 = Some(Instant::now());
         Ok(())
     }
-}
-
-/// Every available chain (at most the queue size). A broken avail ring is
-/// an unrecoverable guest error.
-fn pop_all<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemory,
-) -> Result<Vec<DescriptorChain<&'m GuestMemory>>, GuestError> {
-    queue
-        .iter(mem)
-        .map(|it| it.collect())
-        .map_err(|e| GuestError(format!("avail ring: {e}")))
-}
-
-fn used(queue: &mut Queue, mem: &GuestMemory, head: u16) -> Result<(), GuestError> {
-    queue
-        .add_used(mem, head, 0)
-        .map_err(|e| GuestError(format!("used ring: {e}")))
 }
 
 impl VirtioDevice for Balloon {
@@ -473,30 +495,30 @@ impl VirtioDevice for Balloon {
         &self.max_sizes
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; CONFIG_SIZE as usize];
+    fn config(&self) -> Vec<u8> {
+        let mut cfg = vec![0u8; CONFIG_SIZE];
         cfg[..4].copy_from_slice(&self.num_pages.to_le_bytes());
         cfg[4..8].copy_from_slice(&self.actual.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        cfg
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), GuestError> {
-        if offset != CONFIG_ACTUAL || data.len() != 4 {
-            return Err(GuestError(format!(
-                "{}-byte write at {offset:#x}: only `actual` (4 bytes at 4) is writable",
-                data.len()
-            )));
+        let Ok(v) = <[u8; 4]>::try_from(data) else {
+            return Err(GuestError::ConfigWrite {
+                offset,
+                len: data.len(),
+                why: "only `actual` (4 bytes at 4) is writable",
+            });
+        };
+        if offset != CONFIG_ACTUAL {
+            return Err(GuestError::ConfigWrite {
+                offset,
+                len: 4,
+                why: "only `actual` (4 bytes at 4) is writable",
+            });
         }
-        self.actual = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        self.stats
-            .actual_pages
-            .store(self.actual.into(), Ordering::Relaxed);
+        self.actual = u32::from_le_bytes(v);
+        self.stats.set(BalloonStat::ActualPages, self.actual.into());
         Ok(())
     }
 
@@ -512,51 +534,46 @@ impl VirtioDevice for Balloon {
         self.stats.driver_ready.store(false, Ordering::Relaxed);
         self.stats_head = None;
         self.actual = 0;
-        self.stats.actual_pages.store(0, Ordering::Relaxed);
+        self.stats.set(BalloonStat::ActualPages, 0);
     }
 
-    fn process_queue(
+    fn process(
         &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemory,
-    ) -> Result<(), GuestError> {
-        match role(index, self.acked) {
-            Some(Role::Inflate) => self.pfn_queue(queue, mem, true),
-            Some(Role::Deflate) => self.pfn_queue(queue, mem, false),
-            Some(Role::Stats) => self.stats_buffer(queue, mem),
-            Some(Role::Reporting) => self.reporting(queue, mem),
-            None => Err(GuestError(format!(
-                "queue {index} is not used with features {:#x}",
-                self.acked
-            ))),
+        queue: usize,
+        chain: &Chain,
+        done: &mut Completions,
+    ) -> Result<(), ChainError> {
+        match role(queue, self.acked) {
+            Some(Role::Inflate) => self.pfns(chain, true)?,
+            Some(Role::Deflate) => self.pfns(chain, false)?,
+            // Held until the next poll: not completed now.
+            Some(Role::Stats) => return self.stats_buffer(chain, done),
+            Some(Role::Reporting) => self.reporting(chain, done),
+            None => {
+                return Err(ChainError::QueueNotInUse {
+                    queue,
+                    features: self.acked,
+                })
+            }
         }
-    }
-
-    fn counters(&self) -> Arc<DeviceCounters> {
-        self.counters.clone()
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.generation
+        done.used(chain.head(), 0);
+        Ok(())
     }
 
     /// Every stats interval, give the held stats buffer back so the driver
     /// refills it.
-    fn tick(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Result<(), GuestError> {
+    fn tick(&mut self, done: &mut Completions) {
         let interval = self.stats.stats_interval_s.load(Ordering::Relaxed);
         if interval == 0 || self.last_poll.elapsed() < Duration::from_secs(interval) {
-            return Ok(());
+            return;
         }
         self.last_poll = Instant::now();
         let Some(index) = (0..QUEUES).find(|&i| role(i, self.acked) == Some(Role::Stats)) else {
-            return Ok(());
+            return;
         };
-        if let (Some(head), Some(q)) = (self.stats_head.take(), queues.get_mut(index)) {
-            used(q, mem, head)?;
-            self.interrupt.trigger(INT_USED_RING);
+        if let Some(head) = self.stats_head.take() {
+            done.used_on(index, head, 0);
         }
-        Ok(())
     }
 }
 

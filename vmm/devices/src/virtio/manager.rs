@@ -13,8 +13,8 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio::{MmioTransport, NotifyPath, QUEUE_NOTIFY, WINDOW_SIZE};
-use super::{DeviceCounters, Interrupt, VirtioDevice};
+use super::mmio::{MmioTransport, QUEUE_NOTIFY, WINDOW_SIZE};
+use super::{DeviceCounters, Interrupt, VirtioDevice, VirtioStat, VIRTIO_METRICS};
 use crate::{lock, Bus, DeviceError};
 use vmm_memory::MemoryManager;
 
@@ -44,26 +44,36 @@ pub struct VirtioEntry {
     pub counters: Arc<DeviceCounters>,
 }
 
-/// A device's counters, copied.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// A device's [`VIRTIO_METRICS`] values, copied (JSON: its name and one
+/// key per row).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSummary {
     pub name: &'static str,
-    pub notifies: u64,
-    pub chains: u64,
-    pub guest_errors: u64,
-    pub needs_reset: u64,
+    pub values: [u64; VirtioStat::COUNT],
 }
 
 impl DeviceSummary {
     pub fn of(name: &'static str, c: &DeviceCounters) -> Self {
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         Self {
             name,
-            notifies: get(&c.notifies),
-            chains: get(&c.chains),
-            guest_errors: get(&c.guest_errors),
-            needs_reset: get(&c.needs_reset),
+            values: c.read(),
         }
+    }
+
+    pub fn get(&self, s: VirtioStat) -> u64 {
+        self.values[s as usize]
+    }
+}
+
+impl serde::Serialize for DeviceSummary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1 + VIRTIO_METRICS.len()))?;
+        m.serialize_entry("name", self.name)?;
+        for (row, v) in VIRTIO_METRICS.iter().zip(&self.values) {
+            m.serialize_entry(row.key, v)?;
+        }
+        m.end()
     }
 }
 
@@ -88,7 +98,7 @@ impl VirtioDevices {
         mmio: &mut Bus,
         memory: &Arc<MemoryManager>,
         make: F,
-    ) -> Result<Arc<Mutex<D>>, DeviceError>
+    ) -> Result<(Arc<Mutex<D>>, Arc<DeviceCounters>), DeviceError>
     where
         D: VirtioDevice + 'static,
         F: FnOnce(Arc<Interrupt>) -> D,
@@ -112,48 +122,25 @@ impl VirtioDevices {
             interrupt,
             memory.clone(),
         )));
-        let name = lock(&transport).name();
-        let counters = lock(&device).counters();
-        let queues = lock(&transport).queue_count();
-        let mut fds = Vec::with_capacity(queues);
-        let mut refused = None;
-        for q in 0..queues {
-            let fd =
-                EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Io("virtio ioeventfd", e))?;
-            match vm_fd.register_ioevent(&fd, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
-            {
-                Ok(()) => fds.push(fd),
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            }
-        }
-        let path = match refused {
-            None => {
+        let (name, counters, queues) = {
+            let t = lock(&transport);
+            (t.name(), t.counters(), t.queue_count())
+        };
+        match ioeventfds(vm_fd, base, queues)? {
+            Ok(fds) => {
                 log::info!("virtio-{name} at {base:#x} GSI {gsi}: queue notifications through ioeventfds (event loop)");
                 self.notifiers.push(Notifier {
                     transport: transport.clone(),
                     fds,
                 });
-                NotifyPath::IoEventFd
             }
-            Some(e) => {
-                for (q, fd) in fds.iter().enumerate() {
-                    let _ = vm_fd.unregister_ioevent(
-                        fd,
-                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
-                        q as u32,
-                    );
-                }
-                log::info!(
-                    "virtio-{name} at {base:#x} GSI {gsi}: queue notifications through the vCPU's MMIO exit (KVM refused an ioeventfd: {e})"
-                );
-                NotifyPath::Bus
-            }
-        };
-        lock(&transport).set_notify_path(path);
+            // The transport serves QueueNotify writes that reach it.
+            Err(e) => log::info!(
+                "virtio-{name} at {base:#x} GSI {gsi}: queue notifications through the vCPU's MMIO exit (KVM refused an ioeventfd: {e})"
+            ),
+        }
         mmio.insert(base, WINDOW_SIZE, transport.clone())?;
+        let counters_out = counters.clone();
         self.entries.push(VirtioEntry {
             window: MmioWindow {
                 base,
@@ -164,7 +151,7 @@ impl VirtioDevices {
             transport,
             counters,
         });
-        Ok(device)
+        Ok((device, counters_out))
     }
 
     /// What the guest is told (command line, DSDT).
@@ -201,6 +188,29 @@ impl VirtioDevices {
     pub fn ticker(&self) -> Ticker {
         Ticker(self.entries.iter().map(|e| e.transport.clone()).collect())
     }
+}
+
+/// One ioeventfd per queue on the QueueNotify register of the window at
+/// `base`, matching the queue index; `Ok(Err)` when KVM refuses one (none
+/// is left registered then).
+fn ioeventfds(
+    vm_fd: &VmFd,
+    base: u64,
+    queues: usize,
+) -> Result<Result<Vec<EventFd>, kvm_ioctls::Error>, DeviceError> {
+    let at = IoEventAddress::Mmio(base + QUEUE_NOTIFY);
+    let mut fds = Vec::with_capacity(queues);
+    for q in 0..queues {
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Io("virtio ioeventfd", e))?;
+        if let Err(e) = vm_fd.register_ioevent(&fd, &at, q as u32) {
+            for (q, fd) in fds.iter().enumerate() {
+                let _ = vm_fd.unregister_ioevent(fd, &at, q as u32);
+            }
+            return Ok(Err(e));
+        }
+        fds.push(fd);
+    }
+    Ok(Ok(fds))
 }
 
 /// Gives every device its periodic tick (the event loop owns it).

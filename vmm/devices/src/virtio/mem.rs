@@ -15,20 +15,25 @@
 //! then (if the slice emptied) the slice's memslot goes; only then is the
 //! ACK written. A re-plugged block reads zero.
 //!
+//! A request is all or nothing: if the host fails part of a PLUG or UNPLUG
+//! (no free KVM memslot, a failed mapping or zap), what the request already
+//! did is undone before the ERROR response, so the layout (memslots,
+//! plugged blocks) is as it was and a later request can succeed. (A KVM
+//! memslot deletion that fails is the one exception: the slice is out of
+//! the table, and the error is reported as the host's.)
+//!
 //! `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE` is offered: the driver must not read
 //! unplugged blocks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use serde::Serialize;
+use thiserror::Error;
+use vmm_counters::{metrics, Counters, Metric, Readings, Scope};
+use vmm_memory::{MemError, MemoryManager, NewSlot, PageSource};
 
-use super::{
-    DeviceCounters, GuestError, Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING,
-    VIRTIO_F_VERSION_1,
-};
-use vmm_memory::{GuestMemory, MemError, MemoryManager, NewSlot, PageSource};
+use super::{Chain, ChainError, Completions, DeviceCounters, Interrupt, VirtioDevice, VirtioStat};
 
 pub const DEVICE_ID: u32 = 24;
 pub const F_UNPLUGGED_INACCESSIBLE: u32 = 1;
@@ -59,24 +64,170 @@ pub const STATE_PLUGGED: u16 = 0;
 pub const STATE_UNPLUGGED: u16 = 1;
 pub const STATE_MIXED: u16 = 2;
 
-/// Request kinds and results, for counters (`[kind][result]`).
-pub const REQUEST_NAMES: [&str; 4] = ["plug", "unplug", "unplug_all", "state"];
-pub const RESULT_NAMES: [&str; 4] = ["ack", "nack", "busy", "error"];
+const REQUESTS: &str = "virtio-mem requests, by kind and result";
 
-/// Counters and sizes (read by metrics and the API without the lock).
+metrics! {
+    /// What virtio-mem counts.
+    pub enum HotplugStat in HOTPLUG_METRICS {
+        PluggedBytes = Metric::gauge(
+            "vmm_hotplug_plugged_bytes",
+            "plugged_bytes",
+            "virtio-mem: bytes plugged",
+        ),
+        RequestedBytes = Metric::gauge(
+            "vmm_hotplug_requested_bytes",
+            "requested_bytes",
+            "virtio-mem: requested_size",
+        ),
+        PlugAck = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "plug"), ("result", "ack")]),
+        PlugNack = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "plug"), ("result", "nack")]),
+        PlugBusy = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "plug"), ("result", "busy")]),
+        PlugError = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "plug"), ("result", "error")]),
+        UnplugAck = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug"), ("result", "ack")]),
+        UnplugNack = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug"), ("result", "nack")]),
+        UnplugBusy = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug"), ("result", "busy")]),
+        UnplugError = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug"), ("result", "error")]),
+        UnplugAllAck = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug_all"), ("result", "ack")]),
+        UnplugAllNack = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug_all"), ("result", "nack")]),
+        UnplugAllBusy = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug_all"), ("result", "busy")]),
+        UnplugAllError = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "unplug_all"), ("result", "error")]),
+        StateAck = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "state"), ("result", "ack")]),
+        StateNack = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "state"), ("result", "nack")]),
+        StateBusy = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "state"), ("result", "busy")]),
+        StateError = Metric::counter("vmm_hotplug_requests", "requests", REQUESTS)
+            .labels(&[("request", "state"), ("result", "error")]),
+        SlicesAdded = Metric::counter(
+            "vmm_hotplug_slices_added",
+            "slices_added",
+            "128 MiB slices that became memslots (first block plugged)",
+        ),
+        SlicesRemoved = Metric::counter(
+            "vmm_hotplug_slices_removed",
+            "slices_removed",
+            "128 MiB slices whose memslot was removed (last block unplugged)",
+        ),
+    }
+}
+
+impl HotplugStat {
+    /// The rows of requests answered ERROR.
+    pub const ERRORS: [HotplugStat; 4] = [
+        HotplugStat::PlugError,
+        HotplugStat::UnplugError,
+        HotplugStat::UnplugAllError,
+        HotplugStat::StateError,
+    ];
+}
+
+/// The request counters by request type and response type (the protocol's
+/// numbers: `REQ_*`, `RESP_*`).
+const REQUEST_ROWS: [[HotplugStat; 4]; 4] = {
+    use HotplugStat::*;
+    [
+        [PlugAck, PlugNack, PlugBusy, PlugError],
+        [UnplugAck, UnplugNack, UnplugBusy, UnplugError],
+        [UnplugAllAck, UnplugAllNack, UnplugAllBusy, UnplugAllError],
+        [StateAck, StateNack, StateBusy, StateError],
+    ]
+};
+
+/// virtio-mem's [`HOTPLUG_METRICS`] values (read by metrics and the API
+/// without the lock).
 #[derive(Default)]
 pub struct MemStats {
-    pub plugged_bytes: AtomicU64,
-    pub requested_bytes: AtomicU64,
-    /// Requests by kind and result.
-    pub requests: [[AtomicU64; 4]; 4],
-    pub slices_added: AtomicU64,
-    pub slices_removed: AtomicU64,
+    counters: Counters<{ HotplugStat::COUNT }>,
     /// The driver set DRIVER_OK (and has not reset the device since).
-    pub driver_ready: std::sync::atomic::AtomicBool,
+    pub driver_ready: AtomicBool,
     /// Host time of each block plug/unplug and slice add/remove (ns), for
     /// benchmarks.
     pub timings: std::sync::Mutex<Timings>,
+}
+
+impl MemStats {
+    pub fn get(&self, s: HotplugStat) -> u64 {
+        self.counters.at(s as usize).get()
+    }
+
+    /// Every value of [`HOTPLUG_METRICS`] now.
+    pub fn read(&self) -> [u64; HotplugStat::COUNT] {
+        self.counters.read()
+    }
+
+    fn add(&self, s: HotplugStat, n: u64) {
+        self.counters.at(s as usize).add_shared(n);
+    }
+
+    fn set(&self, s: HotplugStat, v: u64) {
+        self.counters.at(s as usize).set(v);
+    }
+}
+
+/// virtio-mem as the VMM holds it: the device (behind its lock) and what
+/// is read without the lock.
+#[derive(Clone)]
+pub struct HotplugHandle {
+    pub device: Arc<Mutex<VirtioMem>>,
+    pub stats: Arc<MemStats>,
+    pub counters: Arc<DeviceCounters>,
+    pub region: MemRegion,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl HotplugHandle {
+    /// The device's state and counters now.
+    pub fn info(&self) -> HotplugInfo {
+        let s = &self.stats;
+        HotplugInfo {
+            driver_ready: s.driver_ready.load(Ordering::Relaxed),
+            region_addr: self.region.addr,
+            region_mib: self.region.size / MIB,
+            block_size_mib: self.region.block_size / MIB,
+            plugged_mib: s.get(HotplugStat::PluggedBytes) / MIB,
+            requested_mib: s.get(HotplugStat::RequestedBytes) / MIB,
+            guest_errors: self.counters.get(VirtioStat::GuestErrors),
+            counters: Readings::new(&HOTPLUG_METRICS, &s.read(), Scope::ANY),
+        }
+    }
+}
+
+/// virtio-mem now (`GET /memory`, metrics JSON): its region and state, and
+/// one key per row of [`HOTPLUG_METRICS`] (`requests` by request and
+/// result: "plug", "unplug", "unplug_all", "state"; "ack", "nack", "busy",
+/// "error").
+#[derive(Debug, Clone, Serialize)]
+pub struct HotplugInfo {
+    pub driver_ready: bool,
+    /// Guest-physical start of the region.
+    pub region_addr: u64,
+    pub region_mib: u64,
+    pub block_size_mib: u64,
+    pub plugged_mib: u64,
+    pub requested_mib: u64,
+    pub guest_errors: u64,
+    #[serde(flatten)]
+    pub counters: Readings,
+}
+
+impl HotplugInfo {
+    pub fn get(&self, s: HotplugStat) -> u64 {
+        self.counters.get(s as usize)
+    }
 }
 
 /// Latency samples (ns), at most [`Timings::MAX`] of each kind.
@@ -98,6 +249,21 @@ impl Timings {
     }
 }
 
+/// A region geometry or a requested size this device cannot have.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RegionError {
+    #[error(
+        "hotplug region {addr:#x}+{size:#x} must be 128 MiB aligned and a multiple of 128 MiB"
+    )]
+    Geometry { addr: u64, size: u64 },
+    #[error("hotplug block size {0:#x} must be a power of two from 2 MiB up to 128 MiB")]
+    BlockSize(u64),
+    #[error("requested size {} MiB is larger than the hotplug region ({} MiB)", .requested >> 20, .size >> 20)]
+    RequestedTooLarge { requested: u64, size: u64 },
+    #[error("requested size {requested:#x} is not a multiple of the block size ({} MiB)", .block >> 20)]
+    RequestedNotBlocks { requested: u64, block: u64 },
+}
+
 /// Where the region is and how it is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemRegion {
@@ -109,18 +275,16 @@ pub struct MemRegion {
 impl MemRegion {
     /// Check the geometry: 128 MiB-aligned region of whole slices, block
     /// size a power of two from 2 MiB that divides a slice.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RegionError> {
         if !self.addr.is_multiple_of(SLICE) || self.size == 0 || !self.size.is_multiple_of(SLICE) {
-            return Err(format!(
-                "hotplug region {:#x}+{:#x} must be 128 MiB aligned and a multiple of 128 MiB",
-                self.addr, self.size
-            ));
+            return Err(RegionError::Geometry {
+                addr: self.addr,
+                size: self.size,
+            });
         }
         let b = self.block_size;
         if b < MIN_BLOCK || !b.is_power_of_two() || !SLICE.is_multiple_of(b) {
-            return Err(format!(
-                "hotplug block size {b:#x} must be a power of two from 2 MiB up to 128 MiB"
-            ));
+            return Err(RegionError::BlockSize(b));
         }
         Ok(())
     }
@@ -130,19 +294,18 @@ impl MemRegion {
     }
 
     /// A `requested_size` must be whole blocks within the region.
-    pub fn check_requested(&self, bytes: u64) -> Result<(), String> {
+    pub fn check_requested(&self, bytes: u64) -> Result<(), RegionError> {
         if bytes > self.size {
-            return Err(format!(
-                "requested size {} MiB is larger than the hotplug region ({} MiB)",
-                bytes >> 20,
-                self.size >> 20
-            ));
+            return Err(RegionError::RequestedTooLarge {
+                requested: bytes,
+                size: self.size,
+            });
         }
         if !bytes.is_multiple_of(self.block_size) {
-            return Err(format!(
-                "requested size {bytes:#x} is not a multiple of the block size ({} MiB)",
-                self.block_size >> 20
-            ));
+            return Err(RegionError::RequestedNotBlocks {
+                requested: bytes,
+                block: self.block_size,
+            });
         }
         Ok(())
     }
@@ -157,15 +320,12 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn parse(b: &[u8]) -> Option<Request> {
-        if b.len() < REQ_SIZE {
-            return None;
-        }
-        Some(Request {
+    pub fn parse(b: &[u8; REQ_SIZE]) -> Request {
+        Request {
             kind: u16::from_le_bytes([b[0], b[1]]),
-            addr: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            addr: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
             nb_blocks: u16::from_le_bytes([b[16], b[17]]),
-        })
+        }
     }
 }
 
@@ -192,7 +352,6 @@ impl Response {
 pub struct VirtioMem {
     memory: Arc<MemoryManager>,
     interrupt: Arc<Interrupt>,
-    counters: Arc<DeviceCounters>,
     stats: Arc<MemStats>,
     region: MemRegion,
     requested: u64,
@@ -200,8 +359,6 @@ pub struct VirtioMem {
     plugged: Vec<bool>,
     /// Plugged blocks per slice (a slice is a memslot while > 0).
     per_slice: Vec<u32>,
-    acked: u64,
-    generation: u32,
     max_sizes: [u16; 1],
 }
 
@@ -212,14 +369,11 @@ impl VirtioMem {
         Self {
             memory,
             interrupt,
-            counters: Arc::new(DeviceCounters::default()),
             stats: Arc::new(MemStats::default()),
             region,
             requested: 0,
             plugged: vec![false; blocks],
             per_slice: vec![0; slices],
-            acked: 0,
-            generation: 0,
             max_sizes: [QUEUE_SIZE],
         }
     }
@@ -230,17 +384,13 @@ impl VirtioMem {
     pub fn with_requested(mut self, bytes: u64) -> Self {
         if self.region.check_requested(bytes).is_ok() {
             self.requested = bytes;
-            self.stats.requested_bytes.store(bytes, Ordering::Relaxed);
+            self.stats.set(HotplugStat::RequestedBytes, bytes);
         }
         self
     }
 
     pub fn stats(&self) -> Arc<MemStats> {
         self.stats.clone()
-    }
-
-    pub fn device_counters(&self) -> Arc<DeviceCounters> {
-        self.counters.clone()
     }
 
     pub fn region(&self) -> MemRegion {
@@ -257,12 +407,11 @@ impl VirtioMem {
 
     /// Move `requested_size` (a multiple of the block size, at most the
     /// region) and tell the driver (config interrupt).
-    pub fn set_requested(&mut self, bytes: u64) -> Result<(), String> {
+    pub fn set_requested(&mut self, bytes: u64) -> Result<(), RegionError> {
         self.region.check_requested(bytes)?;
         self.requested = bytes;
-        self.generation = self.generation.wrapping_add(1);
-        self.stats.requested_bytes.store(bytes, Ordering::Relaxed);
-        self.interrupt.trigger(INT_CONFIG);
+        self.stats.set(HotplugStat::RequestedBytes, bytes);
+        self.interrupt.config_changed();
         Ok(())
     }
 
@@ -291,172 +440,162 @@ impl VirtioMem {
         self.region.addr + s as u64 * SLICE
     }
 
+    fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
+        self.stats.timings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Plug one block: add its slice's memslot if this is the slice's first
-    /// plugged block, then mark the block plugged.
+    /// plugged block, then mark the block plugged. On failure nothing has
+    /// changed (a slot added for it is removed again).
     fn plug_block(&mut self, b: usize) -> Result<(), MemError> {
         let t0 = std::time::Instant::now();
         let s = self.slice_of(b);
-        if self.per_slice[s] == 0 {
+        let first = self.per_slice[s] == 0;
+        if first {
             self.memory.add_slot(NewSlot {
                 gpa: self.slice_gpa(s),
                 size: SLICE,
                 source: PageSource::Zero,
                 block_size: Some(self.region.block_size),
             })?;
-            self.stats.slices_added.fetch_add(1, Ordering::Relaxed);
+            self.stats.add(HotplugStat::SlicesAdded, 1);
             Timings::push(&mut self.timings().slice_add, t0);
         }
-        self.memory
-            .plug(self.block_gpa(b), self.region.block_size)?;
+        if let Err(e) = self.memory.plug(self.block_gpa(b), self.region.block_size) {
+            if first {
+                if let Err(u) = self.remove_slice(s) {
+                    log::error!("virtio-mem: removing slice {s} after a failed plug: {u}");
+                }
+            }
+            return Err(e);
+        }
         self.per_slice[s] += 1;
         self.plugged[b] = true;
         Timings::push(&mut self.timings().plug_block, t0);
         Ok(())
     }
 
-    fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
-        self.stats.timings.lock().unwrap_or_else(|e| e.into_inner())
+    /// Remove slice `s`'s memslot (its last block went).
+    fn remove_slice(&mut self, s: usize) -> Result<(), MemError> {
+        let t = std::time::Instant::now();
+        self.memory.remove_slot(self.slice_gpa(s))?;
+        self.stats.add(HotplugStat::SlicesRemoved, 1);
+        Timings::push(&mut self.timings().slice_remove, t);
+        Ok(())
     }
 
     /// Unplug one block: exclude installers, clear its bit and zap it (I6),
-    /// then remove the slice's memslot if it emptied.
+    /// then remove the slice's memslot if it emptied. If the zap fails the
+    /// block is plugged again (its content may be gone: the driver gave it
+    /// up). A slice whose memslot KVM will not delete is out of the table
+    /// all the same: the block counts as unplugged and the error is the
+    /// host's, reported.
     fn unplug_block(&mut self, b: usize) -> Result<(), MemError> {
         let t0 = std::time::Instant::now();
         let s = self.slice_of(b);
-        self.memory
-            .unplug(self.block_gpa(b), self.region.block_size)?;
+        let (gpa, size) = (self.block_gpa(b), self.region.block_size);
+        if let Err(e) = self.memory.unplug(gpa, size) {
+            if let Err(u) = self.memory.plug(gpa, size) {
+                log::error!("virtio-mem: re-plugging block {b} after a failed unplug: {u}");
+            }
+            return Err(e);
+        }
         self.plugged[b] = false;
         self.per_slice[s] -= 1;
         if self.per_slice[s] == 0 {
-            let t1 = std::time::Instant::now();
-            self.memory.remove_slot(self.slice_gpa(s))?;
-            self.stats.slices_removed.fetch_add(1, Ordering::Relaxed);
-            Timings::push(&mut self.timings().slice_remove, t1);
+            self.remove_slice(s)?;
         }
         Timings::push(&mut self.timings().unplug_block, t0);
         Ok(())
     }
 
+    /// Plug (or unplug) every block of `blocks`, all or nothing: on a
+    /// failure the blocks this call changed are changed back.
+    fn change(&mut self, blocks: &[usize], plug: bool) -> Result<(), MemError> {
+        for (i, &b) in blocks.iter().enumerate() {
+            let r = if plug {
+                self.plug_block(b)
+            } else {
+                self.unplug_block(b)
+            };
+            if let Err(e) = r {
+                for &done in blocks[..i].iter().rev() {
+                    let undo = if plug {
+                        self.unplug_block(done)
+                    } else {
+                        self.plug_block(done)
+                    };
+                    if let Err(u) = undo {
+                        log::error!("virtio-mem: undoing block {done} failed: {u}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.stats
+            .set(HotplugStat::PluggedBytes, self.plugged_bytes());
+        Ok(())
+    }
+
     /// Carry out one request (the response is written by the caller).
     pub fn execute(&mut self, req: Request) -> Response {
-        let host_error = |what: &str, e: MemError| {
-            log::warn!("virtio-mem: {what} failed: {e}");
-            Response::of(RESP_ERROR)
-        };
-        match req.kind {
+        let (blocks, plugged) = match req.kind {
             REQ_PLUG | REQ_UNPLUG | REQ_STATE => {
                 let Some((first, n)) = self.blocks_of(req.addr, req.nb_blocks) else {
                     return Response::of(RESP_ERROR);
                 };
                 let range = first..first + n;
                 let plugged = self.plugged[range.clone()].iter().filter(|p| **p).count();
-                match req.kind {
-                    REQ_PLUG => {
-                        if plugged != 0 {
-                            return Response::of(RESP_ERROR);
-                        }
-                        let size = n as u64 * self.region.block_size;
-                        if self.plugged_bytes() + size > self.requested {
-                            return Response::of(RESP_NACK);
-                        }
-                        for b in range {
-                            if let Err(e) = self.plug_block(b) {
-                                return host_error("plug", e);
-                            }
-                        }
-                    }
-                    REQ_UNPLUG => {
-                        if plugged != n {
-                            return Response::of(RESP_ERROR);
-                        }
-                        for b in range {
-                            if let Err(e) = self.unplug_block(b) {
-                                return host_error("unplug", e);
-                            }
-                        }
-                    }
-                    _ => {
-                        let state = match plugged {
-                            0 => STATE_UNPLUGGED,
-                            p if p == n => STATE_PLUGGED,
-                            _ => STATE_MIXED,
-                        };
-                        return Response {
-                            kind: RESP_ACK,
-                            state,
-                        };
-                    }
-                }
-                self.publish_plugged();
-                Response::of(RESP_ACK)
+                (range.collect::<Vec<_>>(), plugged)
             }
             REQ_UNPLUG_ALL => {
-                for b in 0..self.plugged.len() {
-                    if self.plugged[b] {
-                        if let Err(e) = self.unplug_block(b) {
-                            return host_error("unplug all", e);
-                        }
-                    }
-                }
-                self.publish_plugged();
-                Response::of(RESP_ACK)
+                let all: Vec<usize> = (0..self.plugged.len())
+                    .filter(|&b| self.plugged[b])
+                    .collect();
+                let n = all.len();
+                (all, n)
             }
-            _ => Response::of(RESP_ERROR),
+            _ => return Response::of(RESP_ERROR),
+        };
+        let n = blocks.len();
+        let plug = match req.kind {
+            REQ_STATE => {
+                let state = match plugged {
+                    0 => STATE_UNPLUGGED,
+                    p if p == n => STATE_PLUGGED,
+                    _ => STATE_MIXED,
+                };
+                return Response {
+                    kind: RESP_ACK,
+                    state,
+                };
+            }
+            REQ_PLUG if plugged != 0 => return Response::of(RESP_ERROR),
+            REQ_PLUG
+                if self.plugged_bytes() + n as u64 * self.region.block_size > self.requested =>
+            {
+                return Response::of(RESP_NACK)
+            }
+            REQ_PLUG => true,
+            REQ_UNPLUG if plugged != n => return Response::of(RESP_ERROR),
+            _ => false,
+        };
+        match self.change(&blocks, plug) {
+            Ok(()) => Response::of(RESP_ACK),
+            Err(e) => {
+                log::warn!("virtio-mem: {req:?} failed (undone): {e}");
+                Response::of(RESP_ERROR)
+            }
         }
-    }
-
-    fn publish_plugged(&self) {
-        self.stats
-            .plugged_bytes
-            .store(self.plugged_bytes(), Ordering::Relaxed);
     }
 
     fn count(&self, req: &Request, resp: &Response) {
-        let k = usize::from(req.kind).min(REQUEST_NAMES.len() - 1);
-        let r = usize::from(resp.kind).min(RESULT_NAMES.len() - 1);
-        if usize::from(req.kind) < REQUEST_NAMES.len() {
-            self.stats.requests[k][r].fetch_add(1, Ordering::Relaxed);
+        let row = REQUEST_ROWS
+            .get(usize::from(req.kind))
+            .and_then(|r| r.get(usize::from(resp.kind)));
+        if let Some(row) = row {
+            self.stats.add(*row, 1);
         }
-    }
-
-    /// One chain: a readable request, then a writable response buffer.
-    fn serve(
-        &mut self,
-        chain: DescriptorChain<&GuestMemory>,
-        mem: &GuestMemory,
-    ) -> Result<u32, String> {
-        let mut req_bytes = Vec::with_capacity(REQ_SIZE);
-        let mut resp_at: Option<(GuestAddress, u32)> = None;
-        for d in chain {
-            if d.is_write_only() {
-                resp_at.get_or_insert((d.addr(), d.len()));
-            } else if resp_at.is_some() {
-                return Err("a readable descriptor after the response buffer".into());
-            } else if req_bytes.len() < REQ_SIZE {
-                let take = (d.len() as usize).min(REQ_SIZE - req_bytes.len());
-                let start = req_bytes.len();
-                req_bytes.resize(start + take, 0);
-                mem.read_slice(&mut req_bytes[start..], d.addr())
-                    .map_err(|e| format!("request at {:#x}: {e}", d.addr().0))?;
-            }
-        }
-        let req = Request::parse(&req_bytes)
-            .ok_or_else(|| format!("request of {} bytes (needs {REQ_SIZE})", req_bytes.len()))?;
-        let (addr, len) = resp_at.ok_or("no writable response buffer")?;
-        if (len as usize) < RESP_SIZE {
-            return Err(format!(
-                "response buffer of {len} bytes (needs {RESP_SIZE})"
-            ));
-        }
-        let resp = self.execute(req);
-        self.count(&req, &resp);
-        if req.kind as usize >= REQUEST_NAMES.len() || resp.kind == RESP_ERROR {
-            DeviceCounters::bump(&self.counters.guest_errors, 1);
-            log::debug!("virtio-mem: {req:?} -> {resp:?}");
-        }
-        mem.write_slice(&resp.bytes(), addr)
-            .map_err(|e| format!("response at {:#x}: {e}", addr.0))?;
-        Ok(RESP_SIZE as u32)
     }
 }
 
@@ -470,16 +609,16 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn features(&self) -> u64 {
-        1u64 << VIRTIO_F_VERSION_1 | 1 << F_UNPLUGGED_INACCESSIBLE
+        1 << F_UNPLUGGED_INACCESSIBLE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &self.max_sizes
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn config(&self) -> Vec<u8> {
         let r = &self.region;
-        let mut cfg = [0u8; CONFIG_SIZE];
+        let mut cfg = vec![0u8; CONFIG_SIZE];
         cfg[0..8].copy_from_slice(&r.block_size.to_le_bytes());
         // node_id 0, padding.
         cfg[16..24].copy_from_slice(&r.addr.to_le_bytes());
@@ -487,88 +626,80 @@ impl VirtioDevice for VirtioMem {
         cfg[32..40].copy_from_slice(&r.size.to_le_bytes());
         cfg[40..48].copy_from_slice(&self.plugged_bytes().to_le_bytes());
         cfg[48..56].copy_from_slice(&self.requested.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        cfg
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), GuestError> {
-        Err(GuestError(format!(
-            "{}-byte write at {offset:#x}: virtio-mem config is read-only",
-            data.len()
-        )))
-    }
-
-    fn activate(&mut self, acked: u64) {
-        self.acked = acked;
+    fn activate(&mut self, _acked: u64) {
         self.stats.driver_ready.store(true, Ordering::Relaxed);
     }
 
     /// A reset leaves plugged memory plugged (the spec lets the driver find
     /// it with STATE or UNPLUG_ALL it).
     fn reset(&mut self) {
-        self.acked = 0;
         self.stats.driver_ready.store(false, Ordering::Relaxed);
     }
 
-    fn process_queue(
+    /// One chain: a readable request, then a writable response buffer.
+    fn process(
         &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemory,
-    ) -> Result<(), GuestError> {
-        if index != 0 {
-            return Err(GuestError(format!("queue {index} does not exist")));
+        queue: usize,
+        chain: &Chain,
+        done: &mut Completions,
+    ) -> Result<(), ChainError> {
+        if queue != 0 {
+            return Err(ChainError::QueueNotInUse { queue, features: 0 });
         }
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map(|it| it.collect())
-            .map_err(|e| GuestError(format!("avail ring: {e}")))?;
-        for chain in chains {
-            let head = chain.head_index();
-            let len = match self.serve(chain, mem) {
-                Ok(n) => n,
-                Err(e) => {
-                    DeviceCounters::bump(&self.counters.guest_errors, 1);
-                    log::debug!("virtio-mem: bad request chain: {e}");
-                    0
-                }
-            };
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| GuestError(format!("used ring: {e}")))?;
-            DeviceCounters::bump(&self.counters.chains, 1);
+        let req = Request::parse(&chain.read_request::<REQ_SIZE>()?);
+        let resp = self.execute(req);
+        self.count(&req, &resp);
+        let written = chain.write_response(&resp.bytes())?;
+        if resp.kind == RESP_ERROR {
+            done.guest_error(ChainError::Request("virtio-mem request answered ERROR"));
         }
-        self.interrupt.trigger(INT_USED_RING);
+        done.used(chain.head(), written);
         Ok(())
-    }
-
-    fn counters(&self) -> Arc<DeviceCounters> {
-        self.counters.clone()
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.generation
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_memory::{NoKvm, RamRange};
+    use std::sync::atomic::AtomicU64;
+    use vmm_memory::{KvmSlots, MemStat, NoKvm, RamRange};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const MIB: u64 = 1 << 20;
     const BASE: u64 = 512 * MIB;
 
     fn dev(size: u64) -> VirtioMem {
+        dev_on(Arc::new(NoKvm), size)
+    }
+
+    /// KVM that refuses to register memory at `fail_gpa` (an injected host
+    /// failure: no free memslot, say).
+    struct Refusing {
+        fail_gpa: AtomicU64,
+    }
+
+    impl KvmSlots for Refusing {
+        fn set_region(
+            &self,
+            _slot: u32,
+            gpa: u64,
+            size: u64,
+            _hva: u64,
+        ) -> Result<(), kvm_ioctls::Error> {
+            if size != 0 && gpa == self.fail_gpa.load(Ordering::Relaxed) {
+                return Err(kvm_ioctls::Error::new(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    fn dev_on(kvm: Arc<dyn KvmSlots>, size: u64) -> VirtioMem {
         let memory = Arc::new(
             MemoryManager::new(
-                Arc::new(NoKvm),
+                kvm,
                 &[RamRange {
                     gpa: 0,
                     size: 64 * MIB,
@@ -678,15 +809,15 @@ mod tests {
         let mut d = dev(384 * MIB);
         d.set_requested(384 * MIB).unwrap();
         let stats = d.stats();
-        let gen = || d.memory.stats().generation;
+        let gen = || d.memory.stats()[MemStat::Generation];
         let g0 = gen();
         // A range straddling the first slice boundary: both slices appear.
         let edge = BASE + 126 * MIB;
         assert_eq!(d.execute(req(REQ_PLUG, edge, 2)).kind, RESP_ACK);
         assert!(d.memory.is_ram(BASE) && d.memory.is_ram(BASE + 128 * MIB));
         assert!(!d.memory.is_ram(BASE + 256 * MIB), "third slice untouched");
-        assert_eq!(stats.slices_added.load(Ordering::Relaxed), 2);
-        assert_eq!(d.memory.stats().generation, g0 + 2);
+        assert_eq!(stats.get(HotplugStat::SlicesAdded), 2);
+        assert_eq!(d.memory.stats()[MemStat::Generation], g0 + 2);
         // Only the plugged blocks are installable (I6).
         let snap = d.memory.snapshot();
         let s0 = snap.lookup(BASE).unwrap();
@@ -699,7 +830,7 @@ mod tests {
             RESP_ACK
         );
         assert!(d.memory.is_ram(BASE) && !d.memory.is_ram(BASE + 128 * MIB));
-        assert_eq!(stats.slices_removed.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.get(HotplugStat::SlicesRemoved), 1);
     }
 
     #[test]
@@ -708,10 +839,36 @@ mod tests {
         assert!(d.set_requested(129 * MIB).is_err());
         assert!(d.set_requested(3 * MIB).is_err());
         assert!(d.set_requested(128 * MIB).is_ok());
-        let mut cfg = [0u8; 8];
-        d.read_config(48, &mut cfg);
-        assert_eq!(u64::from_le_bytes(cfg), 128 * MIB);
-        d.read_config(16, &mut cfg);
-        assert_eq!(u64::from_le_bytes(cfg), BASE);
+        let cfg = d.config();
+        assert_eq!(cfg[48..56], (128 * MIB).to_le_bytes());
+        assert_eq!(cfg[16..24], BASE.to_le_bytes());
+    }
+
+    /// A plug the host fails half way leaves the layout as it was (the
+    /// slice the first block added is gone again), answers ERROR, and a
+    /// later plug of the same blocks succeeds: no `Overlap` left behind.
+    #[test]
+    fn a_failed_plug_is_undone() {
+        let kvm = Arc::new(Refusing {
+            fail_gpa: AtomicU64::new(BASE + SLICE),
+        });
+        let mut d = dev_on(kvm.clone(), 256 * MIB);
+        d.set_requested(256 * MIB).unwrap();
+        let slots = |d: &VirtioMem| d.memory.stats()[MemStat::Memslots];
+        let before = slots(&d);
+        // Two blocks across the slice boundary: the second slice's memslot
+        // is refused after the first slice's was added.
+        let r = d.execute(req(REQ_PLUG, BASE + SLICE - 2 * MIB, 2));
+        assert_eq!(r, Response::of(RESP_ERROR));
+        assert_eq!(d.plugged_bytes(), 0);
+        assert_eq!(slots(&d), before, "the first slice's memslot was removed");
+        assert!(!d.memory.is_ram(BASE + SLICE - 2 * MIB));
+        assert_eq!(d.stats().get(HotplugStat::PluggedBytes), 0);
+        // The host recovers: the same request now succeeds.
+        kvm.fail_gpa.store(u64::MAX, Ordering::Relaxed);
+        let r = d.execute(req(REQ_PLUG, BASE + SLICE - 2 * MIB, 2));
+        assert_eq!(r, Response::of(RESP_ACK));
+        assert_eq!(d.plugged_bytes(), 4 * MIB);
+        assert_eq!(slots(&d), before + 2);
     }
 }

@@ -1,8 +1,10 @@
 //! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2): the register
-//! window a driver sees, and the device lifecycle behind it.
+//! window a driver sees, the device lifecycle behind it, and the common
+//! work of every device (walking the rings, completing chains, raising
+//! interrupts, counting), so that a device is only what its chains mean.
 //!
-//! Lifecycle rules enforced here (each violation is a guest error: counted,
-//! logged with a rate limit, never fatal to the VMM):
+//! Lifecycle rules enforced here (each violation is a [`GuestError`]:
+//! counted, logged with a rate limit, never fatal to the VMM):
 //! - writing 0 to Status resets the device, its queues and its interrupt;
 //! - `FEATURES_OK` stays clear if the driver accepted a feature the device
 //!   did not offer, or did not accept `VIRTIO_F_VERSION_1`;
@@ -13,19 +15,22 @@
 //!   activates the device; a queue outside RAM sets `NEEDS_RESET` instead;
 //! - notifications before `DRIVER_OK`, or for a queue that does not exist,
 //!   are ignored;
-//! - an unrecoverable error while processing a queue sets `NEEDS_RESET` and
-//!   raises a config interrupt: that device stops until the driver resets
-//!   it, and nothing else is affected.
+//! - a malformed chain is completed empty and counted; a broken ring, or a
+//!   queue the device does not use, sets `NEEDS_RESET` and raises a config
+//!   interrupt: that device stops until the driver resets it, and nothing
+//!   else is affected.
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
+use vmm_memory::{GuestMemory, MemoryManager};
 
-use super::{status, DeviceCounters, Interrupt, VirtioDevice, INT_CONFIG};
-use crate::RateLimit;
-use crate::{lock, BusDevice};
-use vmm_memory::MemoryManager;
+use super::{
+    status, Chain, ChainError, Completions, DeviceCounters, GuestError, Interrupt, VirtioDevice,
+    VirtioStat, INT_USED_RING, VIRTIO_F_VERSION_1,
+};
+use crate::{lock, BusDevice, RateLimit};
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -63,16 +68,6 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// How queue notifications reach the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotifyPath {
-    /// A KVM ioeventfd per queue, served by the event loop.
-    IoEventFd,
-    /// The vCPU's MMIO exit, served on the vCPU thread (the host refused
-    /// the ioeventfd).
-    Bus,
-}
-
 /// Ring addresses as the driver writes them, 32 bits at a time.
 #[derive(Default, Clone, Copy)]
 struct RingAddrs {
@@ -96,7 +91,6 @@ pub struct MmioTransport {
     queue_sel: u32,
     queues: Vec<Queue>,
     addrs: Vec<RingAddrs>,
-    notify: NotifyPath,
     /// Queues notified after set-up but before DRIVER_OK (Linux's balloon
     /// driver kicks its stats queue there): served at activation.
     early: u64,
@@ -117,7 +111,7 @@ impl MmioTransport {
         interrupt: Arc<Interrupt>,
         memory: Arc<MemoryManager>,
     ) -> Self {
-        let (device_type, name, offered, queues, counters) = {
+        let (device_type, name, offered, queues) = {
             let d = lock(&device);
             let queues: Vec<Queue> = d
                 .queue_max_sizes()
@@ -127,15 +121,14 @@ impl MmioTransport {
             (
                 d.device_type(),
                 d.name(),
-                d.features(),
+                d.features() | 1 << VIRTIO_F_VERSION_1,
                 queues,
-                d.counters(),
             )
         };
         let n = queues.len();
         Self {
             device,
-            counters,
+            counters: Arc::new(DeviceCounters::default()),
             interrupt,
             memory,
             device_type,
@@ -148,18 +141,9 @@ impl MmioTransport {
             queue_sel: 0,
             queues,
             addrs: vec![RingAddrs::default(); n],
-            notify: NotifyPath::Bus,
             early: 0,
             log: RateLimit::new(10),
         }
-    }
-
-    pub fn set_notify_path(&mut self, p: NotifyPath) {
-        self.notify = p;
-    }
-
-    pub fn notify_path(&self) -> NotifyPath {
-        self.notify
     }
 
     pub fn queue_count(&self) -> usize {
@@ -174,16 +158,21 @@ impl MmioTransport {
         self.name
     }
 
+    /// The device's [`super::VIRTIO_METRICS`] values.
+    pub fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+
     /// A guest mistake: count it on the device, log it (rate-limited).
-    fn guest_error(&self, what: String) {
-        DeviceCounters::bump(&self.counters.guest_errors, 1);
+    fn guest_error(&self, e: GuestError) {
+        self.counters.bump(VirtioStat::GuestErrors);
         if let Some(suppressed) = self.log.check() {
             let more = if suppressed > 0 {
                 format!(" ({suppressed} similar messages suppressed)")
             } else {
                 String::new()
             };
-            log::warn!("virtio-{}: guest error: {what}{more}", self.name);
+            log::warn!("virtio-{}: guest error: {e}{more}", self.name);
         }
     }
 
@@ -193,6 +182,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.device_features_sel = 0;
         self.queue_sel = 0;
+        self.early = 0;
         for q in &mut self.queues {
             q.reset();
         }
@@ -205,28 +195,25 @@ impl MmioTransport {
 
     /// The driver must be between `FEATURES_OK` and `DRIVER_OK` to set queues
     /// up, and the selected queue must exist and not be ready.
-    fn queue_for_setup(&mut self, what: &str) -> Option<usize> {
+    fn queue_for_setup(&mut self, what: &'static str) -> Option<usize> {
         let i = self.queue_sel as usize;
         let phase_ok =
             self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
-        match self.queues.get(i) {
-            Some(q) if phase_ok && !q.ready() => Some(i),
-            Some(_) if !phase_ok => {
-                self.guest_error(format!(
-                    "{what} for queue {i} outside queue set-up (status {:#x})",
-                    self.status
-                ));
-                None
-            }
-            Some(_) => {
-                self.guest_error(format!("{what} for queue {i}, which is ready"));
-                None
-            }
-            None => {
-                self.guest_error(format!("{what} for queue {i}, which does not exist"));
-                None
-            }
-        }
+        let e = match self.queues.get(i) {
+            Some(q) if phase_ok && !q.ready() => return Some(i),
+            Some(_) if !phase_ok => GuestError::QueueSetupOutOfPhase {
+                what,
+                queue: i,
+                status: self.status,
+            },
+            Some(_) => GuestError::QueueAlreadyReady { what, queue: i },
+            None => GuestError::NoSuchQueue {
+                what,
+                queue: self.queue_sel,
+            },
+        };
+        self.guest_error(e);
+        None
     }
 
     /// `QueueReady` = 1: validate what was set up and mark the queue ready.
@@ -239,7 +226,7 @@ impl MmioTransport {
             .and_then(|_| q.try_set_used_ring_address(GuestAddress(a.used)));
         match r {
             Ok(()) => q.set_ready(true),
-            Err(e) => self.guest_error(format!("queue {i} not made ready: {e}")),
+            Err(error) => self.guest_error(GuestError::QueueAddress { queue: i, error }),
         }
     }
 
@@ -249,33 +236,31 @@ impl MmioTransport {
             return;
         }
         if v & self.status != self.status {
-            self.guest_error(format!(
-                "status {v:#x} clears bits of {:#x} (only a reset may)",
-                self.status
-            ));
+            self.guest_error(GuestError::StatusCleared {
+                old: self.status,
+                new: v,
+            });
             return;
         }
         let new = v & !self.status;
         let mut v = v;
         if new & status::FEATURES_OK != 0 {
-            let version_1 = 1u64 << super::VIRTIO_F_VERSION_1;
+            let version_1 = 1u64 << VIRTIO_F_VERSION_1;
             let unoffered = self.driver_features & !self.offered;
             if unoffered != 0 || self.driver_features & version_1 == 0 {
-                self.guest_error(format!(
-                    "features {:#x} refused (not offered: {unoffered:#x}; VERSION_1 is required)",
-                    self.driver_features
-                ));
+                self.guest_error(GuestError::FeaturesRefused {
+                    acked: self.driver_features,
+                    unoffered,
+                });
                 v &= !status::FEATURES_OK;
             }
         }
         if new & status::DRIVER_OK != 0 {
             if v & status::FEATURES_OK == 0 {
-                self.guest_error("DRIVER_OK without FEATURES_OK".into());
+                self.guest_error(GuestError::DriverOkEarly);
                 v &= !status::DRIVER_OK;
             } else if let Some(bad) = self.invalid_queue() {
-                self.guest_error(format!(
-                    "DRIVER_OK with queue {bad} outside guest RAM: device needs a reset"
-                ));
+                self.guest_error(GuestError::QueueOutsideRam(bad));
                 self.status = v & !status::DRIVER_OK;
                 self.needs_reset();
                 return;
@@ -301,62 +286,130 @@ impl MmioTransport {
 
     fn needs_reset(&mut self) {
         self.status |= status::NEEDS_RESET;
-        DeviceCounters::bump(&self.counters.needs_reset, 1);
-        self.interrupt.trigger(INT_CONFIG);
+        self.counters.bump(VirtioStat::NeedsReset);
+        self.interrupt.trigger(super::INT_CONFIG);
+    }
+
+    fn active(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::NEEDS_RESET == 0
     }
 
     /// A queue notification (from the ioeventfd or the bus).
     pub fn notify(&mut self, index: u32) {
-        DeviceCounters::bump(&self.counters.notifies, 1);
+        self.counters.bump(VirtioStat::Notifies);
+        let i = index as usize;
+        let ready = self.queues.get(i).map(|q| q.ready());
         if self.status & status::DRIVER_OK == 0 {
-            let ready = self
-                .queues
-                .get(index as usize)
-                .is_some_and(|q| q.ready() && index < 64);
-            if ready && self.status & status::FEATURES_OK != 0 {
+            if ready == Some(true) && index < 64 && self.status & status::FEATURES_OK != 0 {
                 // A set-up queue kicked just before DRIVER_OK: the spec says
                 // the driver must not; Linux's balloon driver does. Serve it
                 // at activation rather than lose the buffer.
                 self.early |= 1 << index;
             } else {
-                self.guest_error(format!("notify of queue {index} before DRIVER_OK"));
+                self.guest_error(GuestError::NotifyEarly(index));
             }
             return;
         }
         if self.status & status::NEEDS_RESET != 0 {
             return;
         }
-        let i = index as usize;
-        match self.queues.get(i) {
-            None => {
-                self.guest_error(format!("notify of queue {index}, which does not exist"));
-                return;
+        match ready {
+            None => self.guest_error(GuestError::NoSuchQueue {
+                what: "notify",
+                queue: index,
+            }),
+            Some(false) => self.guest_error(GuestError::NotifyNotReady(index)),
+            Some(true) => {
+                let mem = self.memory.memory();
+                let mut done = Completions::for_queue(i);
+                let r = self.process(i, &mem, &mut done);
+                self.finish(i, r, &mem, &mut done);
             }
-            Some(q) if !q.ready() => {
-                self.guest_error(format!("notify of queue {index}, which is not ready"));
-                return;
-            }
-            Some(_) => {}
         }
-        let mem = self.memory.memory();
-        let r = lock(&self.device).process_queue(i, &mut self.queues[i], &mem);
-        if let Err(e) = r {
-            self.guest_error(format!("queue {i}: {e}"));
+    }
+
+    /// Hand every available chain of queue `i` to the device. A malformed
+    /// chain is completed empty and counted; an error that needs a reset
+    /// stops the walk.
+    fn process(
+        &mut self,
+        i: usize,
+        mem: &GuestMemory,
+        done: &mut Completions,
+    ) -> Result<(), ChainError> {
+        let chains: Vec<_> = self.queues[i]
+            .iter(mem)
+            .map_err(|error| ChainError::Ring {
+                ring: "avail",
+                error,
+            })?
+            .collect();
+        let mut device = lock(&self.device);
+        for c in chains {
+            let chain = Chain::new(c, mem);
+            match device.process(i, &chain, done) {
+                Ok(()) => {}
+                Err(e) if e.needs_reset() => return Err(e),
+                Err(e) => {
+                    self.guest_error(GuestError::Queue { queue: i, error: e });
+                    done.used(chain.head(), 0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Put what the device completed on the used rings and raise one
+    /// interrupt; a failure (here or before) sets `NEEDS_RESET`.
+    fn finish(
+        &mut self,
+        i: usize,
+        r: Result<(), ChainError>,
+        mem: &GuestMemory,
+        done: &mut Completions,
+    ) {
+        for error in done.take_errors() {
+            self.guest_error(GuestError::Queue { queue: i, error });
+        }
+        let mut r = r.map_err(|e| (i, e));
+        let completed = done.take();
+        for &(q, head, len) in &completed {
+            let used = match self.queues.get_mut(q) {
+                Some(queue) => queue.add_used(mem, head, len),
+                None => Err(virtio_queue::Error::QueueNotReady),
+            };
+            match used {
+                Ok(()) => self.counters.bump(VirtioStat::Chains),
+                Err(error) => {
+                    r = r.and(Err((
+                        q,
+                        ChainError::Ring {
+                            ring: "used",
+                            error,
+                        },
+                    )));
+                    break;
+                }
+            }
+        }
+        if !completed.is_empty() {
+            self.interrupt.trigger(INT_USED_RING);
+        }
+        if let Err((queue, error)) = r {
+            self.guest_error(GuestError::Queue { queue, error });
             self.needs_reset();
         }
     }
 
     /// The event loop's periodic call: lets an active device do timed work.
     pub fn tick(&mut self) {
-        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 {
+        if !self.active() {
             return;
         }
         let mem = self.memory.memory();
-        let r = lock(&self.device).tick(&mut self.queues, &mem);
-        if let Err(e) = r {
-            self.guest_error(e.to_string());
-            self.needs_reset();
-        }
+        let mut done = Completions::for_queue(0);
+        lock(&self.device).tick(&mut done);
+        self.finish(0, Ok(()), &mem, &mut done);
     }
 
     fn read_reg(&self, offset: u64) -> Option<u32> {
@@ -381,7 +434,7 @@ impl MmioTransport {
                 .into(),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => lock(&self.device).config_generation(),
+            reg::CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => return None,
         })
     }
@@ -394,25 +447,26 @@ impl MmioTransport {
                 let phase_ok =
                     self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
                 if !phase_ok {
-                    self.guest_error(format!(
-                        "DriverFeatures written in status {:#x}",
-                        self.status
-                    ));
+                    self.guest_error(GuestError::FeaturesOutOfPhase(self.status));
                 } else if self.driver_features_sel < 2 {
                     set_half(&mut self.driver_features, self.driver_features_sel == 1, v);
                 } else if v != 0 {
-                    self.guest_error(format!(
-                        "features {v:#x} in word {}, beyond bit 63",
-                        self.driver_features_sel
-                    ));
+                    self.guest_error(GuestError::FeaturesBeyond64 {
+                        word: self.driver_features_sel,
+                        value: v,
+                    });
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
             reg::QUEUE_NUM => {
                 if let Some(i) = self.queue_for_setup("QueueNum") {
                     let size = u16::try_from(v).unwrap_or(0);
-                    if let Err(e) = self.queues[i].try_set_size(size) {
-                        self.guest_error(format!("queue {i} size {v}: {e}"));
+                    if let Err(error) = self.queues[i].try_set_size(size) {
+                        self.guest_error(GuestError::QueueSize {
+                            queue: i,
+                            size: v,
+                            error,
+                        });
                     }
                 }
             }
@@ -427,19 +481,17 @@ impl MmioTransport {
                         q.set_ready(false);
                     }
                 }
-                _ => self.guest_error(format!("QueueReady {v}")),
+                _ => self.guest_error(GuestError::QueueReadyValue(v)),
             },
             reg::QUEUE_NOTIFY => self.notify(v),
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.write_status(v),
-            reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH => {
+            reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH
+                if (offset - reg::QUEUE_DESC_LOW) % 0x10 < 8 =>
+            {
                 // Three (low, high) pairs, 0x10 apart.
                 let rel = offset - reg::QUEUE_DESC_LOW;
                 let (which, high) = (rel / 0x10, rel % 0x10 == 4);
-                if rel % 0x10 >= 8 {
-                    self.guest_error(format!("write to reserved register {offset:#x}"));
-                    return;
-                }
                 if let Some(i) = self.queue_for_setup("ring address") {
                     let a = &mut self.addrs[i];
                     let field = match which {
@@ -450,9 +502,7 @@ impl MmioTransport {
                     set_half(field, high, v);
                 }
             }
-            _ => self.guest_error(format!(
-                "write of {v:#x} to read-only or reserved register {offset:#x}"
-            )),
+            _ => self.guest_error(GuestError::WriteToReadOnly { offset, value: v }),
         }
     }
 }
@@ -460,22 +510,29 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+            let config = lock(&self.device).config();
+            let at = offset - CONFIG_OFFSET;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = at
+                    .checked_add(i as u64)
+                    .and_then(|o| config.get(usize::try_from(o).ok()?))
+                    .copied()
+                    .unwrap_or(0);
+            }
             return;
         }
         data.fill(0);
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            self.guest_error(format!(
-                "{}-byte register read at {offset:#x} (registers are 32-bit, aligned)",
-                data.len()
-            ));
+            self.guest_error(GuestError::RegisterWidth {
+                access: "read",
+                offset,
+                len: data.len(),
+            });
             return;
         }
         match self.read_reg(offset) {
             Some(v) => data.copy_from_slice(&v.to_le_bytes()),
-            None => self.guest_error(format!(
-                "read of write-only or reserved register {offset:#x}"
-            )),
+            None => self.guest_error(GuestError::ReadOfWriteOnly(offset)),
         }
     }
 
@@ -483,33 +540,29 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_OFFSET {
             let r = lock(&self.device).write_config(offset - CONFIG_OFFSET, data);
             if let Err(e) = r {
-                self.guest_error(format!(
-                    "config write at {:#x}: {e}",
-                    offset - CONFIG_OFFSET
-                ));
+                self.guest_error(e);
             }
             return;
         }
-        let Ok(word) = <[u8; 4]>::try_from(data) else {
-            self.guest_error(format!(
-                "{}-byte register write at {offset:#x} (registers are 32-bit, aligned)",
-                data.len()
-            ));
-            return;
-        };
-        if !offset.is_multiple_of(4) {
-            self.guest_error(format!("unaligned register write at {offset:#x}"));
-            return;
+        match <[u8; 4]>::try_from(data) {
+            Ok(word) if offset.is_multiple_of(4) => {
+                self.write_reg(offset, u32::from_le_bytes(word))
+            }
+            _ => self.guest_error(GuestError::RegisterWidth {
+                access: "write",
+                offset,
+                len: data.len(),
+            }),
         }
-        self.write_reg(offset, u32::from_le_bytes(word));
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::virtio::balloon::BalloonStat;
     use crate::virtio::balloon::{Balloon, BalloonConfig};
-    use crate::virtio::INT_USED_RING;
+    use crate::virtio::{INT_CONFIG, INT_USED_RING};
     use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_memory::{NoKvm, PageSource, RamRange};
@@ -569,10 +622,7 @@ pub(crate) mod tests {
             u32::from_le_bytes(d)
         }
         pub fn errors(&self) -> u64 {
-            self.t
-                .counters
-                .guest_errors
-                .load(std::sync::atomic::Ordering::Relaxed)
+            self.t.counters.get(VirtioStat::GuestErrors)
         }
         /// ACK, DRIVER, features (low, high), FEATURES_OK; the status after.
         pub fn negotiate(&mut self, lo: u32, hi: u32) -> u32 {
@@ -747,9 +797,8 @@ pub(crate) mod tests {
         r.post(0, &[(buf, len, 0, 0)]);
         assert_eq!(r.used_idx(), 1);
         let b = lock(&r.balloon).stats();
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(get(&b.inflated_pages), 3);
-        assert_eq!(get(&b.pfns_outside_ram), 1);
+        assert_eq!(b.get(BalloonStat::InflatedPages), 3);
+        assert_eq!(b.get(BalloonStat::PfnsOutsideRam), 1);
         let snap = r.memory.snapshot();
         let s = snap.lookup(0).unwrap();
         assert!(s.is_discarded(0x800) && s.is_discarded(0x802) && !s.is_discarded(0x803));
@@ -773,10 +822,7 @@ pub(crate) mod tests {
         let mut r = rig();
         r.driver_ok();
         let b = lock(&r.balloon).stats();
-        let rejected = || {
-            b.rejected_descriptors
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let rejected = || b.get(BalloonStat::RejectedDescriptors);
         // 257 PFNs: too many.
         let (buf, _) = r.pfns(&[0x900; 257]);
         r.post(0, &[(buf, 257 * 4, 0, 0)]);

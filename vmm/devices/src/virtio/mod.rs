@@ -1,28 +1,37 @@
-//! virtio devices over the virtio-mmio transport (version 2, modern only).
+//! virtio devices over the virtio-mmio transport (version 2, modern only),
+//! on one common layer.
 //!
-//! - [`mmio`]: the transport: registers, device lifecycle (reset, feature
-//!   negotiation, queue set-up validated, `DRIVER_OK`, `NEEDS_RESET`).
+//! - [`mmio`]: the transport, the one place that speaks virtio to the
+//!   driver: registers, feature negotiation (`VIRTIO_F_VERSION_1` is always
+//!   offered and required), config space reads and the config generation,
+//!   queue set-up, validation, activation and reset, walking the rings,
+//!   completing chains, interrupts, `NEEDS_RESET`, and the counters of
+//!   [`VIRTIO_METRICS`]. Its state is what a snapshot of the device saves.
+//! - [`queue`]: one descriptor chain as a device sees it ([`Chain`]):
+//!   bounds-checked reads of what the driver wrote, the response written
+//!   back, and what the device completes ([`Completions`]).
 //! - [`manager`]: MMIO windows and GSIs, interrupts through irqfds, queue
-//!   notifications through ioeventfds served by the event loop (or, where the
-//!   host refuses an ioeventfd, by the vCPU's bus dispatch).
-//! - [`balloon`] is virtio-balloon, [`mem`] virtio-mem.
+//!   notifications through ioeventfds served by the event loop.
+//! - A device ([`balloon`], [`mem`]) implements [`VirtioDevice`]: its ID,
+//!   features, queue sizes, config bytes, and what one chain means.
 //!
 //! Queues are rust-vmm's `virtio-queue` over the guest-memory view the
-//! [`vmm_memory::MemoryManager`] publishes; a descriptor on a missing page
-//! is served by the fault engine on the thread that reads it.
+//! memory manager publishes; a descriptor on a missing page is served by
+//! the fault engine on the thread that reads it.
 
 pub mod balloon;
 pub mod manager;
 pub mod mem;
 pub mod mmio;
+pub mod queue;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use thiserror::Error;
+use vmm_counters::{metrics, Counters, Metric};
 use vmm_sys_util::eventfd::EventFd;
 
-use vmm_memory::GuestMemory;
+pub use queue::{Chain, ChainError, Completions};
 
 /// `VIRTIO_F_VERSION_1`: the only kind of device this VMM offers.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -41,10 +50,11 @@ pub mod status {
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
-/// A device's interrupt: the InterruptStatus register and the irqfd that
-/// raises its GSI (edge-triggered).
+/// How a device reaches its driver: the InterruptStatus register, the
+/// irqfd that raises its GSI (edge-triggered), and the config generation.
 pub struct Interrupt {
     status: AtomicU32,
+    generation: AtomicU32,
     evt: EventFd,
 }
 
@@ -52,6 +62,7 @@ impl Interrupt {
     pub fn new(evt: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
+            generation: AtomicU32::new(0),
             evt,
         }
     }
@@ -68,6 +79,17 @@ impl Interrupt {
         }
     }
 
+    /// The device changed its config space: a new ConfigGeneration and a
+    /// config interrupt.
+    pub fn config_changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.trigger(INT_CONFIG);
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
     }
@@ -81,67 +103,152 @@ impl Interrupt {
     }
 }
 
-/// A guest mistake a device met (a bad descriptor, a bad register write):
-/// counted per device and logged with a rate limit; never fatal to the VMM.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct GuestError(pub String);
-
-/// Counters every virtio device keeps (read by metrics).
-#[derive(Default)]
-pub struct DeviceCounters {
-    /// Guest errors (bad register accesses, bad descriptors, bad requests).
-    pub guest_errors: AtomicU64,
-    /// Queue notifications received.
-    pub notifies: AtomicU64,
-    /// Descriptor chains completed (put on a used ring).
-    pub chains: AtomicU64,
-    /// Times the device entered NEEDS_RESET.
-    pub needs_reset: AtomicU64,
-}
-
-impl DeviceCounters {
-    pub fn bump(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+metrics! {
+    /// What every virtio device counts (labelled with the device's name).
+    pub enum VirtioStat in VIRTIO_METRICS {
+        Notifies = Metric::counter(
+            "vmm_virtio_notifies",
+            "notifies",
+            "Queue notifications a virtio device received",
+        ),
+        Chains = Metric::counter(
+            "vmm_virtio_chains",
+            "chains",
+            "Descriptor chains a virtio device completed",
+        ),
+        GuestErrors = Metric::counter(
+            "vmm_virtio_guest_errors",
+            "guest_errors",
+            "Guest errors a virtio device met (bad registers, descriptors, requests)",
+        ),
+        NeedsReset = Metric::counter(
+            "vmm_virtio_needs_reset",
+            "needs_reset",
+            "Times a virtio device entered NEEDS_RESET",
+        ),
     }
 }
 
-/// What the transport needs from a device.
+/// A device's [`VIRTIO_METRICS`] values (any thread may bump them).
+#[derive(Default)]
+pub struct DeviceCounters(Counters<{ VirtioStat::COUNT }>);
+
+impl DeviceCounters {
+    pub fn bump(&self, stat: VirtioStat) {
+        self.0.at(stat as usize).add_shared(1);
+    }
+
+    pub fn get(&self, stat: VirtioStat) -> u64 {
+        self.0.at(stat as usize).get()
+    }
+
+    pub fn read(&self) -> [u64; VirtioStat::COUNT] {
+        self.0.read()
+    }
+}
+
+/// A guest mistake on the register window or in config space: counted per
+/// device and logged with a rate limit; never fatal to the VMM.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("{len}-byte register {access} at {offset:#x} (registers are 32-bit, aligned)")]
+    RegisterWidth {
+        access: &'static str,
+        offset: u64,
+        len: usize,
+    },
+    #[error("read of write-only or reserved register {0:#x}")]
+    ReadOfWriteOnly(u64),
+    #[error("write of {value:#x} to read-only or reserved register {offset:#x}")]
+    WriteToReadOnly { offset: u64, value: u32 },
+    #[error("status {new:#x} clears bits of {old:#x} (only a reset may)")]
+    StatusCleared { old: u32, new: u32 },
+    #[error("features {acked:#x} refused (not offered: {unoffered:#x}; VERSION_1 is required)")]
+    FeaturesRefused { acked: u64, unoffered: u64 },
+    #[error("DriverFeatures written in status {0:#x}")]
+    FeaturesOutOfPhase(u32),
+    #[error("features {value:#x} in word {word}, beyond bit 63")]
+    FeaturesBeyond64 { word: u32, value: u32 },
+    #[error("DRIVER_OK without FEATURES_OK")]
+    DriverOkEarly,
+    #[error("DRIVER_OK with queue {0} outside guest RAM: device needs a reset")]
+    QueueOutsideRam(usize),
+    #[error("{what} for queue {queue} outside queue set-up (status {status:#x})")]
+    QueueSetupOutOfPhase {
+        what: &'static str,
+        queue: usize,
+        status: u32,
+    },
+    #[error("{what} for queue {queue}, which is ready")]
+    QueueAlreadyReady { what: &'static str, queue: usize },
+    #[error("{what} for queue {queue}, which does not exist")]
+    NoSuchQueue { what: &'static str, queue: u32 },
+    #[error("queue {queue} size {size}: {error}")]
+    QueueSize {
+        queue: usize,
+        size: u32,
+        error: virtio_queue::Error,
+    },
+    #[error("queue {queue} not made ready: {error}")]
+    QueueAddress {
+        queue: usize,
+        error: virtio_queue::Error,
+    },
+    #[error("QueueReady {0}")]
+    QueueReadyValue(u32),
+    #[error("notify of queue {0} before DRIVER_OK")]
+    NotifyEarly(u32),
+    #[error("notify of queue {0}, which is not ready")]
+    NotifyNotReady(u32),
+    #[error("{len}-byte config write at {offset:#x}: {why}")]
+    ConfigWrite {
+        offset: u64,
+        len: usize,
+        why: &'static str,
+    },
+    #[error("queue {queue}: {error}")]
+    Queue { queue: usize, error: ChainError },
+}
+
+/// What a virtio device implements. The transport does the rest: it reads
+/// and completes the chains and raises the interrupts, so a device is its
+/// ID, features, config bytes and what one chain means.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (5: balloon, 24: memory).
     fn device_type(&self) -> u32;
     /// Short name for logs and metrics labels.
     fn name(&self) -> &'static str;
-    /// Features offered (`VIRTIO_F_VERSION_1` included).
+    /// Device features offered (the transport adds `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
     /// Maximum size of each queue; the number of queues is its length.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Read device config space at `offset` (out of range reads zero).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Write device config space; a write to a read-only field is a guest
-    /// error (returned, the write ignored).
-    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// The device config space as it is now (the transport serves reads,
+    /// out of range as zero).
+    fn config(&self) -> Vec<u8>;
+    /// A driver write to config space; read-only unless the device says.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), GuestError> {
+        Err(GuestError::ConfigWrite {
+            offset,
+            len: data.len(),
+            why: "config space is read-only",
+        })
+    }
     /// The driver set `DRIVER_OK` with `acked` features and valid queues.
     fn activate(&mut self, acked: u64);
-    /// The driver reset the device.
+    /// The driver reset the device (queues are the transport's).
     fn reset(&mut self);
-    /// Process queue `index` after a notification. `Err`: an unrecoverable
-    /// guest error; the transport sets `NEEDS_RESET`.
-    fn process_queue(
+    /// One available chain of queue `queue`. Complete it (or a chain held
+    /// earlier) through `done`; a chain neither completed nor held is the
+    /// device's to complete later (in `tick`). `Err`: the chain was
+    /// malformed; the transport completes it empty and counts a guest
+    /// error, or resets the device if the error says so.
+    fn process(
         &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &GuestMemory,
-    ) -> Result<(), GuestError>;
-    /// The device's counters, shared with the transport and metrics.
-    fn counters(&self) -> Arc<DeviceCounters>;
-    /// ConfigGeneration: changes whenever the device changes its config.
-    fn config_generation(&self) -> u32 {
-        0
-    }
-    /// Called from the event loop about every 100 ms while the device is
-    /// active (e.g. to return a stats buffer). `Err` as for `process_queue`.
-    fn tick(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Result<(), GuestError> {
-        Ok(())
-    }
+        queue: usize,
+        chain: &Chain,
+        done: &mut Completions,
+    ) -> Result<(), ChainError>;
+    /// About every 100 ms while the device is active: timed work, such as
+    /// completing a held chain.
+    fn tick(&mut self, _done: &mut Completions) {}
 }

@@ -1,0 +1,293 @@
+//! Builds a VM from a [`VmConfig`] and runs it to its end: the only place
+//! that wires the layers together.
+//!
+//! [`Vm::new`] runs named phases ([`build`]), in an order that matters: the
+//! in-kernel irqchip and PIT exist before any vCPU; guest RAM is mapped and
+//! registered ([`MemoryManager`]), then written (page tables, image,
+//! command line) before userfaultfd takes over its missing pages; devices
+//! exist before the boot image is loaded (Linux learns of them from the
+//! command line and the DSDT); vCPUs come last. [`Vm::run`] starts the
+//! threads ([`threads`]), waits for the end and reports ([`RunReport`]).
+
+mod build;
+mod report;
+mod threads;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{VcpuFd, VmFd};
+use thiserror::Error;
+
+pub use report::RunReport;
+
+use crate::api::{ApiError, ApiServer, VmControl};
+use crate::arch::x86_64 as arch;
+use crate::boot::BootError;
+use crate::config::{ConfigError, FaultMode, VmConfig};
+use crate::devices::marker::{MarkerHook, MarkerLog};
+use crate::devices::virtio::manager::{DeviceSummary, Ticker};
+use crate::devices::{serial, DeviceError};
+use crate::exit::VmExit;
+use crate::fault::{FaultEngine, FaultSetupError};
+use crate::host::{Host, HostError};
+use crate::memory::{MemError, MemoryManager, SourceError};
+use crate::metrics::{MetricsServer, VmMetrics};
+use crate::vcpu::{self, VcpuShared};
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Fault(#[from] FaultSetupError),
+    #[error("cannot read initramfs {path}: {source}")]
+    Initrd {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index} setup: {source}")]
+    VcpuSetup {
+        index: usize,
+        source: arch::regs::RegsError,
+    },
+    #[error("writing boot structures to guest memory failed: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("device setup: {0}")]
+    Device(#[from] DeviceError),
+    #[error("cannot install the {what} signal handler: {source}")]
+    Signal {
+        what: &'static str,
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("SYSCALL assist setup (use --syscall-assist off to boot without it): {0}")]
+    SyscallAssist(vcpu::syscall::SyscallAssistError),
+}
+
+/// The device event loop failed (it ends the VM).
+#[derive(Debug, Error)]
+#[error("device event loop: {0:?}")]
+pub struct EventLoopError(event_manager::Error);
+
+pub(crate) fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Kvm { what, source })
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    config: VmConfig,
+    mode: FaultMode,
+    // Field order is drop order: vCPUs and the VM fd go before guest RAM.
+    vcpus: Vec<VcpuFd>,
+    exit: Arc<VmExit>,
+    shared: Arc<VcpuShared>,
+    serial_input: Option<serial::SerialInput>,
+    /// Event-loop subscribers of the virtio devices, and their ticker.
+    virtio_events: Vec<Box<dyn MutEventSubscriber + Send>>,
+    virtio_ticker: Ticker,
+    virtio_summaries: Vec<Box<dyn Fn() -> DeviceSummary + Send + Sync>>,
+    control: Arc<VmControl>,
+    api_server: Option<ApiServer>,
+    markers: Arc<Mutex<MarkerLog>>,
+    engine: Option<Arc<FaultEngine>>,
+    metrics: Arc<VmMetrics>,
+    metrics_server: Option<MetricsServer>,
+    memory: Arc<MemoryManager>,
+    _vm_fd: Arc<VmFd>,
+    _host: Host,
+}
+
+impl Vm {
+    /// Create the VM, its memory, devices and vCPUs.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        let host = Host::open()?;
+        let mode = build::check(&config, &host)?;
+        let image = build::read_image(&config)?;
+        let initrd = build::read_initrd(&config)?;
+        let supported = kvm(
+            "KVM_GET_SUPPORTED_CPUID",
+            host.kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
+        )?;
+        let vm_fd = build::create_vm(&host)?;
+        let memory = Arc::new(build::create_memory(&config, &host, &vm_fd, mode)?);
+        let exit = Arc::new(VmExit::new());
+        let devices = build::Devices::build(&config, &vm_fd, &memory, &exit)?;
+        let boot = build::load_boot_image(
+            &config,
+            &host,
+            &memory,
+            &supported,
+            &image,
+            initrd.as_deref(),
+            &devices.windows(),
+        )?;
+        drop(initrd);
+        let engine = crate::fault::setup(
+            mode,
+            &memory,
+            &exit,
+            config.fault_around,
+            config.inject_eagain_every,
+        )?;
+        let servers = build::Servers::bind(&config)?;
+        let metrics = Arc::new(devices.metrics(&config, mode, &memory));
+        let control = Arc::new(devices.control(&config, mode, &memory, &exit));
+        let build::Devices {
+            pio,
+            mmio,
+            serial_input,
+            mut virtio,
+            markers,
+            ..
+        } = devices;
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio,
+            exit: exit.clone(),
+            fault: engine.clone().filter(|_| mode == FaultMode::Vcpu),
+            assists: build::assists(&host),
+            syscall_assist: build::syscall_assist(&config, &host, &vm_fd, &boot)?
+                .then(|| memory.view()),
+        });
+        let vcpus = build::create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
+        log::info!(
+            "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
+            config.vcpus,
+            config.mem_size >> 20,
+            boot.entry
+        );
+        Ok(Vm {
+            mode,
+            vcpus,
+            exit,
+            shared,
+            serial_input: Some(serial_input),
+            virtio_events: virtio.subscribers(),
+            virtio_ticker: virtio.ticker(),
+            virtio_summaries: virtio.summaries(),
+            control,
+            api_server: servers.api,
+            markers,
+            engine,
+            metrics,
+            metrics_server: servers.metrics,
+            memory,
+            _vm_fd: vm_fd,
+            _host: host,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn mode(&self) -> FaultMode {
+        self.mode
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::addr)
+    }
+
+    /// Run-time memslot changes (hotplug, unplug, discards).
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
+    /// The per-thread fault counters (what the metrics endpoint reads).
+    pub fn metrics(&self) -> &Arc<VmMetrics> {
+        &self.metrics
+    }
+
+    /// The control plane (what the API serves; tests and `vmm stress` use it
+    /// directly).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// A handle that ends the VM (e.g. from a test's churn thread).
+    pub fn exit_handle(&self) -> Arc<VmExit> {
+        self.exit.clone()
+    }
+
+    /// Run `hook(value)` on the vCPU thread at each marker-port write.
+    pub fn on_marker(&self, hook: MarkerHook) {
+        self.markers.lock().unwrap_or_else(|e| e.into_inner()).hook = Some(hook);
+    }
+
+    /// Run the guest until any vCPU or device ends it.
+    pub fn run(mut self) -> Result<RunReport, VmError> {
+        vcpu::install_kick_handler().map_err(|source| VmError::Signal {
+            what: "vCPU kick",
+            source,
+        })?;
+        let helpers = self.spawn_helpers()?;
+        let start = Instant::now();
+        let vcpus = self.spawn_vcpus()?;
+        let events = self.spawn_events();
+        // Every other thread runs: the caller's filter comes last (threads
+        // inherit the filter of the thread that creates them).
+        if self.config.seccomp_caller {
+            crate::seccomp::confine(
+                self.config.seccomp,
+                crate::seccomp::ThreadClass::Main,
+                &self.exit,
+            );
+        }
+        let reason = self.exit.wait();
+        let stopped_at = threads::stop_vcpus(vcpus);
+        let elapsed = start.elapsed();
+        helpers.join();
+        if let Ok(t) = events {
+            let _ = t.join();
+        }
+        Ok(self.report(reason, start, elapsed, stopped_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::acpi;
+    use crate::devices::{acpi_power, i8042, serial, BusDevice};
+    use crate::exit::ExitReason;
+
+    /// The ACPI tables (arch) describe the devices (devices) by number,
+    /// and neither layer may import the other: this is where they meet.
+    #[test]
+    fn acpi_tables_describe_the_devices_as_they_are() {
+        assert_eq!(u64::from(acpi::COM1_PORT), serial::COM1_BASE);
+        assert_eq!(acpi::COM1_IRQ, serial::COM1_IRQ);
+        assert_eq!(acpi::SLEEP_CONTROL_PORT, acpi_power::SLEEP_CONTROL_PORT);
+        assert_eq!(acpi::SLEEP_STATUS_PORT, acpi_power::SLEEP_STATUS_PORT);
+        assert_eq!(acpi::S5_SLEEP_TYPE, acpi_power::S5_SLEEP_TYPE);
+        // The FADT's reset register resets through the i8042.
+        let exit = Arc::new(VmExit::new());
+        let mut kbd = i8042::I8042::new(exit.clone());
+        kbd.write(acpi::RESET_PORT - i8042::I8042_BASE, &[acpi::RESET_VALUE]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+}
