@@ -152,6 +152,9 @@ impl Metric {
 /// }
 /// assert_eq!(THING_METRICS[ThingStat::Failed as usize].key, "things");
 /// assert_eq!(ThingStat::COUNT, 2);
+/// let c: vmm_counters::Counters<ThingStat, { ThingStat::COUNT }> = Default::default();
+/// c.add_shared(ThingStat::Failed, 1);
+/// assert_eq!(c.read(), [0, 1]);
 /// ```
 #[macro_export]
 macro_rules! metrics {
@@ -166,6 +169,12 @@ macro_rules! metrics {
         #[repr(usize)]
         $vis enum $name {
             $( $(#[$vmeta])* $variant, )*
+        }
+
+        impl $crate::Row for $name {
+            fn index(self) -> usize {
+                self as usize
+            }
         }
 
         #[allow(dead_code)]
@@ -219,25 +228,53 @@ impl Counter {
     }
 }
 
-/// The values of one table (`N` is its row count).
-pub struct Counters<const N: usize>([Counter; N]);
+/// A row of a table: the enum [`metrics!`] declares.
+pub trait Row: Copy {
+    fn index(self) -> usize;
+}
 
-impl<const N: usize> Default for Counters<N> {
+/// The values of one table, indexed by its enum `E` (`N` is its row count,
+/// `E::COUNT`).
+pub struct Counters<E, const N: usize> {
+    values: [Counter; N],
+    rows: std::marker::PhantomData<E>,
+}
+
+impl<E, const N: usize> Default for Counters<E, N> {
     fn default() -> Self {
-        Counters(std::array::from_fn(|_| Counter::default()))
+        Counters {
+            values: std::array::from_fn(|_| Counter::default()),
+            rows: std::marker::PhantomData,
+        }
     }
 }
 
-impl<const N: usize> Counters<N> {
-    /// The value of row `i` (a table enum `as usize`).
+impl<E: Row, const N: usize> Counters<E, N> {
+    /// Owner-only increment (see [`Counter::add`]).
     #[inline]
-    pub fn at(&self, i: usize) -> &Counter {
-        &self.0[i]
+    pub fn add(&self, row: E, n: u64) {
+        self.values[row.index()].add(n);
+    }
+
+    /// Increment from any thread.
+    #[inline]
+    pub fn add_shared(&self, row: E, n: u64) {
+        self.values[row.index()].add_shared(n);
+    }
+
+    #[inline]
+    pub fn get(&self, row: E) -> u64 {
+        self.values[row.index()].get()
+    }
+
+    #[inline]
+    pub fn set(&self, row: E, v: u64) {
+        self.values[row.index()].set(v);
     }
 
     /// Every value now (each read once).
     pub fn read(&self) -> [u64; N] {
-        std::array::from_fn(|i| self.0[i].get())
+        std::array::from_fn(|i| self.values[i].get())
     }
 }
 
@@ -361,10 +398,10 @@ mod tests {
         assert_eq!(T::COUNT, 4);
         assert_eq!(T::B2.metric().label_value(), Some("two"));
         assert_eq!(T_METRICS[T::Ns as usize].kind, Kind::Gauge);
-        let c: Counters<{ T::COUNT }> = Counters::default();
-        c.at(T::A as usize).add(3);
-        c.at(T::B2 as usize).add(2);
-        c.at(T::Ns as usize).add_shared(1_500_000_000);
+        let c: Counters<T, { T::COUNT }> = Counters::default();
+        c.add(T::A, 3);
+        c.add(T::B2, 2);
+        c.add_shared(T::Ns, 1_500_000_000);
         let v = c.read();
         assert_eq!(v, [3, 0, 2, 1_500_000_000]);
         let r = Readings::new(&T_METRICS, &v, Scope::ANY);

@@ -276,7 +276,7 @@ pub struct LatencySnapshot {
 /// Counters of one fault-serving thread (a vCPU or a handler thread).
 #[derive(Default)]
 pub struct FaultStats {
-    counters: Counters<{ ThreadStat::COUNT }>,
+    counters: Counters<ThreadStat, { ThreadStat::COUNT }>,
     latency: Latency,
 }
 
@@ -284,12 +284,12 @@ impl FaultStats {
     /// Owner-only: add `n` to row `stat`.
     #[inline]
     pub fn add(&self, stat: impl Into<ThreadStat>, n: u64) {
-        self.counters.at(stat.into() as usize).add(n);
+        self.counters.add(stat.into(), n);
     }
 
     #[inline]
     pub fn get(&self, stat: impl Into<ThreadStat>) -> u64 {
-        self.counters.at(stat.into() as usize).get()
+        self.counters.get(stat.into())
     }
 
     #[inline]

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmm::api::control::{BalloonControl, HotplugControl, VmControl};
+use vmm::api::control::VmControl;
 use vmm::api::server::serve_connection;
 use vmm::config::FaultMode;
-use vmm::devices::virtio::balloon::{Balloon, BalloonConfig};
-use vmm::devices::virtio::mem::{MemRegion, VirtioMem};
+use vmm::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
+use vmm::devices::virtio::mem::{HotplugHandle, MemRegion, VirtioMem};
 use vmm::devices::virtio::Interrupt;
 use vmm::exit::VmExit;
 use vmm::memory::{MemoryManager, NoKvm, PageSource, RamRange};
@@ -52,14 +52,14 @@ fn control() -> Arc<VmControl> {
         block_size: 2 * MIB,
     };
     let mem = VirtioMem::new(memory.clone(), irq(), region);
-    let balloon = BalloonControl {
+    let balloon = BalloonHandle {
         stats: balloon.stats(),
-        counters: balloon.device_counters(),
+        counters: Default::default(),
         device: Arc::new(Mutex::new(balloon)),
     };
-    let hotplug = HotplugControl {
+    let hotplug = HotplugHandle {
         stats: mem.stats(),
-        counters: mem.device_counters(),
+        counters: Default::default(),
         device: Arc::new(Mutex::new(mem)),
         region,
     };

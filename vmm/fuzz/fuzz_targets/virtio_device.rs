@@ -21,7 +21,7 @@ use vmm::devices::virtio::mem::{MemRegion, VirtioMem};
 use vmm::devices::virtio::mmio::{reg, MmioTransport};
 use vmm::devices::virtio::{Interrupt, VirtioDevice};
 use vmm::devices::BusDevice;
-use vmm::memory::{MemoryManager, NoKvm, PageSource, RamRange, PAGE_SIZE};
+use vmm::memory::{MemStat, MemoryManager, NoKvm, PageSource, RamRange, PAGE_SIZE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MIB: u64 = 1 << 20;
@@ -218,7 +218,7 @@ fuzz_target!(|data: &[u8]| {
                 "plugged {plugged:#x} not whole blocks"
             );
             // A slice is a memslot exactly while one of its blocks is plugged.
-            let slots = memory.stats().slots;
+            let slots = memory.stats()[MemStat::Memslots];
             assert!(slots <= 1 + HOTPLUG.size / (128 * MIB), "{slots} memslots");
             assert_eq!(
                 plugged == 0,

@@ -164,7 +164,7 @@ fn role(index: usize, acked: u64) -> Option<Role> {
 /// by metrics and the API without the device lock).
 #[derive(Default)]
 pub struct BalloonStats {
-    counters: Counters<{ BalloonStat::COUNT }>,
+    pub counters: Counters<BalloonStat, { BalloonStat::COUNT }>,
     /// The driver set DRIVER_OK (and has not reset the device since).
     pub driver_ready: AtomicBool,
     /// Latest guest stats by tag, and when they arrived.
@@ -174,23 +174,6 @@ pub struct BalloonStats {
 }
 
 impl BalloonStats {
-    pub fn get(&self, s: BalloonStat) -> u64 {
-        self.counters.at(s as usize).get()
-    }
-
-    /// Every value of [`BALLOON_METRICS`] now.
-    pub fn read(&self) -> [u64; BalloonStat::COUNT] {
-        self.counters.read()
-    }
-
-    fn add(&self, s: BalloonStat, n: u64) {
-        self.counters.at(s as usize).add_shared(n);
-    }
-
-    fn set(&self, s: BalloonStat, v: u64) {
-        self.counters.at(s as usize).set(v);
-    }
-
     /// The guest's statistics by name (`tag_N` for tags this VMM does not
     /// name), and how long ago they arrived.
     pub fn guest_stats(&self) -> (BTreeMap<String, u64>, Option<Duration>) {
@@ -227,13 +210,13 @@ impl BalloonHandle {
         let (guest_stats, age) = s.guest_stats();
         BalloonInfo {
             driver_ready: s.driver_ready.load(Ordering::Relaxed),
-            target_mib: s.get(BalloonStat::TargetPages) * PAGE_SIZE / MIB,
-            actual_mib: s.get(BalloonStat::ActualPages) * PAGE_SIZE / MIB,
+            target_mib: s.counters.get(BalloonStat::TargetPages) * PAGE_SIZE / MIB,
+            actual_mib: s.counters.get(BalloonStat::ActualPages) * PAGE_SIZE / MIB,
             guest_errors: self.counters.get(VirtioStat::GuestErrors),
             stats_interval_s: s.stats_interval_s.load(Ordering::Relaxed),
             guest_stats,
             guest_stats_age_s: age.map(|d| d.as_secs_f64()),
-            counters: Readings::new(&BALLOON_METRICS, &s.read(), Scope::ANY),
+            counters: Readings::new(&BALLOON_METRICS, &s.counters.read(), Scope::ANY),
         }
     }
 }
@@ -302,7 +285,9 @@ impl Balloon {
             offered |= 1 << F_FREE_PAGE_REPORTING;
         }
         let stats = Arc::new(BalloonStats::default());
-        stats.set(BalloonStat::TargetPages, config.target_pages.into());
+        stats
+            .counters
+            .set(BalloonStat::TargetPages, config.target_pages.into());
         stats
             .stats_interval_s
             .store(config.stats_interval.as_secs(), Ordering::Relaxed);
@@ -328,7 +313,9 @@ impl Balloon {
     /// Set the target (4 KiB pages) and tell the driver (config interrupt).
     pub fn set_target(&mut self, pages: u32) {
         self.num_pages = pages;
-        self.stats.set(BalloonStat::TargetPages, pages.into());
+        self.stats
+            .counters
+            .set(BalloonStat::TargetPages, pages.into());
         self.interrupt.config_changed();
     }
 
@@ -399,8 +386,12 @@ impl Balloon {
             Ok(ram) => {
                 let outside = len.div_ceil(PAGE_SIZE) - ram / PAGE_SIZE;
                 if op != Op::Deflate {
-                    self.stats.add(BalloonStat::DiscardedBytes, ram);
-                    self.stats.add(BalloonStat::PfnsOutsideRam, outside);
+                    self.stats
+                        .counters
+                        .add_shared(BalloonStat::DiscardedBytes, ram);
+                    self.stats
+                        .counters
+                        .add_shared(BalloonStat::PfnsOutsideRam, outside);
                 }
                 ram / PAGE_SIZE
             }
@@ -414,7 +405,9 @@ impl Balloon {
     /// A chain the balloon cannot use: counted here (and by the transport
     /// as a guest error).
     fn reject(&self, e: ChainError) -> ChainError {
-        self.stats.add(BalloonStat::RejectedDescriptors, 1);
+        self.stats
+            .counters
+            .add_shared(BalloonStat::RejectedDescriptors, 1);
         e
     }
 
@@ -429,11 +422,14 @@ impl Balloon {
             .collect();
         if inflate {
             let n = self.balloon_pfns(&mut pfns, Op::Inflate);
-            self.stats.add(BalloonStat::InflatedPages, n);
+            self.stats
+                .counters
+                .add_shared(BalloonStat::InflatedPages, n);
             self.ballooned.extend(pfns.iter().copied());
         } else {
             self.stats
-                .add(BalloonStat::DeflatedPages, pfns.len() as u64);
+                .counters
+                .add_shared(BalloonStat::DeflatedPages, pfns.len() as u64);
             for p in &pfns {
                 self.ballooned.remove(p);
             }
@@ -453,7 +449,9 @@ impl Balloon {
                 continue;
             }
             let n = self.apply_range(gpa, len, Op::Report);
-            self.stats.add(BalloonStat::ReportedPages, n);
+            self.stats
+                .counters
+                .add_shared(BalloonStat::ReportedPages, n);
         }
     }
 
@@ -518,7 +516,9 @@ impl VirtioDevice for Balloon {
             });
         }
         self.actual = u32::from_le_bytes(v);
-        self.stats.set(BalloonStat::ActualPages, self.actual.into());
+        self.stats
+            .counters
+            .set(BalloonStat::ActualPages, self.actual.into());
         Ok(())
     }
 
@@ -534,7 +534,7 @@ impl VirtioDevice for Balloon {
         self.stats.driver_ready.store(false, Ordering::Relaxed);
         self.stats_head = None;
         self.actual = 0;
-        self.stats.set(BalloonStat::ActualPages, 0);
+        self.stats.counters.set(BalloonStat::ActualPages, 0);
     }
 
     fn process(

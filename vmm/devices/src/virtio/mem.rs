@@ -150,31 +150,12 @@ const REQUEST_ROWS: [[HotplugStat; 4]; 4] = {
 /// without the lock).
 #[derive(Default)]
 pub struct MemStats {
-    counters: Counters<{ HotplugStat::COUNT }>,
+    pub counters: Counters<HotplugStat, { HotplugStat::COUNT }>,
     /// The driver set DRIVER_OK (and has not reset the device since).
     pub driver_ready: AtomicBool,
     /// Host time of each block plug/unplug and slice add/remove (ns), for
     /// benchmarks.
     pub timings: std::sync::Mutex<Timings>,
-}
-
-impl MemStats {
-    pub fn get(&self, s: HotplugStat) -> u64 {
-        self.counters.at(s as usize).get()
-    }
-
-    /// Every value of [`HOTPLUG_METRICS`] now.
-    pub fn read(&self) -> [u64; HotplugStat::COUNT] {
-        self.counters.read()
-    }
-
-    fn add(&self, s: HotplugStat, n: u64) {
-        self.counters.at(s as usize).add_shared(n);
-    }
-
-    fn set(&self, s: HotplugStat, v: u64) {
-        self.counters.at(s as usize).set(v);
-    }
 }
 
 /// virtio-mem as the VMM holds it: the device (behind its lock) and what
@@ -198,10 +179,10 @@ impl HotplugHandle {
             region_addr: self.region.addr,
             region_mib: self.region.size / MIB,
             block_size_mib: self.region.block_size / MIB,
-            plugged_mib: s.get(HotplugStat::PluggedBytes) / MIB,
-            requested_mib: s.get(HotplugStat::RequestedBytes) / MIB,
+            plugged_mib: s.counters.get(HotplugStat::PluggedBytes) / MIB,
+            requested_mib: s.counters.get(HotplugStat::RequestedBytes) / MIB,
             guest_errors: self.counters.get(VirtioStat::GuestErrors),
-            counters: Readings::new(&HOTPLUG_METRICS, &s.read(), Scope::ANY),
+            counters: Readings::new(&HOTPLUG_METRICS, &s.counters.read(), Scope::ANY),
         }
     }
 }
@@ -384,7 +365,7 @@ impl VirtioMem {
     pub fn with_requested(mut self, bytes: u64) -> Self {
         if self.region.check_requested(bytes).is_ok() {
             self.requested = bytes;
-            self.stats.set(HotplugStat::RequestedBytes, bytes);
+            self.stats.counters.set(HotplugStat::RequestedBytes, bytes);
         }
         self
     }
@@ -410,7 +391,7 @@ impl VirtioMem {
     pub fn set_requested(&mut self, bytes: u64) -> Result<(), RegionError> {
         self.region.check_requested(bytes)?;
         self.requested = bytes;
-        self.stats.set(HotplugStat::RequestedBytes, bytes);
+        self.stats.counters.set(HotplugStat::RequestedBytes, bytes);
         self.interrupt.config_changed();
         Ok(())
     }
@@ -458,7 +439,7 @@ impl VirtioMem {
                 source: PageSource::Zero,
                 block_size: Some(self.region.block_size),
             })?;
-            self.stats.add(HotplugStat::SlicesAdded, 1);
+            self.stats.counters.add_shared(HotplugStat::SlicesAdded, 1);
             Timings::push(&mut self.timings().slice_add, t0);
         }
         if let Err(e) = self.memory.plug(self.block_gpa(b), self.region.block_size) {
@@ -479,7 +460,9 @@ impl VirtioMem {
     fn remove_slice(&mut self, s: usize) -> Result<(), MemError> {
         let t = std::time::Instant::now();
         self.memory.remove_slot(self.slice_gpa(s))?;
-        self.stats.add(HotplugStat::SlicesRemoved, 1);
+        self.stats
+            .counters
+            .add_shared(HotplugStat::SlicesRemoved, 1);
         Timings::push(&mut self.timings().slice_remove, t);
         Ok(())
     }
@@ -533,6 +516,7 @@ impl VirtioMem {
             }
         }
         self.stats
+            .counters
             .set(HotplugStat::PluggedBytes, self.plugged_bytes());
         Ok(())
     }
@@ -594,7 +578,7 @@ impl VirtioMem {
             .get(usize::from(req.kind))
             .and_then(|r| r.get(usize::from(resp.kind)));
         if let Some(row) = row {
-            self.stats.add(*row, 1);
+            self.stats.counters.add_shared(*row, 1);
         }
     }
 }
@@ -816,7 +800,7 @@ mod tests {
         assert_eq!(d.execute(req(REQ_PLUG, edge, 2)).kind, RESP_ACK);
         assert!(d.memory.is_ram(BASE) && d.memory.is_ram(BASE + 128 * MIB));
         assert!(!d.memory.is_ram(BASE + 256 * MIB), "third slice untouched");
-        assert_eq!(stats.get(HotplugStat::SlicesAdded), 2);
+        assert_eq!(stats.counters.get(HotplugStat::SlicesAdded), 2);
         assert_eq!(d.memory.stats()[MemStat::Generation], g0 + 2);
         // Only the plugged blocks are installable (I6).
         let snap = d.memory.snapshot();
@@ -830,7 +814,7 @@ mod tests {
             RESP_ACK
         );
         assert!(d.memory.is_ram(BASE) && !d.memory.is_ram(BASE + 128 * MIB));
-        assert_eq!(stats.get(HotplugStat::SlicesRemoved), 1);
+        assert_eq!(stats.counters.get(HotplugStat::SlicesRemoved), 1);
     }
 
     #[test]
@@ -863,7 +847,7 @@ mod tests {
         assert_eq!(d.plugged_bytes(), 0);
         assert_eq!(slots(&d), before, "the first slice's memslot was removed");
         assert!(!d.memory.is_ram(BASE + SLICE - 2 * MIB));
-        assert_eq!(d.stats().get(HotplugStat::PluggedBytes), 0);
+        assert_eq!(d.stats().counters.get(HotplugStat::PluggedBytes), 0);
         // The host recovers: the same request now succeeds.
         kvm.fail_gpa.store(u64::MAX, Ordering::Relaxed);
         let r = d.execute(req(REQ_PLUG, BASE + SLICE - 2 * MIB, 2));

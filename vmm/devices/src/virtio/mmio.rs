@@ -165,7 +165,7 @@ impl MmioTransport {
 
     /// A guest mistake: count it on the device, log it (rate-limited).
     fn guest_error(&self, e: GuestError) {
-        self.counters.bump(VirtioStat::GuestErrors);
+        self.counters.add_shared(VirtioStat::GuestErrors, 1);
         if let Some(suppressed) = self.log.check() {
             let more = if suppressed > 0 {
                 format!(" ({suppressed} similar messages suppressed)")
@@ -286,7 +286,7 @@ impl MmioTransport {
 
     fn needs_reset(&mut self) {
         self.status |= status::NEEDS_RESET;
-        self.counters.bump(VirtioStat::NeedsReset);
+        self.counters.add_shared(VirtioStat::NeedsReset, 1);
         self.interrupt.trigger(super::INT_CONFIG);
     }
 
@@ -296,7 +296,7 @@ impl MmioTransport {
 
     /// A queue notification (from the ioeventfd or the bus).
     pub fn notify(&mut self, index: u32) {
-        self.counters.bump(VirtioStat::Notifies);
+        self.counters.add_shared(VirtioStat::Notifies, 1);
         let i = index as usize;
         let ready = self.queues.get(i).map(|q| q.ready());
         if self.status & status::DRIVER_OK == 0 {
@@ -379,7 +379,7 @@ impl MmioTransport {
                 None => Err(virtio_queue::Error::QueueNotReady),
             };
             match used {
-                Ok(()) => self.counters.bump(VirtioStat::Chains),
+                Ok(()) => self.counters.add_shared(VirtioStat::Chains, 1),
                 Err(error) => {
                     r = r.and(Err((
                         q,
@@ -797,8 +797,8 @@ pub(crate) mod tests {
         r.post(0, &[(buf, len, 0, 0)]);
         assert_eq!(r.used_idx(), 1);
         let b = lock(&r.balloon).stats();
-        assert_eq!(b.get(BalloonStat::InflatedPages), 3);
-        assert_eq!(b.get(BalloonStat::PfnsOutsideRam), 1);
+        assert_eq!(b.counters.get(BalloonStat::InflatedPages), 3);
+        assert_eq!(b.counters.get(BalloonStat::PfnsOutsideRam), 1);
         let snap = r.memory.snapshot();
         let s = snap.lookup(0).unwrap();
         assert!(s.is_discarded(0x800) && s.is_discarded(0x802) && !s.is_discarded(0x803));
@@ -822,7 +822,7 @@ pub(crate) mod tests {
         let mut r = rig();
         r.driver_ok();
         let b = lock(&r.balloon).stats();
-        let rejected = || b.get(BalloonStat::RejectedDescriptors);
+        let rejected = || b.counters.get(BalloonStat::RejectedDescriptors);
         // 257 PFNs: too many.
         let (buf, _) = r.pfns(&[0x900; 257]);
         r.post(0, &[(buf, 257 * 4, 0, 0)]);

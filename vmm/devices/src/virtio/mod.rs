@@ -130,22 +130,7 @@ metrics! {
 }
 
 /// A device's [`VIRTIO_METRICS`] values (any thread may bump them).
-#[derive(Default)]
-pub struct DeviceCounters(Counters<{ VirtioStat::COUNT }>);
-
-impl DeviceCounters {
-    pub fn bump(&self, stat: VirtioStat) {
-        self.0.at(stat as usize).add_shared(1);
-    }
-
-    pub fn get(&self, stat: VirtioStat) -> u64 {
-        self.0.at(stat as usize).get()
-    }
-
-    pub fn read(&self) -> [u64; VirtioStat::COUNT] {
-        self.0.read()
-    }
-}
+pub type DeviceCounters = Counters<VirtioStat, { VirtioStat::COUNT }>;
 
 /// A guest mistake on the register window or in config space: counted per
 /// device and logged with a rate limit; never fatal to the VMM.
