@@ -28,6 +28,7 @@ fn zero_slot(gpa: u64, size: u64) -> NewSlot {
         gpa,
         size,
         source: PageSource::Zero,
+        source_offset: 0,
         block_size: None,
     }
 }

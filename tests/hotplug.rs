@@ -193,6 +193,7 @@ fn faults_survive_100_resizes() {
                         gpa,
                         size: 2 * MIB,
                         source: vmm::memory::PageSource::Zero,
+                        source_offset: 0,
                         block_size: None,
                     })
                     .unwrap();

@@ -22,6 +22,7 @@ const CRATES: &[(&str, &str, &[&str])] = &[
     ("memslots", "vmm/memslots", &[]),
     ("vmm-exit", "vmm/exit", &[]),
     ("vmm-counters", "vmm/counters", &[]),
+    ("vmm-snapshot", "vmm/snapshot", &[]),
     ("vmm-memory", "vmm/memory", &["memslots", "vmm-counters"]),
     (
         "vmm-fault",
@@ -42,6 +43,7 @@ const CRATES: &[(&str, &str, &[&str])] = &[
             "vmm-memory",
             "vmm-fault",
             "vmm-devices",
+            "vmm-snapshot",
         ],
     ),
     ("vmm-guests", "vmm/guests", &[]),
@@ -76,6 +78,12 @@ const VMM_MODULES: &[(&str, &[&str])] = &[
         &["exit", "counters", "memory", "devices", "fault", "http1"],
     ),
     ("summary", &["vm", "counters", "memory", "devices", "fault"]),
+    (
+        "snapshot",
+        &[
+            "exit", "memory", "devices", "fault", "host", "vcpu", "config",
+        ],
+    ),
     ("vm", &["*"]),
 ];
 

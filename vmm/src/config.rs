@@ -76,7 +76,17 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 
 /// The SYSCALL assist for stock Linux kernels on PVM hosts
 /// (`vcpu::syscall`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum SyscallAssistMode {
     /// On for a Linux kernel on a PVM host unless the kernel completes
     /// SYSCALL itself (its "RSVMM" ELF note).
@@ -97,6 +107,8 @@ pub enum Kernel {
         name: &'static str,
         image: &'static [u8],
     },
+    /// No image: the VM is restored from this snapshot.
+    Snapshot(PathBuf),
 }
 
 impl From<PathBuf> for Kernel {
@@ -111,6 +123,7 @@ impl Kernel {
         match self {
             Kernel::File(p) => p.display().to_string(),
             Kernel::Embedded { name, .. } => name.to_string(),
+            Kernel::Snapshot(p) => format!("the snapshot {}", p.display()),
         }
     }
 }
@@ -163,10 +176,63 @@ pub struct VmConfig {
     /// (`vmm run`; not for embedders such as the tests, whose thread goes
     /// on after the VM).
     pub seccomp_caller: bool,
+    /// How a restore (`Kernel::Snapshot`) brings the memory back.
+    pub restore: RestoreOptions,
+}
+
+/// How a restored VM's memory comes back (`vmm restore --restore-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreMode {
+    /// Nothing is read up front: each first touch is served from the
+    /// memory file by the fault engine (vcpu or handler mode).
+    #[default]
+    Ondemand,
+    /// Every page the file holds is read into memory before the guest runs
+    /// (Cloud Hypervisor's default).
+    Copy,
+    /// A `MAP_PRIVATE` mapping of the file: the host's page cache serves
+    /// first touches (Firecracker's default; `--fault-mode kernel`).
+    MapPrivate,
+}
+
+impl RestoreMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RestoreMode::Ondemand => "ondemand",
+            RestoreMode::Copy => "copy",
+            RestoreMode::MapPrivate => "map-private",
+        }
+    }
+}
+
+/// What a background thread fills before the guest asks
+/// (`vmm restore --prefetch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prefetch {
+    #[default]
+    None,
+    /// The pages an earlier restore recorded (`--record-working-set`), in
+    /// long sorted runs; the rest on demand.
+    WorkingSet,
+    /// Every page the memory file holds.
+    All,
+}
+
+/// `vmm restore`'s memory options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    pub mode: RestoreMode,
+    pub prefetch: Prefetch,
+    /// Record the pages the guest touches first, for this long (or until
+    /// `PUT /vm/working-set`), into the snapshot's `working-set` file.
+    pub record_working_set: Option<std::time::Duration>,
+    /// Read the whole memory file once to check its checksum before the
+    /// guest runs (a lazy restore otherwise reads only what it serves).
+    pub verify_memory: bool,
 }
 
 /// `--hotplug SIZE [--hotplug-block SIZE] [--hotplug-requested SIZE]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HotplugOptions {
     /// Region size (a multiple of 128 MiB).
     pub size: u64,
@@ -178,7 +244,7 @@ pub struct HotplugOptions {
 }
 
 /// `--balloon SIZE` and its companions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonOptions {
     /// Initial target in bytes.
     pub target: u64,
@@ -213,6 +279,7 @@ impl VmConfig {
             syscall_assist: SyscallAssistMode::Auto,
             seccomp: crate::seccomp::SeccompMode::Kill,
             seccomp_caller: false,
+            restore: RestoreOptions::default(),
         }
     }
 }

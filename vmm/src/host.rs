@@ -47,6 +47,15 @@ impl fmt::Display for KvmFlavor {
 }
 
 impl KvmFlavor {
+    /// A short name (what a snapshot records).
+    pub fn tag(self) -> &'static str {
+        match self {
+            KvmFlavor::Hardware => "hardware",
+            KvmFlavor::Pvm => "pvm",
+            KvmFlavor::Unknown => "unknown",
+        }
+    }
+
     /// The fault mode when none is asked for: `vcpu` where the host delivers
     /// a missing page's address to the faulting vCPU (PVM: an MMIO exit at
     /// the GPA, or an emulation failure on a fetch), `handler` elsewhere

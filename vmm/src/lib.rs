@@ -22,6 +22,8 @@
 //!   each vCPU's boot configuration.
 //! - [`vcpu`]: the vCPU thread loop, exit decoding and handling, PVM assists.
 //! - [`seccomp`]: each VMM thread's system-call filter.
+//! - [`snapshot`]: saving a running VM (pause, every state, sparse RAM) and
+//!   reading a snapshot back, checked, for a restore.
 //! - [`api`]: the control plane, its HTTP/JSON server and the `vmm ctl` client.
 //! - [`metrics`]: the metrics endpoint (OpenMetrics and JSON).
 //! - [`http1`]: one HTTP/1.1 connection, for the API and the metrics.
@@ -44,6 +46,7 @@ pub mod http1;
 pub mod logger;
 pub mod metrics;
 pub mod seccomp;
+pub mod snapshot;
 pub mod summary;
 pub mod terminal;
 pub mod vcpu;

@@ -49,6 +49,9 @@ pub enum ThreadClass {
     /// userfaultfd handler threads (`--fault-mode handler`).
     Handler,
     Api,
+    /// Pause, resume and snapshot (`vm::actions`): kicks vCPUs, reads the
+    /// VM's in-kernel state, writes snapshot files.
+    Control,
     Metrics,
     Signals,
     /// `vmm run`'s main thread, after it started the others.
@@ -62,6 +65,7 @@ impl ThreadClass {
             ThreadClass::Events => "events",
             ThreadClass::Handler => "uffd handler",
             ThreadClass::Api => "api",
+            ThreadClass::Control => "control",
             ThreadClass::Metrics => "metrics",
             ThreadClass::Signals => "signals",
             ThreadClass::Main => "main",
@@ -141,13 +145,16 @@ pub fn program(class: ThreadClass, mismatch: SeccompAction) -> Result<BpfProgram
     // on exec) the first time a thread's arena shrinks, in whichever thread
     // that happens: read-only opens are allowed, nothing else (BPF cannot
     // see the path).
-    let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    let open = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, read_only)
-        .map_err(err)?;
-    rules.insert(
-        libc::SYS_openat,
-        vec![SeccompRule::new(vec![open]).map_err(err)?],
-    );
+    // The control thread creates snapshot files: any open.
+    if class != ThreadClass::Control {
+        let read_only = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+        let open = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, read_only)
+            .map_err(err)?;
+        rules.insert(
+            libc::SYS_openat,
+            vec![SeccompRule::new(vec![open]).map_err(err)?],
+        );
+    }
     if let Some(requests) = ioctls(class) {
         let mut r = Vec::with_capacity(requests.len());
         for req in requests {
@@ -239,6 +246,36 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_statx,
         ],
         ThreadClass::Signals => &[libc::SYS_rt_sigtimedwait],
+        // A snapshot: the kick, the VM's state ioctls, the directory under
+        // a temporary name (created, filled sparse, synced, renamed; or
+        // removed), guest pages read (mincore, a source's pread); a
+        // working set written the same way.
+        ThreadClass::Control => &[
+            libc::SYS_tgkill,
+            libc::SYS_ioctl,
+            libc::SYS_openat,
+            libc::SYS_mkdir,
+            libc::SYS_mkdirat,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+            libc::SYS_ftruncate,
+            libc::SYS_lseek,
+            libc::SYS_pwrite64,
+            libc::SYS_pread64,
+            libc::SYS_read,
+            libc::SYS_mincore,
+            libc::SYS_getdents64,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            libc::SYS_rmdir,
+            libc::SYS_statx,
+            libc::SYS_newfstatat,
+            libc::SYS_fstat,
+            libc::SYS_fcntl,
+        ],
         ThreadClass::Main => &[
             libc::SYS_tgkill,
             libc::SYS_ioctl,
@@ -300,7 +337,8 @@ const FAULT_IOCTLS: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];
 /// memslot changes a device may make on the bus path.
 fn vcpu_ioctls() -> Vec<u64> {
     use kvm_bindings::{
-        kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
+        kvm_debugregs, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
+        kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     };
     let mut v = vec![
         io(KVMIO, 0x80), // KVM_RUN
@@ -314,6 +352,13 @@ fn vcpu_ioctls() -> Vec<u64> {
         iow::<kvm_guest_debug>(KVMIO, 0x9b),
         ior::<kvm_vcpu_events>(KVMIO, 0x9f),
         iow::<kvm_vcpu_events>(KVMIO, 0xa0),
+        // A snapshot: each vCPU saves its own state while parked.
+        ior::<kvm_mp_state>(KVMIO, 0x98),
+        ior::<kvm_xsave>(KVMIO, 0xa4),
+        ior::<kvm_xcrs>(KVMIO, 0xa6),
+        ior::<kvm_lapic_state>(KVMIO, 0x8e),
+        ior::<kvm_debugregs>(KVMIO, 0xa1),
+        io(KVMIO, 0xa3), // KVM_GET_TSC_KHZ
     ];
     v.extend_from_slice(&memslot_ioctls());
     v.extend_from_slice(FAULT_IOCTLS);
@@ -348,6 +393,12 @@ fn ioctls(class: ThreadClass) -> Option<Vec<u64>> {
         // request that reads guest memory serves its own missing pages.
         ThreadClass::Api | ThreadClass::Metrics => vec![libc::FIONBIO],
         ThreadClass::Main => TERMINAL_IOCTLS.to_vec(),
+        // The VM's in-kernel state, for a snapshot.
+        ThreadClass::Control => vec![
+            iowr::<kvm_bindings::kvm_irqchip>(KVMIO, 0x62), // KVM_GET_IRQCHIP
+            ior::<kvm_bindings::kvm_clock_data>(KVMIO, 0x7c), // KVM_GET_CLOCK
+            ior::<kvm_bindings::kvm_pit_state2>(KVMIO, 0x9f), // KVM_GET_PIT2
+        ],
     };
     v.extend_from_slice(FAULT_IOCTLS);
     Some(v)
@@ -467,6 +518,7 @@ mod tests {
             ThreadClass::Events,
             ThreadClass::Handler,
             ThreadClass::Api,
+            ThreadClass::Control,
             ThreadClass::Metrics,
             ThreadClass::Signals,
             ThreadClass::Main,
@@ -590,6 +642,10 @@ mod tests {
         let cases = [
             (ThreadClass::Api, ioctl_args(libc::FIONBIO), true),
             (ThreadClass::Api, run, false),
+            // Only the control thread reads the irqchip (a snapshot).
+            (ThreadClass::Control, ioctl_args(0xc208_ae62), true),
+            (ThreadClass::Control, run, false),
+            (ThreadClass::Api, ioctl_args(0xc208_ae62), false),
             (ThreadClass::Metrics, memslot, false),
             (ThreadClass::Events, memslot, true),
             (ThreadClass::Events, ioctl_args(UFFDIO_COPY), true),

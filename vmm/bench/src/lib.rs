@@ -247,6 +247,7 @@ fn spawn_churn(vm: &Vm, hz: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()
                     gpa,
                     size: 2 << 20,
                     source: PageSource::Zero,
+                    source_offset: 0,
                     block_size: None,
                 })
                 .map(|_| ())

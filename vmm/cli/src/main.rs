@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use vmm::config::{
-    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, Kernel, SerialOut,
-    SyscallAssistMode, VmConfig,
+    parse_mem_source, parse_size, BalloonOptions, FaultMode, HotplugOptions, Kernel, Prefetch,
+    RestoreMode, RestoreOptions, SerialOut, SyscallAssistMode, VmConfig,
 };
 use vmm::vm::Vm;
 use vmm_bench::{self as bench, BenchArgs};
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Boot a guest and run it until it ends; exit with the guest's status.
     Run(RunArgs),
+    /// Restore a VM from a snapshot (`vmm ctl snapshot create`) and run it
+    /// until it ends.
+    Restore(RestoreArgs),
     /// Benchmarks (numbers side by side, one run).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -57,6 +60,23 @@ enum CtlCmd {
     /// Hotplug memory (virtio-mem).
     #[command(subcommand)]
     Mem(MemCmd),
+    /// Snapshots of the running VM.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// End a restore's working-set recording now and write it.
+    SaveWorkingSet,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Pause the VM, save it into DIR (which must not exist), and let it
+    /// run on (unless --paused).
+    Create {
+        dir: PathBuf,
+        /// Leave the VM paused after the snapshot (`vmm ctl vm resume`).
+        #[arg(long)]
+        paused: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,6 +97,10 @@ enum VmCmd {
     Show,
     /// Stop the VM (status 0).
     Stop,
+    /// Stop every vCPU at its next exit (devices and the API go on).
+    Pause,
+    /// Let a paused VM run again.
+    Resume,
 }
 
 #[derive(Subcommand)]
@@ -121,14 +145,52 @@ struct RunArgs {
     /// Initramfs for a Linux kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// How guest RAM is populated. Default: vcpu where the host reports
-    /// faulting addresses to the vCPU, handler elsewhere.
-    #[arg(long, value_enum)]
-    fault_mode: Option<FaultMode>,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Back guest RAM with a memory image, read lazily at first touch
     /// (file:PATH; needs --fault-mode vcpu or handler).
     #[arg(long, value_parser = parse_source)]
     mem_source: Option<PathBuf>,
+    /// Add a virtio-balloon device with this initial target (e.g. 0, 128M).
+    #[arg(long, value_parser = parse_balloon)]
+    balloon: Option<u64>,
+    /// Offer the balloon's free page reporting (the guest returns free
+    /// memory on its own).
+    #[arg(long, requires = "balloon")]
+    balloon_free_page_reporting: bool,
+    /// How often the balloon polls the guest's memory statistics (seconds;
+    /// 0 = never).
+    #[arg(long, default_value_t = 5, requires = "balloon")]
+    balloon_stats_interval: u64,
+    /// Add a virtio-mem device with a hotplug region of this size (a
+    /// multiple of 128M) above boot RAM; nothing is plugged until asked.
+    #[arg(long, value_parser = parse_mem)]
+    hotplug: Option<u64>,
+    /// virtio-mem block size: a power of two from 2M dividing 128M.
+    #[arg(long, default_value = "2M", value_parser = parse_mem, requires = "hotplug")]
+    hotplug_block: u64,
+    /// virtio-mem requested size at boot: the driver plugs this much as soon
+    /// as it starts (whole blocks, at most --hotplug; the API moves it).
+    #[arg(long, default_value = "0", value_parser = parse_mem, requires = "hotplug")]
+    hotplug_requested: u64,
+    /// Back guest RAM with 2 MiB hugetlb pages (the host's pool is raised
+    /// if it is short; a fault installs a whole huge page).
+    #[arg(long)]
+    mem_hugepages: bool,
+    /// PVM hosts: complete guest SYSCALLs the host leaves half done (a
+    /// breakpoint on the guest's #PF handler). auto: for Linux kernels that
+    /// do not do it themselves; never armed on hardware KVM.
+    #[arg(long, value_enum, default_value = "auto")]
+    syscall_assist: SyscallAssistMode,
+}
+
+/// How a VM is served, booted or restored alike.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// How guest RAM is populated. Default: vcpu where the host reports
+    /// faulting addresses to the vCPU, handler elsewhere.
+    #[arg(long, value_enum)]
+    fault_mode: Option<FaultMode>,
     /// Handler threads in handler mode.
     #[arg(long, default_value_t = 1)]
     fault_threads: usize,
@@ -150,44 +212,58 @@ struct RunArgs {
     /// Do not print the fault summary at the end.
     #[arg(long)]
     quiet: bool,
-    /// Add a virtio-balloon device with this initial target (e.g. 0, 128M).
-    #[arg(long, value_parser = parse_balloon)]
-    balloon: Option<u64>,
-    /// Offer the balloon's free page reporting (the guest returns free
-    /// memory on its own).
-    #[arg(long, requires = "balloon")]
-    balloon_free_page_reporting: bool,
-    /// How often the balloon polls the guest's memory statistics (seconds;
-    /// 0 = never).
-    #[arg(long, default_value_t = 5, requires = "balloon")]
-    balloon_stats_interval: u64,
     /// Serve the control API (HTTP/JSON) on this Unix socket (mode 0600).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Add a virtio-mem device with a hotplug region of this size (a
-    /// multiple of 128M) above boot RAM; nothing is plugged until asked.
-    #[arg(long, value_parser = parse_mem)]
-    hotplug: Option<u64>,
-    /// virtio-mem block size: a power of two from 2M dividing 128M.
-    #[arg(long, default_value = "2M", value_parser = parse_mem, requires = "hotplug")]
-    hotplug_block: u64,
-    /// virtio-mem requested size at boot: the driver plugs this much as soon
-    /// as it starts (whole blocks, at most --hotplug; the API moves it).
-    #[arg(long, default_value = "0", value_parser = parse_mem, requires = "hotplug")]
-    hotplug_requested: u64,
-    /// Back guest RAM with 2 MiB hugetlb pages (the host's pool is raised
-    /// if it is short; a fault installs a whole huge page).
-    #[arg(long)]
-    mem_hugepages: bool,
-    /// PVM hosts: complete guest SYSCALLs the host leaves half done (a
-    /// breakpoint on the guest's #PF handler). auto: for Linux kernels that
-    /// do not do it themselves; never armed on hardware KVM.
-    #[arg(long, value_enum, default_value = "auto")]
-    syscall_assist: SyscallAssistMode,
     /// seccomp filters per VMM thread: kill (a forbidden system call ends
     /// the VMM with a report), log (the kernel logs it, `dmesg`), off.
     #[arg(long, value_enum, default_value = "kill")]
     seccomp: vmm::seccomp::SeccompMode,
+}
+
+impl ServeArgs {
+    /// `config` with these options.
+    fn apply(&self, config: VmConfig) -> VmConfig {
+        VmConfig {
+            fault_mode: self.fault_mode,
+            fault_threads: self.fault_threads,
+            fault_around: self.fault_around,
+            metrics_addr: self.metrics_addr,
+            metrics_allow_remote: self.metrics_allow_remote,
+            metrics_linger: self.metrics_linger,
+            api_socket: self.api_socket.clone(),
+            seccomp: self.seccomp,
+            seccomp_caller: true,
+            ..config
+        }
+    }
+}
+
+#[derive(Parser)]
+struct RestoreArgs {
+    /// The snapshot directory (`vmm ctl snapshot create DIR`). Nothing in
+    /// it is modified (a recorded working set is added beside).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// ondemand: each first touch is served from the memory file by the
+    /// fault engine; copy: all of it is read before the guest runs;
+    /// map-private: a private file mapping served by the host's page cache
+    /// (with --fault-mode kernel).
+    #[arg(long, value_enum, default_value = "ondemand")]
+    restore_mode: RestoreMode,
+    /// Fill memory in the background while the guest runs (ondemand):
+    /// working-set (an earlier restore's recording) or all.
+    #[arg(long, value_enum, default_value = "none")]
+    prefetch: Prefetch,
+    /// Record the pages the guest touches first, for this long (or until
+    /// `vmm ctl save-working-set`), into DIR/working-set (e.g. 10s).
+    #[arg(long, value_parser = vmm::config::parse_duration)]
+    record_working_set: Option<std::time::Duration>,
+    /// Read the whole memory file first and check its checksum.
+    #[arg(long)]
+    verify_memory: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -216,43 +292,50 @@ fn ensure_std_fds() {
 }
 
 fn run(a: RunArgs) -> ExitCode {
-    let config = VmConfig {
-        kernel: match a.kernel {
-            Some(path) => Kernel::File(path),
-            None => Kernel::Embedded {
-                name: "the embedded demo guest",
-                image: vmm_guests::DEMO,
-            },
+    let kernel = match a.kernel {
+        Some(path) => Kernel::File(path),
+        None => Kernel::Embedded {
+            name: "the embedded demo guest",
+            image: vmm_guests::DEMO,
         },
+    };
+    let config = a.serve.apply(VmConfig {
         mem_size: a.mem,
         vcpus: a.vcpus,
         cmdline: a.cmdline,
         initrd: a.initrd,
-        fault_mode: a.fault_mode,
         mem_source: a.mem_source,
         mem_hugepages: a.mem_hugepages,
-        fault_threads: a.fault_threads,
-        fault_around: a.fault_around,
         serial: SerialOut::Stdout,
-        metrics_addr: a.metrics_addr,
-        metrics_allow_remote: a.metrics_allow_remote,
         balloon: a.balloon.map(|target| BalloonOptions {
             target,
             free_page_reporting: a.balloon_free_page_reporting,
             stats_interval_s: a.balloon_stats_interval,
         }),
-        api_socket: a.api_socket,
         hotplug: a.hotplug.map(|size| HotplugOptions {
             size,
             block_size: a.hotplug_block,
             requested: a.hotplug_requested,
         }),
-        inject_eagain_every: None,
-        metrics_linger: a.metrics_linger,
         syscall_assist: a.syscall_assist,
-        seccomp: a.seccomp,
-        seccomp_caller: true,
+        ..VmConfig::new(kernel)
+    });
+    execute(config, &a.serve)
+}
+
+fn restore(a: RestoreArgs) -> ExitCode {
+    let mut config = a.serve.apply(VmConfig::new(Kernel::Snapshot(a.snapshot)));
+    config.restore = RestoreOptions {
+        mode: a.restore_mode,
+        prefetch: a.prefetch,
+        record_working_set: a.record_working_set,
+        verify_memory: a.verify_memory,
     };
+    execute(config, &a.serve)
+}
+
+/// Run a VM to its end and report.
+fn execute(config: VmConfig, serve: &ServeArgs) -> ExitCode {
     let result = Vm::new(config).and_then(|vm| {
         // Raw keystrokes to the guest while it runs (a terminal only);
         // restored before anything below prints.
@@ -261,7 +344,7 @@ fn run(a: RunArgs) -> ExitCode {
     });
     match result {
         Ok(report) => {
-            if !a.quiet {
+            if !serve.quiet {
                 eprint!("{}", vmm::summary::render(&report));
             }
             let status = report.reason.status();
@@ -270,10 +353,10 @@ fn run(a: RunArgs) -> ExitCode {
             } else {
                 eprintln!("vmm: {}", report.reason);
             }
-            if !a.metrics_linger.is_zero() {
+            if !serve.metrics_linger.is_zero() {
                 // The summary is out; the endpoint serves the same final
                 // counters a little longer.
-                std::thread::sleep(a.metrics_linger);
+                std::thread::sleep(serve.metrics_linger);
             }
             ExitCode::from(status as u8)
         }
@@ -291,6 +374,19 @@ fn ctl(a: CtlArgs) -> ExitCode {
     let (method, path, body) = match a.what {
         CtlCmd::Vm(VmCmd::Show) => (Method::GET, "/vm", None),
         CtlCmd::Vm(VmCmd::Stop) => (Method::PUT, "/vm/stop", None),
+        CtlCmd::Vm(VmCmd::Pause) => (Method::PUT, "/vm/pause", None),
+        CtlCmd::Vm(VmCmd::Resume) => (Method::PUT, "/vm/resume", None),
+        CtlCmd::Snapshot(SnapshotCmd::Create { dir, paused }) => {
+            // The VMM resolves a relative path against its own directory:
+            // make it this command's.
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            (
+                Method::PUT,
+                "/vm/snapshot",
+                Some(json!({ "dir": dir, "resume": !paused })),
+            )
+        }
+        CtlCmd::SaveWorkingSet => (Method::PUT, "/vm/working-set", None),
         CtlCmd::Balloon(BalloonCmd::Show) => (Method::GET, "/balloon", None),
         CtlCmd::Balloon(BalloonCmd::Set { size }) => {
             if size % MIB != 0 {
@@ -357,6 +453,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
         Command::Bench(BenchCmd::Faults(a)) => match bench::faults(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -276,6 +276,14 @@ impl<E: Row, const N: usize> Counters<E, N> {
     pub fn read(&self) -> [u64; N] {
         std::array::from_fn(|i| self.values[i].get())
     }
+
+    /// Set every value (a restored device goes on counting from what it
+    /// had); extra values are ignored, missing ones left as they are.
+    pub fn load(&self, values: &[u64]) {
+        for (c, v) in self.values.iter().zip(values) {
+            c.set(*v);
+        }
+    }
 }
 
 /// One exported value: its row, the labels that place it (thread, device,

@@ -144,6 +144,71 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and input FIFO (vm-superio's `SerialState`, which
+/// has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Put the registers back (the interrupt line, input events and output
+    /// stay this device's). A FIFO over the UART's size is refused.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> io::Result<()> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let trigger = || -> io::Result<IrqTrigger> {
+            Ok(IrqTrigger(self.uart.interrupt_evt().0.try_clone()?))
+        };
+        let (t1, t2) = (trigger()?, trigger()?);
+        let events = self.uart.events().clone();
+        let placeholder = Serial::with_events(
+            t1,
+            events.clone(),
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(&state, t2, events, out)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = self.uart.read(offset as u8);
@@ -176,6 +241,11 @@ impl SerialInput {
             reading: false,
             eof: false,
         }
+    }
+
+    /// The UART this input feeds (a snapshot saves its registers).
+    pub fn device(&self) -> Arc<Mutex<SerialDevice>> {
+        self.serial.clone()
     }
 
     /// An eventfd for [`InputEvents::drained`].

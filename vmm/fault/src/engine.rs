@@ -5,7 +5,8 @@
 //! installer and the accounting around it.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use memslots::{Bail, Content, Install, InstallGuard, Installer, Outcome, Path, ResolveError};
 use thiserror::Error;
@@ -14,6 +15,8 @@ use userfaultfd::Uffd;
 use vmm_exit::VmExit;
 use vmm_memory::{MemoryManager, PageSource, Slot, SlotBacking, SourceError, PAGE_SIZE};
 
+use crate::blocktime::Blocktime;
+use crate::restore::{Recorder, RestoreStat, RestoreStats};
 use crate::stats::{FaultStats, ThreadStat};
 use crate::uffd;
 
@@ -103,6 +106,8 @@ pub struct FaultCtx {
     window: u64,
     /// Install attempts, for injected failures.
     attempts: u64,
+    /// The vCPU this thread is (its waits count in the blocktime).
+    pub vcpu: Option<usize>,
 }
 
 impl FaultCtx {
@@ -113,8 +118,29 @@ impl FaultCtx {
             next_page: u64::MAX,
             window: 1,
             attempts: 0,
+            vcpu: None,
         }
     }
+
+    /// A vCPU thread's context.
+    pub fn for_vcpu(stats: Arc<FaultStats>, vcpu: usize) -> Self {
+        Self {
+            vcpu: Some(vcpu),
+            ..Self::new(stats)
+        }
+    }
+}
+
+/// What a prefetch of one run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// This many pages (from the first) are in now.
+    Installed(u64),
+    /// The first page was present already (a vCPU was there first).
+    Present,
+    /// The first page was discarded, unplugged or removed since the plan:
+    /// it stays out.
+    Skipped,
 }
 
 /// Whether an install wakes threads blocked on the page.
@@ -137,6 +163,13 @@ pub struct FaultEngine {
     /// Testing: every Nth install attempt answers EAGAIN, as if a discard
     /// were in flight.
     inject_eagain: Option<u32>,
+    blocktime: Blocktime,
+    restore: Arc<RestoreStats>,
+    /// Records first touches of a restored VM's memory file.
+    recorder: Option<Recorder>,
+    /// vCPU threads by kernel thread ID (a handler thread's userfault
+    /// names the thread it blocks): their index and counters.
+    vcpu_threads: RwLock<Vec<(i32, usize, Arc<FaultStats>)>>,
 }
 
 impl FaultEngine {
@@ -146,6 +179,8 @@ impl FaultEngine {
         exit: Arc<VmExit>,
         wake: Wake,
         fault_around: u64,
+        vcpus: usize,
+        restore: Arc<RestoreStats>,
     ) -> Self {
         let fault_around = fault_around.max(1);
         // Zeros for the largest install: a window, or a 2 MiB huge page.
@@ -164,7 +199,75 @@ impl FaultEngine {
                 .map(|_| Page([0; PAGE_SIZE as usize]))
                 .collect(),
             inject_eagain: None,
+            blocktime: Blocktime::new(vcpus),
+            restore,
+            recorder: None,
+            vcpu_threads: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Record first touches of the memory file (`capacity` runs at most;
+    /// [`Recorder::start`] turns it on).
+    pub fn with_recorder(&mut self, capacity: usize) {
+        self.recorder = Some(Recorder::new(capacity));
+    }
+
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    pub fn restore_stats(&self) -> &Arc<RestoreStats> {
+        &self.restore
+    }
+
+    /// Time every vCPU waited at once, with the VM's other counters.
+    pub fn sync_stats(&self) {
+        self.restore
+            .counters
+            .set(RestoreStat::AllBlockedNs, self.blocktime.all_blocked_ns());
+        if let Some(r) = &self.recorder {
+            self.restore
+                .counters
+                .set(RestoreStat::RecordedPages, r.pages());
+        }
+    }
+
+    /// A vCPU thread (kernel thread ID `tid`), so a handler thread can
+    /// charge its waits to it.
+    pub fn register_vcpu_thread(&self, tid: i32, vcpu: usize, stats: Arc<FaultStats>) {
+        self.vcpu_threads
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((tid, vcpu, stats));
+    }
+
+    /// The vCPU of kernel thread `tid`, if it is one.
+    pub fn vcpu_of_thread(&self, tid: i32) -> Option<(usize, Arc<FaultStats>)> {
+        self.vcpu_threads
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(t, _, _)| *t == tid)
+            .map(|(_, i, s)| (*i, s.clone()))
+    }
+
+    /// vCPU `vcpu` waits for memory since `at`.
+    #[inline]
+    pub fn wait_begins(&self, vcpu: usize, at: Instant) {
+        self.blocktime.enter(vcpu, at);
+    }
+
+    /// vCPU `vcpu`'s exit turned out not to be a wait (device MMIO).
+    #[inline]
+    pub fn wait_cancelled(&self, vcpu: usize) {
+        self.blocktime.cancel(vcpu);
+    }
+
+    /// vCPU `vcpu`'s wait ends: charged to its `stats`.
+    #[inline]
+    pub fn wait_ends(&self, vcpu: usize, stats: &FaultStats) {
+        let ns = self.blocktime.leave(vcpu);
+        stats.add_shared(ThreadStat::BlocktimeNs, ns);
     }
 
     /// Testing: make every `n`th install attempt fail with EAGAIN (as if a
@@ -218,12 +321,20 @@ impl FaultEngine {
             engine: self,
             want: ctx.window,
             installed: 0,
+            from_source: false,
+            prefetch: false,
             ctx,
             gpa,
             access,
         };
         let r = memslots::resolve(self.memory.slots(), gpa, &mut installer);
         let installed = installer.installed;
+        if installer.from_source && installed > 0 {
+            self.restore.add(RestoreStat::DemandPages, installed);
+            if let Some(rec) = &self.recorder {
+                rec.record(pn * PAGE_SIZE, installed);
+            }
+        }
         installer.ctx.next_page = pn + installed.max(1);
         let stats = &installer.ctx.stats;
         let r = r?;
@@ -235,6 +346,44 @@ impl FaultEngine {
             }
         }
         Ok(r.outcome)
+    }
+
+    /// Install up to `pages` pages of source content from `gpa` (a
+    /// background prefetch), through the same protocol as a fault: under
+    /// the install lock, never over a present page, never into a page
+    /// discarded or unplugged since (those are skipped: a prefetch never
+    /// installs zeros). The run stops at the first present or discarded
+    /// page, the slot's or the block's end.
+    pub fn prefetch(
+        &self,
+        ctx: &mut FaultCtx,
+        gpa: u64,
+        pages: u64,
+    ) -> Result<Prefetched, FaultError> {
+        let mut installer = UffdInstaller {
+            engine: self,
+            want: pages.max(1),
+            installed: 0,
+            from_source: false,
+            prefetch: true,
+            ctx,
+            gpa,
+            access: &mut Access::None,
+        };
+        let r = memslots::resolve(self.memory.slots(), gpa, &mut installer);
+        let installed = installer.installed;
+        match r.map(|r| r.outcome) {
+            Ok(Outcome::Installed) => {
+                self.restore.add(RestoreStat::PrefetchPages, installed);
+                Ok(Prefetched::Installed(installed.max(1)))
+            }
+            Ok(Outcome::AlreadyPresent) => Ok(Prefetched::Present),
+            Ok(Outcome::Declined)
+            | Err(ResolveError::NotRam { .. } | ResolveError::NotPlugged { .. }) => {
+                Ok(Prefetched::Skipped)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Resolve every page that `[gpa, gpa+len)` touches, completing the
@@ -275,6 +424,10 @@ struct UffdInstaller<'e, 'a> {
     want: u64,
     /// Pages the install put in (0: none, e.g. already present).
     installed: u64,
+    /// They came from the slot's source (a memory file).
+    from_source: bool,
+    /// A background prefetch: source content only, never zeros.
+    prefetch: bool,
 }
 
 impl UffdInstaller<'_, '_> {
@@ -341,6 +494,11 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         content: Content<u64>,
         _held: &InstallGuard<'_>,
     ) -> Result<Install, InstallError> {
+        if self.prefetch && matches!(content, Content::Zero) {
+            // Discarded since the plan (I3 turned the content into zero),
+            // or a zero-sourced slot: nothing for a prefetch to do.
+            return Ok(Install::Declined);
+        }
         if let Some(n) = self.engine.inject_eagain {
             self.ctx.attempts += 1;
             if self.ctx.attempts.is_multiple_of(u64::from(n)) {
@@ -390,12 +548,14 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
         match r {
             Ok(uffd::Install::Done) => {
                 self.installed = pages;
+                self.from_source = matches!(content, Content::Source(_));
                 stats.add(ThreadStat::PagesInstalled, pages);
                 Ok(Install::Done)
             }
             // A window stopped at a present page: the faulting page is in.
             Ok(uffd::Install::Again(n) | uffd::Install::Exists(n)) if n >= PAGE_SIZE => {
                 self.installed = n / PAGE_SIZE;
+                self.from_source = matches!(content, Content::Source(_));
                 stats.add(ThreadStat::PagesInstalled, n / PAGE_SIZE);
                 Ok(Install::Done)
             }

@@ -64,10 +64,19 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
             }
         };
         for ev in batch {
-            let Ok(Event::Pagefault { addr, .. }) = ev else {
+            let Ok(Event::Pagefault {
+                addr, thread_id, ..
+            }) = ev
+            else {
                 continue;
             };
             let start = std::time::Instant::now();
+            // The blocked thread's wait, as far as this thread sees it (from
+            // the read of its userfault to its wake).
+            let vcpu = engine.vcpu_of_thread(thread_id.as_raw());
+            if let Some((i, _)) = &vcpu {
+                engine.wait_begins(*i, start);
+            }
             let hva = addr as u64;
             let Some(gpa) = engine.memory().gpa_of_hva(hva) else {
                 log::warn!("userfault at {hva:#x} outside guest RAM");
@@ -85,6 +94,9 @@ fn serve(engine: Arc<FaultEngine>, exit: Arc<VmExit>, stats: Arc<FaultStats>) {
                 return;
             }
             stats.record_latency(start.elapsed().as_nanos() as u64);
+            if let Some((i, vcpu_stats)) = &vcpu {
+                engine.wait_ends(*i, vcpu_stats);
+            }
         }
     }
 }

@@ -7,14 +7,20 @@
 //! - [`uffd`]: the two install ioctls, issued directly;
 //! - [`sigbus`]: faults met by VMM threads (and `fxrstor` inside `KVM_RUN`);
 //! - [`handler`]: `handler` mode's threads;
-//! - [`stats`]: per-thread counters, written by their owner only.
+//! - [`stats`]: per-thread counters, written by their owner only;
+//! - [`blocktime`]: how long each vCPU, and the whole VM, waited for memory;
+//! - [`restore`]: the VM's restore counters and the working-set recorder;
+//! - [`prefetch`]: the background prefetch of a restored VM's memory.
 //!
 //! It knows guest memory through `vmm-memory` and ends the VM through
 //! `vmm-exit`; it knows nothing of vCPUs, devices or seccomp (a handler
 //! thread's filter is its caller's `on_start`).
 
+pub mod blocktime;
 pub mod engine;
 pub mod handler;
+pub mod prefetch;
+pub mod restore;
 pub mod sigbus;
 pub mod stats;
 pub mod uffd;
@@ -26,7 +32,8 @@ use userfaultfd::{FeatureFlags, UffdBuilder};
 use vmm_exit::VmExit;
 use vmm_memory::{MemError, MemoryManager};
 
-pub use engine::{Access, FaultCtx, FaultEngine, FaultError, Resolved, Wake};
+pub use engine::{Access, FaultCtx, FaultEngine, FaultError, Prefetched, Resolved, Wake};
+pub use restore::{RestoreStat, RestoreStats, RESTORE_METRICS};
 pub use stats::{FaultKind, FaultSnapshot, FaultStats, ThreadStat};
 
 /// How guest RAM is populated.
@@ -81,6 +88,19 @@ pub enum FaultSetupError {
     Sigbus(vmm_sys_util::errno::Error),
 }
 
+/// What an engine is built with besides its memory.
+pub struct EngineOptions {
+    /// Largest adaptive fault-around window, in pages (1 = off).
+    pub fault_around: u64,
+    /// Testing: every Nth install attempt answers EAGAIN.
+    pub inject_eagain: Option<u32>,
+    pub vcpus: usize,
+    /// The VM's restore and stall counters.
+    pub restore: Arc<RestoreStats>,
+    /// Record first touches of the memory file (at most this many runs).
+    pub record: Option<usize>,
+}
+
 /// Set guest RAM up for `mode`: register it with a new userfaultfd and build
 /// the engine (vcpu, handler), or populate it (prefault), or leave it to the
 /// host kernel. In `vcpu` mode the userfaultfd raises SIGBUS instead of
@@ -89,8 +109,7 @@ pub fn setup(
     mode: FaultMode,
     memory: &Arc<MemoryManager>,
     exit: &Arc<VmExit>,
-    fault_around: u64,
-    inject_eagain: Option<u32>,
+    options: EngineOptions,
 ) -> Result<Option<Arc<FaultEngine>>, FaultSetupError> {
     let wake = match mode {
         FaultMode::Vcpu => Wake::Nobody,
@@ -107,11 +126,25 @@ pub fn setup(
         .user_mode_only(false);
     if wake == Wake::Nobody {
         b.require_features(FeatureFlags::SIGBUS);
+    } else {
+        // A userfault names the thread it blocks: its wait is that vCPU's.
+        b.require_features(FeatureFlags::THREAD_ID);
     }
     let uffd = Arc::new(b.create().map_err(FaultSetupError::Uffd)?);
     memory.attach_uffd(uffd.clone())?;
-    let mut engine = FaultEngine::new(memory.clone(), uffd, exit.clone(), wake, fault_around);
-    if let Some(n) = inject_eagain {
+    let mut engine = FaultEngine::new(
+        memory.clone(),
+        uffd,
+        exit.clone(),
+        wake,
+        options.fault_around,
+        options.vcpus,
+        options.restore,
+    );
+    if let Some(capacity) = options.record {
+        engine.with_recorder(capacity);
+    }
+    if let Some(n) = options.inject_eagain {
         log::warn!("fault injection: every {n}th install answers EAGAIN");
         engine.inject_eagain_every(n);
     }

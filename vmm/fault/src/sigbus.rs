@@ -28,9 +28,15 @@ thread_local! {
     static CTX: RefCell<Option<FaultCtx>> = const { RefCell::new(None) };
 }
 
-/// Give this thread a fault context for SIGBUS (call from vCPU threads).
+/// Give this thread a fault context for SIGBUS (a VMM thread that may
+/// touch guest RAM).
 pub fn prepare_thread(stats: Arc<FaultStats>) {
     CTX.with(|c| *c.borrow_mut() = Some(FaultCtx::new(stats)));
+}
+
+/// A vCPU thread's context: its waits count in its blocktime.
+pub fn prepare_vcpu_thread(stats: Arc<FaultStats>, vcpu: usize) {
+    CTX.with(|c| *c.borrow_mut() = Some(FaultCtx::for_vcpu(stats, vcpu)));
 }
 
 /// Register `engine` and install the handler (idempotent).
@@ -80,7 +86,14 @@ extern "C" fn handle_sigbus(
             let ctx = slot.get_or_insert_with(|| FaultCtx::new(Arc::new(FaultStats::default())));
             // clock_gettime is a vDSO call: fine in a signal handler.
             let start = std::time::Instant::now();
-            match engine.resolve(ctx, gpa, &mut Access::None) {
+            if let Some(v) = ctx.vcpu {
+                engine.wait_begins(v, start);
+            }
+            let r = engine.resolve(ctx, gpa, &mut Access::None);
+            if let Some(v) = ctx.vcpu {
+                engine.wait_ends(v, &ctx.stats);
+            }
+            match r {
                 // Like every other fault kind: histogram count == faults.
                 Ok(_) => {
                     ctx.stats.add(FaultKind::Sigbus, 1);

@@ -129,6 +129,16 @@ metrics! {
         )
         .nanoseconds()
         .only(VCPU),
+        /// Time this vCPU waited for guest memory: its faults, from the
+        /// exit to the re-entry (`vcpu` mode) or from the handler's read of
+        /// the userfault to its wake (`handler` mode).
+        BlocktimeNs = Metric::counter(
+            "vmm_vcpu_blocktime_seconds",
+            "blocktime_ns",
+            "Time this vCPU waited for guest memory (its faults, served on its thread or by a handler)",
+        )
+        .nanoseconds()
+        .only(VCPU),
     }
 }
 
@@ -285,6 +295,13 @@ impl FaultStats {
     #[inline]
     pub fn add(&self, stat: impl Into<ThreadStat>, n: u64) {
         self.counters.add(stat.into(), n);
+    }
+
+    /// Add from a thread that does not own the counters (a handler
+    /// charging a vCPU's wait).
+    #[inline]
+    pub fn add_shared(&self, stat: impl Into<ThreadStat>, n: u64) {
+        self.counters.add_shared(stat.into(), n);
     }
 
     #[inline]

@@ -8,6 +8,7 @@ pub mod hugetlb;
 mod kvm;
 mod manager;
 mod partial;
+pub mod snapshot;
 mod source;
 
 pub use error::MemError;

@@ -59,7 +59,7 @@ impl SlotBacking {
 
 /// How a slot's host memory is mapped.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mapping {
+pub(crate) enum Mapping {
     Anonymous,
     /// `MAP_PRIVATE` of the source file.
     PrivateFile,
@@ -75,6 +75,8 @@ pub struct NewSlot {
     pub gpa: u64,
     pub size: u64,
     pub source: PageSource,
+    /// Where the slot's first byte is in its source (a file).
+    pub source_offset: u64,
     /// `Some(block size)`: the slot's pages are installable only in plugged
     /// blocks (virtio-mem); all blocks start unplugged.
     pub block_size: Option<u64>,
@@ -209,7 +211,7 @@ impl MemoryManager {
         )
     }
 
-    fn build(
+    pub(crate) fn build(
         kvm: Arc<dyn KvmSlots>,
         ranges: &[RamRange],
         source: PageSource,
@@ -358,7 +360,14 @@ impl MemoryManager {
             Mapping::HugeTlb => Mapping::HugeTlb,
             _ => Mapping::Anonymous,
         };
-        let backing = map(new.gpa, new.size, new.source.clone(), 0, mapping, false)?;
+        let backing = map(
+            new.gpa,
+            new.size,
+            new.source.clone(),
+            new.source_offset,
+            mapping,
+            false,
+        )?;
         let hva = backing.hva();
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
@@ -888,6 +897,7 @@ mod tests {
             gpa,
             size: 2 * MIB,
             source: PageSource::Zero,
+            source_offset: 0,
             block_size: None,
         })
         .unwrap();
@@ -913,6 +923,7 @@ mod tests {
             gpa,
             size,
             source: PageSource::Zero,
+            source_offset: 0,
             block_size: None,
         };
         assert!(matches!(
@@ -963,6 +974,7 @@ mod tests {
             gpa,
             size: 8 * MIB,
             source: PageSource::Zero,
+            source_offset: 0,
             block_size: Some(2 * MIB),
         })
         .unwrap();
@@ -1061,6 +1073,7 @@ mod tests {
             gpa,
             size,
             source: PageSource::Zero,
+            source_offset: 0,
             block_size: Some(block),
         };
         let g = 64 * MIB;

@@ -38,6 +38,8 @@ pub enum PageSource {
 pub struct ImageFile {
     pub path: PathBuf,
     pub file: File,
+    /// Its length when opened.
+    pub len: u64,
 }
 
 impl ImageFile {
@@ -64,6 +66,7 @@ impl ImageFile {
         Ok(Arc::new(ImageFile {
             path: path.to_path_buf(),
             file,
+            len,
         }))
     }
 

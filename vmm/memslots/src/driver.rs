@@ -42,6 +42,10 @@ pub enum Install {
     /// The host's address space is changing (`EAGAIN`, e.g. a discard's
     /// `madvise` in flight): nothing usable was installed; retry.
     Again,
+    /// The installer declined the page as it is now (a prefetch meets a
+    /// page discarded since it looked): nothing was installed, nothing is
+    /// to complete.
+    Declined,
 }
 
 /// How pages get into guest memory: userfaultfd in the VMM, a model page
@@ -84,6 +88,8 @@ pub trait Installer<B> {
 pub enum Outcome {
     Installed,
     AlreadyPresent,
+    /// Only for an installer that declines (a prefetch, never a fault).
+    Declined,
 }
 
 /// Which path finished the fault.
@@ -248,6 +254,7 @@ fn install_locked<B, I: Installer<B>>(
         Install::Done => Outcome::Installed,
         Install::Exists => Outcome::AlreadyPresent,
         Install::Again => return Ok(None),
+        Install::Declined => return Ok(Some(Outcome::Declined)),
     };
     // I2: the access completes against the page while the guard still holds
     // off discards, unplugs and removals.

@@ -8,8 +8,10 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-/// How long one request may take.
+/// How long one request may take (a snapshot: as long as writing the
+/// guest's memory takes).
 const TIMEOUT: Duration = Duration::from_secs(10);
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// One request on `socket`; (status, body).
 pub fn request(
@@ -18,14 +20,19 @@ pub fn request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(StatusCode, String), String> {
+    let timeout = if path == "/vm/snapshot" {
+        SNAPSHOT_TIMEOUT
+    } else {
+        TIMEOUT
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        tokio::time::timeout(TIMEOUT, send(socket, method, path, body))
+        tokio::time::timeout(timeout, send(socket, method, path, body))
             .await
-            .map_err(|_| format!("no answer from {} within {TIMEOUT:?}", socket.display()))?
+            .map_err(|_| format!("no answer from {} within {timeout:?}", socket.display()))?
     })
 }
 

@@ -2,8 +2,9 @@
 //! stopping the VM; memory hotplug later) goes through [`VmControl`],
 //! whether the API server, a test or `vmm stress` asks.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,63 @@ pub enum ControlError {
     IntervalTooLong { secs: u64, max: u64 },
     #[error(transparent)]
     Region(#[from] RegionError),
+    #[error(transparent)]
+    Action(#[from] ActionError),
+}
+
+/// What the VM refused or failed to do for the control plane (a snapshot,
+/// a pause): `refused` when the request does not fit the VM's state (409),
+/// else the work failed (500).
+#[derive(Debug, Error)]
+#[error("{message}")]
+pub struct ActionError {
+    pub refused: bool,
+    pub message: String,
+}
+
+impl ActionError {
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            refused: true,
+            message: message.into(),
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self {
+            refused: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// What only the VM itself can do (it holds the vCPUs and every device):
+/// the control plane asks through this, the vm layer implements it.
+pub trait VmActions: Send + Sync {
+    /// Save the VM into `dir`; it runs on after unless `resume` is false.
+    /// A JSON summary of what was written.
+    fn snapshot(&self, dir: &Path, resume: bool) -> Result<serde_json::Value, ActionError>;
+    fn pause(&self) -> Result<(), ActionError>;
+    fn resume(&self) -> Result<(), ActionError>;
+    fn is_paused(&self) -> bool;
+    /// End the working-set recording now and write it; what was written.
+    fn save_working_set(&self) -> Result<serde_json::Value, ActionError>;
+}
+
+/// `PUT /vm/snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Where the snapshot goes (a directory that must not exist).
+    pub dir: PathBuf,
+    /// Let the VM run on afterwards (default); false leaves it paused
+    /// until `PUT /vm/resume`.
+    #[serde(default = "yes")]
+    pub resume: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ControlError {
@@ -43,6 +101,8 @@ impl ControlError {
     pub fn status(&self) -> u16 {
         match self {
             ControlError::NotConfigured { .. } => 409,
+            ControlError::Action(a) if a.refused => 409,
+            ControlError::Action(_) => 500,
             _ => 400,
         }
     }
@@ -51,7 +111,7 @@ impl ControlError {
 /// `GET /vm`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmInfo {
-    /// "running" or "stopping".
+    /// "running", "paused" or "stopping".
     pub state: String,
     pub vcpus: usize,
     pub fault_mode: String,
@@ -103,6 +163,7 @@ pub struct VmControl {
     vcpus: usize,
     mode: FaultMode,
     started: Instant,
+    actions: OnceLock<Arc<dyn VmActions>>,
 }
 
 /// Longest polling interval accepted (a day).
@@ -127,7 +188,40 @@ impl VmControl {
             vcpus,
             mode,
             started: Instant::now(),
+            actions: OnceLock::new(),
         }
+    }
+
+    /// What the VM does for the control plane (set once, when the VM is
+    /// built).
+    pub fn set_actions(&self, actions: Arc<dyn VmActions>) {
+        let _ = self.actions.set(actions);
+    }
+
+    fn actions(&self) -> Result<&Arc<dyn VmActions>, ControlError> {
+        self.actions
+            .get()
+            .ok_or_else(|| ActionError::refused("this VM cannot be paused or saved").into())
+    }
+
+    /// Save the VM (`PUT /vm/snapshot`).
+    pub fn snapshot(&self, r: &SnapshotRequest) -> Result<serde_json::Value, ControlError> {
+        if r.dir.as_os_str().is_empty() {
+            return Err(ActionError::refused("dir is empty").into());
+        }
+        Ok(self.actions()?.snapshot(&r.dir, r.resume)?)
+    }
+
+    pub fn pause(&self) -> Result<(), ControlError> {
+        Ok(self.actions()?.pause()?)
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        Ok(self.actions()?.resume()?)
+    }
+
+    pub fn save_working_set(&self) -> Result<serde_json::Value, ControlError> {
+        Ok(self.actions()?.save_working_set()?)
     }
 
     pub fn vm_info(&self) -> VmInfo {
@@ -136,6 +230,8 @@ impl VmControl {
         VmInfo {
             state: if self.exit.is_stopping() {
                 "stopping"
+            } else if self.actions.get().is_some_and(|a| a.is_paused()) {
+                "paused"
             } else {
                 "running"
             }

@@ -5,5 +5,5 @@ pub mod client;
 pub mod control;
 pub mod server;
 
-pub use control::{ControlError, VmControl};
+pub use control::{ActionError, ControlError, VmActions, VmControl};
 pub use server::{ApiError, ApiServer};

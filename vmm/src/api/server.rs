@@ -19,7 +19,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::control::{BalloonTarget, ControlError, MemoryRequest, StatsInterval, VmControl};
+use super::control::{
+    BalloonTarget, ControlError, MemoryRequest, SnapshotRequest, StatsInterval, VmControl,
+};
 use crate::exit::VmExit;
 
 /// Largest request body (the head's limits are [`crate::http1`]'s).
@@ -177,6 +179,14 @@ fn no_content() -> Response<Full<Bytes>> {
 }
 
 /// The request body as `T`: at most [`MAX_BODY`] bytes of JSON.
+/// 204 for a done action, its error otherwise.
+fn done(r: Result<(), ControlError>) -> Response<Full<Bytes>> {
+    match r {
+        Ok(()) => no_content(),
+        Err(e) => from_control(e),
+    }
+}
+
 async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
@@ -196,6 +206,10 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response
 pub const ROUTES: &[(&str, &[Method])] = &[
     ("/vm", &[Method::GET]),
     ("/vm/stop", &[Method::PUT]),
+    ("/vm/snapshot", &[Method::PUT]),
+    ("/vm/pause", &[Method::PUT]),
+    ("/vm/resume", &[Method::PUT]),
+    ("/vm/working-set", &[Method::PUT]),
     ("/balloon", &[Method::GET, Method::PUT]),
     ("/balloon/statistics", &[Method::PUT]),
     ("/memory", &[Method::GET, Method::PUT]),
@@ -231,6 +245,19 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
             control.stop();
             no_content()
         }
+        (Method::PUT, "/vm/snapshot") => match body::<SnapshotRequest>(req).await {
+            Ok(r) => match control.snapshot(&r) {
+                Ok(summary) => json(StatusCode::OK, &summary),
+                Err(e) => from_control(e),
+            },
+            Err(r) => r,
+        },
+        (Method::PUT, "/vm/pause") => done(control.pause()),
+        (Method::PUT, "/vm/resume") => done(control.resume()),
+        (Method::PUT, "/vm/working-set") => match control.save_working_set() {
+            Ok(summary) => json(StatusCode::OK, &summary),
+            Err(e) => from_control(e),
+        },
         (Method::GET, "/balloon") => match control.balloon_info() {
             Ok(i) => json(StatusCode::OK, &i),
             Err(e) => from_control(e),

@@ -24,7 +24,8 @@ pub struct VcpuBoot<'a> {
 }
 
 /// Configure vCPU `index`.
-pub fn configure(fd: &VcpuFd, index: usize, b: &VcpuBoot) -> Result<(), RegsError> {
+/// Set a new vCPU up for the boot; the CPUID it was given.
+pub fn configure(fd: &VcpuFd, index: usize, b: &VcpuBoot) -> Result<CpuId, RegsError> {
     let mut c = b.cpuid.clone();
     cpuid::normalize(
         &mut c,
@@ -54,5 +55,5 @@ pub fn configure(fd: &VcpuFd, index: usize, b: &VcpuBoot) -> Result<(), RegsErro
     if b.boot.kind == BootKind::TestGuest || index == 0 {
         regs::make_runnable(fd)?;
     }
-    Ok(())
+    Ok(c)
 }

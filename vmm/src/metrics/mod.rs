@@ -23,12 +23,14 @@ use crate::devices::virtio::manager::DeviceSummary;
 use crate::devices::virtio::mem::{HotplugHandle, HotplugInfo};
 use crate::devices::virtio::VIRTIO_METRICS;
 use crate::fault::stats::{bucket_bound_ns, FAULT_LATENCY, LATENCY_BUCKETS, THREAD_METRICS};
-use crate::fault::{FaultMode, FaultSnapshot, FaultStats};
+use crate::fault::{
+    FaultEngine, FaultMode, FaultSnapshot, FaultStats, RestoreStats, RESTORE_METRICS,
+};
 use crate::memory::{MemoryManager, MemoryStats, MEMORY_METRICS};
 
 /// VMM threads other than vCPUs and handlers that may touch guest RAM (and
 /// then serve the fault themselves, through SIGBUS), by name.
-pub const VMM_THREADS: [&str; 2] = ["events", "api"];
+pub const VMM_THREADS: [&str; 3] = ["events", "api", "prefetch"];
 
 /// Which fault mode the VM runs (1 for the active mode, labelled `mode`).
 pub static FAULT_MODE: Metric = Metric::gauge(
@@ -52,6 +54,11 @@ pub struct VmMetrics {
     pub devices: Vec<DeviceProbe>,
     pub balloon: Option<BalloonHandle>,
     pub hotplug: Option<HotplugHandle>,
+    /// The VM's first-entry, stall and restore counters.
+    pub restore: Option<Arc<RestoreStats>>,
+    /// The fault engine (its stall and recording counters are copied into
+    /// `restore` at each scrape).
+    pub engine: Option<Arc<FaultEngine>>,
 }
 
 impl VmMetrics {
@@ -67,6 +74,8 @@ impl VmMetrics {
             devices: Vec::new(),
             balloon: None,
             hotplug: None,
+            restore: None,
+            engine: None,
         }
     }
 
@@ -81,7 +90,14 @@ impl VmMetrics {
 
     pub fn snapshot(&self) -> MetricsSnapshot {
         let snap = |v: &[Arc<FaultStats>]| v.iter().map(|s| s.snapshot()).collect();
+        if let Some(e) = &self.engine {
+            e.sync_stats();
+        }
         MetricsSnapshot {
+            restore: self
+                .restore
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.counters.read().to_vec()),
             fault_mode: self.mode.name(),
             memory: self.memory.stats(),
             vcpus: snap(&self.vcpus),
@@ -125,9 +141,17 @@ pub struct MetricsSnapshot {
     pub devices: Vec<DeviceSummary>,
     pub balloon: Option<BalloonInfo>,
     pub hotplug: Option<HotplugInfo>,
+    /// [`RESTORE_METRICS`] values (empty when not kept).
+    pub restore: Vec<u64>,
 }
 
 impl MetricsSnapshot {
+    /// The VM's first-entry, stall and restore counters.
+    pub fn restore_readings(&self) -> Option<Readings> {
+        (!self.restore.is_empty())
+            .then(|| Readings::new(&RESTORE_METRICS, &self.restore, Scope::ANY))
+    }
+
     /// Every fault-serving thread: `vcpu="N"`, `handler="N"`,
     /// `thread="NAME"`.
     pub fn threads(&self) -> impl Iterator<Item = Thread<'_>> {
@@ -174,6 +198,9 @@ impl MetricsSnapshot {
         if let Some(h) = &self.hotplug {
             out.extend(h.counters.samples(&[]));
         }
+        if let Some(r) = self.restore_readings() {
+            out.extend(r.samples(&[]));
+        }
         out.push(Sample {
             metric: &FAULT_MODE,
             labels: vec![("mode", self.fault_mode.to_string())],
@@ -214,6 +241,9 @@ impl MetricsSnapshot {
         out.insert("devices".into(), json!(self.devices));
         out.insert("balloon".into(), json!(self.balloon));
         out.insert("hotplug".into(), json!(self.hotplug));
+        if let Some(r) = self.restore_readings() {
+            out.insert("restore".into(), Value::Object(r.to_json()));
+        }
         Value::Object(out)
     }
 }

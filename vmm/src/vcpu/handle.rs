@@ -35,10 +35,19 @@ pub struct VcpuShared {
     pub exit: Arc<VmExit>,
     /// Set in `vcpu` mode: faults are served on the vCPU thread.
     pub fault: Option<Arc<FaultEngine>>,
+    /// The VM's fault engine in `vcpu` or `handler` mode: each vCPU
+    /// registers its thread, so a handler charges the wait to it.
+    pub engine: Option<Arc<FaultEngine>>,
+    /// The VM's restore counters (its first guest entry).
+    pub restore: Arc<crate::fault::RestoreStats>,
     pub assists: Assists,
     /// Set when the SYSCALL assist is on (a stock Linux kernel on a PVM
     /// host): the guest memory it reads (IDT gates, exception frames).
     pub syscall_assist: Option<vm_memory::GuestMemoryAtomic<super::GuestView>>,
+    /// Parks the vCPUs for a snapshot.
+    pub pause: Arc<super::pause::Pause>,
+    /// The host's `KVM_GET_MSR_INDEX_LIST` (what a snapshot saves).
+    pub msr_list: Vec<u32>,
 }
 
 /// What the loop does after an exit.
@@ -57,6 +66,11 @@ pub struct ExitHandler {
     shared: Arc<VcpuShared>,
     ctx: FaultCtx,
     syscall: Option<SyscallAssist>,
+    /// The RIP of the last fetch failure whose pages were all present
+    /// already: another thread (a vCPU, the prefetch) may have installed
+    /// them since the exit, so it is retried once before it counts as a
+    /// genuine emulation failure.
+    fetch_retried: Option<u64>,
 }
 
 impl ExitHandler {
@@ -69,11 +83,33 @@ impl ExitHandler {
                 .map(|_| SyscallAssist::new(index)),
             shared,
             ctx: FaultCtx::new(stats),
+            fetch_retried: None,
         }
     }
 
     pub fn stats(&self) -> &Arc<FaultStats> {
         &self.ctx.stats
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The guest #PF handler the SYSCALL assist's breakpoint is armed on.
+    pub fn syscall_handler(&self) -> Option<u64> {
+        self.syscall.as_ref().and_then(SyscallAssist::handler)
+    }
+
+    /// A restored vCPU: arm the SYSCALL assist on the #PF handler its IDT
+    /// names now (the snapshot had it armed).
+    pub fn rearm_syscall_assist(
+        &mut self,
+        vcpu: &dyn VcpuState,
+    ) -> Result<(), super::syscall::SyscallAssistError> {
+        match (self.syscall.as_mut(), self.shared.syscall_assist.as_ref()) {
+            (Some(a), Some(mem)) => a.resume(vcpu, &mem.memory(), &self.ctx.stats),
+            _ => Ok(()),
+        }
     }
 
     pub fn shared(&self) -> &Arc<VcpuShared> {
@@ -96,7 +132,9 @@ impl ExitHandler {
             Exit::MmioRead { gpa, data } => self.mmio(vcpu, gpa, Access::Read(data), exited),
             Exit::MemoryFault { gpa } => match engine {
                 Some(e) => {
+                    e.wait_begins(index, exited);
                     let r = e.resolve(&mut self.ctx, gpa, &mut Access::None);
+                    e.wait_ends(index, &self.ctx.stats);
                     self.fault_done(vcpu, FaultKind::MemoryFault, gpa, r, exited)
                 }
                 None => self.unhandled(vcpu, "KVM_EXIT_MEMORY_FAULT without a fault engine"),
@@ -208,9 +246,15 @@ impl ExitHandler {
     ) -> Next {
         let shared = self.shared.clone();
         if let Some(e) = shared.fault.as_deref() {
+            e.wait_begins(self.index, exited);
             match e.resolve_range(&mut self.ctx, gpa, &mut access) {
-                Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {}
-                r => return self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited),
+                Err(FaultError::NotRam(_) | FaultError::NotPlugged(_)) => {
+                    e.wait_cancelled(self.index);
+                }
+                r => {
+                    e.wait_ends(self.index, &self.ctx.stats);
+                    return self.fault_done(vcpu, FaultKind::Mmio, gpa, r, exited);
+                }
             }
         }
         match access {
@@ -314,6 +358,39 @@ impl ExitHandler {
         // An instruction spans at most two pages: its first and last byte.
         let pages = [Some(rip), (last >> 12 != rip >> 12).then_some(last)];
         let mut installed = false;
+        engine.wait_begins(self.index, exited);
+        let next = self.fetch_pages(vcpu, &engine, pages, &mut installed, exited);
+        if installed {
+            engine.wait_ends(self.index, &self.ctx.stats);
+        } else {
+            engine.wait_cancelled(self.index);
+        }
+        if next.is_some() {
+            return next;
+        }
+        if installed {
+            self.fetch_retried = None;
+            return Some(Next::Continue);
+        }
+        // Nothing was missing now: once, the page may have come in since
+        // the exit (another thread's install); twice, a genuine emulation
+        // failure, reported as such.
+        if self.fetch_retried != Some(rip) {
+            self.fetch_retried = Some(rip);
+            return Some(Next::Continue);
+        }
+        None
+    }
+
+    /// The pages of [`Self::fetch_fault`]; `Some` when one failed.
+    fn fetch_pages(
+        &mut self,
+        vcpu: &dyn VcpuState,
+        engine: &FaultEngine,
+        pages: [Option<u64>; 2],
+        installed: &mut bool,
+        exited: Instant,
+    ) -> Option<Next> {
         for gva in pages.into_iter().flatten() {
             let Some(gpa) = vcpu.translate(gva) else {
                 continue;
@@ -322,7 +399,7 @@ impl ExitHandler {
             // the accounting identity holds per resolve.
             match engine.resolve(&mut self.ctx, gpa, &mut Access::None) {
                 Ok(r) => {
-                    installed |= r == Resolved::Installed;
+                    *installed |= r == Resolved::Installed;
                     self.count_fault(FaultKind::EmulationFailure, exited);
                 }
                 // Not RAM (MMIO, unplugged): not a missing-page fetch.
@@ -338,8 +415,7 @@ impl ExitHandler {
                 }
             }
         }
-        // Nothing was missing: a genuine emulation failure, reported as such.
-        installed.then_some(Next::Continue)
+        None
     }
 
     fn count_fault(&self, kind: FaultKind, exited: Instant) {
@@ -454,6 +530,8 @@ mod tests {
                 exit.clone(),
                 Wake::Nobody,
                 1,
+                1,
+                Arc::new(crate::fault::RestoreStats::new(std::time::Instant::now())),
             ))
         });
         let dev = Arc::new(Mutex::new(Recorder::default()));
@@ -465,9 +543,13 @@ mod tests {
             pio,
             mmio,
             exit,
+            engine: fault.clone(),
             fault,
+            restore: Arc::new(crate::fault::RestoreStats::new(std::time::Instant::now())),
             assists,
             syscall_assist: None,
+            pause: Arc::new(crate::vcpu::pause::Pause::new(1)),
+            msr_list: Vec::new(),
         });
         Rig {
             handler: ExitHandler::new(0, shared, Arc::new(FaultStats::default())),

@@ -10,7 +10,9 @@ mod assist;
 pub mod error;
 pub mod exit;
 pub mod handle;
+pub mod pause;
 pub mod regs;
+pub mod state;
 pub mod syscall;
 
 use std::cell::Cell;
@@ -36,6 +38,12 @@ use crate::fault::{sigbus, FaultStats};
 pub struct Vcpu {
     fd: VcpuFd,
     handler: ExitHandler,
+    /// The CPUID this vCPU was given (a snapshot records it).
+    cpuid: kvm_bindings::CpuId,
+    /// Restored with the SYSCALL assist armed: arm it again before the
+    /// first entry (the breakpoint is KVM's guest-debug state, which no
+    /// snapshot holds).
+    rearm_syscall_assist: bool,
 }
 
 thread_local! {
@@ -71,11 +79,35 @@ pub fn kick(thread: libc::pthread_t) {
 }
 
 impl Vcpu {
-    pub fn new(index: usize, fd: VcpuFd, shared: Arc<VcpuShared>, stats: Arc<FaultStats>) -> Self {
+    pub fn new(
+        index: usize,
+        fd: VcpuFd,
+        cpuid: kvm_bindings::CpuId,
+        shared: Arc<VcpuShared>,
+        stats: Arc<FaultStats>,
+    ) -> Self {
         Self {
             fd,
             handler: ExitHandler::new(index, shared, stats),
+            cpuid,
+            rearm_syscall_assist: false,
         }
+    }
+
+    /// A restored vCPU whose SYSCALL assist was armed.
+    pub fn rearm_syscall_assist(mut self) -> Self {
+        self.rearm_syscall_assist = true;
+        self
+    }
+
+    /// Park while a pause is on, saving this vCPU's state if asked.
+    fn park(&self, exit: &VmExit) {
+        let shared = self.handler.shared();
+        shared.pause.park(self.handler.index(), exit, || {
+            let mut s = state::VcpuSnapshot::save(&self.fd, &self.cpuid, &shared.msr_list)?;
+            s.syscall_assist = self.handler.syscall_handler();
+            Ok(s)
+        });
     }
 
     /// Run until the VM stops. Any failure ends the whole VM with a reason.
@@ -83,11 +115,32 @@ impl Vcpu {
     pub fn run(mut self) -> (u64, u8) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        if self.handler.shared().fault.is_some() {
-            sigbus::prepare_thread(self.handler.stats().clone());
+        let shared = self.handler.shared().clone();
+        let index = self.handler.index();
+        if shared.fault.is_some() {
+            sigbus::prepare_vcpu_thread(self.handler.stats().clone(), index);
         }
-        let exit: Arc<VmExit> = self.handler.shared().exit.clone();
+        if let Some(e) = &shared.engine {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            e.register_vcpu_thread(tid, index, self.handler.stats().clone());
+        }
+        if self.rearm_syscall_assist {
+            if let Err(error) = self.handler.rearm_syscall_assist(&self.fd) {
+                shared.exit.fail(VcpuError::Assist { vcpu: index, error });
+            }
+        }
+        let exit: Arc<VmExit> = shared.exit.clone();
+        let mut entered = false;
         while !exit.is_stopping() {
+            if self.handler.shared().pause.requested() {
+                self.park(&exit);
+                continue;
+            }
+            if !entered {
+                entered = true;
+                shared.restore.entered();
+            }
             let result = self.fd.run();
             // Fault latency is measured from here (the exit) to the next entry.
             let exited = std::time::Instant::now();

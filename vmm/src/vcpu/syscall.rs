@@ -362,6 +362,18 @@ impl SyscallAssist {
         self.arm(vcpu, mem, stats)
     }
 
+    /// A restored vCPU: LSTAR is in its MSRs already; arm the breakpoint
+    /// again.
+    pub fn resume(
+        &mut self,
+        vcpu: &dyn VcpuState,
+        mem: &GuestMemory,
+        stats: &FaultStats,
+    ) -> Result<(), SyscallAssistError> {
+        self.lstar = kvm("KVM_GET_MSRS (LSTAR)", vcpu.msr(MSR_LSTAR))?;
+        self.arm(vcpu, mem, stats)
+    }
+
     /// Put the breakpoint on the #PF handler the IDT names now. An IDT
     /// without a usable gate 14 leaves it off (logged).
     fn arm(

@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 
-use super::{kvm, VmError};
+use super::{kvm, ReadyVcpu, VmError};
 use crate::api::{ApiServer, VmControl};
 use crate::arch::x86_64 as arch;
 use crate::arch::x86_64::layout::{self, MmioDeviceInfo};
@@ -51,6 +51,8 @@ pub(super) fn read_image(config: &VmConfig) -> Result<Vec<u8>, VmError> {
     Ok(match &config.kernel {
         Kernel::File(path) => boot::read_image(path)?,
         Kernel::Embedded { image, .. } => image.to_vec(),
+        // A restore loads no image (Vm::restore does not call this).
+        Kernel::Snapshot(_) => Vec::new(),
     })
 }
 
@@ -367,13 +369,19 @@ pub(super) fn syscall_assist(
     Ok(wanted)
 }
 
+/// The host's `KVM_GET_MSR_INDEX_LIST`: the MSRs a snapshot saves.
+pub(super) fn msr_list(host: &Host) -> Result<Vec<u32>, VmError> {
+    let list = kvm("KVM_GET_MSR_INDEX_LIST", host.kvm.get_msr_index_list())?;
+    Ok(list.as_slice().to_vec())
+}
+
 pub(super) fn create_vcpus(
     config: &VmConfig,
     host: &Host,
     vm_fd: &VmFd,
     supported: &CpuId,
     boot: &Boot,
-) -> Result<Vec<VcpuFd>, VmError> {
+) -> Result<Vec<ReadyVcpu>, VmError> {
     let b = VcpuBoot {
         boot,
         cpuid: supported,
@@ -385,9 +393,13 @@ pub(super) fn create_vcpus(
     (0..config.vcpus)
         .map(|index| {
             let fd = kvm("KVM_CREATE_VCPU", vm_fd.create_vcpu(index as u64))?;
-            boot::vcpu::configure(&fd, index, &b)
+            let cpuid = boot::vcpu::configure(&fd, index, &b)
                 .map_err(|source| VmError::VcpuSetup { index, source })?;
-            Ok(fd)
+            Ok(ReadyVcpu {
+                fd,
+                cpuid,
+                rearm_syscall_assist: false,
+            })
         })
         .collect()
 }

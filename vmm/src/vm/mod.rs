@@ -9,14 +9,17 @@
 //! command line and the DSDT); vCPUs come last. [`Vm::run`] starts the
 //! threads ([`threads`]), waits for the end and reports ([`RunReport`]).
 
+mod actions;
 mod build;
 mod report;
+mod restore;
 mod threads;
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::MutEventSubscriber;
+use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
 
@@ -25,15 +28,19 @@ pub use report::RunReport;
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::x86_64 as arch;
 use crate::boot::BootError;
-use crate::config::{ConfigError, FaultMode, VmConfig};
+use crate::config::{ConfigError, FaultMode, Kernel, VmConfig};
 use crate::devices::marker::{MarkerHook, MarkerLog};
 use crate::devices::virtio::manager::{DeviceSummary, Ticker};
 use crate::devices::{serial, DeviceError};
 use crate::exit::VmExit;
-use crate::fault::{FaultEngine, FaultSetupError};
+use crate::fault::prefetch::Plan;
+use crate::fault::{EngineOptions, FaultEngine, FaultSetupError, RestoreStats};
 use crate::host::{Host, HostError};
 use crate::memory::{MemError, MemoryManager, SourceError};
 use crate::metrics::{MetricsServer, VmMetrics};
+use crate::snapshot::restore::RestoreError;
+use crate::snapshot::SnapshotError;
+use crate::vcpu::pause::Pause;
 use crate::vcpu::{self, VcpuShared};
 
 #[derive(Debug, Error)]
@@ -50,6 +57,8 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Fault(#[from] FaultSetupError),
+    #[error("restore: installing a page before the first entry: {0}")]
+    Install(#[from] crate::fault::FaultError),
     #[error("cannot read initramfs {path}: {source}")]
     Initrd {
         path: String,
@@ -82,6 +91,10 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("SYSCALL assist setup (use --syscall-assist off to boot without it): {0}")]
     SyscallAssist(vcpu::syscall::SyscallAssistError),
+    #[error("restore from {dir}: {error}")]
+    Restore { dir: String, error: RestoreError },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// The device event loop failed (it ends the VM).
@@ -93,13 +106,29 @@ pub(crate) fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Res
     r.map_err(|source| VmError::Kvm { what, source })
 }
 
+/// A vCPU created and set up (booted or restored), not running yet.
+struct ReadyVcpu {
+    fd: VcpuFd,
+    /// The CPUID it was given (what a snapshot records).
+    cpuid: CpuId,
+    /// Restored with the SYSCALL assist armed.
+    rearm_syscall_assist: bool,
+}
+
 /// A VM ready to run.
 pub struct Vm {
     config: VmConfig,
     mode: FaultMode,
     // Field order is drop order: vCPUs and the VM fd go before guest RAM.
-    vcpus: Vec<VcpuFd>,
+    vcpus: Vec<ReadyVcpu>,
     exit: Arc<VmExit>,
+    pause: Arc<Pause>,
+    actions: Arc<actions::Actions>,
+    restore_stats: Arc<RestoreStats>,
+    /// A restore's background prefetch.
+    prefetch: Option<Plan>,
+    /// A restore records its working set this long.
+    record_for: Option<Duration>,
     shared: Arc<VcpuShared>,
     serial_input: Option<serial::SerialInput>,
     /// Event-loop subscribers of the virtio devices, and their ticker.
@@ -118,8 +147,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Create the VM, its memory, devices and vCPUs.
+    /// Create the VM, its memory, devices and vCPUs: booted from the
+    /// configuration's image, or restored from its snapshot
+    /// ([`Kernel::Snapshot`]).
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        if let Kernel::Snapshot(dir) = &config.kernel {
+            let dir = dir.clone();
+            return Self::restore(config, &dir, started);
+        }
         let host = Host::open()?;
         let mode = build::check(&config, &host)?;
         let image = build::read_image(&config)?;
@@ -143,16 +179,62 @@ impl Vm {
             &devices.windows(),
         )?;
         drop(initrd);
+        let restore_stats = Arc::new(RestoreStats::new(started));
         let engine = crate::fault::setup(
             mode,
             &memory,
             &exit,
-            config.fault_around,
-            config.inject_eagain_every,
+            engine_options(&config, &restore_stats, None),
         )?;
+        let syscall_assist = build::syscall_assist(&config, &host, &vm_fd, &boot)?;
+        let vcpus = build::create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
+        log::info!(
+            "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
+            config.vcpus,
+            config.mem_size >> 20,
+            boot.entry
+        );
+        Self::assemble(Parts {
+            config,
+            host,
+            mode,
+            vm_fd,
+            memory,
+            exit,
+            devices,
+            engine,
+            restore_stats,
+            syscall_assist,
+            vcpus,
+        })
+    }
+
+    /// The rest of a VM, booted or restored alike: its servers, metrics,
+    /// control plane, what its vCPUs share, and what a snapshot reads.
+    fn assemble(p: Parts) -> Result<Vm, VmError> {
+        let pause = Arc::new(Pause::new(p.config.vcpus));
+        let actions = Arc::new(actions::Actions::new(&p, &pause));
+        let Parts {
+            config,
+            host,
+            mode,
+            vm_fd,
+            memory,
+            exit,
+            devices,
+            engine,
+            restore_stats,
+            syscall_assist,
+            vcpus,
+        } = p;
         let servers = build::Servers::bind(&config)?;
-        let metrics = Arc::new(devices.metrics(&config, mode, &memory));
+        let metrics = Arc::new(VmMetrics {
+            restore: Some(restore_stats.clone()),
+            engine: engine.clone(),
+            ..devices.metrics(&config, mode, &memory)
+        });
         let control = Arc::new(devices.control(&config, mode, &memory, &exit));
+        control.set_actions(actions.clone());
         let build::Devices {
             pio,
             mmio,
@@ -166,21 +248,22 @@ impl Vm {
             mmio,
             exit: exit.clone(),
             fault: engine.clone().filter(|_| mode == FaultMode::Vcpu),
+            engine: engine.clone(),
+            restore: restore_stats.clone(),
             assists: build::assists(&host),
-            syscall_assist: build::syscall_assist(&config, &host, &vm_fd, &boot)?
-                .then(|| memory.view()),
+            syscall_assist: syscall_assist.then(|| memory.view()),
+            pause: pause.clone(),
+            msr_list: build::msr_list(&host)?,
         });
-        let vcpus = build::create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
-        log::info!(
-            "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
-            config.vcpus,
-            config.mem_size >> 20,
-            boot.entry
-        );
         Ok(Vm {
             mode,
             vcpus,
             exit,
+            pause,
+            actions,
+            restore_stats,
+            prefetch: None,
+            record_for: None,
             shared,
             serial_input: Some(serial_input),
             virtio_events: virtio.subscribers(),
@@ -238,6 +321,17 @@ impl Vm {
         self.markers.lock().unwrap_or_else(|e| e.into_inner()).hook = Some(hook);
     }
 
+    /// Pause, resume and snapshot this VM (what the API's `/vm/*`
+    /// actions do; tests call it directly).
+    pub fn actions(&self) -> Arc<dyn crate::api::VmActions> {
+        self.actions.clone()
+    }
+
+    /// The VM's first-entry, stall and restore counters.
+    pub fn restore_stats(&self) -> &Arc<RestoreStats> {
+        &self.restore_stats
+    }
+
     /// Run the guest until any vCPU or device ends it.
     pub fn run(mut self) -> Result<RunReport, VmError> {
         vcpu::install_kick_handler().map_err(|source| VmError::Signal {
@@ -258,6 +352,7 @@ impl Vm {
             );
         }
         let reason = self.exit.wait();
+        self.actions.vm_ended();
         let stopped_at = threads::stop_vcpus(vcpus);
         let elapsed = start.elapsed();
         helpers.join();
@@ -265,6 +360,35 @@ impl Vm {
             let _ = t.join();
         }
         Ok(self.report(reason, start, elapsed, stopped_at))
+    }
+}
+
+/// Everything [`Vm::assemble`] takes.
+struct Parts {
+    config: VmConfig,
+    host: Host,
+    mode: FaultMode,
+    vm_fd: Arc<VmFd>,
+    memory: Arc<MemoryManager>,
+    exit: Arc<VmExit>,
+    devices: build::Devices,
+    engine: Option<Arc<FaultEngine>>,
+    restore_stats: Arc<RestoreStats>,
+    syscall_assist: bool,
+    vcpus: Vec<ReadyVcpu>,
+}
+
+fn engine_options(
+    config: &VmConfig,
+    restore: &Arc<RestoreStats>,
+    record: Option<usize>,
+) -> EngineOptions {
+    EngineOptions {
+        fault_around: config.fault_around,
+        inject_eagain: config.inject_eagain_every,
+        vcpus: config.vcpus,
+        restore: restore.clone(),
+        record,
     }
 }
 

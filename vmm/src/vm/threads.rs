@@ -82,6 +82,23 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             out.push(t);
         }
+        if let (Some(plan), Some(e)) = (self.prefetch.take(), &self.engine) {
+            let exit = self.exit.clone();
+            let t = fault::prefetch::spawn(
+                e.clone(),
+                self.exit.clone(),
+                plan,
+                self.metrics.thread("prefetch"),
+                move || confine(seccomp, ThreadClass::Handler, &exit),
+            )
+            .map_err(VmError::Thread)?;
+            out.push(t);
+        }
+        out.push(
+            self.actions
+                .spawn_control(self.record_for.take(), seccomp)
+                .map_err(VmError::Thread)?,
+        );
         // SIGINT/SIGTERM stop the VM cleanly (counters reported, threads
         // joined): blocked in every thread started from here on, and taken
         // by one waiter thread.
@@ -94,13 +111,17 @@ impl Vm {
     pub(super) fn spawn_vcpus(&mut self) -> Result<Vec<thread::JoinHandle<(u64, u8)>>, VmError> {
         let seccomp = self.config.seccomp;
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let v = Vcpu::new(
+        for (index, ready) in self.vcpus.drain(..).enumerate() {
+            let mut v = Vcpu::new(
                 index,
-                fd,
+                ready.fd,
+                ready.cpuid,
                 self.shared.clone(),
                 self.metrics.vcpus[index].clone(),
             );
+            if ready.rearm_syscall_assist {
+                v = v.rearm_syscall_assist();
+            }
             let exit = self.exit.clone();
             let t = thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -112,6 +133,7 @@ impl Vm {
                     }
                 })
                 .map_err(VmError::Thread)?;
+            self.pause.register(t.as_pthread_t());
             threads.push(t);
         }
         Ok(threads)

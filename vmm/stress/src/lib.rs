@@ -588,6 +588,7 @@ fn controller(
                     gpa: extra_base + u64::from(n) * (1 << 30),
                     size: EXTRA_SLOT,
                     source: PageSource::Zero,
+                    source_offset: 0,
                     block_size: None,
                 });
                 if let Err(err) = r {

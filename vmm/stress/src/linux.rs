@@ -201,6 +201,7 @@ fn churn_once(
         gpa: base,
         size: 2 * MIB,
         source: PageSource::Zero,
+        source_offset: 0,
         block_size: None,
     };
     if memory.add_slot(slot).is_ok() {

@@ -33,7 +33,8 @@ use vmm_counters::{metrics, Counters, Metric, Readings, Scope};
 use vmm_memory::{MemoryManager, PAGE_SIZE};
 
 use super::{
-    Chain, ChainError, Completions, DeviceCounters, GuestError, Interrupt, VirtioDevice, VirtioStat,
+    Chain, ChainError, Completions, DeviceCounters, DeviceRestoreError, GuestError, Interrupt,
+    VirtioDevice, VirtioStat,
 };
 
 pub const DEVICE_ID: u32 = 5;
@@ -247,6 +248,22 @@ impl BalloonInfo {
     }
 }
 
+/// The balloon's own state (its transport's is the transport's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct BalloonSnapshot {
+    pub offered: u64,
+    pub acked: u64,
+    pub num_pages: u32,
+    pub actual: u32,
+    pub stats_head: Option<u16>,
+    /// Frames in the balloon.
+    pub ballooned: Vec<u64>,
+    pub counters: Vec<u64>,
+    pub stats_interval_s: u64,
+    pub guest_stats: Vec<(u16, u64)>,
+    pub driver_ready: bool,
+}
+
 /// How the balloon is configured at boot.
 #[derive(Debug, Clone, Copy)]
 pub struct BalloonConfig {
@@ -347,6 +364,52 @@ impl Balloon {
 
     pub fn target(&self) -> u32 {
         self.num_pages
+    }
+
+    pub fn save(&self) -> BalloonSnapshot {
+        let guest = self.stats.guest.lock().unwrap_or_else(|e| e.into_inner());
+        BalloonSnapshot {
+            offered: self.offered,
+            acked: self.acked,
+            num_pages: self.num_pages,
+            actual: self.actual,
+            stats_head: self.stats_head,
+            ballooned: self.ballooned.iter().copied().collect(),
+            counters: self.stats.counters.read().to_vec(),
+            stats_interval_s: self.stats.stats_interval_s.load(Ordering::Relaxed),
+            guest_stats: guest.0.iter().map(|(k, v)| (*k, *v)).collect(),
+            driver_ready: self.stats.driver_ready.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Put a saved balloon back (the VM's memory already has the inflated
+    /// pages as holes).
+    pub fn restore(&mut self, s: &BalloonSnapshot) -> Result<(), DeviceRestoreError> {
+        if s.offered != self.offered {
+            return Err(DeviceRestoreError {
+                device: "balloon",
+                why: format!(
+                    "saved with features {:#x}, configured with {:#x} (--balloon-free-page-reporting differs?)",
+                    s.offered, self.offered
+                ),
+            });
+        }
+        self.acked = s.acked;
+        self.num_pages = s.num_pages;
+        self.actual = s.actual;
+        self.stats_head = s.stats_head;
+        self.ballooned = s.ballooned.iter().copied().collect();
+        self.stats.counters.load(&s.counters);
+        self.stats
+            .stats_interval_s
+            .store(s.stats_interval_s, Ordering::Relaxed);
+        self.stats
+            .driver_ready
+            .store(s.driver_ready, Ordering::Relaxed);
+        let mut g = self.stats.guest.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = s.guest_stats.iter().copied().collect();
+        self.last_poll = Instant::now();
+        Ok(())
     }
 
     pub fn actual(&self) -> u32 {

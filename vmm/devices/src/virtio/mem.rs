@@ -33,7 +33,10 @@ use thiserror::Error;
 use vmm_counters::{metrics, Counters, Metric, Readings, Scope};
 use vmm_memory::{MemError, MemoryManager, NewSlot, PageSource};
 
-use super::{Chain, ChainError, Completions, DeviceCounters, Interrupt, VirtioDevice, VirtioStat};
+use super::{
+    Chain, ChainError, Completions, DeviceCounters, DeviceRestoreError, Interrupt, VirtioDevice,
+    VirtioStat,
+};
 
 pub const DEVICE_ID: u32 = 24;
 pub const F_UNPLUGGED_INACCESSIBLE: u32 = 1;
@@ -330,6 +333,17 @@ impl Response {
     }
 }
 
+/// virtio-mem's own state (its memslots and their plugged blocks are the
+/// memory manager's; its transport's is the transport's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MemDeviceSnapshot {
+    pub region: (u64, u64, u64),
+    pub requested: u64,
+    pub plugged: Vec<bool>,
+    pub counters: Vec<u64>,
+    pub driver_ready: bool,
+}
+
 pub struct VirtioMem {
     memory: Arc<MemoryManager>,
     interrupt: Arc<Interrupt>,
@@ -386,6 +400,62 @@ impl VirtioMem {
         self.requested
     }
 
+    pub fn save(&self) -> MemDeviceSnapshot {
+        let r = self.region;
+        MemDeviceSnapshot {
+            region: (r.addr, r.size, r.block_size),
+            requested: self.requested,
+            plugged: self.plugged.clone(),
+            counters: self.stats.counters.read().to_vec(),
+            driver_ready: self.stats.driver_ready.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Put a saved device back over memory the memory manager restored:
+    /// every block it says is plugged must be plugged RAM there.
+    pub fn restore(&mut self, s: &MemDeviceSnapshot) -> Result<(), DeviceRestoreError> {
+        let r = self.region;
+        let bad = |why: String| DeviceRestoreError { device: "mem", why };
+        if s.region != (r.addr, r.size, r.block_size) || s.plugged.len() != self.plugged.len() {
+            return Err(bad(format!(
+                "saved region {:#x?}, configured {:#x?} (--hotplug or --hotplug-block differs?)",
+                s.region,
+                (r.addr, r.size, r.block_size)
+            )));
+        }
+        self.region
+            .check_requested(s.requested)
+            .map_err(|e| bad(e.to_string()))?;
+        let snap = self.memory.snapshot();
+        for (b, _) in s.plugged.iter().enumerate().filter(|(_, p)| **p) {
+            let gpa = self.block_gpa(b);
+            let ok = snap
+                .lookup(gpa)
+                .is_some_and(|slot| slot.is_plugged(slot.page_index(gpa)));
+            if !ok {
+                return Err(bad(format!("block at {gpa:#x} is plugged but not RAM")));
+            }
+        }
+        self.requested = s.requested;
+        self.plugged = s.plugged.clone();
+        self.per_slice.fill(0);
+        for b in (0..self.plugged.len()).filter(|b| self.plugged[*b]) {
+            let slice = self.slice_of(b);
+            self.per_slice[slice] += 1;
+        }
+        self.stats.counters.load(&s.counters);
+        self.stats
+            .counters
+            .set(HotplugStat::PluggedBytes, self.plugged_bytes());
+        self.stats
+            .counters
+            .set(HotplugStat::RequestedBytes, self.requested);
+        self.stats
+            .driver_ready
+            .store(s.driver_ready, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Move `requested_size` (a multiple of the block size, at most the
     /// region) and tell the driver (config interrupt).
     pub fn set_requested(&mut self, bytes: u64) -> Result<(), RegionError> {
@@ -437,6 +507,7 @@ impl VirtioMem {
                 gpa: self.slice_gpa(s),
                 size: SLICE,
                 source: PageSource::Zero,
+                source_offset: 0,
                 block_size: Some(self.region.block_size),
             })?;
             self.stats.counters.add_shared(HotplugStat::SlicesAdded, 1);

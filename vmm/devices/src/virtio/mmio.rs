@@ -22,7 +22,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestAddress;
 use vmm_memory::{GuestMemory, MemoryManager};
 
@@ -68,6 +69,49 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
+/// One queue as a snapshot saves it (virtio-queue's `QueueState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// The transport's state: all a device's virtio state (the device's own
+/// state is its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueSnapshot>,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub early: u64,
+}
+
+/// A saved transport that does not fit this device.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("saved as device type {saved}, restored into type {here}")]
+    DeviceType { saved: u32, here: u32 },
+    #[error("saved with {saved} queues, the device has {here}")]
+    Queues { saved: usize, here: usize },
+    #[error("queue {queue}: {error}")]
+    Queue {
+        queue: usize,
+        error: virtio_queue::Error,
+    },
+}
+
 /// Ring addresses as the driver writes them, 32 bits at a time.
 #[derive(Default, Clone, Copy)]
 struct RingAddrs {
@@ -94,6 +138,9 @@ pub struct MmioTransport {
     /// Queues notified after set-up but before DRIVER_OK (Linux's balloon
     /// driver kicks its stats queue there): served at activation.
     early: u64,
+    /// Restored: serve every ready queue once at the next tick (a kick
+    /// the saved VM had not served yet is not lost).
+    rescan: bool,
     log: RateLimit,
 }
 
@@ -142,6 +189,7 @@ impl MmioTransport {
             queues,
             addrs: vec![RingAddrs::default(); n],
             early: 0,
+            rescan: false,
             log: RateLimit::new(10),
         }
     }
@@ -161,6 +209,89 @@ impl MmioTransport {
     /// The device's [`super::VIRTIO_METRICS`] values.
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+
+    pub fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        size: s.size,
+                        ready: s.ready,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                        desc: s.desc_table,
+                        avail: s.avail_ring,
+                        used: s.used_ring,
+                    }
+                })
+                .collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            early: self.early,
+        }
+    }
+
+    /// Put a saved transport back (before the guest runs; the device's own
+    /// state is restored by its owner). An active device is told its
+    /// features again; its queues are served once at the first tick, for
+    /// notifications that were in flight when it was saved.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), TransportRestoreError> {
+        if s.device_type != self.device_type {
+            return Err(TransportRestoreError::DeviceType {
+                saved: s.device_type,
+                here: self.device_type,
+            });
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::Queues {
+                saved: s.queues.len(),
+                here: self.queues.len(),
+            });
+        }
+        for (i, (q, saved)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            let state = QueueState {
+                max_size: q.max_size(),
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: saved.event_idx,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc,
+                avail_ring: saved.avail,
+                used_ring: saved.used,
+            };
+            *q = Queue::try_from(state)
+                .map_err(|error| TransportRestoreError::Queue { queue: i, error })?;
+            self.addrs[i] = RingAddrs {
+                desc: saved.desc,
+                avail: saved.avail,
+                used: saved.used,
+            };
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.early = s.early;
+        self.interrupt
+            .restore(s.interrupt_status, s.config_generation);
+        if self.status & status::DRIVER_OK != 0 {
+            lock(&self.device).activate(self.driver_features);
+            self.rescan = true;
+        }
+        Ok(())
     }
 
     /// A guest mistake: count it on the device, log it (rate-limited).
@@ -319,13 +450,16 @@ impl MmioTransport {
                 queue: index,
             }),
             Some(false) => self.guest_error(GuestError::NotifyNotReady(index)),
-            Some(true) => {
-                let mem = self.memory.memory();
-                let mut done = Completions::for_queue(i);
-                let r = self.process(i, &mem, &mut done);
-                self.finish(i, r, &mem, &mut done);
-            }
+            Some(true) => self.serve(i),
         }
+    }
+
+    /// Serve ready queue `i`: every available chain, then the used ring.
+    fn serve(&mut self, i: usize) {
+        let mem = self.memory.memory();
+        let mut done = Completions::for_queue(i);
+        let r = self.process(i, &mem, &mut done);
+        self.finish(i, r, &mem, &mut done);
     }
 
     /// Hand every available chain of queue `i` to the device. A malformed
@@ -405,6 +539,13 @@ impl MmioTransport {
     pub fn tick(&mut self) {
         if !self.active() {
             return;
+        }
+        if std::mem::take(&mut self.rescan) {
+            for q in 0..self.queues.len() {
+                if self.queues[q].ready() {
+                    self.serve(q);
+                }
+            }
         }
         let mem = self.memory.memory();
         let mut done = Completions::for_queue(0);

@@ -101,6 +101,16 @@ impl Interrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
     }
+
+    /// A saved InterruptStatus and generation; a pending interrupt is
+    /// raised again (the restored guest may not have taken it).
+    pub fn restore(&self, status: u32, generation: u32) {
+        self.generation.store(generation, Ordering::Release);
+        self.status.store(0, Ordering::Release);
+        if status != 0 {
+            self.trigger(status);
+        }
+    }
 }
 
 metrics! {
@@ -193,6 +203,14 @@ pub enum GuestError {
     },
     #[error("queue {queue}: {error}")]
     Queue { queue: usize, error: ChainError },
+}
+
+/// A saved device that does not fit the device it is restored into.
+#[derive(Debug, Error)]
+#[error("{device}: {why}")]
+pub struct DeviceRestoreError {
+    pub device: &'static str,
+    pub why: String,
 }
 
 /// What a virtio device implements. The transport does the rest: it reads

@@ -1,0 +1,198 @@
+//! The background prefetch of a restored VM's memory: one thread installs
+//! the pages of a plan (the recorded working set, sorted into long runs,
+//! then, for `--prefetch all`, every page the memory file holds) through
+//! the engine's install protocol ([`FaultEngine::prefetch`]), racing the
+//! vCPUs: whoever comes first installs a page, the other finds it present.
+//! A page the guest discarded or unplugged since is skipped, never filled.
+
+use std::sync::Arc;
+use std::thread;
+
+use vmm_exit::VmExit;
+use vmm_memory::PAGE_SIZE;
+
+use crate::engine::{FaultCtx, FaultEngine, Prefetched};
+use crate::restore::RestoreStat;
+use crate::stats::FaultStats;
+use crate::ServeError;
+
+/// Pages installed at once (one read of the memory file, one ioctl).
+pub const CHUNK: u64 = 64;
+
+/// What to prefetch, in order: runs of `(gpa, pages)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The recorded working set (its hits and misses are counted).
+    pub working_set: Vec<(u64, u64)>,
+    /// Then the rest.
+    pub rest: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    pub fn pages(&self) -> u64 {
+        self.working_set
+            .iter()
+            .chain(&self.rest)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages() == 0
+    }
+}
+
+/// Sort runs by address and merge the ones that touch or overlap (a
+/// recorded set in touch order becomes long sequential reads).
+pub fn coalesce(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (gpa, pages) in runs {
+        let end = gpa + pages * PAGE_SIZE;
+        match out.last_mut() {
+            Some((g, n)) if *g + *n * PAGE_SIZE >= gpa => {
+                *n = (end.max(*g + *n * PAGE_SIZE) - *g) / PAGE_SIZE;
+            }
+            _ => out.push((gpa, pages)),
+        }
+    }
+    out
+}
+
+/// Start the prefetch thread; it ends when the plan is done or the VM
+/// stops. `on_start` runs first (its seccomp filter) and it serves only if
+/// that returns true.
+pub fn spawn(
+    engine: Arc<FaultEngine>,
+    exit: Arc<VmExit>,
+    plan: Plan,
+    stats: Arc<FaultStats>,
+    on_start: impl FnOnce() -> bool + Send + 'static,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    engine
+        .restore_stats()
+        .counters
+        .set(RestoreStat::PrefetchPlanned, plan.pages());
+    thread::Builder::new()
+        .name("prefetch".into())
+        .spawn(move || {
+            if on_start() {
+                run(&engine, &exit, &plan, stats);
+            }
+        })
+}
+
+/// Go through the plan (the thread's body; tests call it directly).
+pub fn run(engine: &FaultEngine, exit: &VmExit, plan: &Plan, stats: Arc<FaultStats>) {
+    let mut ctx = FaultCtx::new(stats);
+    let mut progress = Progress::new(plan.pages());
+    let phases = [(true, &plan.working_set), (false, &plan.rest)];
+    for (working_set, runs) in phases {
+        for &(gpa, pages) in runs {
+            let end = gpa + pages * PAGE_SIZE;
+            let mut at = gpa;
+            while at < end {
+                if exit.is_stopping() {
+                    return;
+                }
+                let want = CHUNK.min((end - at) / PAGE_SIZE);
+                let done = match engine.prefetch(&mut ctx, at, want) {
+                    Ok(p) => count(engine, p, working_set),
+                    Err(error) => {
+                        exit.fail(ServeError::Fault {
+                            thread: "prefetch",
+                            gpa: at,
+                            error,
+                        });
+                        return;
+                    }
+                };
+                at += done * PAGE_SIZE;
+                progress.advance(engine, done);
+            }
+        }
+    }
+    progress.finish();
+}
+
+/// Pages a prefetch step went through, counted.
+fn count(engine: &FaultEngine, p: Prefetched, working_set: bool) -> u64 {
+    let stats = engine.restore_stats();
+    match p {
+        Prefetched::Installed(n) => {
+            if working_set {
+                stats.add(RestoreStat::WorkingSetHits, n);
+            }
+            n
+        }
+        Prefetched::Present => {
+            if working_set {
+                stats.add(RestoreStat::WorkingSetMisses, 1);
+            }
+            1
+        }
+        Prefetched::Skipped => 1,
+    }
+}
+
+/// The done gauge, and a log line every tenth of a long plan.
+struct Progress {
+    total: u64,
+    done: u64,
+    next_tenth: u64,
+    start: std::time::Instant,
+}
+
+/// Plans shorter than this (64 MiB) log only their end.
+const LOG_PROGRESS_PAGES: u64 = 16384;
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Self {
+            total,
+            done: 0,
+            next_tenth: 1,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn advance(&mut self, engine: &FaultEngine, n: u64) {
+        self.done += n;
+        engine
+            .restore_stats()
+            .counters
+            .set(RestoreStat::PrefetchDone, self.done);
+        if self.total >= LOG_PROGRESS_PAGES && self.done * 10 >= self.next_tenth * self.total {
+            // Progress of long work is for the operator: on stderr.
+            eprintln!(
+                "vmm: prefetch: {}% ({} of {} MiB) in {:.1} s",
+                self.next_tenth * 10,
+                (self.done * PAGE_SIZE) >> 20,
+                (self.total * PAGE_SIZE) >> 20,
+                self.start.elapsed().as_secs_f64()
+            );
+            self.next_tenth = self.done * 10 / self.total + 1;
+        }
+    }
+
+    fn finish(&self) {
+        log::info!(
+            "prefetch: done, {} MiB in {:.1} ms",
+            (self.done * PAGE_SIZE) >> 20,
+            self.start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_sorts_and_merges() {
+        let p = PAGE_SIZE;
+        let runs = vec![(10 * p, 2), (0, 1), (p, 1), (11 * p, 3), (20 * p, 1)];
+        assert_eq!(coalesce(runs), vec![(0, 2), (10 * p, 4), (20 * p, 1)]);
+        assert_eq!(coalesce(vec![(0, 4), (p, 1)]), vec![(0, 4)]);
+    }
+}

@@ -1,0 +1,648 @@
+//! Guest RAM in a snapshot: which slots there were, where each one's pages
+//! are in the memory file, and which pages hold anything.
+//!
+//! Saving writes a page if it is resident, or if it is still its source's
+//! (an image or an earlier snapshot: a file-backed page never touched is
+//! not a zero page); every other page — never touched, discarded (balloon,
+//! free page reporting), in an unplugged block — stays a hole. Restoring
+//! maps the slots over the file and marks the holes discarded: they refault
+//! as zero without a read, and a fault-around window stops at them (so
+//! resident memory does not grow past what the guest touches).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::manager::Mapping;
+use crate::{
+    ImageFile, KvmSlots, MemError, MemoryManager, NewSlot, PageSource, RamRange, PAGE_SIZE,
+};
+
+/// How a slot came to be; a restore brings it back the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotKind {
+    /// Boot RAM.
+    Boot,
+    /// A virtio-mem slice of `block_size` blocks.
+    Blocks { block_size: u64 },
+    /// A slot added at run time (no blocks).
+    Plain,
+}
+
+/// One slot in the memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotImage {
+    pub gpa: u64,
+    pub size: u64,
+    /// Where the slot's first byte is in the memory file.
+    pub offset: u64,
+    pub kind: SlotKind,
+    /// One bit per page: set where the file has the page's content; clear
+    /// for a hole (the page is zero).
+    pub data: Vec<u64>,
+    /// For `Blocks`: one bit per block, set where plugged.
+    pub plugged: Vec<u64>,
+    /// Data pages that look like x86 page tables ([`looks_like_page_table`]):
+    /// a restore served on the vCPU thread installs them before the guest
+    /// runs (a PVM host's page walker cannot wait for a missing one).
+    pub tables: Vec<u64>,
+    /// Data pages a user-mode page-table entry points at (the same
+    /// heuristic): on a PVM host a guest's user-mode touch of a missing
+    /// page never reaches the VMM in SIGBUS mode, so a restore served on the
+    /// vCPU thread installs them first.
+    pub user: Vec<u64>,
+}
+
+impl SlotImage {
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    pub fn has_data(&self, page: u64) -> bool {
+        bit(&self.data, page)
+    }
+
+    /// Pages with content.
+    pub fn data_pages(&self) -> u64 {
+        self.data.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// GPAs of the pages that look like page tables.
+    pub fn table_pages(&self) -> Vec<u64> {
+        self.tables
+            .iter()
+            .map(|&p| self.gpa + p * PAGE_SIZE)
+            .collect()
+    }
+
+    /// GPAs of the pages user-mode entries point at.
+    pub fn user_pages(&self) -> Vec<u64> {
+        self.user
+            .iter()
+            .map(|&p| self.gpa + p * PAGE_SIZE)
+            .collect()
+    }
+}
+
+/// The pages the present user-accessible entries of a page table point at
+/// (U/S set): where a guest's user mode may touch memory with no kernel
+/// access before it.
+pub fn user_targets(page: &[u8], out: &mut Vec<u64>) {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    for e in page.chunks_exact(8) {
+        let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+        if e & 0b101 == 0b101 {
+            out.push(e & ADDR);
+        }
+    }
+}
+
+/// Whether `page` (4 KiB) could be an x86-64 page table of a guest whose
+/// physical addresses end below `phys_top`: at least one present entry,
+/// and every present entry's address below `phys_top`. Generous on
+/// purpose: a data page taken for a table is only read early; a table
+/// missed is a page the guest's page walk finds missing.
+pub fn looks_like_page_table(page: &[u8], phys_top: u64) -> bool {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let mut present = false;
+    for e in page.chunks_exact(8) {
+        let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+        if e & 1 == 0 {
+            continue;
+        }
+        if e & ADDR >= phys_top {
+            return false;
+        }
+        present = true;
+    }
+    present
+}
+
+/// Page tables may map MMIO up to 4 GiB (the I/O window, the LAPIC and
+/// IOAPIC) whatever the RAM.
+const MMIO_TOP: u64 = 1 << 32;
+
+fn bit(words: &[u64], i: u64) -> bool {
+    words
+        .get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(words: &mut [u64], i: u64) {
+    if let Some(w) = words.get_mut((i / 64) as usize) {
+        *w |= 1 << (i % 64);
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SaveError<E: std::error::Error + 'static> {
+    #[error("guest RAM on hugetlb pages cannot be saved yet (restart without --mem-hugepages)")]
+    HugePages,
+    #[error("reading the source of GPA {gpa:#x}: {source}")]
+    Source {
+        gpa: u64,
+        source: crate::SourceError,
+    },
+    #[error(transparent)]
+    Write(E),
+}
+
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("memory layout: {0}")]
+    Layout(String),
+    #[error(transparent)]
+    Memory(#[from] MemError),
+}
+
+/// How a restored VM's RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMapping {
+    /// Anonymous memory, filled from the file on first touch (the fault
+    /// engine's page source) or all at once before the guest runs.
+    Lazy,
+    /// A `MAP_PRIVATE` mapping of the file: the host's page cache serves
+    /// first touches (Firecracker's default restore; boot RAM only).
+    Private,
+}
+
+/// Largest run of pages written at once.
+const RUN: u64 = 256;
+
+/// Where saved pages go: `(file offset, bytes)`, front to back.
+pub type PageSink<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
+
+/// One slot's pages being saved.
+struct SlotSaver<'s> {
+    slot: &'s crate::Slot,
+    /// Where the slot starts in the file.
+    offset: u64,
+    resident: Vec<u8>,
+    phys_top: u64,
+}
+
+impl SlotSaver<'_> {
+    fn resident(&self, p: u64) -> bool {
+        self.resident[p as usize] & 1 != 0
+    }
+
+    /// Whether page `p` is saved: resident, or still its file source's.
+    fn keep(&self, p: u64) -> bool {
+        self.resident(p)
+            || (matches!(self.slot.backing.source(), PageSource::File(_))
+                && !self.slot.is_discarded(p))
+    }
+
+    /// Page `p`'s content into `page`.
+    fn read<E: std::error::Error + 'static>(
+        &self,
+        p: u64,
+        page: &mut [u8],
+    ) -> Result<(), SaveError<E>> {
+        let at = p * PAGE_SIZE;
+        if self.resident(p) {
+            // SAFETY: a resident page of the slot's mapping, which lives
+            // while the table holds the slot; a read of a present page
+            // does not fault.
+            let src = unsafe {
+                std::slice::from_raw_parts(
+                    (self.slot.backing.hva() + at) as *const u8,
+                    PAGE_SIZE as usize,
+                )
+            };
+            page.copy_from_slice(src);
+        } else if let PageSource::File(img) = self.slot.backing.source() {
+            img.read_page(self.slot.backing.source_offset() + at, page)
+                .map_err(|source| SaveError::Source {
+                    gpa: self.slot.gpa + at,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Write the slot's pages in runs; its image (without `kind`).
+    fn save<E: std::error::Error + 'static>(
+        &self,
+        buf: &mut [u8],
+        user: &mut Vec<u64>,
+        out: &mut PageSink<'_, E>,
+    ) -> Result<SlotImage, SaveError<E>> {
+        let slot = self.slot;
+        let pages = slot.size / PAGE_SIZE;
+        let mut data = vec![0u64; pages.div_ceil(64) as usize];
+        let mut tables = Vec::new();
+        let mut p = 0;
+        while p < pages {
+            if !self.keep(p) {
+                p += 1;
+                continue;
+            }
+            let mut n = 1;
+            while p + n < pages && n < RUN && self.keep(p + n) {
+                n += 1;
+            }
+            let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
+            for (i, page) in (p..p + n).zip(bytes.chunks_mut(PAGE_SIZE as usize)) {
+                self.read(i, page)?;
+                set_bit(&mut data, i);
+                if looks_like_page_table(page, self.phys_top) {
+                    tables.push(i);
+                    user_targets(page, user);
+                }
+            }
+            out(self.offset + p * PAGE_SIZE, bytes).map_err(SaveError::Write)?;
+            p += n;
+        }
+        let plugged = match slot.block_size() {
+            Some(b) => {
+                let blocks = slot.size / b;
+                let mut words = vec![0u64; blocks.div_ceil(64) as usize];
+                for i in (0..blocks).filter(|i| slot.is_plugged(i * b / PAGE_SIZE)) {
+                    set_bit(&mut words, i);
+                }
+                words
+            }
+            None => Vec::new(),
+        };
+        Ok(SlotImage {
+            gpa: slot.gpa,
+            size: slot.size,
+            offset: self.offset,
+            kind: SlotKind::Plain,
+            data,
+            plugged,
+            tables,
+            user: Vec::new(),
+        })
+    }
+}
+
+impl MemoryManager {
+    /// Write every page that holds something into `out(file offset,
+    /// bytes)`, front to back; the layout. The caller keeps the guest and
+    /// the devices still (and memslots do not change: the slots lock is
+    /// held here).
+    pub fn save_pages<E: std::error::Error + 'static>(
+        &self,
+        out: &mut PageSink<'_, E>,
+    ) -> Result<Vec<SlotImage>, SaveError<E>> {
+        if self.has_hugetlb() {
+            return Err(SaveError::HugePages);
+        }
+        let locked = self.slots().lock_slots();
+        let snap = locked.snapshot();
+        let phys_top = snap
+            .slots
+            .iter()
+            .map(|s| s.gpa + s.size)
+            .max()
+            .unwrap_or(0)
+            .max(MMIO_TOP);
+        let mut offset = 0;
+        let mut images = Vec::with_capacity(snap.slots.len());
+        let mut buf = vec![0u8; (RUN * PAGE_SIZE) as usize];
+        let mut user = Vec::new();
+        for slot in &snap.slots {
+            let saver = SlotSaver {
+                slot,
+                offset,
+                resident: residency(slot.backing.hva(), slot.size),
+                phys_top,
+            };
+            let mut image = saver.save(&mut buf, &mut user, out)?;
+            image.kind = if self.boot_ranges().iter().any(|r| r.gpa == slot.gpa) {
+                SlotKind::Boot
+            } else if let Some(block_size) = slot.block_size() {
+                SlotKind::Blocks { block_size }
+            } else {
+                SlotKind::Plain
+            };
+            images.push(image);
+            offset += slot.size;
+        }
+        mark_user_pages(&mut images, user);
+        Ok(images)
+    }
+
+    /// Guest RAM as `layout` says, over `image` (the memory file): boot RAM
+    /// first (it must come first in the file, as [`Self::save_pages`] puts
+    /// it), then the other slots, plugged blocks plugged, holes marked
+    /// discarded. Registered with KVM; not with userfaultfd yet.
+    pub fn restore(
+        kvm: Arc<dyn KvmSlots>,
+        layout: &[SlotImage],
+        image: Arc<ImageFile>,
+        mapping: RestoreMapping,
+        max_slots: usize,
+    ) -> Result<Self, RestoreError> {
+        check_layout(layout, image.len)?;
+        let boot: Vec<RamRange> = layout
+            .iter()
+            .filter(|s| s.kind == SlotKind::Boot)
+            .map(|s| RamRange {
+                gpa: s.gpa,
+                size: s.size,
+            })
+            .collect();
+        let m = match mapping {
+            RestoreMapping::Lazy => Self::build(
+                kvm,
+                &boot,
+                PageSource::File(image.clone()),
+                max_slots,
+                Mapping::Anonymous,
+            )?,
+            RestoreMapping::Private => {
+                if layout.iter().any(|s| s.kind != SlotKind::Boot) {
+                    return Err(RestoreError::Layout(
+                        "a file mapping restores boot RAM only (this VM had hotplugged memory)"
+                            .into(),
+                    ));
+                }
+                Self::build(
+                    kvm,
+                    &boot,
+                    PageSource::File(image.clone()),
+                    max_slots,
+                    Mapping::PrivateFile,
+                )?
+            }
+        };
+        for s in layout.iter().filter(|s| s.kind != SlotKind::Boot) {
+            let block_size = match s.kind {
+                SlotKind::Blocks { block_size } => Some(block_size),
+                _ => None,
+            };
+            m.add_slot(NewSlot {
+                gpa: s.gpa,
+                size: s.size,
+                source: PageSource::File(image.clone()),
+                source_offset: s.offset,
+                block_size,
+            })?;
+            if let Some(b) = block_size {
+                for i in (0..s.size / b).filter(|i| bit(&s.plugged, *i)) {
+                    m.plug(s.gpa + i * b, b)?;
+                }
+            }
+        }
+        m.mark_holes(layout);
+        Ok(m)
+    }
+
+    /// The pages `layout` has no content for refault as zero, without a
+    /// read, and stop fault-around windows.
+    fn mark_holes(&self, layout: &[SlotImage]) {
+        let snap = self.snapshot();
+        for s in layout {
+            let Some(slot) = snap.lookup(s.gpa) else {
+                continue;
+            };
+            let mut p = 0;
+            while p < s.pages() {
+                if s.has_data(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut n = 1;
+                while p + n < s.pages() && !s.has_data(p + n) {
+                    n += 1;
+                }
+                drop(slot.begin_discard(p, n));
+                p += n;
+            }
+        }
+    }
+
+    /// Copy every data page of `layout` from the file into RAM (a `copy`
+    /// restore: before userfaultfd is attached and before any vCPU runs).
+    pub fn fill_from(&self, layout: &[SlotImage], image: &ImageFile) -> Result<u64, RestoreError> {
+        let snap = self.snapshot();
+        let mut bytes = 0;
+        let mut buf = vec![0u8; (RUN * PAGE_SIZE) as usize];
+        for s in layout {
+            let Some(slot) = snap.lookup(s.gpa) else {
+                continue;
+            };
+            let mut p = 0;
+            while p < s.pages() {
+                if !s.has_data(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut n = 1;
+                while p + n < s.pages() && n < RUN && s.has_data(p + n) {
+                    n += 1;
+                }
+                let len = (n * PAGE_SIZE) as usize;
+                image
+                    .read_page(s.offset + p * PAGE_SIZE, &mut buf[..len])
+                    .map_err(|e| RestoreError::Layout(e.to_string()))?;
+                // SAFETY: pages p..p+n of the slot's own mapping (no
+                // userfaultfd yet: the write faults in anonymous memory).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr(),
+                        (slot.backing.hva() + p * PAGE_SIZE) as *mut u8,
+                        len,
+                    );
+                }
+                bytes += len as u64;
+                p += n;
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Record in each slot the data pages that user-mode entries point at.
+fn mark_user_pages(images: &mut [SlotImage], mut user: Vec<u64>) {
+    user.sort_unstable();
+    user.dedup();
+    for gpa in user {
+        if let Some(s) = images
+            .iter_mut()
+            .find(|s| gpa >= s.gpa && gpa < s.gpa + s.size)
+        {
+            let p = (gpa - s.gpa) / PAGE_SIZE;
+            if s.has_data(p) {
+                s.user.push(p);
+            }
+        }
+    }
+}
+
+/// mincore's answer for a range (one byte per page; all zero if unmapped).
+fn residency(hva: u64, size: u64) -> Vec<u8> {
+    let pages = size.div_ceil(PAGE_SIZE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: one byte per page of the range; mincore only reads page
+    // tables and fails cleanly on unmapped ranges.
+    let r = unsafe { libc::mincore(hva as *mut libc::c_void, size as usize, vec.as_mut_ptr()) };
+    if r != 0 {
+        vec.fill(0);
+    }
+    vec
+}
+
+/// The layout must be sorted, disjoint, page aligned, inside the file,
+/// boot slots first and consecutive from offset 0, bitmaps of the right
+/// size.
+fn check_layout(layout: &[SlotImage], file_len: u64) -> Result<(), RestoreError> {
+    let bad = |why: String| Err(RestoreError::Layout(why));
+    let mut gpa_end = 0;
+    let mut offset = 0;
+    let mut boot_done = false;
+    for s in layout {
+        if s.size == 0 || s.gpa % PAGE_SIZE != 0 || s.size % PAGE_SIZE != 0 || s.gpa < gpa_end {
+            return bad(format!(
+                "slot at {:#x}+{:#x} overlaps or is unaligned",
+                s.gpa, s.size
+            ));
+        }
+        if s.offset != offset || s.offset.checked_add(s.size).is_none_or(|e| e > file_len) {
+            return bad(format!(
+                "slot at {:#x} is at file offset {:#x}, expected {offset:#x} within {file_len:#x} bytes",
+                s.gpa, s.offset
+            ));
+        }
+        match s.kind {
+            SlotKind::Boot if boot_done => return bad("boot RAM after other slots".into()),
+            SlotKind::Boot => {}
+            SlotKind::Blocks { block_size } => {
+                boot_done = true;
+                if block_size == 0 || s.size % block_size != 0 {
+                    return bad(format!("slot at {:#x}: block size {block_size:#x}", s.gpa));
+                }
+                if s.plugged.len() as u64 != (s.size / block_size).div_ceil(64) {
+                    return bad(format!("slot at {:#x}: plugged bitmap size", s.gpa));
+                }
+            }
+            SlotKind::Plain => boot_done = true,
+        }
+        if s.data.len() as u64 != s.pages().div_ceil(64) {
+            return bad(format!("slot at {:#x}: data bitmap size", s.gpa));
+        }
+        if let Some(p) = s.tables.iter().chain(&s.user).find(|&&p| !s.has_data(p)) {
+            return bad(format!(
+                "slot at {:#x}: page {p} is listed as a page table or user page but holds no data",
+                s.gpa
+            ));
+        }
+        gpa_end = s.gpa + s.size;
+        offset += s.size;
+    }
+    if !layout.iter().any(|s| s.kind == SlotKind::Boot) {
+        return bad("no boot RAM".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NoKvm;
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn resident_and_source_pages_are_saved_the_rest_are_holes_and_restore_reads_them() {
+        let m = MemoryManager::new(
+            Arc::new(NoKvm),
+            &[RamRange {
+                gpa: 0,
+                size: 4 * MIB,
+            }],
+            PageSource::Zero,
+            8,
+        )
+        .unwrap();
+        m.memory().write_obj(0x11u8, GuestAddress(0x1000)).unwrap();
+        m.memory().write_obj(0x22u8, GuestAddress(0x3000)).unwrap();
+        m.discard(0x3000, 0x1000).unwrap();
+        let mut file = Vec::new();
+        let layout = m
+            .save_pages::<std::io::Error>(&mut |off, bytes| {
+                if file.len() < (off as usize) + bytes.len() {
+                    file.resize(off as usize + bytes.len(), 0);
+                }
+                file[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(layout.len(), 1);
+        assert_eq!(layout[0].kind, SlotKind::Boot);
+        assert!(layout[0].has_data(1), "a written page is data");
+        assert!(!layout[0].has_data(3), "a discarded page is a hole");
+        assert!(!layout[0].has_data(2), "a page never touched is a hole");
+        // Restore over a file with those bytes.
+        let dir = std::env::temp_dir().join(format!("vmm-memsnap-{}", std::process::id()));
+        let mut f = std::fs::File::create(&dir).unwrap();
+        file.resize(4 * MIB as usize, 0);
+        f.write_all(&file).unwrap();
+        let image = ImageFile::open(&dir, 4 * MIB).unwrap();
+        let r = MemoryManager::restore(
+            Arc::new(NoKvm),
+            &layout,
+            image.clone(),
+            RestoreMapping::Lazy,
+            8,
+        )
+        .unwrap();
+        let snap = r.snapshot();
+        let s = snap.lookup(0).unwrap();
+        assert!(!s.is_discarded(1), "a data page refaults from the file");
+        assert!(
+            s.is_discarded(2) && s.is_discarded(3),
+            "holes refault as zero"
+        );
+        assert_eq!(r.fill_from(&layout, &image).unwrap(), 4096);
+        let v: u8 = r.memory().read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0x11);
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn a_bad_layout_is_refused() {
+        let ok = SlotImage {
+            gpa: 0,
+            size: 64 * 4096,
+            offset: 0,
+            kind: SlotKind::Boot,
+            data: vec![0],
+            plugged: vec![],
+            tables: vec![],
+            user: vec![],
+        };
+        assert!(check_layout(std::slice::from_ref(&ok), 64 * 4096).is_ok());
+        assert!(
+            check_layout(std::slice::from_ref(&ok), 4096).is_err(),
+            "past the file"
+        );
+        let unaligned = SlotImage {
+            gpa: 1,
+            ..ok.clone()
+        };
+        assert!(check_layout(&[unaligned], 1 << 30).is_err());
+        let bitmap = SlotImage {
+            data: vec![],
+            ..ok.clone()
+        };
+        assert!(check_layout(&[bitmap], 1 << 30).is_err());
+        let plain_first = SlotImage {
+            kind: SlotKind::Plain,
+            ..ok.clone()
+        };
+        let boot_after = SlotImage {
+            gpa: 1 << 20,
+            offset: 64 * 4096,
+            ..ok.clone()
+        };
+        assert!(check_layout(&[plain_first, boot_after], 1 << 30).is_err());
+        assert!(check_layout(&[], 1 << 30).is_err(), "no boot RAM");
+    }
+}

@@ -1,0 +1,154 @@
+//! Taking a snapshot of a running VM.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{
+    kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+use vmm_snapshot::{MemoryFile, SnapshotWriter};
+
+use super::{
+    vcpu_section, DevicesSnapshot, SnapshotError, VcpuSnapshot, VmRecord, VmSnapshot, DEVICES,
+    MEMORY, VM,
+};
+use crate::devices::lock;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::mem::VirtioMem;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::exit::VmExit;
+use crate::memory::MemoryManager;
+use crate::vcpu::pause::Pause;
+
+/// How long the vCPUs get to stop at an exit.
+const PAUSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a snapshot took.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SnapshotSummary {
+    pub dir: PathBuf,
+    /// How long the guest was stopped.
+    pub paused_ms: f64,
+    pub total_ms: f64,
+    /// Guest RAM in the memory file (holes included).
+    pub memory_bytes: u64,
+    /// Pages written (the rest are holes).
+    pub data_bytes: u64,
+    /// The VM runs on (else it stays paused until resumed).
+    pub resumed: bool,
+}
+
+fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, SnapshotError> {
+    r.map_err(|source| SnapshotError::Kvm { what, source })
+}
+
+/// Everything a snapshot reads; built with the VM.
+pub struct Snapshotter {
+    pub pause: Arc<Pause>,
+    pub exit: Arc<VmExit>,
+    pub vm_fd: Arc<VmFd>,
+    pub memory: Arc<MemoryManager>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub signal: Arc<AtomicU32>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+    pub mem: Option<Arc<Mutex<VirtioMem>>>,
+    pub record: VmRecord,
+    /// One snapshot at a time.
+    pub busy: Mutex<()>,
+}
+
+impl Snapshotter {
+    /// Save the VM into `dir` (which must not exist). The guest is stopped
+    /// while its state and memory are written, then runs on unless
+    /// `resume` is false (then [`Pause::resume`] lets it go). Any failure
+    /// leaves no snapshot and the VM running.
+    pub fn snapshot(&self, dir: &Path, resume: bool) -> Result<SnapshotSummary, SnapshotError> {
+        let _one = self.busy.try_lock().map_err(|_| SnapshotError::Busy)?;
+        let t0 = Instant::now();
+        let mut w = SnapshotWriter::create(dir)?;
+        let vcpus = self.pause.pause(true, &self.exit, PAUSE_LIMIT)?;
+        let taken = self.save_paused(&mut w, &vcpus);
+        let paused = t0.elapsed();
+        let resumed = resume || taken.is_err();
+        if resumed {
+            let _ = self.pause.resume();
+        }
+        let memory = taken?;
+        let mut record = self.record.clone();
+        record.cpuid = vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default();
+        record.created_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        w.commit(record, memory)?;
+        log::info!(
+            "snapshot {}: guest stopped {:.1} ms, {} MiB written",
+            dir.display(),
+            paused.as_secs_f64() * 1e3,
+            memory.data_bytes >> 20
+        );
+        Ok(SnapshotSummary {
+            dir: dir.to_path_buf(),
+            paused_ms: paused.as_secs_f64() * 1e3,
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            memory_bytes: memory.bytes,
+            data_bytes: memory.data_bytes,
+            resumed,
+        })
+    }
+
+    /// With every vCPU parked: hold every virtio device still (its
+    /// transport's lock, which its queue processing takes), save them,
+    /// the VM's in-kernel state, the vCPUs, and guest RAM.
+    fn save_paused(
+        &self,
+        w: &mut SnapshotWriter,
+        vcpus: &[VcpuSnapshot],
+    ) -> Result<MemoryFile, SnapshotError> {
+        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        let devices = DevicesSnapshot {
+            serial: lock(&self.serial).save(),
+            signal: self.signal.load(Ordering::Acquire),
+            transports: transports.iter().map(|t| t.save()).collect(),
+            balloon: self.balloon.as_ref().map(|b| lock(b).save()),
+            mem: self.mem.as_ref().map(|m| lock(m).save()),
+        };
+        w.section(VM, &self.save_vm()?)?;
+        w.section(DEVICES, &devices)?;
+        for (i, v) in vcpus.iter().enumerate() {
+            w.section(&vcpu_section(i), v)?;
+        }
+        let total = self.memory.snapshot().slots.iter().map(|s| s.size).sum();
+        let mut mw = w.memory(total)?;
+        let layout = self
+            .memory
+            .save_pages(&mut |off, bytes| mw.write_at(off, bytes))
+            .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+        w.section(MEMORY, &layout)?;
+        drop(transports);
+        Ok(mw.finish()?)
+    }
+
+    fn save_vm(&self) -> Result<VmSnapshot, SnapshotError> {
+        let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            kvm("KVM_GET_IRQCHIP", self.vm_fd.get_irqchip(&mut c))?;
+            Ok(c)
+        };
+        Ok(VmSnapshot {
+            clock: kvm("KVM_GET_CLOCK", self.vm_fd.get_clock())?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: kvm("KVM_GET_PIT2", self.vm_fd.get_pit2())?,
+        })
+    }
+}
