@@ -444,7 +444,15 @@ impl<I: DeserializeOwned> SnapshotReader<I> {
     /// and checksum, the memory file's length.
     pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
         let path = dir.join(MANIFEST);
-        let bytes = read_bounded(&path, MAX_MANIFEST, "manifest")?;
+        let bytes = read_bounded(&path, MAX_MANIFEST, "manifest").map_err(|e| match e {
+            // No manifest: not a snapshot (or no directory at all).
+            SnapshotError::Missing(_) => SnapshotError::Io {
+                what: "open",
+                path: path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+            e => e,
+        })?;
         let manifest = Manifest::<I>::parse(&bytes, &path)?;
         let r = Self {
             dir: dir.to_path_buf(),

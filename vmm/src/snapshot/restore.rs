@@ -216,6 +216,12 @@ impl Loaded {
     }
 }
 
+/// The memory layout a snapshot in `dir` holds (its `memory` section,
+/// checked).
+pub fn memory_layout(dir: &Path) -> Result<Vec<SlotImage>, RestoreError> {
+    Ok(SnapshotReader::<VmRecord>::open(dir)?.section(MEMORY)?)
+}
+
 /// Every run of pages the memory file holds, in file order.
 fn data_runs(layout: &[SlotImage]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();

@@ -226,6 +226,12 @@ impl<'e> EarlyPages<'e> {
     /// entries map (`vcpu` mode), the KVM MSRs' pages.
     fn before_vcpus(&mut self, loaded: &Loaded, user: bool) -> Result<(), VmError> {
         for s in &loaded.layout {
+            log::debug!(
+                "restore: slot {:#x}: {} table-like pages, {} user-mapped pages",
+                s.gpa,
+                s.tables.len(),
+                s.user.len()
+            );
             for gpa in s.table_pages() {
                 self.install(gpa)?;
             }
@@ -254,10 +260,13 @@ impl<'e> EarlyPages<'e> {
             };
             let sr = &s.sregs;
             let mut pages = Vec::new();
+            // Limits capped at what each table can use (a flat TR limit
+            // must not cover all of RAM): 64 KiB of GDT, 256 IDT gates, a
+            // TSS with a full I/O bitmap.
             for (base, limit) in [
-                (sr.gdt.base, u64::from(sr.gdt.limit)),
-                (sr.idt.base, u64::from(sr.idt.limit)),
-                (sr.tr.base, u64::from(sr.tr.limit)),
+                (sr.gdt.base, u64::from(sr.gdt.limit).min(0xffff)),
+                (sr.idt.base, u64::from(sr.idt.limit).min(0xfff)),
+                (sr.tr.base, u64::from(sr.tr.limit).min(0x2067)),
             ] {
                 let mut va = base & !(PAGE_SIZE - 1);
                 while va <= base.saturating_add(limit) {

@@ -43,6 +43,12 @@ impl SlotAudit {
         }
     }
 
+    /// The VM was replaced (a restore): its slots are not removed ones;
+    /// forget them (the tallies stay).
+    pub fn new_vm(&mut self) {
+        self.seen.clear();
+    }
+
     /// Check now: every slot seen before and removed since has no resident
     /// page (I1); every unplugged block of a present block slot has none
     /// (I6). Violations are logged.

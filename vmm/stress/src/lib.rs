@@ -16,6 +16,7 @@
 
 pub mod audit;
 mod linux;
+mod phases;
 pub mod report;
 pub mod schedule;
 
@@ -28,12 +29,14 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use audit::{SlotAudit, Tally};
+use phases::{End, Phases};
 use report::{Churned, Invariant, Report, RunId};
 use schedule::{Action, Event, Limits};
 use vmm::api::VmControl;
 use vmm::arch::x86_64::layout;
 use vmm::config::{
-    parse_duration, parse_size, BalloonOptions, FaultMode, HotplugOptions, SerialOut, VmConfig,
+    parse_duration, parse_size, BalloonOptions, FaultMode, HotplugOptions, Kernel, Prefetch,
+    RestoreMode, RestoreOptions, SerialOut, VmConfig,
 };
 use vmm::fault::stats::ThreadStat;
 use vmm::fault::FaultSnapshot;
@@ -143,11 +146,26 @@ pub struct StressArgs {
     pub initrd: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 3)]
     pub cycles: u64,
+    /// Snapshot the VM this far into the run (paused), end it, restore it
+    /// from the snapshot and churn on: every write made before, during and
+    /// after the restore must be found.
+    #[arg(long, value_parser = parse_duration)]
+    pub restore_at: Option<Duration>,
+    /// How the restore brings memory back.
+    #[arg(long, value_enum, default_value = "ondemand", requires = "restore_at")]
+    pub restore_mode: RestoreMode,
+    /// The restore's background prefetch.
+    #[arg(long, value_enum, default_value = "none", requires = "restore_at")]
+    pub prefetch: Prefetch,
+    /// Where the snapshot goes (default: a temporary directory, removed
+    /// after the run).
+    #[arg(long, requires = "restore_at")]
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the guest's pool and worker area sit in boot RAM.
 #[derive(Debug, Clone, Copy)]
-struct Layout {
+pub(crate) struct Layout {
     pool: u64,
     wbase: u64,
     wbytes: u64,
@@ -195,7 +213,7 @@ impl Layout {
 
 /// Counters the controller keeps.
 #[derive(Default)]
-struct Activity {
+pub(crate) struct Activity {
     balloon_changes: AtomicU64,
     resizes: AtomicU64,
     extra_changes: AtomicU64,
@@ -223,9 +241,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     let (config, out) = vm_config(a, &lay, guest.clone())?;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&guest);
-    let memory = vm.memory().clone();
     let control = vm.control().clone();
-    discard_each_pass(&vm, lay);
     let region = control
         .memory_info()
         .map(|m| (m.region_addr, m.region_mib * MIB))
@@ -240,12 +256,13 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
         SlotAudit::new(region.0, region.1),
         SlotAudit::new(extra_base, u64::from(EXTRA_SLOTS) * (1 << 30)),
     )));
-    let churn = Churn::start(a, &vm, events, extra_base, audit.clone())?;
+    let phases = Phases::new(a, events)?;
     let started = Instant::now();
-    let run = vm.run().map_err(|e| e.to_string())?;
+    let mut ran = phases.run(a, vm, lay, extra_base, &audit, &out)?;
     let elapsed = started.elapsed();
-    let (activity, stuck) = churn.join();
-
+    let memory = ran.vm_memory.clone();
+    let control = ran.control.clone();
+    let run = ran.last.take().ok_or("stress: no run")?;
     let text = String::from_utf8_lossy(&out.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let guest = guest_report(&text);
     // A last audit after everything stopped.
@@ -257,14 +274,16 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
     };
     let mut i1 = hot.0;
     i1.add(extra);
-    let i4 = report::i4(&run.total(), stuck, a.watchdog);
-    let invariants = invariants(i1, hot.1, i4, &guest);
+    let i4 = report::i4(&ran.total, ran.stuck, a.watchdog);
+    let mut invariants = invariants(i1, hot.1, i4, &guest);
+    invariants.extend(ran.restored);
     let id = RunId {
         seed: a.seed,
         schedule_digest: digest,
         vcpus: a.vcpus,
         elapsed,
     };
+    let activity = &ran.activity;
     let churned = Churned {
         extra_memslot_changes: activity.extra_changes.load(Ordering::Relaxed),
         balloon_target_changes: activity.balloon_changes.load(Ordering::Relaxed),
@@ -284,7 +303,7 @@ pub fn run(a: &StressArgs) -> Result<bool, String> {
 }
 
 /// Where the guest's console goes (read after the run).
-type Console = Arc<Mutex<Vec<u8>>>;
+pub(crate) type Console = Arc<Mutex<Vec<u8>>>;
 
 /// The VM a stress run boots: the churn guest with its layout on the
 /// command line, a balloon, virtio-mem, its console captured (returned).
@@ -342,7 +361,7 @@ fn vm_config(
 
 /// Each worker's pass ends with a marker: discard its share, so the next
 /// pass first-touches discarded pages (and checks they read zero).
-fn discard_each_pass(vm: &Vm, lay: Layout) {
+pub(crate) fn discard_each_pass(vm: &Vm, lay: Layout) {
     let memory = vm.memory().clone();
     vm.on_marker(Box::new(move |v| {
         if let Some((gpa, len)) = v.checked_sub(0x100).and_then(|c| lay.share(u64::from(c))) {
@@ -448,7 +467,7 @@ fn linger(a: &StressArgs) {
 
 /// The host side of a run: the controller applying the schedule, the
 /// watchdog, and the guard that ends a guest that never finishes.
-struct Churn {
+pub(crate) struct Churn {
     threads: Vec<std::thread::JoinHandle<()>>,
     done: Arc<AtomicBool>,
     activity: Arc<Activity>,
@@ -456,12 +475,15 @@ struct Churn {
 }
 
 impl Churn {
+    /// Churn `vm` with `events` for `duration`, then `end` the phase.
     fn start(
         a: &StressArgs,
         vm: &Vm,
         events: Vec<Event>,
+        (duration, end): (Duration, End),
         extra_base: u64,
         audit: Arc<Mutex<(SlotAudit, SlotAudit)>>,
+        activity: Arc<Activity>,
     ) -> Result<Churn, String> {
         let (control, memory, metrics, exit) = (
             vm.control().clone(),
@@ -469,7 +491,7 @@ impl Churn {
             vm.metrics().clone(),
             vm.exit_handle(),
         );
-        let activity = Arc::new(Activity::default());
+        let actions = vm.actions();
         let done = Arc::new(AtomicBool::new(false));
         let stuck = Arc::new(Mutex::new(Tally::default()));
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -480,7 +502,7 @@ impl Churn {
         };
         let controller = {
             let (activity, done, exit) = (activity.clone(), done.clone(), exit.clone());
-            let (duration, started) = (a.duration, Instant::now());
+            let started = Instant::now();
             spawn(
                 "stress-controller",
                 Box::new(move || {
@@ -496,15 +518,14 @@ impl Churn {
                         std::thread::sleep(left.min(Duration::from_millis(100)));
                     }
                     done.store(true, Ordering::Release);
-                    // Let the guest finish and verify what it wrote.
-                    control.signal_guest(1);
+                    end.apply(&control, actions.as_ref(), &exit);
                 }),
             )?
         };
         let watchdog = {
             let (done, stuck, exit, activity) =
                 (done.clone(), stuck.clone(), exit.clone(), activity.clone());
-            let (limit, duration) = (a.watchdog, a.duration);
+            let limit = a.watchdog;
             spawn(
                 "stress-watchdog",
                 Box::new(move || {
@@ -539,7 +560,7 @@ impl Churn {
 
     /// After the VM ended: what the controller did and what the watchdog
     /// counted.
-    fn join(self) -> (Arc<Activity>, Tally) {
+    pub(crate) fn join(self) -> (Arc<Activity>, Tally) {
         self.done.store(true, Ordering::Release);
         for t in self.threads {
             let _ = t.join();
@@ -551,7 +572,7 @@ impl Churn {
 
 /// Apply the schedule in time; audit after each change.
 #[allow(clippy::too_many_arguments)]
-fn controller(
+pub(crate) fn controller(
     control: &VmControl,
     memory: &MemoryManager,
     events: &[Event],

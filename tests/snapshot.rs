@@ -1,0 +1,643 @@
+//! Snapshot and restore on real KVM: a guest snapshotted while it is still
+//! faulting comes back in every restore mode and fault mode and finds every
+//! page it wrote; a prefetch racing the vCPUs loses no write; every bad
+//! snapshot gives its error before any vCPU runs; a failed snapshot leaves
+//! nothing and the VM runs on; a recorded working set is replayed; nothing
+//! in a snapshot directory is modified by a restore.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{guest, run_with, spawn_lines, vmm, Run};
+use serde_json::{json, Value};
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-snap-{name}-{}", std::process::id()))
+}
+
+/// One raw HTTP/1.1 request on the API socket; (status, body).
+fn http(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A `vmm run` with the API on a socket.
+struct Live {
+    child: Child,
+    socket: PathBuf,
+    out: Receiver<String>,
+    err: Receiver<String>,
+}
+
+impl Live {
+    fn start(name: &str, args: &[&str]) -> Live {
+        let socket = tmp(&format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let mut c = vmm();
+        c.arg("run").args(args).arg("--api-socket").arg(&socket);
+        let (child, out, err) = spawn_lines(c);
+        common::wait_for("the API socket", Duration::from_secs(30), || {
+            UnixStream::connect(&socket).is_ok()
+        });
+        Live {
+            child,
+            socket,
+            out,
+            err,
+        }
+    }
+
+    fn vm(&self) -> Value {
+        let (status, body) = http(&self.socket, "GET", "/vm", None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Wait until the guest has this much resident memory.
+    fn wait_resident(&self, mib: f64) {
+        common::wait_for("guest memory to fill", Duration::from_secs(120), || {
+            self.vm()["memory"]["resident_mib"].as_f64().unwrap_or(0.0) >= mib
+        });
+    }
+
+    fn snapshot(&self, dir: &Path, resume: bool) -> (u16, Value) {
+        let (status, body) = http(
+            &self.socket,
+            "PUT",
+            "/vm/snapshot",
+            Some(&json!({ "dir": dir, "resume": resume })),
+        );
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// Wait for the process to end: (status, console, stderr).
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        let status = self.child.wait().unwrap().code();
+        let console: Vec<String> = self.out.iter().collect();
+        let err: Vec<String> = self.err.iter().collect();
+        let _ = std::fs::remove_file(&self.socket);
+        (status, console.join("\n"), err.join("\n"))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn restore(dir: &Path, args: &[&str]) -> Run {
+    let mut c = vmm();
+    c.args(["restore", "--snapshot"]).arg(dir).args(args);
+    run_with(c, Duration::from_secs(300))
+}
+
+/// Every file of a snapshot directory: name, length, mtime, and the bytes
+/// of every file but the (large, sparse) memory file.
+fn dir_state(dir: &Path) -> Vec<(String, u64, SystemTime, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bytes = if name == "memory" {
+                Vec::new()
+            } else {
+                std::fs::read(e.path()).unwrap()
+            };
+            (name, m.len(), m.modified().unwrap(), bytes)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// `key=value` from the console line starting with `prefix`.
+fn field(console: &str, prefix: &str, key: &str) -> Option<String> {
+    let line = console.lines().find(|l| l.starts_with(prefix))?;
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+}
+
+const TOUCH: &str = "bytes=640M stride=4096 seed=7";
+
+/// `touch` on 2 vCPUs writes a pattern over 640 MiB, one word per page;
+/// snapshotted (through `vmm ctl`) while it is still faulting, then left
+/// to finish. Returns the snapshot and the checksum of the whole run.
+fn touch_snapshot(name: &str) -> (PathBuf, String) {
+    let dir = tmp(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let live = Live::start(
+        name,
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "1G",
+            "--kernel",
+            guest("touch").to_str().unwrap(),
+            "--cmdline",
+            TOUCH,
+        ],
+    );
+    live.wait_resident(96.0);
+    let ctl = run_with(
+        {
+            let mut c = vmm();
+            c.arg("ctl")
+                .arg("--api-socket")
+                .arg(&live.socket)
+                .args(["snapshot", "create"])
+                .arg(&dir);
+            c
+        },
+        Duration::from_secs(300),
+    );
+    ctl.assert_ok();
+    let summary: Value = serde_json::from_str(&ctl.stdout).unwrap();
+    let data = summary["data_bytes"].as_u64().unwrap();
+    assert!(
+        data > 64 << 20 && data < 600 << 20,
+        "snapshotted while faulting: {summary}"
+    );
+    assert_eq!(summary["resumed"], true);
+    let (status, console, err) = live.finish();
+    assert_eq!(status, Some(0), "{console}\n{err}");
+    let sum = field(&console, "touch: OK", "checksum")
+        .unwrap_or_else(|| panic!("no touch: OK line:\n{console}"));
+    (dir, sum)
+}
+
+fn assert_touch_ok(r: &Run, sum: &str, what: &str) {
+    assert_eq!(r.status, Some(0), "{what}:\n{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        field(&r.stdout, "touch: OK", "checksum").as_deref(),
+        Some(sum),
+        "{what}: the restored guest finds every page, with the checksum of the uninterrupted run:\n{}",
+        r.stdout
+    );
+}
+
+/// The restored guest finishes its pattern and verifies every page, in
+/// every restore mode and fault mode (and with a prefetch racing the
+/// vCPUs); the snapshot directory is as it was.
+#[test]
+fn a_guest_snapshotted_while_faulting_restores_in_every_mode() {
+    let (dir, sum) = touch_snapshot("modes");
+    let before = dir_state(&dir);
+    let modes: &[&[&str]] = &[
+        &["--restore-mode", "ondemand", "--fault-mode", "vcpu"],
+        &["--restore-mode", "ondemand", "--fault-mode", "handler"],
+        &[
+            "--restore-mode",
+            "ondemand",
+            "--fault-mode",
+            "vcpu",
+            "--prefetch",
+            "all",
+        ],
+        &[
+            "--restore-mode",
+            "ondemand",
+            "--fault-mode",
+            "handler",
+            "--prefetch",
+            "all",
+        ],
+        &["--restore-mode", "copy", "--fault-mode", "vcpu"],
+        &["--restore-mode", "copy", "--fault-mode", "prefault"],
+        &["--restore-mode", "map-private", "--fault-mode", "kernel"],
+        &["--verify-memory"],
+    ];
+    for m in modes {
+        let r = restore(&dir, m);
+        assert_touch_ok(&r, &sum, &m.join(" "));
+    }
+    assert!(dir_state(&dir) == before, "a restore modified the snapshot");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// memstress rewrites every page each round: restored with a prefetch of
+/// the whole file racing the vCPUs' rounds, no page the guest rewrote is
+/// replaced by the file's older content.
+#[test]
+fn a_prefetch_racing_the_vcpus_loses_no_write() {
+    let dir = tmp("race");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cmdline = "mode=0 rounds=20 bytes=256M stride=4096 random=1";
+    let live = Live::start(
+        "race",
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "512M",
+            "--kernel",
+            guest("memstress").to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    // After the first round: every page has data in the snapshot.
+    live.wait_resident(250.0);
+    let (status, summary) = live.snapshot(&dir, false);
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(live.vm()["state"], "paused");
+    drop(live);
+    for fault_mode in ["vcpu", "handler"] {
+        let r = restore(&dir, &["--fault-mode", fault_mode, "--prefetch", "all"]);
+        assert_eq!(
+            r.status,
+            Some(0),
+            "{fault_mode}:\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(
+            r.stdout.contains("memstress: done") && r.stdout.contains("bad=0"),
+            "{fault_mode}: {}",
+            r.stdout
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Snapshot a small guest that idles (memstress hold=1): the base of the
+/// bad-snapshot variants.
+fn small_snapshot(name: &str) -> PathBuf {
+    let dir = tmp(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let live = Live::start(
+        name,
+        &[
+            "--vcpus",
+            "1",
+            "--mem",
+            "128M",
+            "--kernel",
+            guest("memstress").to_str().unwrap(),
+            "--cmdline",
+            "mode=0 rounds=1 bytes=4M hold=1",
+        ],
+    );
+    live.wait_resident(4.0);
+    let (status, summary) = live.snapshot(&dir, true);
+    assert_eq!(status, 200, "{summary}");
+    drop(live);
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Value)) {
+    let p = dir.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+/// Every bad snapshot gives an error naming what is wrong, before any vCPU
+/// runs (no fault summary), and no restore writes into the directory.
+#[test]
+fn every_bad_snapshot_gives_its_error() {
+    let good = small_snapshot("bad-base");
+    let before = dir_state(&good);
+    let variant = |name: &str, f: &dyn Fn(&Path)| -> PathBuf {
+        let d = tmp(&format!("bad-{name}"));
+        copy_dir(&good, &d);
+        f(&d);
+        d
+    };
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "newer",
+            variant("newer", &|d| edit_manifest(d, |m| m["format"] = json!(99))),
+            "snapshot format 99 is newer than this vmm reads",
+        ),
+        (
+            "checksum",
+            variant("checksum", &|d| {
+                let p = d.join("vcpu0.bin");
+                let mut b = std::fs::read(&p).unwrap();
+                b[100] ^= 0xff;
+                std::fs::write(&p, b).unwrap();
+            }),
+            "section vcpu0: checksum",
+        ),
+        (
+            "truncated",
+            variant("truncated", &|d| {
+                let p = d.join("devices.bin");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+            }),
+            "section devices: ",
+        ),
+        (
+            "memory-size",
+            variant("memory-size", &|d| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("memory"))
+                    .unwrap();
+                f.set_len(64 << 20).unwrap();
+            }),
+            "memory file: 67108864 bytes, the manifest says",
+        ),
+        (
+            "missing",
+            variant("missing", &|d| {
+                std::fs::remove_file(d.join("vm.bin")).unwrap()
+            }),
+            "section vm is not in the snapshot",
+        ),
+        (
+            "cpuid",
+            variant("cpuid", &|d| {
+                edit_manifest(d, |m| {
+                    for e in m["info"]["cpuid"].as_array_mut().unwrap() {
+                        if e["function"] == 7 && e["index"] == 0 {
+                            e["ebx"] = json!(u32::MAX);
+                        }
+                    }
+                })
+            }),
+            "section manifest: CPUID leaf 0x7 index 0 ebx has bits",
+        ),
+        (
+            "vcpus",
+            variant("vcpus", &|d| {
+                edit_manifest(d, |m| {
+                    m["info"]["vcpus"] = json!(100_000);
+                    m["info"]["config"]["vcpus"] = json!(100_000);
+                })
+            }),
+            "100000 vCPUs, more than this host allows",
+        ),
+        (
+            "host",
+            variant("host", &|d| {
+                edit_manifest(d, |m| m["info"]["host"] = json!("elsewhere"))
+            }),
+            "the snapshot was taken on elsewhere",
+        ),
+        (
+            "manifest",
+            variant("manifest", &|d| {
+                std::fs::write(d.join("manifest.json"), b"{ not json").unwrap()
+            }),
+            "is not a snapshot manifest",
+        ),
+        ("nothing", tmp("bad-does-not-exist"), "cannot open"),
+    ];
+    for (name, dir, needle) in &cases {
+        let r = restore(dir, &[]);
+        r.assert_error(needle);
+        assert!(
+            !r.stderr.contains("fault summary"),
+            "{name}: a vCPU ran:\n{}",
+            r.stderr
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    // Options that do not go together.
+    for (args, needle) in [
+        (
+            &["--restore-mode", "map-private", "--fault-mode", "vcpu"][..],
+            "map-private is served by the host's page cache",
+        ),
+        (
+            &["--restore-mode", "ondemand", "--fault-mode", "prefault"][..],
+            "ondemand is served by the fault engine",
+        ),
+        (
+            &["--restore-mode", "copy", "--prefetch", "all"][..],
+            "--prefetch fills an ondemand restore",
+        ),
+        (
+            &["--prefetch", "working-set"][..],
+            "record one with `vmm restore --record-working-set`",
+        ),
+    ] {
+        restore(&good, args).assert_error(needle);
+    }
+    assert!(
+        dir_state(&good) == before,
+        "a restore modified the snapshot"
+    );
+    std::fs::remove_dir_all(&good).unwrap();
+}
+
+/// A snapshot that cannot be written (a full file system) fails with the
+/// reason, leaves no snapshot and no partial directory, and the VM runs on
+/// to its end; a snapshot over an existing directory is refused.
+#[test]
+fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
+    let mnt = tmp("full");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8M", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "mounting a small tmpfs (the test runs as root)"
+    );
+    let live = Live::start(
+        "full",
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "512M",
+            "--kernel",
+            guest("touch").to_str().unwrap(),
+            "--cmdline",
+            "bytes=384M stride=4096",
+        ],
+    );
+    live.wait_resident(32.0);
+    let dir = mnt.join("snap");
+    let (status, body) = live.snapshot(&dir, true);
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.to_string().contains("No space left on device"),
+        "{body}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The directory exists now: refused, nothing written.
+    let existing = tmp("existing");
+    std::fs::create_dir_all(&existing).unwrap();
+    let (status, body) = live.snapshot(&existing, true);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("already exists"), "{body}");
+    let (status, console, err) = live.finish();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let _ = std::fs::remove_dir_all(&mnt);
+    let _ = std::fs::remove_dir_all(&existing);
+    assert_eq!(status, Some(0), "{console}\n{err}");
+    assert!(console.contains("touch: OK"), "{console}");
+}
+
+fn metrics_json(r_stderr: &str) -> Option<std::net::SocketAddr> {
+    r_stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmm: metrics on http://"))
+        .and_then(|a| a.trim_end_matches("/metrics").parse().ok())
+}
+
+/// A restore records the pages the guest touches first (into the snapshot
+/// directory, beside its files); the next restore prefetches that set
+/// first and its metrics count the hits; the restore → first entry time
+/// and the vCPUs' blocktime are reported.
+#[test]
+fn a_recorded_working_set_is_replayed() {
+    let (dir, sum) = touch_snapshot("ws");
+    let before = dir_state(&dir);
+    let r = restore(&dir, &["--record-working-set", "10m"]);
+    assert_touch_ok(&r, &sum, "recording");
+    assert!(r.stderr.contains("vmm: working set:"), "{}", r.stderr);
+    assert!(dir.join("working-set").exists());
+    let mut after = dir_state(&dir);
+    after.retain(|f| f.0 != "working-set");
+    assert!(
+        after == before,
+        "recording changed the snapshot's own files"
+    );
+    // Replay, with the metrics endpoint lingering for a last scrape.
+    let mut c = vmm();
+    c.args(["restore", "--snapshot"])
+        .arg(&dir)
+        .args(["--prefetch", "working-set"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--metrics-linger", "20s"]);
+    let (mut child, out, err) = spawn_lines(c);
+    let mut stderr = Vec::new();
+    let addr = loop {
+        let l = err
+            .recv_timeout(Duration::from_secs(60))
+            .expect("metrics line");
+        stderr.push(l.clone());
+        if let Some(a) = metrics_json(&l) {
+            break a;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let console = loop {
+        let text: Vec<String> = out.try_iter().collect();
+        if text.iter().any(|l| l.starts_with("touch: ")) {
+            break text.join("\n");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replayed guest never finished"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let m: Value = serde_json::from_str(&common::http_get(addr, "/metrics.json")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        field(&console, "touch: OK", "checksum").as_deref(),
+        Some(sum.as_str())
+    );
+    let restore = &m["restore"];
+    let hits = restore["working_set_pages"]["hit"].as_u64().unwrap();
+    let misses = restore["working_set_pages"]["miss"].as_u64().unwrap();
+    assert!(hits > 1000, "the replayed set was prefetched: {restore}");
+    assert!(
+        restore["first_entry_ns"].as_f64().unwrap() > 0.0,
+        "restore → first entry reported: {restore}"
+    );
+    assert!(
+        restore["prefetch_pages"]["done"].as_u64().unwrap()
+            >= restore["prefetch_pages"]["planned"].as_u64().unwrap(),
+        "{restore}"
+    );
+    eprintln!("working set: hits {hits}, misses {misses}; {restore}");
+    let blocktime: f64 = m["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["blocktime_ns"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(blocktime > 0.0, "the vCPUs waited for memory some: {m}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Balloon and virtio-mem churn across a snapshot and restore: every
+/// invariant of `vmm stress` holds in both VMs, and right after the
+/// restore no hole (ballooned, unplugged, never touched) is resident.
+#[test]
+fn churn_across_a_restore_loses_no_write() {
+    for extra in [
+        &["--restore-mode", "ondemand"][..],
+        &["--restore-mode", "copy"][..],
+        &["--prefetch", "all"][..],
+    ] {
+        let mut c = vmm();
+        c.args([
+            "stress",
+            "--json",
+            "--duration",
+            "12s",
+            "--restore-at",
+            "5s",
+        ])
+        .args(extra);
+        let r = run_with(c, Duration::from_secs(600));
+        let report: Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}\n{}", r.stdout, r.stderr));
+        for i in report["invariants"].as_array().unwrap() {
+            assert_eq!(
+                i["violations"], 0,
+                "{extra:?}: {} violated: {report:#}\n{}",
+                i["name"], r.stderr
+            );
+        }
+        let r1 = report["invariants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "R1")
+            .expect("R1 is checked");
+        assert!(r1["checks"].as_u64().unwrap() > 1000, "{r1}");
+        assert_eq!(report["ok"], true, "{extra:?}: {report:#}");
+    }
+}
