@@ -253,3 +253,159 @@ pub fn image_file(name: &str, len: u64) -> std::path::PathBuf {
     std::fs::write(&p, buf).unwrap();
     p
 }
+
+/// The micro kernel booted to its shell (1 vCPU, 256 MiB, the userland
+/// initramfs) and snapshotted there: made once and cached outside the
+/// clone, keyed by the kernel, the initramfs and the snapshot format
+/// (`VMM_SNAPSHOT_CACHE`, default /var/cache/vmm/snapshots). Tests that do
+/// not test the boot itself restore from it. A lock file serializes the
+/// first making across test processes.
+pub fn micro_linux_snapshot() -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    use std::os::fd::AsRawFd;
+    let kernel = linux_file("bzImage-micro");
+    let initrd = linux_file("initramfs-userland.cpio");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(&kernel).unwrap().hash(&mut h);
+    std::fs::read(&initrd).unwrap().hash(&mut h);
+    vmm::snapshot::FORMAT_VERSION.hash(&mut h);
+    MICRO_ARGS.hash(&mut h);
+    let cache = std::env::var_os("VMM_SNAPSHOT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/vmm/snapshots"));
+    std::fs::create_dir_all(&cache).expect("the snapshot cache directory");
+    let dir = cache.join(format!("micro-shell-{:016x}", h.finish()));
+    let lock = std::fs::File::create(cache.join(".lock")).unwrap();
+    // SAFETY: flock on a descriptor we own; released when it is closed.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if !dir.join("manifest.json").exists() {
+        make_micro_snapshot(&kernel, &initrd, &dir);
+    }
+    dir
+}
+
+/// How the cached micro kernel is booted.
+const MICRO_ARGS: &[&str] = &[
+    "--vcpus",
+    "1",
+    "--mem",
+    "256M",
+    "--cmdline",
+    "console=ttyS0",
+];
+
+fn make_micro_snapshot(kernel: &str, initrd: &str, dir: &std::path::Path) {
+    let socket = std::env::temp_dir().join(format!("vmm-micro-snap-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let mut c = vmm();
+    c.arg("run")
+        .args(MICRO_ARGS)
+        .args(["--kernel", kernel, "--initrd", initrd])
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdin(Stdio::piped());
+    let t0 = Instant::now();
+    let (mut child, out, _err) = spawn_lines(c);
+    let deadline = t0 + Duration::from_secs(15 * 60);
+    let mut console = Vec::new();
+    // Up, then a moment for the shell to print its prompt (which ends in
+    // no newline: not a line to wait for). Input typed after a restore
+    // waits in the terminal anyway.
+    while !console
+        .iter()
+        .any(|l: &String| l.contains("VMM-USERLAND: up"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no userland:\n{}",
+            console.join("\n")
+        );
+        if let Ok(l) = out.recv_timeout(Duration::from_millis(200)) {
+            console.push(l);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    eprintln!(
+        "[{:6.1}s] micro kernel at its shell: snapshot into {}",
+        t0.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    let mut ctl = vmm();
+    ctl.arg("ctl")
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["snapshot", "create", "--paused"])
+        .arg(dir);
+    let r = run_with(ctl, Duration::from_secs(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&socket);
+    r.assert_ok();
+}
+
+/// A restored micro kernel shell: `script` is typed at once; the console
+/// until the VM ends, and how long the first line of output took.
+pub struct Restored {
+    pub status: Option<i32>,
+    pub console: Vec<String>,
+    pub stderr: Vec<String>,
+    /// From the spawn to the first console line that is not the typed echo.
+    pub first_output: Option<Duration>,
+}
+
+impl Restored {
+    pub fn has_line(&self, l: &str) -> bool {
+        self.console.iter().any(|c| c.trim_end_matches('\r') == l)
+    }
+
+    pub fn tail(&self) -> String {
+        let n = self.console.len().saturating_sub(40);
+        format!(
+            "console:\n{}\nstderr:\n{}",
+            self.console[n..].join("\n"),
+            self.stderr.join("\n")
+        )
+    }
+}
+
+pub fn restore_shell(snapshot: &std::path::Path, args: &[&str], script: &str) -> Restored {
+    use std::io::Write;
+    let mut c = vmm();
+    c.args(["restore", "--snapshot"])
+        .arg(snapshot)
+        .args(args)
+        .stdin(Stdio::piped());
+    let t0 = Instant::now();
+    let (mut child, out, err) = spawn_lines(c);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(script.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let deadline = t0 + Duration::from_secs(300);
+    let mut console = Vec::new();
+    let mut first_output = None;
+    let first_typed = script.lines().next().unwrap_or("").to_string();
+    loop {
+        match out.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => {
+                if first_output.is_none() && !l.contains(&first_typed) && !l.trim().is_empty() {
+                    first_output = Some(t0.elapsed());
+                }
+                console.push(l);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) if Instant::now() > deadline => {
+                let _ = child.kill();
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    drop(stdin);
+    let status = child.wait().unwrap().code();
+    Restored {
+        status,
+        console,
+        stderr: err.try_iter().collect(),
+        first_output,
+    }
+}

@@ -28,6 +28,8 @@ use crate::devices::virtio::mmio::TransportSnapshot;
 use crate::vcpu::state::CpuidEntry;
 
 pub use crate::vcpu::state::VcpuSnapshot;
+/// The snapshot format this build writes (and the newest it reads).
+pub use vmm_snapshot::FORMAT_VERSION;
 
 /// Section names.
 pub const VM: &str = "vm";
