@@ -490,7 +490,7 @@ fn residency(hva: u64, size: u64) -> Vec<u8> {
 /// The layout must be sorted, disjoint, page aligned, inside the file,
 /// boot slots first and consecutive from offset 0, bitmaps of the right
 /// size.
-fn check_layout(layout: &[SlotImage], file_len: u64) -> Result<(), RestoreError> {
+pub fn check_layout(layout: &[SlotImage], file_len: u64) -> Result<(), RestoreError> {
     let bad = |why: String| Err(RestoreError::Layout(why));
     let mut gpa_end = 0;
     let mut offset = 0;
