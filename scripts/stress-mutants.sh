@@ -2,7 +2,9 @@
 # Plant each defect the stress checks exist to find into a copy of the VMM,
 # build it, run a short `vmm stress`, and require the matching invariant to
 # report violations (and the run to fail). Shows that each check of the
-# stress report can fail. Exits non-zero if a planted defect went unseen.
+# stress report can fail. The snapshot mutants run the stress across a
+# snapshot and restore (`--restore-at`). Exits non-zero if a planted defect
+# went unseen.
 #
 #   scripts/stress-mutants.sh            # all mutants (a build and a ~10 s run each)
 set -euo pipefail
@@ -11,13 +13,16 @@ ROOT=$PWD
 WORK=$ROOT/target/stress-mutants/src
 export CARGO_TARGET_DIR=$ROOT/target/stress-mutants/target
 
-# name | expected invariant | file | python regex (must match once) | replacement
+# name | expected invariant | file | python regex (must match once) | replacement | extra stress args
 MUTANTS=(
   "a discard does not zap the pages|I3|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n\}|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n}"
   "an unplug does not zap the block|I6|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n(\s*)\}\n\n(\s*)fn range_in_slot|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n\3}\n\n\4fn range_in_slot"
   "neither unplug nor slot removal drops pages|I1|vmm/memory/src/manager.rs|let zapped = madvise\(hva, slot\.size, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);|let zapped: Result<(), MemError> = Ok(()); let _ = hva; if false { let _ = madvise(hva, 0, 0, \"\"); }"
   "a write completed through an exit is dropped|I2|vmm/fault/src/engine.rs|unsafe \{ std::ptr::write_volatile\(\(hva \+ i as u64\) as \*mut u8, \*b\) \};|let _ = (hva, i, b);"
   "a speculative install is not counted|I4|vmm/fault/src/engine.rs|Path::Speculative => stats\.add\(ThreadStat::SpeculativeInstalls, 1\),|Path::Speculative => {}"
+  "a restore skips the vCPU's registers|I2|vmm/src/vcpu/state.rs|        kvm\(\"KVM_SET_REGS\", fd\.set_regs\(&self\.regs\)\)\?;\n||--restore-at 3s"
+  "a prefetch overwrites a page a vCPU installed|I2|vmm/fault/src/engine.rs|Ok\(uffd::Install::Exists\(_\)\) => \{\n|Ok(uffd::Install::Exists(_)) => {\nif self.prefetch { unsafe { std::ptr::copy_nonoverlapping(self.ctx.bounce.as_ptr().cast::<u8>(), hva as *mut u8, PAGE_SIZE as usize) }; }\n|--restore-at 3s --prefetch all"
+  "a copy restore fills the holes|R1|vmm/memory/src/snapshot.rs|                if !s\.has_data\(p\) \{\n                    p \+= 1;\n                    continue;\n                \}\n                let mut n = 1;\n                while p \+ n < s\.pages\(\) && n < RUN && s\.has_data\(p \+ n\)|                let mut n = 1;\n                while p + n < s.pages() && n < RUN|--restore-at 3s --restore-mode copy"
 )
 # The I1 mutant also needs the unplug one (blocks must still hold pages
 # when their slice goes): applied together.
@@ -25,7 +30,7 @@ EXTRA_FOR_I1=1
 
 fails=0
 for m in "${MUTANTS[@]}"; do
-  IFS='|' read -r name inv file pattern replacement <<<"$m"
+  IFS='|' read -r name inv file pattern replacement extra <<<"$m"
   rm -rf "$WORK"
   mkdir -p "$WORK"
   # The tree as git sees it (tracked and untracked, not ignored files).
@@ -50,7 +55,7 @@ PY
     echo "MUTANT DID NOT BUILD: $name"; tail -n 20 "$WORK/build.log"; fails=$((fails + 1)); continue
   fi
   out=$("$CARGO_TARGET_DIR/release/vmm" stress --json --duration 8s --vcpus 2 --mem 256M \
-    --hotplug 256M --seed 3 2>/dev/null) && status=0 || status=$?
+    --hotplug 256M --seed 3 $extra 2>/dev/null) && status=0 || status=$?
   verdict=$(printf '%s' "$out" | python3 -c '
 import json, sys
 inv = sys.argv[1]

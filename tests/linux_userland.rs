@@ -140,7 +140,6 @@ fn start(mut c: std::process::Command, script: Option<&str>, ready: &str) -> Boo
     } else {
         Value::Null
     };
-    drop(type_now);
     drop(stdin);
     if !summary_done {
         let _ = child.kill();

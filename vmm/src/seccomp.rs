@@ -206,7 +206,12 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
         // virtio-mem's memslots when a notification takes the bus path);
         // image pages read for a fault; the kick (tgkill by the main
         // thread arrives as a signal, nothing to allow).
-        ThreadClass::Vcpu => &[libc::SYS_read, libc::SYS_pread64, libc::SYS_mincore],
+        ThreadClass::Vcpu => &[
+            libc::SYS_read,
+            libc::SYS_pread64,
+            libc::SYS_fadvise64,
+            libc::SYS_mincore,
+        ],
         ThreadClass::Events => &[
             libc::SYS_epoll_create1,
             libc::SYS_epoll_wait,
@@ -216,6 +221,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_pread64,
             libc::SYS_ioctl,
             libc::SYS_mincore,
+            libc::SYS_fadvise64,
             libc::SYS_timerfd_settime,
         ],
         ThreadClass::Handler => &[
@@ -223,6 +229,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_poll,
             libc::SYS_ppoll,
             libc::SYS_pread64,
+            libc::SYS_fadvise64,
         ],
         ThreadClass::Api | ThreadClass::Metrics => &[
             libc::SYS_epoll_wait,
@@ -241,6 +248,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_getpeername,
             libc::SYS_mincore,
             libc::SYS_pread64,
+            libc::SYS_fadvise64,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
             libc::SYS_statx,
@@ -265,6 +273,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_lseek,
             libc::SYS_pwrite64,
             libc::SYS_pread64,
+            libc::SYS_fadvise64,
             libc::SYS_read,
             libc::SYS_mincore,
             libc::SYS_getdents64,

@@ -18,6 +18,7 @@ mod churn;
 
 use churn::us;
 pub mod hotplug;
+pub mod restore;
 
 use clap::Parser;
 
@@ -70,7 +71,7 @@ pub enum BenchSource {
 
 /// The image's page cache before a file-backed run.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Cache {
+pub(crate) enum Cache {
     /// Read whole just before the run.
     Warm,
     /// Dropped (`POSIX_FADV_DONTNEED`) just before the run.
@@ -205,7 +206,7 @@ fn make_image(size: u64) -> Result<std::path::PathBuf, String> {
 
 /// Warm: read the image whole (into the page cache). Cold: drop its clean
 /// pages from the page cache.
-fn set_cache(image: &Path, cache: Cache) -> Result<(), String> {
+pub(crate) fn set_cache(image: &Path, cache: Cache) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(image).map_err(|e| e.to_string())?;
     match cache {

@@ -124,6 +124,9 @@ enum BenchCmd {
     Balloon(vmm_bench::balloon::BalloonBenchArgs),
     /// virtio-mem plug/unplug latency and fault latency while they happen.
     Hotplug(vmm_bench::hotplug::HotplugBenchArgs),
+    /// Restore a snapshot each way (copy, map-private, ondemand, working
+    /// set) and time the guest's working set.
+    Restore(vmm_bench::restore::RestoreBenchArgs),
 }
 
 #[derive(Parser)]
@@ -463,6 +466,7 @@ fn main() -> ExitCode {
         },
         Command::Bench(BenchCmd::Balloon(a)) => bench_result(vmm_bench::balloon::run(&a)),
         Command::Bench(BenchCmd::Hotplug(a)) => bench_result(vmm_bench::hotplug::run(&a)),
+        Command::Bench(BenchCmd::Restore(a)) => bench_result(vmm_bench::restore::run(&a)),
         Command::Ctl(a) => ctl(a),
         Command::Stress(a) => match vmm_stress::run(&a) {
             Ok(true) => ExitCode::SUCCESS,

@@ -414,6 +414,13 @@ impl FaultEngine {
     }
 }
 
+/// Smallest window of a fault on a file page, in pages.
+const FILE_WINDOW: u64 = 16;
+
+/// The file block read around a short first touch of a file page (the
+/// host kernel reads 128 KiB around a file mapping's fault likewise).
+const READ_AROUND: u64 = 128 << 10;
+
 /// The production installer: userfaultfd ioctls into the slot's mapping.
 struct UffdInstaller<'e, 'a> {
     engine: &'e FaultEngine,
@@ -460,12 +467,25 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
     fn prepare(&mut self, slot: &Slot, page: u64) -> Result<Content<u64>, InstallError> {
         match slot.backing.source() {
             PageSource::File(img) if !slot.is_discarded(slot.page_index(page)) => {
+                // A file page's neighbours come at the price of one read:
+                // at least a 64 KiB window, as the kernel's fault-around
+                // maps a file mapping's (a restore's pages are the
+                // guest's own; none is installed twice).
+                if !self.prefetch {
+                    self.want = self.want.max(FILE_WINDOW.min(self.engine.fault_around));
+                }
                 let pages = self.window(slot, page);
                 let bounce = &mut self.ctx.bounce;
                 if bounce.len() < pages as usize {
                     bounce.resize_with(pages as usize, || Page([0; PAGE_SIZE as usize]));
                 }
                 let offset = slot.backing.source_offset() + (page - slot.gpa);
+                if pages < READ_AROUND / PAGE_SIZE {
+                    // A short read (a random touch): have the host read the
+                    // block around it, so the neighbours' faults find it in
+                    // the page cache.
+                    img.read_around(offset & !(READ_AROUND - 1), READ_AROUND);
+                }
                 // SAFETY: `Page` is plain bytes; the first `pages` of the
                 // vector are one contiguous, initialised buffer.
                 let buf = unsafe {

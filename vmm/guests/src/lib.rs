@@ -24,3 +24,7 @@ pub static MEMSTRESS: &[u8] = include_bytes!(concat!(env!("VMM_GUEST_DIR"), "/me
 /// The churn guest (`guest-images/memchurn`), used by benchmarks and `vmm
 /// stress`.
 pub static MEMCHURN: &[u8] = include_bytes!(concat!(env!("VMM_GUEST_DIR"), "/memchurn.elf"));
+
+/// The restore benchmark's guest (`guest-images/wset`): populates its RAM,
+/// waits for the host's signal, then touches a working set.
+pub static WSET: &[u8] = include_bytes!(concat!(env!("VMM_GUEST_DIR"), "/wset.elf"));

@@ -102,7 +102,7 @@ impl Vm {
         }
         let mut early = engine.as_ref().map(EarlyPages::new);
         if let Some(p) = &mut early {
-            p.before_vcpus(&loaded, mode == FaultMode::Vcpu)?;
+            p.before_vcpus(&loaded, mode == FaultMode::Vcpu && has_user_mode(&loaded))?;
         }
         if mode == FaultMode::Vcpu {
             no_async_pf(&mut loaded);
@@ -301,6 +301,20 @@ impl<'e> EarlyPages<'e> {
         }
         Ok(())
     }
+}
+
+/// `IA32_LSTAR`: a guest kernel that set it has a user mode (test guests,
+/// which run at CPL 0 only, never do).
+const MSR_LSTAR: u32 = 0xc000_0082;
+
+/// Whether any vCPU's guest has a user mode (its user-mapped pages are then
+/// installed first in `vcpu` mode).
+fn has_user_mode(loaded: &Loaded) -> bool {
+    loaded
+        .vcpus
+        .iter()
+        .flat_map(|v| &v.msrs)
+        .any(|m| m.index == MSR_LSTAR && m.data != 0)
 }
 
 /// `MSR_KVM_ASYNC_PF_EN`.
