@@ -403,6 +403,9 @@ fn the_server_matches_its_openapi_document() {
     let live = Live::start("openapi", &["--balloon", "8M", "--hotplug", "128M"]);
     let s = &live.socket;
     let mut checked = 0;
+    let snap = std::env::temp_dir().join(format!("vmm-openapi-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&snap);
+    let snap_body = json!({ "dir": snap }).to_string();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for (method, op) in ops.as_object().unwrap() {
             if path == "/vm/stop" {
@@ -413,6 +416,7 @@ fn the_server_matches_its_openapi_document() {
                 ("/balloon", "PUT") => Some(r#"{"target_mib": 4}"#),
                 ("/balloon/statistics", "PUT") => Some(r#"{"interval_s": 1}"#),
                 ("/memory", "PUT") => Some(r#"{"requested_mib": 4}"#),
+                ("/vm/snapshot", "PUT") => Some(snap_body.as_str()),
                 _ => None,
             };
             // Request bodies must satisfy their own schema.
@@ -451,7 +455,7 @@ fn the_server_matches_its_openapi_document() {
         )
         .unwrap();
     }
-    assert!(checked >= 4, "only {checked} operations checked");
+    assert!(checked >= 8, "only {checked} operations checked");
     // Every route the server has is in the document, with its methods.
     for (route, methods) in vmm::api::server::ROUTES {
         for m in methods.iter() {
@@ -460,4 +464,9 @@ fn the_server_matches_its_openapi_document() {
         }
     }
     assert_eq!(http(s, "PUT", "/vm/stop", None).0, 204);
+    assert!(
+        snap.join("manifest.json").exists(),
+        "PUT /vm/snapshot wrote no snapshot"
+    );
+    let _ = std::fs::remove_dir_all(&snap);
 }

@@ -29,7 +29,8 @@
 //! - [`http1`]: one HTTP/1.1 connection, for the API and the metrics.
 //! - [`summary`]: the table printed when a VM ends.
 //! - [`logger`], [`terminal`]: the stderr logger; raw console mode.
-//! - [`vm`]: builds a VM from a configuration and runs it to its end.
+//! - [`vm`]: builds a VM from a configuration (or restores one from a
+//!   snapshot) and runs it to its end.
 
 pub use vmm_counters as counters;
 pub use vmm_devices as devices;

@@ -123,6 +123,22 @@ pub fn looks_like_page_table(page: &[u8], phys_top: u64) -> bool {
 /// IOAPIC) whatever the RAM.
 const MMIO_TOP: u64 = 1 << 32;
 
+/// The first page from `from` (at most `end`) whose bit is not `set`:
+/// where a run of data pages (`set`) or of holes ends. Whole words at a
+/// time (a 4 GiB layout has a million pages).
+fn run_end(words: &[u64], from: u64, set: bool, end: u64) -> u64 {
+    let mut i = from;
+    while i < end {
+        let w = words.get((i / 64) as usize).copied().unwrap_or(0);
+        let w = if set { !w } else { w } >> (i % 64);
+        if w != 0 {
+            return (i + u64::from(w.trailing_zeros())).min(end);
+        }
+        i = (i / 64 + 1) * 64;
+    }
+    end
+}
+
 fn bit(words: &[u64], i: u64) -> bool {
     words
         .get((i / 64) as usize)
@@ -402,15 +418,11 @@ impl MemoryManager {
             };
             let mut p = 0;
             while p < s.pages() {
-                if s.has_data(p) {
-                    p += 1;
-                    continue;
+                p = run_end(&s.data, p, true, s.pages());
+                let n = run_end(&s.data, p, false, s.pages()) - p;
+                if n > 0 {
+                    drop(slot.begin_discard(p, n));
                 }
-                let mut n = 1;
-                while p + n < s.pages() && !s.has_data(p + n) {
-                    n += 1;
-                }
-                drop(slot.begin_discard(p, n));
                 p += n;
             }
         }
@@ -548,6 +560,25 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn run_end_finds_where_each_run_ends() {
+        let words = [0x00ff_0000_0000_000f_u64, u64::MAX, 0, 1 << 63];
+        let naive = |from: u64, set: bool, end: u64| {
+            (from..end).find(|&i| bit(&words, i) != set).unwrap_or(end)
+        };
+        for end in [0, 1, 63, 64, 130, 200, 256, 300] {
+            for from in 0..end.min(256) {
+                for set in [true, false] {
+                    assert_eq!(
+                        run_end(&words, from, set, end),
+                        naive(from, set, end),
+                        "{from} {set} {end}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn resident_and_source_pages_are_saved_the_rest_are_holes_and_restore_reads_them() {

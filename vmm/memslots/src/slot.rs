@@ -192,9 +192,7 @@ impl<B> Memslot<B> {
     /// guard is held; they refault as zero (I3).
     pub fn begin_discard(&self, first: u64, count: u64) -> ExclusiveGuard<'_> {
         let g = self.exclusive();
-        for p in first..first + count {
-            self.discarded.set(p);
-        }
+        self.discarded.set_range(first, count);
         g
     }
 

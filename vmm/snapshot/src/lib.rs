@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -202,6 +202,17 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 /// CRC-32.
 const SIDECAR_MAGIC: &[u8; 8] = b"VMMSIDE1";
 
+/// A new file only its owner may read: a snapshot is the guest's memory
+/// and registers (its directory is 0700 too).
+fn create_private(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Write `value` as a sidecar file beside a snapshot's (a working set a
 /// restore recorded): under a temporary name, synced, renamed over any
 /// earlier one. The snapshot's own files are never touched.
@@ -209,7 +220,7 @@ pub fn write_sidecar<T: Serialize>(path: &Path, value: &T) -> Result<(), Snapsho
     let payload = encode(value);
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_private(&tmp)?;
         f.write_all(SIDECAR_MAGIC)?;
         f.write_all(&(payload.len() as u64).to_le_bytes())?;
         f.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
@@ -288,7 +299,10 @@ impl SnapshotWriter {
             .join(format!(".{name}.partial-{}", std::process::id()));
         // A partial snapshot of ours left by a crash: never a snapshot.
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io("create", &tmp))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             tmp,
@@ -302,7 +316,7 @@ impl SnapshotWriter {
         check_name(name)?;
         let bytes = encode(value);
         let path = self.tmp.join(format!("{name}.bin"));
-        let mut f = File::create(&path).map_err(io("create", &path))?;
+        let mut f = create_private(&path).map_err(io("create", &path))?;
         f.write_all(&bytes).map_err(io("write", &path))?;
         self.sections.push(Section {
             name: name.to_string(),
@@ -315,7 +329,7 @@ impl SnapshotWriter {
     /// The memory file, `bytes` long, all holes until written.
     pub fn memory(&self, bytes: u64) -> Result<MemoryWriter, SnapshotError> {
         let path = self.tmp.join(MEMORY);
-        let file = File::create(&path).map_err(io("create", &path))?;
+        let file = create_private(&path).map_err(io("create", &path))?;
         file.set_len(bytes).map_err(io("size", &path))?;
         Ok(MemoryWriter {
             file,
@@ -357,7 +371,7 @@ impl SnapshotWriter {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let mut f = File::create(&path).map_err(io("create", &path))?;
+        let mut f = create_private(&path).map_err(io("create", &path))?;
         f.write_all(&text).map_err(io("write", &path))?;
         f.sync_all().map_err(io("sync", &path))?;
         sync_dir(&self.tmp)?;

@@ -42,7 +42,9 @@ impl Vm {
         if config.restore.verify_memory {
             loaded.reader.verify_memory().map_err(|e| err(e.into()))?;
         }
-        let plan = loaded.plan(config.restore.prefetch).map_err(err)?;
+        let plan = loaded
+            .plan(prefetch_for(&config, &host, mode, &loaded))
+            .map_err(err)?;
         let vm_fd = build::create_vm(&host)?;
         let image = ImageFile::open(
             &loaded.reader.memory_path(),
@@ -301,6 +303,35 @@ impl<'e> EarlyPages<'e> {
         }
         Ok(())
     }
+}
+
+/// The prefetch asked for, except where the guest would otherwise stall:
+/// on a PVM host a guest user-mode touch of a page not yet installed does
+/// not reach a `vcpu`-mode VMM (it spins in KVM's async-PF path, measured
+/// with the micro Linux's shell), so a guest with a user mode gets every
+/// page prefetched, with a warning saying so.
+fn prefetch_for(config: &VmConfig, host: &Host, mode: FaultMode, loaded: &Loaded) -> Prefetch {
+    let r = config.restore;
+    let at_risk = host.flavor == crate::host::KvmFlavor::Pvm
+        && mode == FaultMode::Vcpu
+        && r.mode == RestoreMode::Ondemand
+        && has_user_mode(loaded);
+    if !at_risk || r.prefetch != Prefetch::None {
+        return r.prefetch;
+    }
+    if r.record_working_set.is_some() {
+        log::warn!(
+            "restore: this guest runs user code; on a PVM host its user-mode touches of pages not yet \
+             installed can stall a vcpu-mode restore without a prefetch: record with --fault-mode handler"
+        );
+        return Prefetch::None;
+    }
+    log::warn!(
+        "restore: this guest runs user code; on a PVM host its user-mode touches of pages not yet \
+         installed would stall a vcpu-mode restore: prefetching every page (--prefetch all; or \
+         --fault-mode handler)"
+    );
+    Prefetch::All
 }
 
 /// `IA32_LSTAR`: a guest kernel that set it has a user mode (test guests,
