@@ -230,6 +230,8 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_ppoll,
             libc::SYS_pread64,
             libc::SYS_fadvise64,
+            // A restore's prefetch (this class) skips installed pages.
+            libc::SYS_mincore,
         ],
         ThreadClass::Api | ThreadClass::Metrics => &[
             libc::SYS_epoll_wait,

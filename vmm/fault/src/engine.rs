@@ -136,8 +136,9 @@ impl FaultCtx {
 pub enum Prefetched {
     /// This many pages (from the first) are in now.
     Installed(u64),
-    /// The first page was present already (a vCPU was there first).
-    Present,
+    /// This many pages (from the first) were present already (a vCPU was
+    /// there first).
+    Present(u64),
     /// The first page was discarded, unplugged or removed since the plan:
     /// it stays out.
     Skipped,
@@ -170,6 +171,10 @@ pub struct FaultEngine {
     /// vCPU threads by kernel thread ID (a handler thread's userfault
     /// names the thread it blocks): their index and counters.
     vcpu_threads: RwLock<Vec<(i32, usize, Arc<FaultStats>)>>,
+    /// Testing: called with a prefetch's first page after its residency
+    /// check, before its read (where a vCPU's install races it).
+    #[cfg(test)]
+    pub(crate) after_residency: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl FaultEngine {
@@ -203,6 +208,8 @@ impl FaultEngine {
             restore,
             recorder: None,
             vcpu_threads: RwLock::new(Vec::new()),
+            #[cfg(test)]
+            after_residency: std::sync::OnceLock::new(),
         }
     }
 
@@ -360,9 +367,21 @@ impl FaultEngine {
         gpa: u64,
         pages: u64,
     ) -> Result<Prefetched, FaultError> {
+        // What a vCPU installed already is skipped without reading it again
+        // (a vCPU's sequential window is up to 512 pages), and the read
+        // stops where the next installed page begins. A vCPU installing
+        // after this look still wins: the install refuses a present page.
+        let (present, missing) = self.residency(gpa, pages.clamp(1, RESIDENCY_MAX));
+        if present > 0 {
+            return Ok(Prefetched::Present(present));
+        }
+        #[cfg(test)]
+        if let Some(hook) = self.after_residency.get() {
+            hook(gpa);
+        }
         let mut installer = UffdInstaller {
             engine: self,
-            want: pages.max(1),
+            want: missing.max(1),
             installed: 0,
             from_source: false,
             prefetch: true,
@@ -377,12 +396,60 @@ impl FaultEngine {
                 self.restore.add(RestoreStat::PrefetchPages, installed);
                 Ok(Prefetched::Installed(installed.max(1)))
             }
-            Ok(Outcome::AlreadyPresent) => Ok(Prefetched::Present),
+            Ok(Outcome::AlreadyPresent) => Ok(Prefetched::Present(1)),
             Ok(Outcome::Declined)
             | Err(ResolveError::NotRam { .. } | ResolveError::NotPlugged { .. }) => {
                 Ok(Prefetched::Skipped)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Ask the host to read `pages` from `gpa` of a file-backed slot into
+    /// its page cache, asynchronously (a prefetch's plan, up front: the
+    /// disk reads it at its bandwidth while the vCPUs run).
+    pub fn advise(&self, gpa: u64, pages: u64) {
+        let snap = self.memory.snapshot();
+        let Some(slot) = snap.lookup(gpa) else {
+            return;
+        };
+        if let PageSource::File(img) = slot.backing.source() {
+            let len = (pages * PAGE_SIZE).min(slot.end() - gpa);
+            img.read_around(slot.backing.source_offset() + (gpa - slot.gpa), len);
+        }
+    }
+
+    /// How many pages from `gpa` (at most `pages`, within its slot) are
+    /// resident, or if the first is not, how many are not (mincore).
+    /// Outside RAM: (0, 1), for the install to say why.
+    fn residency(&self, gpa: u64, pages: u64) -> (u64, u64) {
+        let snap = self.memory.snapshot();
+        let Some(slot) = snap.lookup(gpa) else {
+            return (0, 1);
+        };
+        let page = gpa & !(PAGE_SIZE - 1);
+        let pages = pages.min((slot.end() - page) / PAGE_SIZE) as usize;
+        let mut vec = [0u8; RESIDENCY_MAX as usize];
+        let hva = slot.backing.hva() + (page - slot.gpa);
+        // SAFETY: `vec` has a byte for each of the `pages` pages (at most
+        // RESIDENCY_MAX) of a range inside the slot's mapping, which the
+        // snapshot keeps mapped; mincore only reads page-table state.
+        let r = unsafe {
+            libc::mincore(
+                hva as *mut libc::c_void,
+                pages * PAGE_SIZE as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return (0, 1);
+        }
+        let first = vec[0] & 1;
+        let run = vec[..pages].iter().take_while(|b| *b & 1 == first).count() as u64;
+        if first != 0 {
+            (run, 0)
+        } else {
+            (0, run)
         }
     }
 
@@ -413,6 +480,9 @@ impl FaultEngine {
         Ok(r)
     }
 }
+
+/// Most pages a prefetch looks at (and reads) at once.
+const RESIDENCY_MAX: u64 = 512;
 
 /// Smallest window of a fault on a file page, in pages.
 const FILE_WINDOW: u64 = 16;

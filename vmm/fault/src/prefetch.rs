@@ -17,7 +17,7 @@ use crate::stats::FaultStats;
 use crate::ServeError;
 
 /// Pages installed at once (one read of the memory file, one ioctl).
-pub const CHUNK: u64 = 64;
+pub const CHUNK: u64 = 256;
 
 /// What to prefetch, in order: runs of `(gpa, pages)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,6 +86,11 @@ pub fn spawn(
 pub fn run(engine: &FaultEngine, exit: &VmExit, plan: &Plan, stats: Arc<FaultStats>) {
     let mut ctx = FaultCtx::new(stats);
     let mut progress = Progress::new(plan.pages());
+    // The recorded set is read ahead whole: the vCPUs' first touches
+    // (in their order, not the plan's) find their pages in the page cache.
+    for &(gpa, pages) in &plan.working_set {
+        engine.advise(gpa, pages);
+    }
     let phases = [(true, &plan.working_set), (false, &plan.rest)];
     for (working_set, runs) in phases {
         for &(gpa, pages) in runs {
@@ -125,11 +130,11 @@ fn count(engine: &FaultEngine, p: Prefetched, working_set: bool) -> u64 {
             }
             n
         }
-        Prefetched::Present => {
+        Prefetched::Present(n) => {
             if working_set {
-                stats.add(RestoreStat::WorkingSetMisses, 1);
+                stats.add(RestoreStat::WorkingSetMisses, n);
             }
-            1
+            n
         }
         Prefetched::Skipped => 1,
     }
@@ -198,8 +203,10 @@ mod tests {
 
     /// A prefetch never writes over a page a vCPU installed and changed: a
     /// memory file of 64 pages, page 5 installed by a fault (with a window
-    /// of 1) and rewritten, then a prefetch of everything. Real userfaultfd
-    /// (SIGBUS mode, as vcpu mode), no KVM.
+    /// of 1) and rewritten before the prefetch looks (it is skipped), page
+    /// 40 installed and written by a racing "vCPU" just after the prefetch
+    /// looked and before it reads (the install must refuse it). Real
+    /// userfaultfd (SIGBUS mode, as vcpu mode), no KVM.
     #[test]
     fn prefetch_keeps_what_a_vcpu_installed() {
         use std::io::Write;
@@ -264,20 +271,52 @@ mod tests {
             );
             std::ptr::write_volatile(hva(page), 0xee);
         }
+        // The race: at the prefetch's look at page 40, a "vCPU" installs
+        // it (0xdd) first.
+        let racer = memory.uffd().unwrap().clone();
+        let page40 = hva(40 * PAGE_SIZE) as usize;
+        let raced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = raced.clone();
+        let hook: Box<dyn Fn(u64) + Send + Sync> = Box::new(move |gpa| {
+            if gpa == 40 * PAGE_SIZE && !r.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let src = Box::new(crate::engine::Page([0xdd; PAGE_SIZE as usize]));
+                // SAFETY: one page from a page-sized buffer into the
+                // registered, missing page 40.
+                unsafe {
+                    racer
+                        .copy(
+                            (&*src as *const crate::engine::Page).cast(),
+                            page40 as *mut libc::c_void,
+                            PAGE_SIZE as usize,
+                            true,
+                        )
+                        .unwrap();
+                }
+            }
+        });
+        assert!(engine.after_residency.set(hook).is_ok());
         let plan = Plan {
-            working_set: vec![(0, PAGES)],
+            working_set: vec![(0, 40), (40 * PAGE_SIZE, PAGES - 40)],
             rest: Vec::new(),
         };
         run(&engine, &exit, &plan, stats);
         assert!(!exit.is_stopping(), "the prefetch failed");
         for p in 0..PAGES {
-            let want = if p == 5 { 0xee } else { p as u8 + 1 };
+            let want = match p {
+                5 => 0xee,
+                40 => 0xdd,
+                _ => p as u8 + 1,
+            };
             // SAFETY: every page is installed now (the prefetch's claim; a
             // missing one raises SIGBUS and fails the test loudly).
             let got = unsafe { std::ptr::read_volatile(hva(p * PAGE_SIZE)) };
             assert_eq!(got, want, "page {p} after the prefetch");
         }
-        assert_eq!(restore.get(RestoreStat::PrefetchPages), PAGES - 1);
-        assert_eq!(restore.get(RestoreStat::WorkingSetMisses), 1);
+        assert!(
+            raced.load(std::sync::atomic::Ordering::SeqCst),
+            "the race was not run"
+        );
+        assert_eq!(restore.get(RestoreStat::PrefetchPages), PAGES - 2);
+        assert_eq!(restore.get(RestoreStat::WorkingSetMisses), 2);
     }
 }
