@@ -23,7 +23,7 @@ MUTANTS=(
   "a speculative install is not counted|I4|vmm/fault/src/engine.rs|Path::Speculative => stats\.add\(ThreadStat::SpeculativeInstalls, 1\),|Path::Speculative => {}"
   "a restore skips the vCPU's registers|I2|vmm/src/vcpu/state.rs|        kvm\(\"KVM_SET_REGS\", fd\.set_regs\(&self\.regs\)\)\?;\n||--restore-at 3s"
   "a prefetch overwrites a page a vCPU installed|test:vmm-fault:prefetch_keeps_what_a_vcpu_installed|vmm/fault/src/engine.rs|Ok\(uffd::Install::Exists\(_\)\) => \{\n|Ok(uffd::Install::Exists(_)) => {\nif self.prefetch { unsafe { std::ptr::copy_nonoverlapping(self.ctx.bounce.as_ptr().cast::<u8>(), hva as *mut u8, PAGE_SIZE as usize) }; }\n|"
-  "a copy restore fills the holes|R1|vmm/memory/src/snapshot.rs|                if !s\.has_data\(p\) \{\n                    p \+= 1;\n                    continue;\n                \}\n                let mut n = 1;\n                while p \+ n < s\.pages\(\) && n < RUN && s\.has_data\(p \+ n\)|                let mut n = 1;\n                while p + n < s.pages() && n < RUN|--restore-at 3s --restore-mode copy"
+  "a copy restore fills the holes|R1|vmm/memory/src/snapshot.rs|for \(p, n\) in s\.data_runs\(RUN\)|for (p, n) in (0..s.pages()).step_by(RUN as usize).zip(std::iter::repeat(RUN))|--restore-at 3s --restore-mode copy"
 )
 # The I1 mutant also needs the unplug one (blocks must still hold pages
 # when their slice goes): applied together.

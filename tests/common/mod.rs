@@ -409,3 +409,46 @@ pub fn restore_shell(snapshot: &std::path::Path, args: &[&str], script: &str) ->
         first_output,
     }
 }
+
+/// One HTTP/1.1 request with `Connection: close` over any stream (the API's
+/// Unix socket, the metrics port); (status, body). A read that times out
+/// gives what came so far.
+pub fn http_exchange(
+    mut s: impl std::io::Read + std::io::Write,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// [`http_exchange`] on a Unix socket, waiting at most `timeout` for the
+/// answer.
+pub fn unix_http(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> (u16, String) {
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    http_exchange(s, method, path, body)
+}

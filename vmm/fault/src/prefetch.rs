@@ -86,6 +86,16 @@ pub fn spawn(
 pub fn run(engine: &FaultEngine, exit: &VmExit, plan: &Plan, stats: Arc<FaultStats>) {
     let mut ctx = FaultCtx::new(stats);
     let mut progress = Progress::new(plan.pages());
+    // The guest goes first: the prefetch's reads and copies start once a
+    // vCPU has entered (they would delay its first instruction on a busy
+    // host), or after a second if none does.
+    let wait = std::time::Instant::now();
+    while !engine.restore_stats().has_entered()
+        && !exit.is_stopping()
+        && wait.elapsed() < std::time::Duration::from_secs(1)
+    {
+        thread::sleep(std::time::Duration::from_micros(200));
+    }
     // The recorded set is read ahead whole: the vCPUs' first touches
     // (in their order, not the plan's) find their pages in the page cache.
     for &(gpa, pages) in &plan.working_set {
@@ -299,6 +309,7 @@ mod tests {
             working_set: vec![(0, 40), (40 * PAGE_SIZE, PAGES - 40)],
             rest: Vec::new(),
         };
+        restore.entered();
         run(&engine, &exit, &plan, stats);
         assert!(!exit.is_stopping(), "the prefetch failed");
         for p in 0..PAGES {

@@ -76,6 +76,11 @@ impl RestoreStats {
         }
     }
 
+    /// Whether a vCPU has entered the guest.
+    pub fn has_entered(&self) -> bool {
+        self.first.load(Ordering::Acquire)
+    }
+
     #[inline]
     pub fn add(&self, s: RestoreStat, n: u64) {
         self.counters.add_shared(s, n);

@@ -63,6 +63,22 @@ impl SlotImage {
         bit(&self.data, page)
     }
 
+    /// The runs of pages with content, `(first page, pages)` in order, each
+    /// at most `max` pages (a whole word of the bitmap at a time).
+    pub fn data_runs(&self, max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut p = 0;
+        std::iter::from_fn(move || {
+            p = run_end(&self.data, p, false, self.pages());
+            if p >= self.pages() {
+                return None;
+            }
+            let end = run_end(&self.data, p, true, self.pages()).min(p.saturating_add(max));
+            let run = (p, end - p);
+            p = end;
+            Some(run)
+        })
+    }
+
     /// Pages with content.
     pub fn data_pages(&self) -> u64 {
         self.data.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -438,16 +454,7 @@ impl MemoryManager {
             let Some(slot) = snap.lookup(s.gpa) else {
                 continue;
             };
-            let mut p = 0;
-            while p < s.pages() {
-                if !s.has_data(p) {
-                    p += 1;
-                    continue;
-                }
-                let mut n = 1;
-                while p + n < s.pages() && n < RUN && s.has_data(p + n) {
-                    n += 1;
-                }
+            for (p, n) in s.data_runs(RUN) {
                 let len = (n * PAGE_SIZE) as usize;
                 image
                     .read_page(s.offset + p * PAGE_SIZE, &mut buf[..len])
@@ -462,7 +469,6 @@ impl MemoryManager {
                     );
                 }
                 bytes += len as u64;
-                p += n;
             }
         }
         Ok(bytes)
@@ -560,6 +566,24 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn data_runs_are_the_runs_of_set_bits() {
+        let s = SlotImage {
+            gpa: 0,
+            size: 300 * PAGE_SIZE,
+            offset: 0,
+            kind: SlotKind::Boot,
+            data: vec![0x00ff_0000_0000_000f, u64::MAX, 0, 1 << 63, 0x7],
+            plugged: Vec::new(),
+            tables: Vec::new(),
+            user: Vec::new(),
+        };
+        let runs: Vec<_> = s.data_runs(u64::MAX).collect();
+        assert_eq!(runs, vec![(0, 4), (48, 8), (64, 64), (255, 4)]);
+        let capped: Vec<_> = s.data_runs(50).collect();
+        assert_eq!(capped, vec![(0, 4), (48, 8), (64, 50), (114, 14), (255, 4)]);
+    }
 
     #[test]
     fn run_end_finds_where_each_run_ends() {

@@ -224,23 +224,13 @@ pub fn memory_layout(dir: &Path) -> Result<Vec<SlotImage>, RestoreError> {
 
 /// Every run of pages the memory file holds, in file order.
 fn data_runs(layout: &[SlotImage]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for s in layout {
-        let mut p = 0;
-        while p < s.pages() {
-            if !s.has_data(p) {
-                p += 1;
-                continue;
-            }
-            let mut n = 1;
-            while p + n < s.pages() && s.has_data(p + n) {
-                n += 1;
-            }
-            out.push((s.gpa + p * PAGE_SIZE, n));
-            p += n;
-        }
-    }
-    out
+    layout
+        .iter()
+        .flat_map(|s| {
+            s.data_runs(u64::MAX)
+                .map(move |(p, n)| (s.gpa + p * PAGE_SIZE, n))
+        })
+        .collect()
 }
 
 /// CPUID feature registers a restored guest may rely on: each bit it was

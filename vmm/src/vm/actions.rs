@@ -85,12 +85,7 @@ impl Actions {
                 memory: p.memory.clone(),
                 serial: devices.serial_input.device(),
                 signal: devices.signal.clone(),
-                transports: devices
-                    .virtio
-                    .entries()
-                    .iter()
-                    .map(|e| e.transport.clone())
-                    .collect(),
+                transports: devices.transports(),
                 balloon: devices.balloon.as_ref().map(|b| b.device.clone()),
                 mem: devices.hotplug.as_ref().map(|h| h.device.clone()),
                 record,

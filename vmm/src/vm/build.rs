@@ -138,6 +138,16 @@ pub(super) struct Devices {
 }
 
 impl Devices {
+    /// Every virtio transport, in the order they were added (a snapshot's
+    /// order).
+    pub fn transports(&self) -> Vec<Arc<Mutex<crate::devices::virtio::mmio::MmioTransport>>> {
+        self.virtio
+            .entries()
+            .iter()
+            .map(|e| e.transport.clone())
+            .collect()
+    }
+
     /// The legacy devices on the port-I/O bus, then the virtio devices the
     /// configuration asks for, one window and GSI each.
     pub fn build(

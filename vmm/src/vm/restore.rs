@@ -76,12 +76,7 @@ impl Vm {
         RestoredDevices {
             serial: &serial,
             signal: &devices.signal,
-            transports: devices
-                .virtio
-                .entries()
-                .iter()
-                .map(|e| e.transport.clone())
-                .collect(),
+            transports: devices.transports(),
             balloon: devices.balloon.as_ref().map(|b| &b.device),
             mem: devices.hotplug.as_ref().map(|h| &h.device),
         }
