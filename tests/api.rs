@@ -87,6 +87,12 @@ fn every_endpoint_and_every_bad_request() {
     assert_eq!(vm["vcpus"], 1);
     assert_eq!(vm["memory"]["boot_mib"], 128);
     assert_eq!(vm["balloon"]["target_mib"], 0);
+    // A booted VM has a first entry and one blocktime per vCPU; nothing
+    // was restored.
+    let r = &vm["restore"];
+    assert!(r["first_entry_seconds"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["vcpu_blocktime_seconds"].as_array().unwrap().len(), 1);
+    assert_eq!(r["restore_pages"]["prefetch"], 0);
 
     assert_eq!(
         http(s, "PUT", "/balloon", Some(r#"{"target_mib": 16}"#)).0,

@@ -562,7 +562,7 @@ fn a_recorded_working_set_is_replayed() {
     let misses = restore["working_set_pages"]["miss"].as_u64().unwrap();
     assert!(hits > 1000, "the replayed set was prefetched: {restore}");
     assert!(
-        restore["first_entry_ns"].as_f64().unwrap() > 0.0,
+        restore["first_entry_seconds"].as_f64().unwrap() > 0.0,
         "restore → first entry reported: {restore}"
     );
     assert!(
@@ -575,7 +575,7 @@ fn a_recorded_working_set_is_replayed() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v["blocktime_ns"].as_f64().unwrap_or(0.0))
+        .map(|v| v["blocktime_seconds"].as_f64().unwrap_or(0.0))
         .sum();
     assert!(blocktime > 0.0, "the vCPUs waited for memory some: {m}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -19,14 +19,14 @@ metrics! {
         /// first `KVM_RUN` of any vCPU.
         FirstEntryNs = Metric::gauge(
             "vmm_first_entry_seconds",
-            "first_entry_ns",
+            "first_entry_seconds",
             "Time from the call that created the VM (boot or restore) to its first guest entry",
         )
         .nanoseconds(),
         /// Closed intervals during which every vCPU waited for memory.
         AllBlockedNs = Metric::counter(
             "vmm_all_vcpus_blocked_seconds",
-            "all_vcpus_blocked_ns",
+            "all_vcpus_blocked_seconds",
             "Time every vCPU at once waited for guest memory (the whole VM stalled)",
         )
         .nanoseconds(),

@@ -134,7 +134,7 @@ metrics! {
         /// the userfault to its wake (`handler` mode).
         BlocktimeNs = Metric::counter(
             "vmm_vcpu_blocktime_seconds",
-            "blocktime_ns",
+            "blocktime_seconds",
             "Time this vCPU waited for guest memory (its faults, served on its thread or by a handler)",
         )
         .nanoseconds()

@@ -119,6 +119,8 @@ pub struct VmInfo {
     pub memory: MemoryInfo,
     pub balloon: Option<BalloonInfo>,
     pub hotplug: Option<HotplugInfo>,
+    /// First entry, stalls, a restore's pages and prefetch progress.
+    pub restore: Option<RestoreInfo>,
 }
 
 /// Guest memory: boot RAM, resident RAM, and one key per row of
@@ -164,6 +166,22 @@ pub struct VmControl {
     mode: FaultMode,
     started: Instant,
     actions: OnceLock<Arc<dyn VmActions>>,
+    /// The VM's first entry, stalls, restore and prefetch progress, and
+    /// each vCPU's blocktime, as `GET /vm` shows them.
+    restore_view: OnceLock<RestoreView>,
+}
+
+/// Reads the rows of `RESTORE_METRICS` and the vCPUs' blocktime (the vm
+/// layer holds the counters).
+pub type RestoreView = Box<dyn Fn() -> RestoreInfo + Send + Sync>;
+
+/// `GET /vm`'s `restore`: the rows of `RESTORE_METRICS` (`docs/METRICS.md`)
+/// and each vCPU's time waiting for memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreInfo {
+    #[serde(flatten)]
+    pub counters: Readings,
+    pub vcpu_blocktime_seconds: Vec<f64>,
 }
 
 /// Longest polling interval accepted (a day).
@@ -189,6 +207,7 @@ impl VmControl {
             mode,
             started: Instant::now(),
             actions: OnceLock::new(),
+            restore_view: OnceLock::new(),
         }
     }
 
@@ -196,6 +215,10 @@ impl VmControl {
     /// built).
     pub fn set_actions(&self, actions: Arc<dyn VmActions>) {
         let _ = self.actions.set(actions);
+    }
+
+    pub fn set_restore_view(&self, view: RestoreView) {
+        let _ = self.restore_view.set(view);
     }
 
     fn actions(&self) -> Result<&Arc<dyn VmActions>, ControlError> {
@@ -246,6 +269,7 @@ impl VmControl {
             },
             balloon: self.balloon.as_ref().map(BalloonHandle::info),
             hotplug: self.hotplug.as_ref().map(HotplugHandle::info),
+            restore: self.restore_view.get().map(|v| v()),
         }
     }
 

@@ -235,6 +235,7 @@ impl Vm {
         });
         let control = Arc::new(devices.control(&config, mode, &memory, &exit));
         control.set_actions(actions.clone());
+        control.set_restore_view(restore_view(&restore_stats, &metrics.vcpus, engine.clone()));
         let build::Devices {
             pio,
             mmio,
@@ -390,6 +391,32 @@ fn engine_options(
         restore: restore.clone(),
         record,
     }
+}
+
+/// What `GET /vm` shows of [`RESTORE_METRICS`](crate::fault::RESTORE_METRICS)
+/// and the vCPUs' blocktime.
+fn restore_view(
+    restore: &Arc<crate::fault::RestoreStats>,
+    vcpus: &[Arc<crate::fault::FaultStats>],
+    engine: Option<Arc<FaultEngine>>,
+) -> crate::api::control::RestoreView {
+    let (restore, vcpus) = (restore.clone(), vcpus.to_vec());
+    Box::new(move || {
+        if let Some(e) = &engine {
+            e.sync_stats();
+        }
+        crate::api::control::RestoreInfo {
+            counters: crate::counters::Readings::new(
+                &crate::fault::RESTORE_METRICS,
+                &restore.counters.read(),
+                crate::counters::Scope::ANY,
+            ),
+            vcpu_blocktime_seconds: vcpus
+                .iter()
+                .map(|v| v.snapshot()[crate::fault::ThreadStat::BlocktimeNs] as f64 / 1e9)
+                .collect(),
+        }
+    })
 }
 
 #[cfg(test)]
