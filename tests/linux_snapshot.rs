@@ -29,7 +29,8 @@ fn first_output(r: &Restored) -> Duration {
 /// Restored in each fault mode: on this PVM host a restore served on the
 /// vCPU thread needs the whole file prefetched behind it (a guest
 /// user-mode touch of a missing page spins in KVM's async-PF path without
-/// reaching the VMM; docs/FAULT-PATH.md), a handler-mode restore does not.
+/// reaching the VMM; docs/FAULT-PATH.md), a handler-mode restore does not;
+/// without `--prefetch` the VMM prefetches all and warns.
 #[test]
 fn the_restored_shell_answers() {
     let snap = micro_linux_snapshot();
@@ -40,6 +41,8 @@ fn the_restored_shell_answers() {
             "restored-vcpu",
         ),
         (&["--restore-mode", "copy"][..], "restored-copy"),
+        // No prefetch asked for: the VMM turns it on, and says so.
+        (&["--fault-mode", "vcpu"][..], "restored-auto"),
     ] {
         let r = restore_shell(&snap, args, &format!("echo {word}; uname -r; poweroff\n"));
         eprintln!(
@@ -47,6 +50,17 @@ fn the_restored_shell_answers() {
             first_output(&r).as_secs_f64() * 1e3
         );
         check_session(&r, word, &format!("{args:?}"));
+        let warned = r
+            .stderr
+            .iter()
+            .any(|l| l.contains("prefetching every page"));
+        assert_eq!(
+            warned,
+            args == ["--fault-mode", "vcpu"]
+                && vmm::host::detect_flavor() == vmm::host::KvmFlavor::Pvm,
+            "{args:?}: the prefetch warning\n{}",
+            r.stderr.join("\n")
+        );
     }
 }
 

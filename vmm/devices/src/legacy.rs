@@ -1,7 +1,8 @@
 //! The legacy devices on the port-I/O bus: COM1 (8250, IRQ 4 through an
 //! irqfd), the i8042 reset line, the debug-exit and marker ports, and the
-//! POST-code port Linux uses as an I/O delay, and the ACPI sleep registers
-//! (power-off).
+//! POST-code port Linux uses as an I/O delay, the ACPI sleep registers
+//! (power-off), the CMOS RTC, and the PCI configuration and ISA DMA ports
+//! answering "absent".
 
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::acpi_power::{AcpiSleep, SLEEP_CONTROL_PORT};
 use super::marker::{MarkerLog, MarkerPort, SignalPort, MARKER_PORT, SIGNAL_PORT};
 use super::serial::SerialOut;
-use super::{exit_port, i8042, serial, Bus, BusDevice, DeviceError, Sink};
+use super::{cmos, exit_port, i8042, serial, Absent, Bus, BusDevice, DeviceError, Sink};
 use vmm_exit::VmExit;
 
 /// Linux's I/O-delay port.
 const POST_CODE_PORT: u64 = 0x80;
+/// PCI configuration address and data (0xcf8–0xcff).
+const PCI_CONFIG_PORTS: u64 = 0xcf8;
+/// The ISA DMA controller's channel-0 page register.
+const DMA_PAGE_0_PORT: u64 = 0x87;
 
 /// Build the port-I/O bus; returns it and the serial input subscriber (for
 /// the event loop).
@@ -70,6 +75,16 @@ pub fn build(
         Arc::new(Mutex::new(SignalPort(signal.clone()))),
     )?;
     pio.insert(POST_CODE_PORT, 1, Arc::new(Mutex::new(Sink)))?;
+    pio.insert(
+        cmos::CMOS_BASE,
+        cmos::CMOS_LEN,
+        Arc::new(Mutex::new(cmos::Cmos::new())),
+    )?;
+    // No PCI bus (configuration mechanism #1: this VMM's devices are
+    // virtio-mmio) and no ISA DMA controller (Linux's i8237 probe reads
+    // the channel-0 page register): absent, silently.
+    pio.insert(PCI_CONFIG_PORTS, 8, Arc::new(Mutex::new(Absent)))?;
+    pio.insert(DMA_PAGE_0_PORT, 1, Arc::new(Mutex::new(Absent)))?;
     pio.insert(
         u64::from(SLEEP_CONTROL_PORT),
         2,

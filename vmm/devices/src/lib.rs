@@ -6,6 +6,7 @@
 //! do not need; a dozen lines here keep the exit path obvious.
 
 pub mod acpi_power;
+pub mod cmos;
 pub mod exit_port;
 pub mod i8042;
 pub mod legacy;
@@ -146,6 +147,18 @@ pub struct Sink;
 impl BusDevice for Sink {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// Ports where a PC has hardware this VM does not, probed by Linux at
+/// every boot: reads are all ones (what an empty ISA bus answers: "no
+/// device"), writes are dropped, silently (no warning for the user).
+pub struct Absent;
+
+impl BusDevice for Absent {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
     }
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }

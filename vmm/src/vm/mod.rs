@@ -435,6 +435,7 @@ mod tests {
         assert_eq!(acpi::SLEEP_CONTROL_PORT, acpi_power::SLEEP_CONTROL_PORT);
         assert_eq!(acpi::SLEEP_STATUS_PORT, acpi_power::SLEEP_STATUS_PORT);
         assert_eq!(acpi::S5_SLEEP_TYPE, acpi_power::S5_SLEEP_TYPE);
+        assert_eq!(acpi::CMOS_RTC_PORT, crate::devices::cmos::CMOS_BASE);
         // The FADT's reset register resets through the i8042.
         let exit = Arc::new(VmExit::new());
         let mut kbd = i8042::I8042::new(exit.clone());

@@ -62,11 +62,14 @@ const OEM_REVISION: u32 = 1;
 /// MADT flag: the machine also has dual 8259 PICs (KVM's irqchip does).
 const MADT_PCAT_COMPAT: u32 = 1;
 /// IA-PC boot architecture flags (FADT `iapc_boot_arch`): no VGA, no MSI
-/// (no PCI), no CMOS RTC (the VMM emulates none). The "8042" bit is left
-/// clear so Linux skips probing a keyboard; the reset port works anyway.
+/// (no PCI). The CMOS RTC is there (`IAPC_CMOS_RTC_NOT_PRESENT`, bit 5,
+/// stays clear: the VMM emulates one at [`CMOS_RTC_PORT`]). The "8042" bit
+/// is left clear so Linux skips probing a keyboard; the reset port works
+/// anyway.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
-const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+/// Where the CMOS RTC's index and data ports are (the PC's).
+pub const CMOS_RTC_PORT: u64 = 0x70;
 /// The i8042 command port and its CPU-reset command.
 pub const RESET_PORT: u64 = 0x64;
 pub const RESET_VALUE: u8 = 0xfe;
@@ -336,8 +339,7 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     };
     b.sleep_control_reg = sleep_reg(SLEEP_CONTROL_PORT);
     b.sleep_status_reg = sleep_reg(SLEEP_STATUS_PORT);
-    b.iapc_boot_arch =
-        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    b.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED).into();
     bytes_of(&b.finalize())
 }
 
@@ -492,7 +494,7 @@ mod tests {
         );
         let boot_arch = u16_at(&f, 109);
         assert_eq!(boot_arch & (1 << 1), 0, "8042 flag left clear");
-        assert_ne!(boot_arch & (1 << 5), 0, "no CMOS RTC");
+        assert_eq!(boot_arch & (1 << 5), 0, "a CMOS RTC is present");
     }
 
     #[test]
