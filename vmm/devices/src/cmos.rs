@@ -4,7 +4,8 @@
 //! clock here at boot (`mach_get_cmos_time`) when it probes the RTC; a
 //! guest may write the RAM and the alarm registers, but not set the time
 //! (the host's clock is the guest's, as in Cloud Hypervisor and QEMU's
-//! default `-rtc base=utc`).
+//! default `-rtc base=utc`). Reads happen on the vCPU thread, under its
+//! seccomp filter: only `clock_gettime`.
 
 use super::BusDevice;
 
@@ -50,23 +51,38 @@ pub struct Clock {
 impl Clock {
     /// The host's time now, in UTC.
     pub fn now() -> Self {
-        // SAFETY: `time` with a null pointer only returns the time;
-        // `gmtime_r` fills the `tm` we own (it reads no files, unlike
-        // `localtime`: allowed under the vCPU's seccomp filter).
-        let tm = unsafe {
-            let t = libc::time(std::ptr::null_mut());
-            let mut tm: libc::tm = std::mem::zeroed();
-            libc::gmtime_r(&t, &mut tm);
-            tm
-        };
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self::from_unix(secs)
+    }
+
+    /// The UTC calendar time of `secs` since 1970 (computed here: glibc's
+    /// `gmtime_r` reads /etc/localtime on its first call, which the vCPU's
+    /// seccomp filter forbids; the days-to-date step is Howard Hinnant's
+    /// `civil_from_days`).
+    pub fn from_unix(secs: u64) -> Self {
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        // 1970-01-01 was a Thursday (weekday 5, Sunday = 1).
+        let weekday = ((days + 4) % 7 + 1) as u8;
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+        let year = (yoe + era * 400 + u64::from(month <= 2)) as u32;
         Clock {
-            year: (tm.tm_year + 1900) as u32,
-            month: (tm.tm_mon + 1) as u8,
-            day: tm.tm_mday as u8,
-            weekday: (tm.tm_wday + 1) as u8,
-            hours: tm.tm_hour as u8,
-            minutes: tm.tm_min as u8,
-            seconds: tm.tm_sec.min(59) as u8,
+            year,
+            month,
+            day,
+            weekday,
+            hours: (rem / 3600) as u8,
+            minutes: (rem / 60 % 60) as u8,
+            seconds: (rem % 60) as u8,
         }
     }
 }
@@ -201,6 +217,29 @@ mod tests {
         c.write(0, &[0x8e]);
         c.read(0, &mut idx);
         assert_eq!(idx[0], 0x0e, "the NMI bit is not part of the index");
+    }
+
+    #[test]
+    fn unix_times_become_their_utc_dates() {
+        let c = |y, mo, d, wd, h, mi, s| Clock {
+            year: y,
+            month: mo,
+            day: d,
+            weekday: wd,
+            hours: h,
+            minutes: mi,
+            seconds: s,
+        };
+        assert_eq!(Clock::from_unix(0), c(1970, 1, 1, 5, 0, 0, 0));
+        // 2000-02-29 (a leap day of a century year) 12:34:56, a Tuesday.
+        assert_eq!(Clock::from_unix(951_827_696), c(2000, 2, 29, 3, 12, 34, 56));
+        // 2026-12-04 23:59:59, a Friday.
+        assert_eq!(
+            Clock::from_unix(1_796_428_799),
+            c(2026, 12, 4, 6, 23, 59, 59)
+        );
+        // 2100-03-01 00:00:00 (2100 is no leap year), a Monday.
+        assert_eq!(Clock::from_unix(4_107_542_400), c(2100, 3, 1, 2, 0, 0, 0));
     }
 
     #[test]
