@@ -294,12 +294,30 @@ fn vmm_ctl_drives_every_endpoint() {
             .args(args);
         common::run_with(c, Duration::from_secs(30))
     };
-    let r = ctl(&["vm", "show"]);
+    let r = ctl(&["--json", "vm", "show"]);
     r.assert_ok();
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["state"], "running");
+    // For a person: aligned lines, the same values.
+    let r = ctl(&["vm", "show"]);
+    r.assert_ok();
+    let line = |key: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no {key} line:\n{}", r.stdout))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("state"), "running");
+    assert_eq!(line("vcpus"), v["vcpus"].to_string());
+    assert_eq!(line("boot_mib"), v["memory"]["boot_mib"].to_string());
+    assert_eq!(line("hotplug"), "-", "no virtio-mem");
+    assert_eq!(line("restore_pages"), "demand 0, prefetch 0");
     ctl(&["balloon", "set", "32M"]).assert_ok();
-    let r = ctl(&["balloon", "show"]);
+    let r = ctl(&["--json", "balloon", "show"]);
     r.assert_ok();
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["target_mib"], 32);

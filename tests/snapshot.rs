@@ -155,7 +155,7 @@ fn touch_snapshot(name: &str) -> (PathBuf, String) {
             c.arg("ctl")
                 .arg("--api-socket")
                 .arg(&live.socket)
-                .args(["snapshot", "create"])
+                .args(["--json", "snapshot", "create"])
                 .arg(&dir);
             c
         },

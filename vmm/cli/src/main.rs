@@ -45,6 +45,9 @@ struct CtlArgs {
     /// The API socket of the running VMM (`vmm run --api-socket PATH`).
     #[arg(long)]
     api_socket: PathBuf,
+    /// Print the API's JSON (for scripts) instead of aligned lines.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     what: CtlCmd,
 }
@@ -422,7 +425,12 @@ fn ctl(a: CtlArgs) -> ExitCode {
     };
     match vmm::api::client::request(&a.api_socket, method, path, body) {
         Ok((status, body)) => {
-            let (text, ok) = vmm::api::client::render(status, &body);
+            let format = if a.json {
+                vmm::api::client::Format::Json
+            } else {
+                vmm::api::client::Format::Human
+            };
+            let (text, ok) = vmm::api::client::render(status, &body, format);
             if ok {
                 if !text.is_empty() {
                     println!("{text}");
