@@ -88,6 +88,7 @@ impl SlotImage {
     pub fn table_pages(&self) -> Vec<u64> {
         self.tables
             .iter()
+            .filter(|&&p| p < self.pages())
             .map(|&p| self.gpa + p * PAGE_SIZE)
             .collect()
     }
@@ -96,6 +97,7 @@ impl SlotImage {
     pub fn user_pages(&self) -> Vec<u64> {
         self.user
             .iter()
+            .filter(|&&p| p < self.pages())
             .map(|&p| self.gpa + p * PAGE_SIZE)
             .collect()
     }
@@ -514,7 +516,13 @@ pub fn check_layout(layout: &[SlotImage], file_len: u64) -> Result<(), RestoreEr
     let mut offset = 0;
     let mut boot_done = false;
     for s in layout {
-        if s.size == 0 || s.gpa % PAGE_SIZE != 0 || s.size % PAGE_SIZE != 0 || s.gpa < gpa_end {
+        let end = s.gpa.checked_add(s.size);
+        if s.size == 0
+            || s.gpa % PAGE_SIZE != 0
+            || s.size % PAGE_SIZE != 0
+            || s.gpa < gpa_end
+            || end.is_none()
+        {
             return bad(format!(
                 "slot at {:#x}+{:#x} overlaps or is unaligned",
                 s.gpa, s.size
@@ -549,7 +557,7 @@ pub fn check_layout(layout: &[SlotImage], file_len: u64) -> Result<(), RestoreEr
                 s.gpa
             ));
         }
-        gpa_end = s.gpa + s.size;
+        gpa_end = end.unwrap_or(u64::MAX);
         offset += s.size;
     }
     if !layout.iter().any(|s| s.kind == SlotKind::Boot) {
@@ -699,5 +707,11 @@ mod tests {
         };
         assert!(check_layout(&[plain_first, boot_after], 1 << 30).is_err());
         assert!(check_layout(&[], 1 << 30).is_err(), "no boot RAM");
+        // Found by the fuzzer: a slot ending past the address space.
+        let wraps = SlotImage {
+            gpa: u64::MAX - 0xfff,
+            ..ok.clone()
+        };
+        assert!(check_layout(&[wraps], 1 << 30).is_err());
     }
 }
