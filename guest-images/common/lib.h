@@ -98,6 +98,31 @@ static inline u64 mix64(u64 x)
 static inline u64 mix_fast(u64 x) { return x * PATTERN_MUL; }
 static inline u64 pattern_value(u64 addr, u64 seed) { return mix_fast(addr ^ seed); }
 
+static inline u64 gcd_u64(u64 a, u64 b)
+{
+    while (b) {
+        u64 t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* A step coprime with n and far from 1, from a seed: visiting word i*step
+ * mod n for i < n touches every word once, in an order no sequential
+ * detector follows (memstress order=random, wset random=1). */
+static inline u64 coprime_step(u64 n, u64 seed)
+{
+    if (n < 3)
+        return 1;
+    u64 step = ((seed * 0x9e3779b97f4a7c15UL) >> 20) % n;
+    if (step < n / 3)
+        step += n / 3;
+    while (gcd_u64(step, n) != 1)
+        step++;
+    return step;
+}
+
 /* Write pattern_value(a, seed) to the nwords words a = start + i*stride, i < nwords. */
 void pattern_fill(u64 start, u64 nwords, u64 stride, u64 seed);
 

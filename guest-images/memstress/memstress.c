@@ -49,16 +49,6 @@ static void fill(u64 start, u64 n, u64 stride, u64 s)
         *(u64 *)a = ((a ^ s) * K) | 1;
 }
 
-static u64 gcd(u64 a, u64 b)
-{
-    while (b) {
-        u64 t = a % b;
-        a = b;
-        b = t;
-    }
-    return a;
-}
-
 /* order=random: before fill(), store the same values in a seeded permutation
  * of the words (word j*step mod n, step coprime with n and far from 1), so
  * the first touch of each page comes in an order no sequential detector
@@ -68,11 +58,7 @@ static void scatter(u64 start, u64 n, u64 stride, u64 s, u64 seed)
     const u64 K = PATTERN_MUL;
     if (n < 2)
         return;
-    u64 step = ((seed * 0x9e3779b97f4a7c15UL) >> 20) % n;
-    if (step < n / 3)
-        step += n / 3;
-    while (gcd(step, n) != 1)
-        step++;
+    u64 step = coprime_step(n, seed);
     u64 i = 0;
     for (u64 j = 0; j < n; j++) {
         u64 a = start + i * stride;

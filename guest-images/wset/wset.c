@@ -17,29 +17,6 @@ static u64 bad_total;
 
 static u64 value(u64 a, u64 seed) { return pattern_value(a, seed) | 1; }
 
-static u64 gcd(u64 a, u64 b)
-{
-    while (b) {
-        u64 t = a % b;
-        a = b;
-        b = t;
-    }
-    return a;
-}
-
-/* A step coprime with n and far from 1: word order i*step mod n. */
-static u64 step_for(u64 n, u64 seed)
-{
-    if (n < 3)
-        return 1;
-    u64 step = ((seed * 0x9e3779b97f4a7c15UL) >> 20) % n;
-    if (step < n / 3)
-        step += n / 3;
-    while (gcd(step, n) != 1)
-        step++;
-    return step;
-}
-
 void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
                 const char *cmdline)
 {
@@ -77,7 +54,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     w.bytes = ws_bytes;
     w.nwords = ws_bytes / r.stride;
     region_share(&w, cpu, ncpus, &first, &count);
-    u64 step = random_order ? step_for(count, seed + cpu) : 1;
+    u64 step = random_order ? coprime_step(count, seed + cpu) : 1;
     u64 i = 0, bad = 0;
     for (u64 j = 0; j < count; j++) {
         u64 a = w.base + (first + i) * w.stride;

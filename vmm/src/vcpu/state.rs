@@ -36,6 +36,8 @@ pub enum StateError {
     },
     #[error("{0} MSRs: more than KVM takes at once")]
     TooManyMsrs(usize),
+    #[error("{0} CPUID entries: more than KVM takes")]
+    TooManyCpuidEntries(usize),
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
@@ -85,7 +87,7 @@ pub fn cpuid_of(entries: &[CpuidEntry]) -> Result<CpuId, StateError> {
             ..Default::default()
         })
         .collect();
-    CpuId::from_entries(&list).map_err(|_| StateError::TooManyMsrs(entries.len()))
+    CpuId::from_entries(&list).map_err(|_| StateError::TooManyCpuidEntries(entries.len()))
 }
 
 /// Everything a vCPU is, in the order it is set back.
