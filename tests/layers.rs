@@ -49,10 +49,11 @@ const CRATES: &[(&str, &str, &[&str])] = &[
     ("vmm-guests", "vmm/guests", &[]),
     ("vmm-bench", "vmm/bench", &["vmm", "vmm-guests"]),
     ("vmm-stress", "vmm/stress", &["vmm", "vmm-guests"]),
+    ("vmm-top", "vmm/top", &["vmm"]),
     (
         "vmm-cli",
         "vmm/cli",
-        &["vmm", "vmm-bench", "vmm-stress", "vmm-guests"],
+        &["vmm", "vmm-bench", "vmm-stress", "vmm-top", "vmm-guests"],
     ),
 ];
 

@@ -38,6 +38,10 @@ enum Command {
     /// Balloon and hotplug churn while every vCPU faults, with the
     /// invariants counted (exit status 1 on any violation).
     Stress(vmm_stress::StressArgs),
+    /// A live view of a running VMM: per-vCPU faults, installs, latency,
+    /// blocktime; memory, balloon and virtio-mem (`--once` for one plain
+    /// frame).
+    Top(vmm_top::TopArgs),
 }
 
 #[derive(Parser)]
@@ -482,6 +486,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("vmm: stress: {e}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Top(a) => match vmm_top::run(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm: top: {e}");
+                ExitCode::from(1)
             }
         },
     }

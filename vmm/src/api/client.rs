@@ -45,6 +45,20 @@ async fn send(
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("cannot connect to the API socket {}: {e}", socket.display()))?;
+    exchange(stream, method, path, body).await
+}
+
+/// One request on a connected stream (the API's Unix socket, a metrics
+/// endpoint's TCP connection).
+async fn exchange<S>(
+    stream: S,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -68,6 +82,34 @@ async fn send(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `GET` of an `http://HOST:PORT/PATH` URL (a metrics endpoint,
+/// `--metrics-addr`); (status, body). No TLS: the endpoint has none.
+pub fn get_url(url: &str) -> Result<(StatusCode, String), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("bad URL {url}: only http:// is served"));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("bad URL {url}: no host"))?;
+    let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        tokio::time::timeout(TIMEOUT, async {
+            let stream = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            exchange(stream, Method::GET, &path, None).await
+        })
+        .await
+        .map_err(|_| format!("no answer from {url} within {TIMEOUT:?}"))?
+    })
 }
 
 /// How `vmm ctl` prints an answer.

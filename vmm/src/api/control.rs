@@ -169,7 +169,13 @@ pub struct VmControl {
     /// The VM's first entry, stalls, restore and prefetch progress, and
     /// each vCPU's blocktime, as `GET /vm` shows them.
     restore_view: OnceLock<RestoreView>,
+    /// Every metric as `/metrics.json` has it (`GET /vm/metrics`, what
+    /// `vmm top` reads).
+    metrics_view: OnceLock<MetricsView>,
 }
+
+/// Reads every metric as JSON (the vm layer holds the counters).
+pub type MetricsView = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Reads the rows of `RESTORE_METRICS` and the vCPUs' blocktime (the vm
 /// layer holds the counters).
@@ -208,6 +214,7 @@ impl VmControl {
             started: Instant::now(),
             actions: OnceLock::new(),
             restore_view: OnceLock::new(),
+            metrics_view: OnceLock::new(),
         }
     }
 
@@ -219,6 +226,18 @@ impl VmControl {
 
     pub fn set_restore_view(&self, view: RestoreView) {
         let _ = self.restore_view.set(view);
+    }
+
+    pub fn set_metrics_view(&self, view: MetricsView) {
+        let _ = self.metrics_view.set(view);
+    }
+
+    /// Every metric, as `/metrics.json` (`GET /vm/metrics`).
+    pub fn metrics(&self) -> Result<serde_json::Value, ControlError> {
+        self.metrics_view
+            .get()
+            .map(|v| v())
+            .ok_or_else(|| ActionError::refused("this VM keeps no metrics").into())
     }
 
     fn actions(&self) -> Result<&Arc<dyn VmActions>, ControlError> {

@@ -205,6 +205,7 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response
 /// The routes: (path, allowed methods).
 pub const ROUTES: &[(&str, &[Method])] = &[
     ("/vm", &[Method::GET]),
+    ("/vm/metrics", &[Method::GET]),
     ("/vm/stop", &[Method::PUT]),
     ("/vm/snapshot", &[Method::PUT]),
     ("/vm/pause", &[Method::PUT]),
@@ -241,6 +242,10 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
     }
     match (method, path.as_str()) {
         (Method::GET, "/vm") => json(StatusCode::OK, &control.vm_info()),
+        (Method::GET, "/vm/metrics") => match control.metrics() {
+            Ok(m) => json(StatusCode::OK, &m),
+            Err(e) => from_control(e),
+        },
         (Method::PUT, "/vm/stop") => {
             control.stop();
             no_content()

@@ -236,6 +236,8 @@ impl Vm {
         let control = Arc::new(devices.control(&config, mode, &memory, &exit));
         control.set_actions(actions.clone());
         control.set_restore_view(restore_view(&restore_stats, &metrics.vcpus, engine.clone()));
+        let m = metrics.clone();
+        control.set_metrics_view(Box::new(move || m.snapshot().to_json()));
         let build::Devices {
             pio,
             mmio,
