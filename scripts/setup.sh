@@ -22,6 +22,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# tests/monitoring.rs: promtool checks and unit-tests the alerting rules, and
+# a real Prometheus scrapes a running vmm for the dashboard's queries
+# (without recommends: no node exporter).
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 if [ ! -e /dev/kvm ]; then
   echo "setup: /dev/kvm is missing: the tests need KVM" >&2
   exit 1
