@@ -267,8 +267,16 @@ else
 	fi
 	note "make -j$JOBS vmlinux bzImage (log: $MICRO_LOG; ~11 min on 2 cores from scratch)"
 	t0=$(date +%s)
-	# Progress: a line a minute while make runs (it is silent otherwise).
-	( while sleep 60; do note "... still building ($(( $(date +%s) - t0 )) s, $(grep -c '^  CC' "$MICRO_LOG" 2>/dev/null || echo 0) files compiled)"; done ) &
+	# Progress: a line every 30 s while make runs (it is silent otherwise),
+	# against the file count of the last build of any tree here (1114 for
+	# linux-source-6.12's tinyconfig + microvm.config).
+	expect=$(cat "$BUILD"/micro-*/cc-files 2>/dev/null | tail -n 1)
+	[ "${expect:-0}" -gt 0 ] 2>/dev/null || expect=1114
+	( while sleep 30; do
+		n=$(grep -c '^  CC' "$MICRO_LOG" 2>/dev/null || true)
+		n=${n:-0}
+		note "... building the micro kernel: $n of ~$expect files compiled ($(( n * 100 / expect ))%), $(( $(date +%s) - t0 )) s"
+	done ) &
 	ticker=$!
 	if ! "${KMAKE[@]}" -j"$JOBS" vmlinux bzImage >"$MICRO_LOG" 2>&1; then
 		kill "$ticker" 2>/dev/null || true
@@ -279,6 +287,7 @@ else
 	t1=$(date +%s)
 	note "micro kernel built in $((t1 - t0)) s"
 	printf '%s\n' "$((t1 - t0))" >"$tmp/build-seconds"
+	grep -c '^  CC' "$MICRO_LOG" >"$tmp/cc-files" || true
 	"${KMAKE[@]}" -s kernelrelease >"$tmp/version"
 	install -m 0644 "$TREE/.config" "$tmp/config"
 	install -m 0644 "$TREE/arch/x86/boot/bzImage" "$tmp/bzImage"

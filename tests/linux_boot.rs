@@ -53,11 +53,11 @@ fn debian_cloud_kernel_boots_demand_paged() {
         };
         let next = reached.len();
         if next < MILESTONES.len() && line.contains(MILESTONES[next]) {
-            eprintln!(
+            common::say(&format!(
                 "[{:7.1}s] milestone: {}",
                 start.elapsed().as_secs_f64(),
                 MILESTONES[next]
-            );
+            ));
             reached.push((next, start.elapsed()));
         }
         console.push(line);

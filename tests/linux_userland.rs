@@ -117,7 +117,10 @@ fn start(mut c: std::process::Command, script: Option<&str>, ready: &str) -> Boo
     while Instant::now() < deadline && !summary_done {
         while let Ok(l) = out.try_recv() {
             if !typed && l.contains(ready) {
-                eprintln!("[{:6.1}s] userland up", start.elapsed().as_secs_f64());
+                common::say(&format!(
+                    "[{:6.1}s] userland up",
+                    start.elapsed().as_secs_f64()
+                ));
                 type_now(&mut typed);
             }
             console.push(l);

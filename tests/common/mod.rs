@@ -7,12 +7,58 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Poll `f` every 20 ms until it holds; panic after `limit`.
+/// Poll `f` every 20 ms until it holds; panic after `limit`. A wait past
+/// 30 s says what it waits for (see [`Progress`]).
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
+    let mut progress = Progress::new(what, limit);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        progress.tick();
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A line for the CI log now, past the test harness's capture of
+/// `eprintln!`: what a long test is doing.
+pub fn say(msg: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("test").to_string();
+    let _ = writeln!(std::io::stderr().lock(), "    {name}: {msg}");
+}
+
+/// A long wait says what it waits for: a line after 30 s, then every
+/// minute, written to the process's stderr itself (the test harness
+/// captures `eprintln!`, so a CI log would otherwise show only "has been
+/// running for over 60 seconds").
+pub struct Progress {
+    what: String,
+    limit: Duration,
+    t0: Instant,
+    next: Duration,
+}
+
+impl Progress {
+    pub fn new(what: &str, limit: Duration) -> Self {
+        Self {
+            what: what.to_string(),
+            limit,
+            t0: Instant::now(),
+            next: Duration::from_secs(30),
+        }
+    }
+
+    pub fn tick(&mut self) {
+        let waited = self.t0.elapsed();
+        if waited >= self.next {
+            self.next += Duration::from_secs(60);
+            say(&format!(
+                "still waiting for {} ({} s of at most {} s)",
+                self.what,
+                waited.as_secs(),
+                self.limit.as_secs()
+            ));
+        }
     }
 }
 
@@ -307,6 +353,7 @@ fn make_micro_snapshot(kernel: &str, initrd: &str, dir: &std::path::Path) {
     let t0 = Instant::now();
     let (mut child, out, _err) = spawn_lines(c);
     let deadline = t0 + Duration::from_secs(15 * 60);
+    let mut progress = Progress::new("the micro kernel's shell, to snapshot it", deadline - t0);
     let mut console = Vec::new();
     // Up, then a moment for the shell to print its prompt (which ends in
     // no newline: not a line to wait for). Input typed after a restore
@@ -320,6 +367,7 @@ fn make_micro_snapshot(kernel: &str, initrd: &str, dir: &std::path::Path) {
             "no userland:\n{}",
             console.join("\n")
         );
+        progress.tick();
         if let Ok(l) = out.recv_timeout(Duration::from_millis(200)) {
             console.push(l);
         }
