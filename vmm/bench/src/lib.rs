@@ -24,7 +24,7 @@ use clap::Parser;
 
 use vmm::config::{FaultMode, SerialOut, VmConfig};
 use vmm::exit::ExitReason;
-use vmm::fault::stats::ThreadStat;
+use vmm::fault::stats::{bucket_bound_ns, ThreadStat, LATENCY_BUCKETS};
 use vmm::memory::MemStat;
 use vmm::memory::{NewSlot, PageSource};
 use vmm::vm::{RunReport, Vm};
@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// machine: on 2 cores, `--busy 1` leaves one core to the VM's threads).
     #[arg(long, default_value_t = 0)]
     pub busy: usize,
+    /// Also write the table and each row's fault-latency histogram as
+    /// tab-separated files into DIR (`faults.tsv`, `latency.tsv`), for
+    /// `scripts/plot-faults.gp`.
+    #[arg(long)]
+    pub plot_data: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,7 +368,11 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
         BenchSource::File => Some(make_image(mem_size(a.pages))?),
         BenchSource::Zero => None,
     };
-    let r = run_rows(a, &guest, image.as_deref());
+    let mut plot = match &a.plot_data {
+        Some(dir) => Some(PlotData::create(dir)?),
+        None => None,
+    };
+    let r = run_rows(a, &guest, image.as_deref(), plot.as_mut());
     drop(spinners);
     if let Some(image) = image {
         let _ = std::fs::remove_file(image);
@@ -372,7 +381,62 @@ pub fn faults(a: &BenchArgs) -> Result<(), String> {
     r
 }
 
-fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), String> {
+/// The table and the latency histograms as tab-separated files for plots.
+struct PlotData {
+    table: std::fs::File,
+    latency: std::fs::File,
+}
+
+impl PlotData {
+    fn create(dir: &Path) -> Result<Self, String> {
+        use std::io::Write;
+        let err = |e: std::io::Error| format!("{}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let mut table = std::fs::File::create(dir.join("faults.tsv")).map_err(err)?;
+        let mut latency = std::fs::File::create(dir.join("latency.tsv")).map_err(err)?;
+        writeln!(table, "# row\tvcpus\tpages_per_s\tus_per_page").map_err(err)?;
+        writeln!(
+            latency,
+            "# row\tvcpus\tbucket_upper_us (0: +Inf)\tshare_of_faults"
+        )
+        .map_err(err)?;
+        Ok(Self { table, latency })
+    }
+
+    /// One row of the table and, if it faulted, its latency distribution
+    /// (each bucket's share of the row's faults).
+    fn row(
+        &mut self,
+        r: &Row,
+        s: &Sample,
+        vcpus: usize,
+        pps: f64,
+        overhead: f64,
+    ) -> Result<(), String> {
+        use std::io::Write;
+        let err = |e: std::io::Error| e.to_string();
+        writeln!(self.table, "{}\t{vcpus}\t{pps:.0}\t{overhead:.3}", r.name).map_err(err)?;
+        let total = s.report.total();
+        let n: u64 = total.latency.buckets.iter().sum();
+        if n == 0 {
+            return Ok(());
+        }
+        for i in 0..LATENCY_BUCKETS {
+            let upper = bucket_bound_ns(i).map_or(0.0, |b| b as f64 / 1e3);
+            let share = total.latency.buckets[i] as f64 / n as f64;
+            writeln!(self.latency, "{}\t{vcpus}\t{upper}\t{share:.5}", r.name).map_err(err)?;
+        }
+        // Two blank lines: the next row is a new gnuplot data block.
+        writeln!(self.latency, "\n").map_err(err)
+    }
+}
+
+fn run_rows(
+    a: &BenchArgs,
+    guest: &Path,
+    image: Option<&Path>,
+    mut plot: Option<&mut PlotData>,
+) -> Result<(), String> {
     for &vcpus in &a.vcpus {
         let rows = rows(a, image.is_some());
         // Repetitions interleave the rows (all rows once, then again), so
@@ -390,7 +454,10 @@ fn run_rows(a: &BenchArgs, guest: &Path, image: Option<&Path>) -> Result<(), Str
             .map(|(r, s)| (r.name, a.pages as f64 / s.secs))
             .collect();
         for (r, s) in rows.iter().zip(&medians) {
-            print_row(r, s, vcpus, &rate);
+            let (pps, overhead) = print_row(r, s, vcpus, &rate);
+            if let Some(p) = plot.as_deref_mut() {
+                p.row(r, s, vcpus, pps, overhead)?;
+            }
         }
         print_ratios(a, image.is_some(), vcpus, &rate);
     }
@@ -467,8 +534,8 @@ fn rows(a: &BenchArgs, file_backed: bool) -> Vec<Row> {
 }
 
 /// One row of the table: rate, cost per page over the no-fault baseline of
-/// the same pattern, latency, counters.
-fn print_row(r: &Row, s: &Sample, vcpus: usize, rate: &HashMap<&str, f64>) {
+/// the same pattern, latency, counters. Gives the rate and the cost.
+fn print_row(r: &Row, s: &Sample, vcpus: usize, rate: &HashMap<&str, f64>) -> (f64, f64) {
     let total = s.report.total();
     let pps = rate[r.name];
     let base = rate[if r.random { "prefault/r" } else { "prefault" }];
@@ -493,6 +560,7 @@ fn print_row(r: &Row, s: &Sample, vcpus: usize, rate: &HashMap<&str, f64>) {
         s.report.memory[MemStat::ResidentPages],
         total[ThreadStat::Retries],
     );
+    (pps, overhead)
 }
 
 /// The ratios of one table, the headline line last.
