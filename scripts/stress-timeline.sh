@@ -19,8 +19,10 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--duration 30s --hotplug 256M)
 echo "\$ vmm stress ${args[*]} --metrics-addr 127.0.0.1:$port"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 target/release/vmm stress "${args[@]}" --metrics-addr "127.0.0.1:$port" --metrics-linger 0s \
-  >"$out/stress-timeline.log" 2>&1 &
+  >"$log" 2>&1 &
 stress=$!
 for _ in $(seq 100); do
   target/release/vmm top --once --interval 0.05 --metrics-url "http://127.0.0.1:$port" >/dev/null 2>&1 && break
@@ -28,7 +30,8 @@ for _ in $(seq 100); do
 done
 # Plain frames (stdout is a file) every 250 ms until the endpoint goes away.
 target/release/vmm top --interval 0.25 --metrics-url "http://127.0.0.1:$port" >"$out/.frames" 2>/dev/null || true
-wait $stress || { echo "stress run failed: see $out/stress-timeline.log" >&2; exit 1; }
+wait $stress || { cat "$log" >&2; echo "the stress run failed" >&2; exit 1; }
+grep -v 'metrics on' "$log" | tail -n 15
 # One line per frame: seconds, resident, balloon target/actual, virtio-mem
 # requested/plugged (MiB), faults/s of all threads.
 awk '
