@@ -56,8 +56,8 @@ pub struct Frame {
     pub rows: Vec<Row>,
 }
 
-/// The orders rows can be sorted in (`s` cycles through them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The orders rows can be sorted in (`--sort`; `s` cycles through them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SortBy {
     Thread,
     Faults,

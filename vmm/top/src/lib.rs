@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use frame::SortBy;
 use source::Source;
@@ -43,31 +43,8 @@ pub struct TopArgs {
     #[arg(long)]
     pub once: bool,
     /// The first sort order (`s` changes it in the live view).
-    #[arg(long, value_enum, default_value_t = Sort::Thread)]
-    pub sort: Sort,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy)]
-pub enum Sort {
-    Thread,
-    Faults,
-    Installs,
-    Retries,
-    P99,
-    Blocked,
-}
-
-impl From<Sort> for SortBy {
-    fn from(s: Sort) -> SortBy {
-        match s {
-            Sort::Thread => SortBy::Thread,
-            Sort::Faults => SortBy::Faults,
-            Sort::Installs => SortBy::Installs,
-            Sort::Retries => SortBy::Retries,
-            Sort::P99 => SortBy::P99,
-            Sort::Blocked => SortBy::Blocked,
-        }
-    }
+    #[arg(long, value_enum, default_value_t = SortBy::Thread)]
+    pub sort: SortBy,
 }
 
 fn interval(s: &str) -> Result<f64, String> {
@@ -103,7 +80,7 @@ pub fn run(a: &TopArgs) -> Result<(), String> {
         (None, None) => return Err("give --api-socket PATH or --metrics-url URL".into()),
     };
     let interval = Duration::from_secs_f64(a.interval);
-    let sort = SortBy::from(a.sort);
+    let sort = a.sort;
     if a.once {
         print!(
             "{}",
