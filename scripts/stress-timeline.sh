@@ -29,7 +29,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 # Plain frames (stdout is a file) every 250 ms until the endpoint goes away.
-target/release/vmm top --interval 0.25 --metrics-url "http://127.0.0.1:$port" >"$out/.frames" 2>/dev/null || true
+target/release/vmm top --interval 0.25 --metrics-url "http://127.0.0.1:$port" >"$out/.frames" 2>/dev/null
 wait $stress || { cat "$log" >&2; echo "the stress run failed" >&2; exit 1; }
 grep -v 'metrics on' "$log" | tail -n 15
 # One line per frame: seconds, resident, balloon target/actual, virtio-mem

@@ -252,7 +252,7 @@ fn plain_frames_when_stdout_is_not_a_terminal() {
         .args(["--kernel", common::guest("memstress").to_str().unwrap()])
         .args(["--cmdline", "mode=0 rounds=1 bytes=4M hold=1"]);
     let (child, _out, _err) = spawn_lines(c);
-    let _vm = Linux {
+    let vm = Linux {
         child,
         socket: socket.clone(),
     };
@@ -280,9 +280,18 @@ fn plain_frames_when_stdout_is_not_a_terminal() {
             rows += usize::from(l.starts_with("vcpu"));
         }
     }
-    let _ = top.kill();
-    let _ = top.wait();
     assert!(rows >= 4, "{rows} vCPU rows in 3 frames");
+    // The VM ends: so does the stream, successfully.
+    drop(vm);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = top.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vmm top outlived its VM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
 }
 
 #[test]

@@ -96,7 +96,14 @@ pub fn run(a: &TopArgs) -> Result<(), String> {
     let mut t0 = Instant::now();
     loop {
         std::thread::sleep(interval);
-        let now = source.fetch()?;
+        // The VM ending is the normal end of a stream (it was there).
+        let now = match source.fetch() {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("vmm top: {source} went away: {e}");
+                return Ok(());
+            }
+        };
         let mut f = frame::frame(&then, &now, t0.elapsed().as_secs_f64());
         f.sort(sort);
         let mut out = std::io::stdout().lock();
