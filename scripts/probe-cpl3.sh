@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Host probe: how guest code at CPL3 vs CPL0 runs on this KVM, and what exit a
-# missing userfaultfd page gives at each level (docs/ARCHITECTURE.md,
+# Host probe: how guest code at CPL3 vs CPL0 runs on this KVM, what exit a
+# missing userfaultfd page gives at each level, and what KVM's dirty log
+# (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET_DIRTY_LOG) sees and costs (docs/ARCHITECTURE.md,
 # docs/FAULT-PATH.md). Needs root and /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,4 +12,7 @@ echo "== 1M-iteration loop at CPL0 (emulated under PVM)"; CPL0=1 "$out/cpl3" 100
 echo "== 20000 pages, host kernel fills, CPL3"; "$out/cpl3" 1 20000
 echo "== 20000 pages, userfaultfd SIGBUS, CPL3 (expect a bare EFAULT)"; UFFD=1 "$out/cpl3" 1 20000 || true
 echo "== 20000 pages, userfaultfd SIGBUS, CPL0 (expect MMIO exits)"; CPL0=1 UFFD=1 "$out/cpl3" 1 20000
+echo "== 20000 pages written 3 times, no dirty log (rewrites run natively)"; PASSES=3 "$out/cpl3" 1 20000
+echo "== the same with KVM's dirty log on the slot, fetched after each pass"; DIRTY=1 "$out/cpl3" 1 20000
+echo "== the same at CPL0"; DIRTY=1 CPL0=1 "$out/cpl3" 1 20000
 rm -rf "$out"
