@@ -241,10 +241,9 @@ fn top_matches_the_api_on_linux_with_balloon_and_virtio_mem_churning() {
     put(&s, "/vm/stop", "");
 }
 
-/// Not a terminal: a plain frame every interval, rows for each thread.
-#[test]
-fn plain_frames_when_stdout_is_not_a_terminal() {
-    let socket = std::env::temp_dir().join(format!("vmm-top-plain-{}.sock", std::process::id()));
+/// A test guest that holds after its pages are touched, with the API on.
+fn holding_vm(name: &str) -> Linux {
+    let socket = std::env::temp_dir().join(format!("vmm-top-{name}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let mut c = vmm();
     c.args(["run", "--vcpus", "2", "--mem", "64M", "--api-socket"])
@@ -252,13 +251,159 @@ fn plain_frames_when_stdout_is_not_a_terminal() {
         .args(["--kernel", common::guest("memstress").to_str().unwrap()])
         .args(["--cmdline", "mode=0 rounds=1 bytes=4M hold=1"]);
     let (child, _out, _err) = spawn_lines(c);
-    let vm = Linux {
-        child,
-        socket: socket.clone(),
-    };
     wait_for("the API socket", Duration::from_secs(30), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
+    Linux { child, socket }
+}
+
+/// The live view on a terminal (a pseudo-terminal here): it draws on the
+/// alternate screen, `s` changes the sort, `p` pauses, `q` quits with
+/// status 0 and gives the screen back.
+#[test]
+fn live_view_on_a_terminal_sorts_pauses_and_quits() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+    let vm = holding_vm("tty");
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 30,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors we then own.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are ours alone from here on.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut c = vmm();
+    c.args(["top", "--interval", "0.2", "--api-socket"])
+        .arg(&vm.socket)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    // The pseudo-terminal becomes the child's controlling terminal, as a
+    // login's is (crossterm reads keys and sets raw mode on /dev/tty).
+    // SAFETY: setsid and ioctl are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut top = c.spawn().unwrap();
+    drop(c);
+    let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    {
+        let screen = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    // The screen as a terminal would show it (ratatui positions the
+    // cursor with CSI row;col H and writes only the cells that changed).
+    let shown = |what: &str| {
+        let s = screen.lock().unwrap();
+        let raw = String::from_utf8_lossy(&s).into_owned();
+        if what.starts_with('\x1b') {
+            return raw.contains(what);
+        }
+        render(&raw).iter().any(|line| line.contains(what))
+    };
+    wait_for("a frame with vcpu0", Duration::from_secs(30), || {
+        shown("sorted by thread") && shown("vcpu0") && shown("faults/s by kind")
+    });
+    assert!(shown("\x1b[?1049h"), "not on the alternate screen");
+    let mut keys = std::fs::File::from(master);
+    keys.write_all(b"s").unwrap();
+    wait_for("the sort to change", Duration::from_secs(10), || {
+        shown("sorted by faults/s")
+    });
+    keys.write_all(b"p").unwrap();
+    wait_for("the pause to show", Duration::from_secs(10), || {
+        shown("PAUSED")
+    });
+    keys.write_all(b"q").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = top.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "q did not quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    wait_for("the screen given back", Duration::from_secs(5), || {
+        shown("\x1b[?1049l")
+    });
+}
+
+/// The lines of a 30x160 terminal after `raw`: printable characters at
+/// the cursor, `CSI row;col H` moves it, other escape sequences change
+/// nothing on the grid, `CSI ?1049h` clears it (the alternate screen).
+fn render(raw: &str) -> Vec<String> {
+    let mut grid = vec![vec![' '; 160]; 30];
+    let (mut row, mut col) = (0usize, 0usize);
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            let mut params = String::new();
+            for e in chars.by_ref() {
+                if ('@'..='~').contains(&e) {
+                    match e {
+                        'H' => {
+                            let mut it = params.split(';').map(|n| n.parse::<usize>().unwrap_or(1));
+                            row = it.next().unwrap_or(1).saturating_sub(1);
+                            col = it.next().unwrap_or(1).saturating_sub(1);
+                        }
+                        'h' if params == "?1049" => grid = vec![vec![' '; 160]; 30],
+                        _ => {}
+                    }
+                    break;
+                }
+                params.push(e);
+            }
+        } else if c == '\r' {
+            col = 0;
+        } else if c == '\n' {
+            row += 1;
+        } else if !c.is_control() {
+            if row < grid.len() && col < grid[row].len() {
+                grid[row][col] = c;
+            }
+            col += 1;
+        }
+    }
+    grid.into_iter().map(|r| r.into_iter().collect()).collect()
+}
+
+/// Not a terminal: a plain frame every interval, rows for each thread.
+#[test]
+fn plain_frames_when_stdout_is_not_a_terminal() {
+    let vm = holding_vm("plain");
+    let socket = vm.socket.clone();
     let mut t = vmm();
     t.args([
         "top",

@@ -92,9 +92,14 @@ fn draw(screen: &mut Screen, source: &Source, s: &State) {
 
 /// Runs until `q`.
 pub fn run(source: &Source, interval: Duration, sort: SortBy) -> Result<(), String> {
-    let mut terminal = ratatui::init();
+    // Raw mode and key events go through the controlling terminal
+    // (/dev/tty): without one, say so rather than panic.
+    let mut terminal = ratatui::try_init().map_err(|e| {
+        let _ = ratatui::try_restore();
+        format!("cannot drive the terminal ({e}); use --once, or pipe the output for plain frames")
+    })?;
     let result = run_on(&mut terminal, source, interval, sort);
-    ratatui::restore();
+    let _ = ratatui::try_restore();
     result
 }
 
