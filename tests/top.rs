@@ -345,14 +345,7 @@ fn live_view_on_a_terminal_sorts_pauses_and_quits() {
         shown("PAUSED")
     });
     keys.write_all(b"q").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = top.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "q did not quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_of(&mut top, "q to quit");
     assert!(status.success(), "{status}");
     wait_for("the screen given back", Duration::from_secs(5), || {
         shown("\x1b[?1049l")
@@ -399,6 +392,16 @@ fn render(raw: &str) -> Vec<String> {
     grid.into_iter().map(|r| r.into_iter().collect()).collect()
 }
 
+/// The child's exit status, once it has exited; panics after 30 s.
+fn exit_of(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_for(what, Duration::from_secs(30), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
 /// Not a terminal: a plain frame every interval, rows for each thread.
 #[test]
 fn plain_frames_when_stdout_is_not_a_terminal() {
@@ -428,14 +431,7 @@ fn plain_frames_when_stdout_is_not_a_terminal() {
     assert!(rows >= 4, "{rows} vCPU rows in 3 frames");
     // The VM ends: so does the stream, successfully.
     drop(vm);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = top.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "vmm top outlived its VM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_of(&mut top, "vmm top to end with its VM");
     assert!(status.success(), "{status}");
 }
 

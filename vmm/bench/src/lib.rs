@@ -63,7 +63,7 @@ pub struct BenchArgs {
     pub busy: usize,
     /// Also write the table and each row's fault-latency histogram as
     /// tab-separated files into DIR (`faults.tsv`, `latency.tsv`), for
-    /// `scripts/plot-faults.gp`.
+    /// `scripts/plot-faults.sh`.
     #[arg(long)]
     pub plot_data: Option<std::path::PathBuf>,
 }

@@ -25,14 +25,24 @@ pub fn request(
     } else {
         TIMEOUT
     };
+    let what = socket.display().to_string();
+    block_on(timeout, &what, send(socket, method, path, body))
+}
+
+/// Run one exchange on a fresh current-thread runtime, at most `timeout`.
+fn block_on(
+    timeout: Duration,
+    what: &str,
+    exchange: impl std::future::Future<Output = Result<(StatusCode, String), String>>,
+) -> Result<(StatusCode, String), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        tokio::time::timeout(timeout, send(socket, method, path, body))
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| format!("no answer from {} within {timeout:?}", socket.display()))?
+            .map_err(|_| format!("no answer from {what} within {timeout:?}"))?
     })
 }
 
@@ -96,19 +106,11 @@ pub fn get_url(url: &str) -> Result<(StatusCode, String), String> {
         .ok_or_else(|| format!("bad URL {url}: no host"))?;
     let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        tokio::time::timeout(TIMEOUT, async {
-            let stream = tokio::net::TcpStream::connect(addr.as_str())
-                .await
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-            exchange(stream, Method::GET, &path, None).await
-        })
-        .await
-        .map_err(|_| format!("no answer from {url} within {TIMEOUT:?}"))?
+    block_on(TIMEOUT, url, async {
+        let stream = tokio::net::TcpStream::connect(addr.as_str())
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        exchange(stream, Method::GET, &path, None).await
     })
 }
 

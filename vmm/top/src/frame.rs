@@ -40,6 +40,8 @@ pub struct Row {
     pub installs_per_s: f64,
     /// Pages per install (fault-around), if anything was installed.
     pub pages_per_install: Option<f64>,
+    /// Pages this thread installed per second.
+    pub pages_per_s: f64,
     pub retries_per_s: f64,
     /// Fault latency quantiles over the interval (seconds), if any fault.
     pub p50: Option<f64>,
@@ -201,6 +203,7 @@ fn row(name: String, now: &Value, then: Option<&Value>, dt: f64) -> Row {
             .collect(),
         installs_per_s: installs as f64 / dt,
         pages_per_install: (installs > 0).then(|| pages as f64 / installs as f64),
+        pages_per_s: pages as f64 / dt,
         retries_per_s: rate("retries"),
         p50: quantile(&hist, 0.5),
         p99: quantile(&hist, 0.99),
@@ -235,7 +238,6 @@ pub fn frame(then: &Value, now: &Value, dt: f64) -> Frame {
             ));
         }
     }
-    let mib = |v: &Value, key: &str| u(v, key);
     let header = Header {
         fault_mode: now
             .get("fault_mode")
@@ -252,15 +254,12 @@ pub fn frame(then: &Value, now: &Value, dt: f64) -> Frame {
         balloon_mib: now
             .get("balloon")
             .filter(|b| b.is_object())
-            .map(|b| (mib(b, "target_mib"), mib(b, "actual_mib"))),
+            .map(|b| (u(b, "target_mib"), u(b, "actual_mib"))),
         hotplug_mib: now
             .get("hotplug")
             .filter(|h| h.is_object())
-            .map(|h| (mib(h, "requested_mib"), mib(h, "plugged_mib"))),
-        pages_per_s: rows
-            .iter()
-            .map(|r| r.installs_per_s * r.pages_per_install.unwrap_or(0.0))
-            .sum(),
+            .map(|h| (u(h, "requested_mib"), u(h, "plugged_mib"))),
+        pages_per_s: rows.iter().map(|r| r.pages_per_s).sum(),
     };
     Frame {
         interval_s: dt,
