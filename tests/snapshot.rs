@@ -66,13 +66,26 @@ impl Live {
     }
 
     fn snapshot(&self, dir: &Path, resume: bool) -> (u16, Value) {
-        let (status, body) = http(
-            &self.socket,
-            "PUT",
-            "/vm/snapshot",
-            Some(&json!({ "dir": dir, "resume": resume })),
-        );
+        self.snapshot_with(&json!({ "dir": dir, "resume": resume }))
+    }
+
+    fn snapshot_with(&self, request: &Value) -> (u16, Value) {
+        let (status, body) = http(&self.socket, "PUT", "/vm/snapshot", Some(request));
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// `vmm ctl snapshot create DIR [ARGS]`: its JSON summary.
+    fn ctl_snapshot(&self, dir: &Path, args: &[&str]) -> Value {
+        let mut c = vmm();
+        c.arg("ctl")
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(["--json", "snapshot", "create"])
+            .arg(dir)
+            .args(args);
+        let ctl = run_with(c, Duration::from_secs(300));
+        ctl.assert_ok();
+        serde_json::from_str(&ctl.stdout).unwrap()
     }
 
     /// Wait for the process to end: (status, console, stderr).
@@ -149,20 +162,7 @@ fn touch_snapshot(name: &str) -> (PathBuf, String) {
         ],
     );
     live.wait_resident(96.0);
-    let ctl = run_with(
-        {
-            let mut c = vmm();
-            c.arg("ctl")
-                .arg("--api-socket")
-                .arg(&live.socket)
-                .args(["--json", "snapshot", "create"])
-                .arg(&dir);
-            c
-        },
-        Duration::from_secs(300),
-    );
-    ctl.assert_ok();
-    let summary: Value = serde_json::from_str(&ctl.stdout).unwrap();
+    let summary = live.ctl_snapshot(&dir, &[]);
     let data = summary["data_bytes"].as_u64().unwrap();
     assert!(
         data > 64 << 20 && data < 600 << 20,
@@ -223,6 +223,109 @@ fn a_guest_snapshotted_while_faulting_restores_in_every_mode() {
     }
     assert!(dir_state(&dir) == before, "a restore modified the snapshot");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `touch` snapshotted while it faults: a full snapshot, then two diffs,
+/// each on the one before, while the guest goes on writing. Each diff
+/// holds only what was written since its base, names it, and restores —
+/// the chain laid together — to a guest that finds every page it wrote;
+/// a restore never writes into any of them; a diff whose base was
+/// replaced or moved, or restored as a file mapping, is refused, saying
+/// why.
+#[test]
+fn diff_snapshots_restore_to_every_page_written() {
+    let dirs: Vec<PathBuf> = ["diff-a", "diff-b", "diff-c"]
+        .iter()
+        .map(|n| tmp(n))
+        .collect();
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    // One vCPU over 900 MiB: it is still writing at the last diff.
+    let live = Live::start(
+        "diff",
+        &[
+            "--vcpus",
+            "1",
+            "--mem",
+            "1G",
+            "--kernel",
+            guest("touch").to_str().unwrap(),
+            "--cmdline",
+            "bytes=900M stride=4096 seed=3",
+        ],
+    );
+    let data = |v: &Value| v["data_bytes"].as_u64().unwrap();
+    let resident = || (live.vm()["memory"]["resident_mib"].as_f64().unwrap() * 1048576.0) as u64;
+    live.wait_resident(64.0);
+    let full = live.ctl_snapshot(&dirs[0], &[]);
+    assert!(full.get("base").is_none(), "{full}");
+    let mut saved = data(&full);
+    for (i, mib) in [(1, 200.0), (2, 360.0)] {
+        live.wait_resident(mib);
+        let before = resident();
+        let diff = live.ctl_snapshot(&dirs[i], &["--diff"]);
+        let after = resident();
+        let base = std::fs::canonicalize(&dirs[i - 1]).unwrap();
+        assert_eq!(diff["base"], json!(base), "{diff}");
+        // touch writes each page once: the diff holds the pages that
+        // became resident since its base (give or take the guest's
+        // stack and tables, which it rewrites).
+        let slack = 8 << 20;
+        assert!(
+            data(&diff) + slack >= before - saved && data(&diff) <= after - saved + slack,
+            "diff {i}: {} bytes of data; resident {before}..{after}, {saved} in the snapshots before",
+            data(&diff)
+        );
+        saved += data(&diff);
+    }
+    let (status, console, err) = live.finish();
+    assert_eq!(status, Some(0), "{console}\n{err}");
+    let sum = field(&console, "touch: OK", "checksum")
+        .unwrap_or_else(|| panic!("no touch: OK line:\n{console}"));
+    let before: Vec<_> = dirs.iter().map(|d| dir_state(d)).collect();
+    for m in [
+        &["--restore-mode", "ondemand", "--fault-mode", "vcpu"][..],
+        &[
+            "--restore-mode",
+            "ondemand",
+            "--fault-mode",
+            "handler",
+            "--prefetch",
+            "all",
+        ],
+        &["--restore-mode", "copy", "--fault-mode", "vcpu"],
+        &["--verify-memory"],
+    ] {
+        let r = restore(&dirs[2], m);
+        assert_touch_ok(&r, &sum, &format!("the second diff, {}", m.join(" ")));
+    }
+    assert_touch_ok(&restore(&dirs[1], &[]), &sum, "the first diff");
+    let after: Vec<_> = dirs.iter().map(|d| dir_state(d)).collect();
+    assert!(before == after, "a restore modified a snapshot");
+
+    let refused = |args: &[&str], want: &str| {
+        let r = restore(&dirs[2], args);
+        assert_ne!(r.status, Some(0), "{}", r.stdout);
+        assert!(r.stderr.contains(want), "want {want:?}:\n{}", r.stderr);
+        assert!(!r.stdout.contains("touch:"), "a vCPU ran: {}", r.stdout);
+    };
+    refused(
+        &["--restore-mode", "map-private", "--fault-mode", "kernel"],
+        "a diff snapshot restores with ondemand or copy",
+    );
+    // The first diff's base replaced by another snapshot of the VM.
+    let moved = tmp("diff-a-moved");
+    let _ = std::fs::remove_dir_all(&moved);
+    std::fs::rename(&dirs[0], &moved).unwrap();
+    refused(&[], "cannot open");
+    copy_dir(&moved, &dirs[0]);
+    edit_manifest(&dirs[0], |m| m["memory"]["crc32"] = json!(1));
+    refused(&[], "it was replaced");
+    std::fs::remove_dir_all(&moved).unwrap();
+    for d in &dirs {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
 
 /// memstress rewrites every page each round: restored with a prefetch of
@@ -487,6 +590,11 @@ fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
     let (status, body) = live.snapshot(&existing, true);
     assert_eq!(status, 409, "{body}");
     assert!(body.to_string().contains("already exists"), "{body}");
+    // The failed snapshot consumed what changed since the VM started: a
+    // diff has no base.
+    let (status, body) = live.snapshot_with(&json!({ "dir": tmp("nobase"), "diff": true }));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("needs a base"), "{body}");
     let (status, console, err) = live.finish();
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     let _ = std::fs::remove_dir_all(&mnt);

@@ -404,11 +404,15 @@ fn ioctls(class: ThreadClass) -> Option<Vec<u64>> {
         // request that reads guest memory serves its own missing pages.
         ThreadClass::Api | ThreadClass::Metrics => vec![libc::FIONBIO],
         ThreadClass::Main => TERMINAL_IOCTLS.to_vec(),
-        // The VM's in-kernel state, for a snapshot.
+        // The VM's in-kernel state, for a snapshot; KVM's dirty log, for
+        // a diff snapshot (turned on on each memslot by registering it
+        // again with the flag, read and cleared by KVM_GET_DIRTY_LOG).
         ThreadClass::Control => vec![
             iowr::<kvm_bindings::kvm_irqchip>(KVMIO, 0x62), // KVM_GET_IRQCHIP
             ior::<kvm_bindings::kvm_clock_data>(KVMIO, 0x7c), // KVM_GET_CLOCK
             ior::<kvm_bindings::kvm_pit_state2>(KVMIO, 0x9f), // KVM_GET_PIT2
+            iow::<kvm_bindings::kvm_userspace_memory_region>(KVMIO, 0x46),
+            iow::<kvm_bindings::kvm_dirty_log>(KVMIO, 0x42), // KVM_GET_DIRTY_LOG
         ],
     };
     v.extend_from_slice(FAULT_IOCTLS);

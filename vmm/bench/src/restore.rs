@@ -185,7 +185,9 @@ fn boot(
         }
         match dir {
             Some(dir) => {
-                actions.snapshot(&dir, false).map_err(|e| e.message)?;
+                actions
+                    .snapshot(&dir, false, false)
+                    .map_err(|e| e.message)?;
                 control.stop();
                 Ok(None)
             }

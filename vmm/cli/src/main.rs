@@ -83,6 +83,11 @@ enum SnapshotCmd {
         /// Leave the VM paused after the snapshot (`vmm ctl vm resume`).
         #[arg(long)]
         paused: bool,
+        /// Write only the pages changed since the VM's last snapshot (the
+        /// one it took, or was restored from); restoring DIR reads the
+        /// rest from that one, which must stay where it is.
+        #[arg(long)]
+        diff: bool,
     },
 }
 
@@ -386,14 +391,14 @@ fn ctl(a: CtlArgs) -> ExitCode {
         CtlCmd::Vm(VmCmd::Stop) => (Method::PUT, "/vm/stop", None),
         CtlCmd::Vm(VmCmd::Pause) => (Method::PUT, "/vm/pause", None),
         CtlCmd::Vm(VmCmd::Resume) => (Method::PUT, "/vm/resume", None),
-        CtlCmd::Snapshot(SnapshotCmd::Create { dir, paused }) => {
+        CtlCmd::Snapshot(SnapshotCmd::Create { dir, paused, diff }) => {
             // The VMM resolves a relative path against its own directory:
             // make it this command's.
             let dir = std::path::absolute(&dir).unwrap_or(dir);
             (
                 Method::PUT,
                 "/vm/snapshot",
-                Some(json!({ "dir": dir, "resume": !paused })),
+                Some(json!({ "dir": dir, "resume": !paused, "diff": diff })),
             )
         }
         CtlCmd::SaveWorkingSet => (Method::PUT, "/vm/working-set", None),

@@ -473,10 +473,7 @@ impl FaultEngine {
         let r = self.resolve(ctx, last, &mut Access::None)?;
         let snap = self.memory.snapshot();
         let slot = snap.lookup(gpa).ok_or(FaultError::NotRam(gpa))?;
-        complete(
-            slot.backing.hva() + (gpa - slot.gpa),
-            std::mem::replace(access, Access::None),
-        );
+        complete(slot, gpa, std::mem::replace(access, Access::None));
         Ok(r)
     }
 }
@@ -668,12 +665,15 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
 
     fn complete(&mut self, slot: &Slot, _held: &InstallGuard<'_>) {
         let access = std::mem::replace(self.access, Access::None);
-        complete(slot.backing.hva() + (self.gpa - slot.gpa), access);
+        complete(slot, self.gpa, access);
     }
 }
 
-/// Apply a completed guest access to host memory at `hva`.
-fn complete(hva: u64, access: Access) {
+/// Apply a completed guest access to `gpa` of `slot`'s host memory. A
+/// write is the VMM's, not the guest's, as KVM sees it: it is marked
+/// changed for the next diff snapshot (KVM's dirty log never sees it).
+fn complete(slot: &Slot, gpa: u64, access: Access) {
+    let hva = slot.backing.hva() + (gpa - slot.gpa);
     match access {
         Access::None => {}
         Access::Read(data) => {
@@ -689,6 +689,7 @@ fn complete(hva: u64, access: Access) {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile((hva + i as u64) as *mut u8, *b) };
             }
+            slot.backing.mark_changed(gpa - slot.gpa, data.len() as u64);
         }
     }
 }

@@ -1,11 +1,12 @@
 //! What a restore reads from a snapshot directory before any KVM object
 //! exists: the manifest (JSON), each state section (bincode), the memory
-//! layout and its checks, a recorded working set. Any bytes give a value
+//! layout and its checks, a diff's layout laid over its base's, a
+//! recorded working set. Any bytes give a value
 //! or an error naming the section (no panic, no unbounded allocation).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::memory::snapshot::{check_layout, SlotImage};
+use vmm::memory::snapshot::{check_layout, layer, BasePages, SlotImage};
 use vmm::snapshot::{DevicesSnapshot, VcpuSnapshot, VmRecord, VmSnapshot};
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = std::path::Path::new("manifest.json");
-    match which % 6 {
+    match which % 7 {
         0 => {
             let _ = vmm_snapshot::Manifest::<VmRecord>::parse(bytes, path);
         }
@@ -35,6 +36,16 @@ fuzz_target!(|data: &[u8]| {
                         let _ = (s.data_pages(), s.table_pages(), s.user_pages());
                         let _ = s.data_runs(256).count();
                     }
+                }
+            }
+        }
+        5 => {
+            // A diff over its base: both layouts checked first, as a
+            // restore checks them.
+            type Diff = (Vec<SlotImage>, Vec<SlotImage>, BasePages);
+            if let Ok((mut top, below, pages)) = vmm_snapshot::decode::<Diff>("memory-base", bytes) {
+                if check_layout(&top, 1 << 28).is_ok() && check_layout(&below, 1 << 28).is_ok() {
+                    let _ = layer(&mut top, &pages, &below);
                 }
             }
         }

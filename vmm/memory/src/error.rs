@@ -33,6 +33,12 @@ pub enum MemError {
         size: u64,
         source: kvm_ioctls::Error,
     },
+    #[error("KVM_GET_DIRTY_LOG slot {slot} (GPA {gpa:#x}) failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        gpa: u64,
+        source: kvm_ioctls::Error,
+    },
     #[error("userfaultfd {what} failed: {source}")]
     Uffd {
         what: &'static str,

@@ -17,10 +17,14 @@ pub use manager::{
     MemStat, MemoryManager, MemoryStats, NewSlot, Slot, SlotBacking, MEMORY_METRICS,
 };
 pub use memslots::PAGE_SIZE;
-pub use source::{ImageFile, PageSource, SourceError};
+pub use source::{ImageFile, PageSource, Redirect, SourceError};
 
 /// The guest-memory view used by loaders and devices (a snapshot of it).
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+/// Every write through it marks its pages in the region's bitmap: the
+/// pages the VMM itself changed, which KVM's dirty log cannot see (a diff
+/// snapshot takes both).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub use vm_memory::bitmap::AtomicBitmap;
 
 /// A contiguous guest-physical RAM range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! hotplug, unplug, discards — goes through it, in the order
 //! docs/FAULT-PATH.md gives.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
@@ -19,14 +19,14 @@ use vm_memory::{
 use vmm_counters::{metrics, Metric};
 
 use super::{
-    partial::PartialHugePages, resident_pages, GuestMemory, ImageFile, KvmSlots, MemError,
-    PageSource, RamRange, PAGE_SIZE,
+    partial::PartialHugePages, resident_pages, AtomicBitmap, GuestMemory, ImageFile, KvmSlots,
+    MemError, PageSource, RamRange, PAGE_SIZE,
 };
 
 /// Host side of a memslot: its mapping (shared with the guest-memory view)
 /// and where its pages' first content comes from.
 pub struct SlotBacking {
-    region: Arc<GuestRegionMmap<()>>,
+    region: Arc<GuestRegionMmap<AtomicBitmap>>,
     source: PageSource,
     /// Offset of the slot's first byte within its page source.
     source_offset: u64,
@@ -49,6 +49,15 @@ impl SlotBacking {
 
     pub fn source_offset(&self) -> u64 {
         self.source_offset
+    }
+
+    /// Record that the VMM changed `[offset, offset+len)` of the slot
+    /// without the guest (a discard, an unplug): the next diff snapshot
+    /// takes those pages (KVM's dirty log sees only guest writes).
+    pub fn mark_changed(&self, offset: u64, len: u64) {
+        self.region
+            .bitmap()
+            .set_addr_range(offset as usize, len as usize);
     }
 
     /// The mapping's huge page size, if it is hugetlb.
@@ -149,6 +158,8 @@ pub struct MemoryManager {
     /// How hotplugged slots are mapped (like boot RAM).
     mapping: Mapping,
     counters: Counters,
+    /// KVM logs guest writes on every slot (since [`MemoryManager::track_dirty`]).
+    log_dirty: AtomicBool,
 }
 
 impl MemoryManager {
@@ -223,7 +234,7 @@ impl MemoryManager {
         for (id, r) in ranges.iter().enumerate() {
             let id = id as u32;
             let backing = map(r.gpa, r.size, source.clone(), offset, mapping, true)?;
-            set_region(&*kvm, id, r.gpa, r.size, backing.hva())?;
+            set_region(&*kvm, id, r.gpa, r.size, backing.hva(), false)?;
             offset += r.size;
             slots.push(Arc::new(Memslot::new(id, r.gpa, r.size, backing)));
         }
@@ -240,6 +251,7 @@ impl MemoryManager {
             boot: ranges.to_vec(),
             mapping,
             counters: Counters::default(),
+            log_dirty: AtomicBool::new(false),
         })
     }
 
@@ -369,10 +381,15 @@ impl MemoryManager {
             false,
         )?;
         let hva = backing.hva();
+        if self.tracks_dirty() {
+            // All new since any snapshot: a diff takes every page.
+            backing.mark_changed(0, new.size);
+        }
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
         }
-        if let Err(e) = set_region(&*self.kvm, id, new.gpa, new.size, hva) {
+        let log = self.log_dirty.load(Ordering::Acquire);
+        if let Err(e) = set_region(&*self.kvm, id, new.gpa, new.size, hva, log) {
             if let Some(uffd) = self.uffd() {
                 let _ = uffd.unregister(hva as *mut libc::c_void, new.size as usize);
             }
@@ -396,7 +413,7 @@ impl MemoryManager {
         let exclusive = slot.begin_removal();
         // I1: from here no installer is inside the slot and none can enter.
         let hva = slot.backing.hva();
-        let r = set_region(&*self.kvm, slot.id, slot.gpa, 0, hva);
+        let r = set_region(&*self.kvm, slot.id, slot.gpa, 0, hva, false);
         if let Some(uffd) = self.uffd() {
             let _ = uffd.unregister(hva as *mut libc::c_void, slot.size as usize);
         }
@@ -500,6 +517,7 @@ impl MemoryManager {
                 }
                 let exclusive = slot.begin_discard(slot.page_index(at), frames);
                 zero_if_resident(slot.backing.hva() + (at - slot.gpa), stop - at);
+                slot.backing.mark_changed(at - slot.gpa, stop - at);
                 drop(exclusive);
                 Ok(())
             }),
@@ -531,6 +549,7 @@ impl MemoryManager {
         }
         let hva = slot.backing.hva() + (gpa - slot.gpa);
         let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
+        slot.backing.mark_changed(gpa - slot.gpa, len);
         drop(exclusive);
         r
     }
@@ -645,6 +664,48 @@ impl MemoryManager {
         self.retired.store(Arc::new(v));
     }
 
+    /// Start tracking what changes in guest RAM from now on (again, if it
+    /// was tracked: what changed before is forgotten): KVM logs the
+    /// guest's writes on every slot (and on slots added later), the VMM's
+    /// own writes and discards mark the regions' bitmaps. Called with the
+    /// guest and the devices still (a snapshot, a restore).
+    pub fn track_dirty(&self) -> Result<(), MemError> {
+        let locked = self.slots.lock_slots();
+        self.log_dirty.store(true, Ordering::Release);
+        for s in &locked.snapshot().slots {
+            set_region(&*self.kvm, s.id, s.gpa, s.size, s.backing.hva(), true)?;
+            self.take_dirty(s)?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`track_dirty`](Self::track_dirty) is on.
+    pub fn tracks_dirty(&self) -> bool {
+        self.log_dirty.load(Ordering::Acquire)
+    }
+
+    /// The pages of `slot` changed since tracking began or the last call
+    /// (one bit per page): the guest's writes (KVM's log) and the VMM's
+    /// (the region's bitmap); both are cleared.
+    pub fn take_dirty(&self, slot: &Slot) -> Result<Vec<u64>, MemError> {
+        let mut bits =
+            self.kvm
+                .dirty_log(slot.id, slot.size)
+                .map_err(|source| MemError::DirtyLog {
+                    slot: slot.id,
+                    gpa: slot.gpa,
+                    source,
+                })?;
+        bits.resize(slot.size.div_ceil(PAGE_SIZE * 64) as usize, 0);
+        for (w, vmm) in bits
+            .iter_mut()
+            .zip(slot.backing.region.bitmap().get_and_reset())
+        {
+            *w |= vmm;
+        }
+        Ok(bits)
+    }
+
     /// Counters, the generation and the number of slots.
     /// Every value of [`MEMORY_METRICS`] now (resident pages by mincore).
     pub fn stats(&self) -> MemoryStats {
@@ -700,7 +761,7 @@ fn map(
                 size,
                 source: vm_memory::mmap::MmapRegionError::Mmap(e),
             })?;
-            MmapRegion::<()>::build(
+            MmapRegion::<AtomicBitmap>::build(
                 Some(vm_memory::FileOffset::new(file, source_offset)),
                 size as usize,
                 prot,
@@ -708,7 +769,7 @@ fn map(
             )
         }
         _ if mapping == Mapping::HugeTlb => map_hugetlb(size, prot, at_boot),
-        _ => MmapRegion::<()>::build(
+        _ => MmapRegion::<AtomicBitmap>::build(
             None,
             size as usize,
             prot,
@@ -735,6 +796,7 @@ fn zap(slot: &Slot, gpa: u64, len: u64) -> Result<(), MemError> {
     let exclusive = slot.begin_discard(slot.page_index(gpa), len / PAGE_SIZE);
     let hva = slot.backing.hva() + (gpa - slot.gpa);
     let r = madvise(hva, len, libc::MADV_DONTNEED, "MADV_DONTNEED");
+    slot.backing.mark_changed(gpa - slot.gpa, len);
     drop(exclusive);
     r
 }
@@ -783,11 +845,11 @@ fn map_hugetlb(
     size: u64,
     prot: i32,
     raise: bool,
-) -> Result<MmapRegion<()>, vm_memory::mmap::MmapRegionError> {
+) -> Result<MmapRegion<AtomicBitmap>, vm_memory::mmap::MmapRegionError> {
     let huge = super::hugetlb::HUGE_PAGE;
     let mut tries = 0;
     loop {
-        let r = MmapRegion::<()>::build(
+        let r = MmapRegion::<AtomicBitmap>::build(
             None,
             size as usize,
             prot,
@@ -841,8 +903,9 @@ fn set_region(
     gpa: u64,
     size: u64,
     hva: u64,
+    log_dirty: bool,
 ) -> Result<(), MemError> {
-    kvm.set_region(slot, gpa, size, hva)
+    kvm.set_region(slot, gpa, size, hva, log_dirty)
         .map_err(|source| MemError::Kvm {
             slot,
             gpa,

@@ -173,6 +173,12 @@ fn set_bit(words: &mut [u64], i: u64) {
 pub enum SaveError<E: std::error::Error + 'static> {
     #[error("guest RAM on hugetlb pages cannot be saved yet (restart without --mem-hugepages)")]
     HugePages,
+    #[error(
+        "a diff snapshot needs the pages changed since the last one, and they are not tracked"
+    )]
+    NotTracked,
+    #[error("reading what changed: {0}")]
+    Dirty(MemError),
     #[error("reading the source of GPA {gpa:#x}: {source}")]
     Source {
         gpa: u64,
@@ -207,6 +213,12 @@ const RUN: u64 = 256;
 /// Where saved pages go: `(file offset, bytes)`, front to back.
 pub type PageSink<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
 
+/// A diff snapshot's memory beyond its layout: for each slot of the
+/// layout, in order, one bit per page, set where the page is its base's
+/// (unchanged since the base was taken). A page is then data (in the
+/// diff's file), the base's, or a hole.
+pub type BasePages = Vec<Vec<u64>>;
+
 /// One slot's pages being saved.
 struct SlotSaver<'s> {
     slot: &'s crate::Slot,
@@ -214,6 +226,9 @@ struct SlotSaver<'s> {
     offset: u64,
     resident: Vec<u8>,
     phys_top: u64,
+    /// A diff: the pages changed since the base (the others are the
+    /// base's and are not written).
+    changed: Option<Vec<u64>>,
 }
 
 impl SlotSaver<'_> {
@@ -221,11 +236,30 @@ impl SlotSaver<'_> {
         self.resident[p as usize] & 1 != 0
     }
 
-    /// Whether page `p` is saved: resident, or still its file source's.
+    /// Whether page `p` is saved: changed since the base (a diff), and
+    /// resident or still its file source's.
     fn keep(&self, p: u64) -> bool {
+        if self.changed.as_ref().is_some_and(|c| !bit(c, p)) {
+            return false;
+        }
         self.resident(p)
             || (matches!(self.slot.backing.source(), PageSource::File(_))
                 && !self.slot.is_discarded(p))
+    }
+
+    /// A diff's pages that are the base's: every page not changed.
+    fn base_pages(&self) -> Option<Vec<u64>> {
+        let pages = self.slot.size / PAGE_SIZE;
+        self.changed.as_ref().map(|c| {
+            let mut words: Vec<u64> = c.iter().map(|w| !w).collect();
+            words.resize(pages.div_ceil(64) as usize, u64::MAX);
+            if !pages.is_multiple_of(64) {
+                if let Some(last) = words.last_mut() {
+                    *last &= (1u64 << (pages % 64)) - 1;
+                }
+            }
+            words
+        })
     }
 
     /// Page `p`'s content into `page`.
@@ -322,6 +356,30 @@ impl MemoryManager {
         &self,
         out: &mut PageSink<'_, E>,
     ) -> Result<Vec<SlotImage>, SaveError<E>> {
+        Ok(self.save_memory(out, None)?.0)
+    }
+
+    /// A diff on a snapshot whose RAM was `base`, taken when tracking
+    /// began or at the last diff (what changed since is cleared here):
+    /// only the pages changed since are written; the layout and which
+    /// pages are the base's. Otherwise as [`Self::save_pages`].
+    pub fn save_diff<E: std::error::Error + 'static>(
+        &self,
+        out: &mut PageSink<'_, E>,
+        base: &[RamRange],
+    ) -> Result<(Vec<SlotImage>, BasePages), SaveError<E>> {
+        if !self.tracks_dirty() {
+            return Err(SaveError::NotTracked);
+        }
+        let (layout, pages) = self.save_memory(out, Some(base))?;
+        Ok((layout, pages.unwrap_or_default()))
+    }
+
+    fn save_memory<E: std::error::Error + 'static>(
+        &self,
+        out: &mut PageSink<'_, E>,
+        base: Option<&[RamRange]>,
+    ) -> Result<(Vec<SlotImage>, Option<BasePages>), SaveError<E>> {
         if self.has_hugetlb() {
             return Err(SaveError::HugePages);
         }
@@ -338,13 +396,32 @@ impl MemoryManager {
         let mut images = Vec::with_capacity(snap.slots.len());
         let mut buf = vec![0u8; (RUN * PAGE_SIZE) as usize];
         let mut user = Vec::new();
+        let mut base_pages = Vec::new();
         for slot in &snap.slots {
+            let changed = match base {
+                None => None,
+                Some(base) => {
+                    let mut c = self.take_dirty(slot).map_err(SaveError::Dirty)?;
+                    // A slot the base did not have is all new (a slot
+                    // added while tracking is marked so; this is the
+                    // check that it cannot be taken for the base's).
+                    if !base
+                        .iter()
+                        .any(|r| r.gpa <= slot.gpa && slot.end() <= r.end())
+                    {
+                        c.fill(u64::MAX);
+                    }
+                    Some(c)
+                }
+            };
             let saver = SlotSaver {
                 slot,
                 offset,
                 resident: residency(slot.backing.hva(), slot.size),
                 phys_top,
+                changed,
             };
+            base_pages.extend(saver.base_pages());
             let mut image = saver.save(&mut buf, &mut user, out)?;
             image.kind = if self.boot_ranges().iter().any(|r| r.gpa == slot.gpa) {
                 SlotKind::Boot
@@ -357,7 +434,7 @@ impl MemoryManager {
             offset += slot.size;
         }
         mark_user_pages(&mut images, user);
-        Ok(images)
+        Ok((images, base.map(|_| base_pages)))
     }
 
     /// Guest RAM as `layout` says, over `image` (the memory file): boot RAM
@@ -389,6 +466,12 @@ impl MemoryManager {
                 Mapping::Anonymous,
             )?,
             RestoreMapping::Private => {
+                if image.is_layered() {
+                    return Err(RestoreError::Layout(
+                        "a file mapping maps one file: a diff snapshot restores with ondemand or copy"
+                            .into(),
+                    ));
+                }
                 if layout.iter().any(|s| s.kind != SlotKind::Boot) {
                     return Err(RestoreError::Layout(
                         "a file mapping restores boot RAM only (this VM had hotplugged memory)"
@@ -475,6 +558,83 @@ impl MemoryManager {
         }
         Ok(bytes)
     }
+}
+
+/// Put a diff snapshot's layout (`top`, with `base_pages` its
+/// [`BasePages`]) over its base's (`below`, itself layered if the base is a
+/// diff): every page that is the base's and has data there becomes a data
+/// page of `top` (with its page-table and user marks), read from the
+/// base's image at the returned ranges (for [`ImageFile::open_over`]); a
+/// page that is the base's and a hole there stays a hole.
+pub fn layer(
+    top: &mut [SlotImage],
+    base_pages: &[Vec<u64>],
+    below: &[SlotImage],
+) -> Result<Vec<crate::Redirect>, RestoreError> {
+    if base_pages.len() != top.len() {
+        return Err(RestoreError::Layout(format!(
+            "{} slots, base pages for {}",
+            top.len(),
+            base_pages.len()
+        )));
+    }
+    let marks = |pages: &[u64]| {
+        pages
+            .iter()
+            .copied()
+            .collect::<std::collections::HashSet<u64>>()
+    };
+    let below_marks: Vec<_> = below
+        .iter()
+        .map(|b| (marks(&b.tables), marks(&b.user)))
+        .collect();
+    let mut redirects: Vec<crate::Redirect> = Vec::new();
+    for (s, bits) in top.iter_mut().zip(base_pages) {
+        if bits.len() != s.data.len() {
+            return Err(RestoreError::Layout(format!(
+                "slot at {:#x}: base page bitmap size",
+                s.gpa
+            )));
+        }
+        for p in 0..s.pages() {
+            if !bit(bits, p) || s.has_data(p) {
+                continue;
+            }
+            let gpa = s.gpa + p * PAGE_SIZE;
+            let Some((i, b)) = below
+                .iter()
+                .enumerate()
+                .find(|(_, b)| gpa >= b.gpa && gpa < b.gpa + b.size)
+            else {
+                return Err(RestoreError::Layout(format!(
+                    "page {gpa:#x} is the base's, and the base has no RAM there"
+                )));
+            };
+            let bp = (gpa - b.gpa) / PAGE_SIZE;
+            if !b.has_data(bp) {
+                continue;
+            }
+            set_bit(&mut s.data, p);
+            if below_marks[i].0.contains(&bp) {
+                s.tables.push(p);
+            }
+            if below_marks[i].1.contains(&bp) {
+                s.user.push(p);
+            }
+            let (offset, at) = (s.offset + p * PAGE_SIZE, b.offset + bp * PAGE_SIZE);
+            match redirects.last_mut() {
+                Some(r) if r.offset + r.len == offset && r.at + r.len == at => r.len += PAGE_SIZE,
+                _ => redirects.push(crate::Redirect {
+                    offset,
+                    len: PAGE_SIZE,
+                    at,
+                }),
+            }
+        }
+        s.tables.sort_unstable();
+        s.user.sort_unstable();
+    }
+    Ok(redirects)
 }
 
 /// Record in each slot the data pages that user-mode entries point at.
@@ -667,6 +827,158 @@ mod tests {
         let v: u8 = r.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0x11);
         let _ = std::fs::remove_file(&dir);
+    }
+
+    /// KVM whose dirty log says what the test says the guest wrote.
+    #[derive(Default)]
+    struct LoggingKvm {
+        guest_wrote: std::sync::Mutex<Vec<(u32, u64)>>,
+    }
+
+    impl KvmSlots for LoggingKvm {
+        fn set_region(
+            &self,
+            _: u32,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: bool,
+        ) -> Result<(), kvm_ioctls::Error> {
+            Ok(())
+        }
+        fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, kvm_ioctls::Error> {
+            let mut bits = vec![0u64; size.div_ceil(PAGE_SIZE * 64) as usize];
+            self.guest_wrote.lock().unwrap().retain(|&(s, p)| {
+                if s == slot {
+                    set_bit(&mut bits, p);
+                }
+                s != slot
+            });
+            Ok(bits)
+        }
+    }
+
+    /// Save into a memory file in `path` (its length `len`).
+    fn file_sink(
+        path: &std::path::Path,
+        len: u64,
+    ) -> impl FnMut(u64, &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(len).unwrap();
+        move |off, bytes| f.write_all_at(bytes, off)
+    }
+
+    /// A diff takes exactly what changed since the full snapshot — the
+    /// guest's writes (KVM's log), the VMM's (the view's bitmap),
+    /// discards, a slot added since — and restored over its base it gives
+    /// the memory as it was at the diff.
+    #[test]
+    fn a_diff_over_its_base_restores_the_memory_at_the_diff() {
+        let kvm = Arc::new(LoggingKvm::default());
+        let ram = RamRange {
+            gpa: 0,
+            size: 4 * MIB,
+        };
+        let m = MemoryManager::new(kvm.clone(), &[ram], PageSource::Zero, 8).unwrap();
+        for (page, v) in [(1u64, 0x11u8), (3, 0x33), (5, 0x55), (9, 0x99)] {
+            m.memory()
+                .write_obj(v, GuestAddress(page * PAGE_SIZE))
+                .unwrap();
+        }
+        let plain = |gpa| NewSlot {
+            gpa,
+            size: MIB,
+            source: PageSource::Zero,
+            source_offset: 0,
+            block_size: None,
+        };
+        m.add_slot(plain(16 * MIB)).unwrap();
+        m.memory()
+            .write_obj(0x16u8, GuestAddress(16 * MIB))
+            .unwrap();
+        let base_ram = [
+            ram,
+            RamRange {
+                gpa: 16 * MIB,
+                size: MIB,
+            },
+        ];
+        let dir = std::env::temp_dir().join(format!("vmm-memdiff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base_file, diff_file) = (dir.join("base"), dir.join("diff"));
+        let base = m.save_pages(&mut file_sink(&base_file, 5 * MIB)).unwrap();
+        m.track_dirty().unwrap();
+
+        // The guest rewrites page 1 behind the VMM's back (KVM sees it),
+        // the VMM writes page 7 (a device), page 3 is discarded, page 5
+        // and 9 stay; a slot is added and written.
+        let hva = m.snapshot().lookup(0).unwrap().backing.hva();
+        // SAFETY: page 1 of the slot's own mapping.
+        unsafe { *((hva + PAGE_SIZE) as *mut u8) = 0x12 };
+        kvm.guest_wrote.lock().unwrap().push((0, 1));
+        m.memory()
+            .write_obj(0x77u8, GuestAddress(7 * PAGE_SIZE))
+            .unwrap();
+        m.discard(3 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        m.add_slot(plain(8 * MIB)).unwrap();
+        m.memory()
+            .write_obj(0x88u8, GuestAddress(8 * MIB + PAGE_SIZE))
+            .unwrap();
+        // The slot at 16 MiB goes and comes back: zero, not the base's.
+        m.remove_slot(16 * MIB).unwrap();
+        m.add_slot(plain(16 * MIB)).unwrap();
+
+        let (mut top, base_pages) = m
+            .save_diff(&mut file_sink(&diff_file, 6 * MIB), &base_ram)
+            .unwrap();
+        let data: Vec<u64> = (0..10).filter(|&p| top[0].has_data(p)).collect();
+        assert_eq!(data, vec![1, 7], "the diff writes only what changed");
+        let is_base = |p| bit(&base_pages[0], p);
+        assert!(
+            is_base(5) && is_base(9) && is_base(0),
+            "unchanged pages are the base's"
+        );
+        assert!(!is_base(1) && !is_base(3) && !is_base(7));
+        assert!(
+            top[1].has_data(1) && base_pages[1].iter().all(|w| *w == 0),
+            "a new slot is all new"
+        );
+        assert!(
+            top[2].data_pages() == 0 && base_pages[2].iter().all(|w| *w == 0),
+            "a slot added again is new"
+        );
+
+        let below = ImageFile::open(&base_file, 5 * MIB).unwrap();
+        let redirects = layer(&mut top, &base_pages, &base).unwrap();
+        let image = ImageFile::open_over(&diff_file, 6 * MIB, below, redirects).unwrap();
+        let r = MemoryManager::restore(
+            Arc::new(NoKvm),
+            &top,
+            image.clone(),
+            RestoreMapping::Lazy,
+            8,
+        )
+        .unwrap();
+        r.fill_from(&top, &image).unwrap();
+        for (gpa, want) in [
+            (PAGE_SIZE, 0x12u8),
+            (3 * PAGE_SIZE, 0),
+            (5 * PAGE_SIZE, 0x55),
+            (7 * PAGE_SIZE, 0x77),
+            (9 * PAGE_SIZE, 0x99),
+            (8 * MIB + PAGE_SIZE, 0x88),
+            (16 * MIB, 0),
+        ] {
+            let v: u8 = r.memory().read_obj(GuestAddress(gpa)).unwrap();
+            assert_eq!(v, want, "GPA {gpa:#x}");
+        }
+        assert!(
+            MemoryManager::restore(Arc::new(NoKvm), &top, image, RestoreMapping::Private, 8)
+                .is_err(),
+            "a file mapping cannot layer"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -40,11 +40,46 @@ pub struct ImageFile {
     pub file: File,
     /// Its length when opened.
     pub len: u64,
+    /// A diff snapshot's memory: the image below it, and the ranges of
+    /// this file read from it instead.
+    below: Option<(Arc<ImageFile>, Vec<Redirect>)>,
+}
+
+/// `[offset, offset+len)` of a layered image is the image below's
+/// `[at, at+len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    pub offset: u64,
+    pub len: u64,
+    pub at: u64,
 }
 
 impl ImageFile {
+    /// Open a diff snapshot's memory file (`need` bytes at least) over the
+    /// image of its base: `redirects` (sorted, disjoint) are read from
+    /// `below`, the rest from the file.
+    pub fn open_over(
+        path: &Path,
+        need: u64,
+        below: Arc<ImageFile>,
+        redirects: Vec<Redirect>,
+    ) -> Result<Arc<ImageFile>, SourceError> {
+        let mut image = Self::open_file(path, need)?;
+        image.below = Some((below, redirects));
+        Ok(Arc::new(image))
+    }
+
+    /// Whether some of its pages are another file's (a diff snapshot's).
+    pub fn is_layered(&self) -> bool {
+        self.below.is_some()
+    }
+
     /// Open an image that must cover `need` bytes.
     pub fn open(path: &Path, need: u64) -> Result<Arc<ImageFile>, SourceError> {
+        Self::open_file(path, need).map(Arc::new)
+    }
+
+    fn open_file(path: &Path, need: u64) -> Result<ImageFile, SourceError> {
         let file = File::open(path).map_err(|source| SourceError::Open {
             path: path.to_path_buf(),
             source,
@@ -63,14 +98,14 @@ impl ImageFile {
                 need,
             });
         }
-        Ok(Arc::new(ImageFile {
+        Ok(ImageFile {
             path: path.to_path_buf(),
             file,
             len,
-        }))
+            below: None,
+        })
     }
 
-    /// Fill `buf` from `offset`; a short read (the file shrank) is an error.
     /// Ask the host to read `[offset, offset + len)` into its page cache
     /// (asynchronously; advice only). One disk request for a block around
     /// a random first touch, where a 4 KiB read would be one per page: the
@@ -88,7 +123,35 @@ impl ImageFile {
         };
     }
 
+    /// Fill `buf` from `offset`, each part from the layer that has it; a
+    /// short read (the file shrank) is an error.
     pub fn read_page(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let Some((below, redirects)) = &self.below else {
+            return self.read_own(offset, buf);
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let left = (buf.len() - done) as u64;
+            let i = redirects.partition_point(|r| r.offset + r.len <= at);
+            let n = match redirects.get(i) {
+                Some(r) if r.offset <= at => {
+                    let n = left.min(r.offset + r.len - at);
+                    below.read_page(r.at + (at - r.offset), &mut buf[done..done + n as usize])?;
+                    n
+                }
+                next => {
+                    let n = left.min(next.map_or(u64::MAX, |r| r.offset) - at);
+                    self.read_own(at, &mut buf[done..done + n as usize])?;
+                    n
+                }
+            };
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| SourceError::Read {

@@ -31,8 +31,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this build reads, and what it writes for a diff
+/// snapshot (format 2: a `base` in the manifest; a vmm that reads only
+/// format 1 must refuse a diff, whose unchanged pages it would take for
+/// holes). A full snapshot is written as [`FULL_FORMAT`], which older
+/// builds read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The format of a snapshot with no base.
+pub const FULL_FORMAT: u32 = 1;
 const MANIFEST: &str = "manifest.json";
 /// The memory file's name in the directory.
 pub const MEMORY: &str = "memory";
@@ -117,6 +123,17 @@ pub struct MemoryFile {
     pub crc32: u32,
 }
 
+/// The snapshot a diff snapshot was taken against: its memory pages not
+/// in the diff are the base's. The base is checked to be the same snapshot
+/// (its memory file's size and checksum) before it is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRef {
+    /// Where it was when the diff was taken (an absolute path).
+    pub dir: PathBuf,
+    pub memory: MemoryFile,
+}
+
 /// `manifest.json`. `I` is what the VM layer records about the VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +143,9 @@ pub struct Manifest<I> {
     pub info: I,
     pub sections: Vec<Section>,
     pub memory: MemoryFile,
+    /// Set in a diff snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
 }
 
 impl<I: DeserializeOwned> Manifest<I> {
@@ -147,7 +167,14 @@ impl<I: DeserializeOwned> Manifest<I> {
                 supported: FORMAT_VERSION,
             });
         }
-        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if m.base.is_some() && m.format < FORMAT_VERSION {
+            return Err(bad(format!(
+                "format {} has no base; a diff snapshot is format {FORMAT_VERSION}",
+                m.format
+            )));
+        }
+        Ok(m)
     }
 }
 
@@ -280,6 +307,7 @@ pub struct SnapshotWriter {
     dir: PathBuf,
     tmp: PathBuf,
     sections: Vec<Section>,
+    base: Option<BaseRef>,
     committed: bool,
 }
 
@@ -307,6 +335,7 @@ impl SnapshotWriter {
             dir: dir.to_path_buf(),
             tmp,
             sections: Vec::new(),
+            base: None,
             committed: false,
         })
     }
@@ -324,6 +353,11 @@ impl SnapshotWriter {
             crc32: crc32fast::hash(&bytes),
         });
         Ok(())
+    }
+
+    /// Make this a diff snapshot on `base`.
+    pub fn set_base(&mut self, base: BaseRef) {
+        self.base = Some(base);
     }
 
     /// The memory file, `bytes` long, all holes until written.
@@ -360,11 +394,16 @@ impl SnapshotWriter {
                 .map_err(io("sync", &path))?;
         }
         let manifest = Manifest {
-            format: FORMAT_VERSION,
+            format: if self.base.is_some() {
+                FORMAT_VERSION
+            } else {
+                FULL_FORMAT
+            },
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
             info,
             sections: std::mem::take(&mut self.sections),
             memory,
+            base: self.base.take(),
         };
         let path = self.tmp.join(MANIFEST);
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Manifest {

@@ -72,7 +72,14 @@ impl ActionError {
 pub trait VmActions: Send + Sync {
     /// Save the VM into `dir`; it runs on after unless `resume` is false.
     /// A JSON summary of what was written.
-    fn snapshot(&self, dir: &Path, resume: bool) -> Result<serde_json::Value, ActionError>;
+    /// `diff`: only what changed since the VM's last snapshot (taken or
+    /// restored), on top of it.
+    fn snapshot(
+        &self,
+        dir: &Path,
+        resume: bool,
+        diff: bool,
+    ) -> Result<serde_json::Value, ActionError>;
     fn pause(&self) -> Result<(), ActionError>;
     fn resume(&self) -> Result<(), ActionError>;
     fn is_paused(&self) -> bool;
@@ -90,6 +97,11 @@ pub struct SnapshotRequest {
     /// until `PUT /vm/resume`.
     #[serde(default = "yes")]
     pub resume: bool,
+    /// A diff snapshot: only the pages changed since the VM's last
+    /// snapshot (the one it took, or was restored from), which it names
+    /// as its base.
+    #[serde(default)]
+    pub diff: bool,
 }
 
 fn yes() -> bool {
@@ -251,7 +263,7 @@ impl VmControl {
         if r.dir.as_os_str().is_empty() {
             return Err(ActionError::refused("dir is empty").into());
         }
-        Ok(self.actions()?.snapshot(&r.dir, r.resume)?)
+        Ok(self.actions()?.snapshot(&r.dir, r.resume, r.diff)?)
     }
 
     pub fn pause(&self) -> Result<(), ControlError> {

@@ -35,6 +35,9 @@ pub use vmm_snapshot::FORMAT_VERSION;
 pub const VM: &str = "vm";
 pub const DEVICES: &str = "devices";
 pub const MEMORY: &str = "memory";
+/// In a diff snapshot: which pages are its base's
+/// (`vmm_memory::snapshot::BasePages`).
+pub const MEMORY_BASE: &str = "memory-base";
 
 pub fn vcpu_section(i: usize) -> String {
     format!("vcpu{i}")
@@ -110,4 +113,6 @@ pub enum SnapshotError {
     Serial(std::io::Error),
     #[error("a snapshot is being taken already")]
     Busy,
+    #[error("a diff snapshot needs a base: this VM has no snapshot since it started (or the last one failed); take a full snapshot first")]
+    NoBase,
 }

@@ -3,7 +3,7 @@
 //! then the VM's in-kernel state and its devices are put back into a VM
 //! the vm layer built (`vm::restore`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +13,8 @@ use thiserror::Error;
 use vmm_snapshot::SnapshotReader;
 
 use super::{
-    vcpu_section, DevicesSnapshot, VcpuSnapshot, VmRecord, VmSnapshot, DEVICES, MEMORY, VM,
+    vcpu_section, DevicesSnapshot, VcpuSnapshot, VmRecord, VmSnapshot, DEVICES, MEMORY,
+    MEMORY_BASE, VM,
 };
 use crate::config::{Prefetch, VmConfig};
 use crate::devices::lock;
@@ -23,8 +24,8 @@ use crate::devices::virtio::mem::VirtioMem;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::fault::prefetch::{coalesce, Plan};
 use crate::host::KvmFlavor;
-use crate::memory::snapshot::SlotImage;
-use crate::memory::PAGE_SIZE;
+use crate::memory::snapshot::{check_layout, layer, BasePages, SlotImage};
+use crate::memory::{ImageFile, SourceError, PAGE_SIZE};
 use crate::vcpu::state::{CpuidEntry, StateError};
 
 /// The working set a restore records, beside the snapshot's files.
@@ -70,7 +71,19 @@ pub enum RestoreError {
     Options(String),
     #[error("working set {path}: {why}")]
     WorkingSet { path: String, why: String },
+    #[error("the base of {diff}, {base}: {why}")]
+    Base {
+        diff: PathBuf,
+        base: PathBuf,
+        why: String,
+    },
+    #[error(transparent)]
+    Image(#[from] SourceError),
 }
+
+/// Most diffs one restore stacks (a bound on a chain of bases, and on a
+/// cycle of them).
+const MAX_LAYERS: usize = 64;
 
 /// A snapshot read and checked: everything a restore needs, decoded.
 pub struct Loaded {
@@ -78,7 +91,13 @@ pub struct Loaded {
     pub vm: VmSnapshot,
     pub devices: DevicesSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
+    /// Guest RAM's layout; for a diff, with its bases' pages in it.
     pub layout: Vec<SlotImage>,
+    /// The memory file; for a diff, reading each page from the layer
+    /// that has it.
+    pub image: Arc<ImageFile>,
+    /// A diff's bases, farthest first (each checked as `reader` is).
+    pub bases: Vec<SnapshotReader<VmRecord>>,
 }
 
 impl Loaded {
@@ -124,24 +143,27 @@ impl Loaded {
         for (i, v) in vcpus.iter().enumerate() {
             check_cpuid(&vcpu_section(i), &v.cpuid, supported)?;
         }
-        let layout: Vec<SlotImage> = reader.section(MEMORY)?;
-        let total: u64 = layout.iter().map(|s| s.size).sum();
-        if total != reader.manifest.memory.bytes {
-            return Err(inconsistent(
-                MEMORY,
-                format!(
-                    "slots of {total} bytes, the memory file has {}",
-                    reader.manifest.memory.bytes
-                ),
-            ));
-        }
+        let layout = checked_layout(&reader)?;
+        let mut bases = Vec::new();
+        let (layout, image) = layered(&reader, layout, &mut bases, 0)?;
         Ok(Self {
             vm: reader.section(VM)?,
             devices: reader.section(DEVICES)?,
             vcpus,
             layout,
+            image,
+            bases,
             reader,
         })
+    }
+
+    /// Check every memory file's checksum: the snapshot's and its bases'.
+    pub fn verify_memory(&self) -> Result<(), RestoreError> {
+        self.reader.verify_memory()?;
+        for b in &self.bases {
+            b.verify_memory()?;
+        }
+        Ok(())
     }
 
     pub fn record(&self) -> &VmRecord {
@@ -390,4 +412,70 @@ impl RestoredDevices<'_> {
         }
         Ok(())
     }
+}
+
+/// A snapshot's memory layout, checked (`check_layout`) against its
+/// memory file before anything is laid over it.
+fn checked_layout(reader: &SnapshotReader<VmRecord>) -> Result<Vec<SlotImage>, RestoreError> {
+    let layout: Vec<SlotImage> = reader.section(MEMORY)?;
+    check_layout(&layout, reader.manifest.memory.bytes)?;
+    let total: u64 = layout.iter().map(|s| s.size).sum();
+    if total != reader.manifest.memory.bytes {
+        return Err(RestoreError::Inconsistent {
+            section: MEMORY.to_string(),
+            why: format!(
+                "slots of {total} bytes, the memory file has {}",
+                reader.manifest.memory.bytes
+            ),
+        });
+    }
+    Ok(layout)
+}
+
+/// The layout and memory image of `reader`'s snapshot: for a diff, laid
+/// over its base's (recursively; each base opened and checked, and pushed
+/// onto `bases`). A base must be the very snapshot the diff was taken on
+/// (its memory file's size and checksum) of the same VM.
+fn layered(
+    reader: &SnapshotReader<VmRecord>,
+    mut layout: Vec<SlotImage>,
+    bases: &mut Vec<SnapshotReader<VmRecord>>,
+    depth: usize,
+) -> Result<(Vec<SlotImage>, Arc<ImageFile>), RestoreError> {
+    let path = reader.memory_path();
+    let len = reader.manifest.memory.bytes;
+    let Some(base) = &reader.manifest.base else {
+        return Ok((layout, ImageFile::open(&path, len)?));
+    };
+    let bad = |why: String| RestoreError::Base {
+        diff: reader.dir().to_path_buf(),
+        base: base.dir.clone(),
+        why,
+    };
+    if depth >= MAX_LAYERS {
+        return Err(bad(format!("more than {MAX_LAYERS} diffs on one another")));
+    }
+    let below = SnapshotReader::<VmRecord>::open(&base.dir).map_err(|e| bad(e.to_string()))?;
+    if below.manifest.memory != base.memory {
+        return Err(bad(format!(
+            "its memory file is not the one the diff was taken on (checksum {:#010x}, {} bytes of data; the diff expects {:#010x}, {} bytes): it was replaced",
+            below.manifest.memory.crc32,
+            below.manifest.memory.data_bytes,
+            base.memory.crc32,
+            base.memory.data_bytes
+        )));
+    }
+    let (mine, theirs) = (&reader.manifest.info, &below.manifest.info);
+    if mine.host != theirs.host || mine.config != theirs.config {
+        return Err(bad("it is a snapshot of another VM".into()));
+    }
+    let below_layout = checked_layout(&below).map_err(|e| bad(e.to_string()))?;
+    let base_pages: BasePages = reader.section(MEMORY_BASE)?;
+    let (below_layout, below_image) = layered(&below, below_layout, bases, depth + 1)?;
+    bases.push(below);
+    let redirects = layer(&mut layout, &base_pages, &below_layout)?;
+    Ok((
+        layout,
+        ImageFile::open_over(&path, len, below_image, redirects)?,
+    ))
 }

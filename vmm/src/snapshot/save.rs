@@ -10,11 +10,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use vmm_snapshot::{MemoryFile, SnapshotWriter};
+use vmm_snapshot::{BaseRef, MemoryFile, SnapshotWriter};
 
 use super::{
     vcpu_section, DevicesSnapshot, SnapshotError, VcpuSnapshot, VmRecord, VmSnapshot, DEVICES,
-    MEMORY, VM,
+    MEMORY, MEMORY_BASE, VM,
 };
 use crate::devices::lock;
 use crate::devices::serial::SerialDevice;
@@ -22,7 +22,7 @@ use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::mem::VirtioMem;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::exit::VmExit;
-use crate::memory::MemoryManager;
+use crate::memory::{MemoryManager, RamRange};
 use crate::vcpu::pause::Pause;
 
 /// How long the vCPUs get to stop at an exit.
@@ -41,6 +41,44 @@ pub struct SnapshotSummary {
     pub data_bytes: u64,
     /// The VM runs on (else it stays paused until resumed).
     pub resumed: bool,
+    /// A diff snapshot: the snapshot it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
+}
+
+/// The snapshot a diff is taken on: the VM's last one, taken or restored
+/// from. What changed in guest RAM is tracked from that moment.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// Its directory (absolute).
+    pub dir: PathBuf,
+    pub memory: MemoryFile,
+    /// Its RAM, slot by slot.
+    pub ram: Vec<RamRange>,
+}
+
+impl Base {
+    /// `dir` as a path from `cwd` if relative (resolved here, with no
+    /// system call: the control thread may not make the ones
+    /// `canonicalize` does).
+    pub fn new(
+        cwd: &Path,
+        dir: &Path,
+        memory: MemoryFile,
+        layout: &[crate::memory::snapshot::SlotImage],
+    ) -> Self {
+        Self {
+            dir: cwd.join(dir),
+            memory,
+            ram: layout
+                .iter()
+                .map(|s| RamRange {
+                    gpa: s.gpa,
+                    size: s.size,
+                })
+                .collect(),
+        }
+    }
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, SnapshotError> {
@@ -61,34 +99,64 @@ pub struct Snapshotter {
     pub record: VmRecord,
     /// One snapshot at a time.
     pub busy: Mutex<()>,
+    /// What a diff is taken on (none until a snapshot is taken or
+    /// restored, and after a failed one).
+    pub base: Mutex<Option<Base>>,
+    /// The VMM's working directory, where a relative `dir` is.
+    pub cwd: PathBuf,
 }
 
 impl Snapshotter {
     /// Save the VM into `dir` (which must not exist). The guest is stopped
     /// while its state and memory are written, then runs on unless
     /// `resume` is false (then [`Pause::resume`] lets it go). Any failure
-    /// leaves no snapshot and the VM running.
-    pub fn snapshot(&self, dir: &Path, resume: bool) -> Result<SnapshotSummary, SnapshotError> {
+    /// leaves no snapshot and the VM running. `diff`: only the pages
+    /// changed since the last snapshot, which becomes this one's base.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        resume: bool,
+        diff: bool,
+    ) -> Result<SnapshotSummary, SnapshotError> {
         let _one = self.busy.try_lock().map_err(|_| SnapshotError::Busy)?;
         let t0 = Instant::now();
+        let base = match diff {
+            true => Some(lock(&self.base).clone().ok_or(SnapshotError::NoBase)?),
+            false => None,
+        };
         let mut w = SnapshotWriter::create(dir)?;
+        if let Some(b) = &base {
+            w.set_base(BaseRef {
+                dir: b.dir.clone(),
+                memory: b.memory,
+            });
+        }
         let vcpus = self.pause.pause(true, &self.exit, PAUSE_LIMIT)?;
-        let taken = self.save_paused(&mut w, &vcpus);
+        // From here what changed since the base is being consumed: unless
+        // this snapshot lands, the next diff has no base.
+        lock(&self.base).take();
+        let taken = self.save_paused(&mut w, &vcpus, base.as_ref());
         let paused = t0.elapsed();
         let resumed = resume || taken.is_err();
         if resumed {
             let _ = self.pause.resume();
         }
-        let memory = taken?;
+        let (memory, layout) = taken?;
         let mut record = self.record.clone();
         record.cpuid = vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default();
         record.created_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         w.commit(record, memory)?;
+        if self.memory.tracks_dirty() {
+            *lock(&self.base) = Some(Base::new(&self.cwd, dir, memory, &layout));
+        }
         log::info!(
-            "snapshot {}: guest stopped {:.1} ms, {} MiB written",
+            "snapshot {}{}: guest stopped {:.1} ms, {} MiB written",
             dir.display(),
+            base.as_ref()
+                .map(|b| format!(" (diff on {})", b.dir.display()))
+                .unwrap_or_default(),
             paused.as_secs_f64() * 1e3,
             memory.data_bytes >> 20
         );
@@ -99,17 +167,21 @@ impl Snapshotter {
             memory_bytes: memory.bytes,
             data_bytes: memory.data_bytes,
             resumed,
+            base: base.map(|b| b.dir),
         })
     }
 
     /// With every vCPU parked: hold every virtio device still (its
     /// transport's lock, which its queue processing takes), save them,
-    /// the VM's in-kernel state, the vCPUs, and guest RAM.
+    /// the VM's in-kernel state, the vCPUs, and guest RAM (all of it, or
+    /// what changed since `base`). Tracking what changes starts (again)
+    /// here, with everything still.
     fn save_paused(
         &self,
         w: &mut SnapshotWriter,
         vcpus: &[VcpuSnapshot],
-    ) -> Result<MemoryFile, SnapshotError> {
+        base: Option<&Base>,
+    ) -> Result<(MemoryFile, Vec<crate::memory::snapshot::SlotImage>), SnapshotError> {
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
         let devices = DevicesSnapshot {
             serial: lock(&self.serial).save(),
@@ -125,13 +197,30 @@ impl Snapshotter {
         }
         let total = self.memory.snapshot().slots.iter().map(|s| s.size).sum();
         let mut mw = w.memory(total)?;
-        let layout = self
-            .memory
-            .save_pages(&mut |off, bytes| mw.write_at(off, bytes))
-            .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+        let mut sink = |off, bytes: &[u8]| mw.write_at(off, bytes);
+        let layout = match base {
+            None => {
+                let layout = self
+                    .memory
+                    .save_pages(&mut sink)
+                    .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+                if let Err(e) = self.memory.track_dirty() {
+                    log::warn!("guest RAM changes are not tracked ({e}): a diff snapshot cannot follow this one");
+                }
+                layout
+            }
+            Some(b) => {
+                let (layout, pages) = self
+                    .memory
+                    .save_diff(&mut sink, &b.ram)
+                    .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+                w.section(MEMORY_BASE, &pages)?;
+                layout
+            }
+        };
         w.section(MEMORY, &layout)?;
         drop(transports);
-        Ok(mw.finish()?)
+        Ok((mw.finish()?, layout))
     }
 
     fn save_vm(&self) -> Result<VmSnapshot, SnapshotError> {

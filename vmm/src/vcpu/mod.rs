@@ -28,7 +28,7 @@ pub use error::VcpuError;
 /// gates and exception frames): `vm-memory`'s view, which the memory
 /// manager publishes. The vCPU layer never goes through the memory manager:
 /// a missing page is the fault engine's business.
-pub type GuestView = vm_memory::GuestMemoryMmap<()>;
+pub type GuestView = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub use handle::{Assists, ExitHandler, Next, VcpuShared};
 pub use regs::VcpuState;
 

@@ -40,7 +40,11 @@ struct Recording {
 
 /// One request for the control thread.
 enum Job {
-    Snapshot { dir: PathBuf, resume: bool },
+    Snapshot {
+        dir: PathBuf,
+        resume: bool,
+        diff: bool,
+    },
     Pause,
     Resume,
     SaveWorkingSet,
@@ -90,6 +94,8 @@ impl Actions {
                 mem: devices.hotplug.as_ref().map(|h| h.device.clone()),
                 record,
                 busy: Mutex::new(()),
+                base: Mutex::new(p.base.clone()),
+                cwd: std::env::current_dir().unwrap_or_default(),
             },
             pause: pause.clone(),
             exit: p.exit.clone(),
@@ -151,11 +157,15 @@ impl Actions {
     /// control thread runs: the VM has not started or has ended).
     fn perform(&self, job: Job) -> Result<Value, ActionError> {
         match job {
-            Job::Snapshot { dir, resume } => match self.snapshotter.snapshot(&dir, resume) {
+            Job::Snapshot { dir, resume, diff } => match self
+                .snapshotter
+                .snapshot(&dir, resume, diff)
+            {
                 Ok(s) => serde_json::to_value(s).map_err(|e| ActionError::failed(e.to_string())),
                 Err(SnapshotError::Pause(e)) => Err(pause_error(e)),
                 Err(
                     e @ (SnapshotError::Busy
+                    | SnapshotError::NoBase
                     | SnapshotError::Format(vmm_snapshot::SnapshotError::Exists(_))),
                 ) => Err(ActionError::refused(e.to_string())),
                 Err(e) => Err(ActionError::failed(e.to_string())),
@@ -248,10 +258,11 @@ fn pause_error(e: PauseError) -> ActionError {
 }
 
 impl VmActions for Actions {
-    fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, ActionError> {
+    fn snapshot(&self, dir: &Path, resume: bool, diff: bool) -> Result<Value, ActionError> {
         self.ask(Job::Snapshot {
             dir: dir.to_path_buf(),
             resume,
+            diff,
         })
     }
 

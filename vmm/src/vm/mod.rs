@@ -206,6 +206,7 @@ impl Vm {
             restore_stats,
             syscall_assist,
             vcpus,
+            base: None,
         })
     }
 
@@ -226,6 +227,7 @@ impl Vm {
             restore_stats,
             syscall_assist,
             vcpus,
+            base: _,
         } = p;
         let servers = build::Servers::bind(&config)?;
         let metrics = Arc::new(VmMetrics {
@@ -379,6 +381,9 @@ struct Parts {
     restore_stats: Arc<RestoreStats>,
     syscall_assist: bool,
     vcpus: Vec<ReadyVcpu>,
+    /// What a diff snapshot of this VM is taken on (a restored VM's
+    /// snapshot).
+    base: Option<crate::snapshot::save::Base>,
 }
 
 fn engine_options(

@@ -14,10 +14,11 @@ use crate::exit::VmExit;
 use crate::fault::{FaultCtx, FaultEngine, FaultStats, Prefetched, RestoreStats};
 use crate::host::Host;
 use crate::memory::snapshot::RestoreMapping;
-use crate::memory::{ImageFile, MemoryManager, PAGE_SIZE};
+use crate::memory::{MemoryManager, PAGE_SIZE};
 use crate::snapshot::restore::{
     restore_clock, restore_irqchips, Loaded, RestoreError, RestoredDevices,
 };
+use crate::snapshot::save::Base;
 use crate::vcpu::state::cpuid_of;
 
 impl Vm {
@@ -40,16 +41,13 @@ impl Vm {
         let mode = build::check(&config, &host)?;
         check_options(&config, mode).map_err(err)?;
         if config.restore.verify_memory {
-            loaded.reader.verify_memory().map_err(|e| err(e.into()))?;
+            loaded.verify_memory().map_err(err)?;
         }
         let plan = loaded
             .plan(prefetch_for(&config, &host, mode, &loaded))
             .map_err(err)?;
         let vm_fd = build::create_vm(&host)?;
-        let image = ImageFile::open(
-            &loaded.reader.memory_path(),
-            loaded.reader.manifest.memory.bytes,
-        )?;
+        let image = loaded.image.clone();
         let mapping = match config.restore.mode {
             RestoreMode::MapPrivate => RestoreMapping::Private,
             _ => RestoreMapping::Lazy,
@@ -70,6 +68,19 @@ impl Vm {
                 .map_err(|e| err(e.into()))?;
             log::info!("restore: copied {} MiB", bytes >> 20);
         }
+        // A diff snapshot of this VM is taken on the one it came from.
+        let base = match memory.track_dirty() {
+            Ok(()) => Some(Base::new(
+                &std::env::current_dir().unwrap_or_default(),
+                dir,
+                loaded.reader.manifest.memory,
+                &loaded.layout,
+            )),
+            Err(e) => {
+                log::warn!("guest RAM changes are not tracked ({e}): no diff snapshot can be taken on this one");
+                None
+            }
+        };
         let exit = Arc::new(VmExit::new());
         let devices = build::Devices::build(&config, &vm_fd, &memory, &exit)?;
         let serial = devices.serial_input.device();
@@ -126,6 +137,7 @@ impl Vm {
             restore_stats,
             syscall_assist,
             vcpus,
+            base,
         })?;
         if let (Some(d), Some(e)) = (record_for, &vm.engine) {
             vm.actions.start_recording(e.clone(), dir);

@@ -36,7 +36,7 @@ impl End {
     pub fn apply(&self, control: &VmControl, actions: &dyn VmActions, exit: &VmExit) {
         match self {
             End::Finish => control.signal_guest(1),
-            End::Snapshot(dir) => match actions.snapshot(dir, false) {
+            End::Snapshot(dir) => match actions.snapshot(dir, false, false) {
                 Ok(_) => control.stop(),
                 Err(e) => {
                     exit.fail(SnapshotFailed(e.message));

@@ -743,11 +743,16 @@ mod tests {
             gpa: u64,
             size: u64,
             _hva: u64,
+            _log_dirty: bool,
         ) -> Result<(), kvm_ioctls::Error> {
             if size != 0 && gpa == self.fail_gpa.load(Ordering::Relaxed) {
                 return Err(kvm_ioctls::Error::new(libc::ENOSPC));
             }
             Ok(())
+        }
+
+        fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, kvm_ioctls::Error> {
+            NoKvm.dirty_log(slot, size)
         }
     }
 
