@@ -426,6 +426,10 @@ fn the_server_matches_its_openapi_document() {
                 ("/balloon/statistics", "PUT") => Some(r#"{"interval_s": 1}"#),
                 ("/memory", "PUT") => Some(r#"{"requested_mib": 4}"#),
                 ("/vm/snapshot", "PUT") => Some(snap_body.as_str()),
+                // No key there: refused (409) before any connection.
+                ("/vm/migrate", "PUT") => {
+                    Some(r#"{"to": "unix:/nonexistent/dst.sock", "key_file": "/nonexistent/key"}"#)
+                }
                 _ => None,
             };
             // Request bodies must satisfy their own schema.

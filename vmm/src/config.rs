@@ -109,6 +109,16 @@ pub enum Kernel {
     },
     /// No image: the VM is restored from this snapshot.
     Snapshot(PathBuf),
+    /// No image: the VM comes by a live migration (`vmm run --incoming`).
+    Incoming(IncomingOptions),
+}
+
+/// Where a live migration comes in, and the key its source must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingOptions {
+    /// `tcp:HOST:PORT` or `unix:PATH`, as given.
+    pub addr: String,
+    pub key_file: PathBuf,
 }
 
 impl From<PathBuf> for Kernel {
@@ -124,6 +134,7 @@ impl Kernel {
             Kernel::File(p) => p.display().to_string(),
             Kernel::Embedded { name, .. } => name.to_string(),
             Kernel::Snapshot(p) => format!("the snapshot {}", p.display()),
+            Kernel::Incoming(o) => format!("a migration received on {}", o.addr),
         }
     }
 }

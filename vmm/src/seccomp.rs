@@ -286,6 +286,17 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_newfstatat,
             libc::SYS_fstat,
             libc::SYS_fcntl,
+            // A live migration: the stream to the destination (a TCP or
+            // Unix socket it connects, with timeouts), the handshake's
+            // nonce.
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_write,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_shutdown,
+            libc::SYS_getrandom,
         ],
         ThreadClass::Main => &[
             libc::SYS_tgkill,

@@ -70,6 +70,9 @@ enum CtlCmd {
     /// Snapshots of the running VM.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Live migration to a `vmm run --incoming` (pre-copy).
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
     /// End a restore's working-set recording now and write it.
     SaveWorkingSet,
 }
@@ -89,6 +92,29 @@ enum SnapshotCmd {
         #[arg(long)]
         diff: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum MigrateCmd {
+    /// Send the VM to ADDR while it runs; ends when the destination runs
+    /// it (this VM then ends) or the migration failed (it runs on).
+    Start {
+        /// tcp:HOST:PORT or unix:PATH (the destination's --incoming).
+        #[arg(long)]
+        to: String,
+        /// The pre-shared key file (the destination's --migration-key).
+        #[arg(long)]
+        key: PathBuf,
+        /// Stop the guest once what is left fits this many milliseconds.
+        #[arg(long, default_value_t = 300)]
+        max_downtime: u64,
+        /// Rounds after the first before the guest is stopped anyway.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+    },
+    /// The running (or last) migration: state, round, pages sent, dirty
+    /// rate, expected downtime.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +173,14 @@ struct RunArgs {
     /// Without it, the embedded default guest runs.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Boot nothing: wait on tcp:HOST:PORT or unix:PATH for one live
+    /// migration (`vmm ctl migrate start`) and run the VM it brings.
+    #[arg(long, requires = "migration_key", conflicts_with_all = ["kernel", "initrd", "mem_source", "balloon", "hotplug", "mem_hugepages"])]
+    incoming: Option<String>,
+    /// The pre-shared key file a source must hold (at least 16 bytes,
+    /// mode 600; e.g. `head -c 32 /dev/urandom > key`).
+    #[arg(long, requires = "incoming")]
+    migration_key: Option<PathBuf>,
     /// Guest RAM: a size like 512M or 2G (a bare number is MiB).
     #[arg(long, default_value = "512M", value_parser = parse_mem)]
     mem: u64,
@@ -307,6 +341,15 @@ fn ensure_std_fds() {
 }
 
 fn run(a: RunArgs) -> ExitCode {
+    if let (Some(addr), Some(key_file)) = (&a.incoming, &a.migration_key) {
+        let config = a.serve.apply(VmConfig::new(Kernel::Incoming(
+            vmm::config::IncomingOptions {
+                addr: addr.clone(),
+                key_file: key_file.clone(),
+            },
+        )));
+        return execute(config, &a.serve);
+    }
     let kernel = match a.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Embedded {
@@ -402,6 +445,22 @@ fn ctl(a: CtlArgs) -> ExitCode {
             )
         }
         CtlCmd::SaveWorkingSet => (Method::PUT, "/vm/working-set", None),
+        CtlCmd::Migrate(MigrateCmd::Start {
+            to,
+            key,
+            max_downtime,
+            max_rounds,
+        }) => (
+            Method::PUT,
+            "/vm/migrate",
+            Some(json!({
+                "to": to,
+                "key_file": std::path::absolute(&key).unwrap_or(key),
+                "max_downtime_ms": max_downtime,
+                "max_rounds": max_rounds,
+            })),
+        ),
+        CtlCmd::Migrate(MigrateCmd::Show) => (Method::GET, "/vm/migrate", None),
         CtlCmd::Balloon(BalloonCmd::Show) => (Method::GET, "/balloon", None),
         CtlCmd::Balloon(BalloonCmd::Set { size }) => {
             if size % MIB != 0 {
@@ -432,6 +491,9 @@ fn ctl(a: CtlArgs) -> ExitCode {
             Some(json!({ "interval_s": seconds })),
         ),
     };
+    if path == "/vm/migrate" && method == Method::PUT {
+        return follow_migration(&a.api_socket, body, a.json);
+    }
     match vmm::api::client::request(&a.api_socket, method, path, body) {
         Ok((status, body)) => {
             let format = if a.json {
@@ -453,6 +515,65 @@ fn ctl(a: CtlArgs) -> ExitCode {
         Err(e) => {
             eprintln!("vmm ctl: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `vmm ctl migrate start`: start it, then follow `GET /vm/migrate`
+/// (a line per round) until it is done or failed.
+fn follow_migration(
+    socket: &std::path::Path,
+    body: Option<serde_json::Value>,
+    json: bool,
+) -> ExitCode {
+    use hyper::{Method, StatusCode};
+    use vmm::api::client::{render, request, Format};
+    let format = if json { Format::Json } else { Format::Human };
+    match request(socket, Method::PUT, "/vm/migrate", body) {
+        Ok((StatusCode::OK, _)) => {}
+        Ok((status, body)) => {
+            eprintln!("vmm ctl: {status}: {}", render(status, &body, format).0);
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("vmm ctl: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let mut shown = (String::new(), u64::MAX);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (status, body) = match request(socket, Method::GET, "/vm/migrate", None) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "vmm ctl: the source stopped answering ({e}); last seen: {}",
+                    shown.0
+                );
+                return ExitCode::from(1);
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let state = v["state"].as_str().unwrap_or("").to_string();
+        let round = v["round"].as_u64().unwrap_or(0);
+        if !json && (state != shown.0 || round != shown.1) && state != "done" && state != "failed" {
+            eprintln!(
+                "migration: {state}, round {round}, {} pages sent, {:.0} pages/s dirtied, expected downtime {:.1} ms",
+                v["pages_sent"], v["dirty_pages_per_s"].as_f64().unwrap_or(0.0),
+                v["expected_downtime_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        shown = (state.clone(), round);
+        if state == "done" || state == "failed" {
+            println!("{}", render(status, &body, format).0);
+            if state == "failed" {
+                eprintln!(
+                    "vmm ctl: migration failed: {}",
+                    v["error"].as_str().unwrap_or("?")
+                );
+                return ExitCode::from(1);
+            }
+            return ExitCode::SUCCESS;
         }
     }
 }

@@ -69,6 +69,8 @@ pub enum ExitReason {
     Stopped,
     /// The guest powered off (ACPI S5 through the sleep control register).
     PowerOff,
+    /// The VM was migrated live to another VMM (where it runs on).
+    Migrated(String),
 }
 
 impl ExitReason {
@@ -80,7 +82,7 @@ impl ExitReason {
             ExitReason::TripleFault { .. } | ExitReason::AllHalted | ExitReason::Failed(_) => 1,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::KernelPanic => 1,
-            ExitReason::Stopped => 0,
+            ExitReason::Stopped | ExitReason::Migrated(_) => 0,
         }
     }
 }
@@ -104,6 +106,7 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::Stopped => write!(f, "stopped through the API"),
             ExitReason::PowerOff => write!(f, "guest powered off (ACPI S5)"),
+            ExitReason::Migrated(to) => write!(f, "migrated to {to}, where it runs on"),
         }
     }
 }

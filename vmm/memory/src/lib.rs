@@ -7,6 +7,7 @@ mod error;
 pub mod hugetlb;
 mod kvm;
 mod manager;
+pub mod migrate;
 mod partial;
 pub mod snapshot;
 mod source;

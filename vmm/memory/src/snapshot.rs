@@ -139,7 +139,7 @@ pub fn looks_like_page_table(page: &[u8], phys_top: u64) -> bool {
 
 /// Page tables may map MMIO up to 4 GiB (the I/O window, the LAPIC and
 /// IOAPIC) whatever the RAM.
-const MMIO_TOP: u64 = 1 << 32;
+pub(crate) const MMIO_TOP: u64 = 1 << 32;
 
 /// The first page from `from` (at most `end`) whose bit is not `set`:
 /// where a run of data pages (`set`) or of holes ends. Whole words at a
@@ -157,13 +157,13 @@ fn run_end(words: &[u64], from: u64, set: bool, end: u64) -> u64 {
     end
 }
 
-fn bit(words: &[u64], i: u64) -> bool {
+pub(crate) fn bit(words: &[u64], i: u64) -> bool {
     words
         .get((i / 64) as usize)
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
-fn set_bit(words: &mut [u64], i: u64) {
+pub(crate) fn set_bit(words: &mut [u64], i: u64) {
     if let Some(w) = words.get_mut((i / 64) as usize) {
         *w |= 1 << (i % 64);
     }
@@ -323,17 +323,7 @@ impl SlotSaver<'_> {
             out(self.offset + p * PAGE_SIZE, bytes).map_err(SaveError::Write)?;
             p += n;
         }
-        let plugged = match slot.block_size() {
-            Some(b) => {
-                let blocks = slot.size / b;
-                let mut words = vec![0u64; blocks.div_ceil(64) as usize];
-                for i in (0..blocks).filter(|i| slot.is_plugged(i * b / PAGE_SIZE)) {
-                    set_bit(&mut words, i);
-                }
-                words
-            }
-            None => Vec::new(),
-        };
+        let plugged = plugged_blocks(slot);
         Ok(SlotImage {
             gpa: slot.gpa,
             size: slot.size,
@@ -423,13 +413,7 @@ impl MemoryManager {
             };
             base_pages.extend(saver.base_pages());
             let mut image = saver.save(&mut buf, &mut user, out)?;
-            image.kind = if self.boot_ranges().iter().any(|r| r.gpa == slot.gpa) {
-                SlotKind::Boot
-            } else if let Some(block_size) = slot.block_size() {
-                SlotKind::Blocks { block_size }
-            } else {
-                SlotKind::Plain
-            };
+            image.kind = self.kind_of(slot);
             images.push(image);
             offset += slot.size;
         }
@@ -560,6 +544,34 @@ impl MemoryManager {
     }
 }
 
+impl MemoryManager {
+    /// How `slot` came to be.
+    pub(crate) fn kind_of(&self, slot: &crate::Slot) -> SlotKind {
+        if self.boot_ranges().iter().any(|r| r.gpa == slot.gpa) {
+            SlotKind::Boot
+        } else if let Some(block_size) = slot.block_size() {
+            SlotKind::Blocks { block_size }
+        } else {
+            SlotKind::Plain
+        }
+    }
+}
+
+/// A block slot's plugged blocks, one bit each (empty for other slots).
+pub(crate) fn plugged_blocks(slot: &crate::Slot) -> Vec<u64> {
+    match slot.block_size() {
+        Some(b) => {
+            let blocks = slot.size / b;
+            let mut words = vec![0u64; blocks.div_ceil(64) as usize];
+            for i in (0..blocks).filter(|i| slot.is_plugged(i * b / PAGE_SIZE)) {
+                set_bit(&mut words, i);
+            }
+            words
+        }
+        None => Vec::new(),
+    }
+}
+
 /// Put a diff snapshot's layout (`top`, with `base_pages` its
 /// [`BasePages`]) over its base's (`below`, itself layered if the base is a
 /// diff): every page that is the base's and has data there becomes a data
@@ -655,7 +667,7 @@ fn mark_user_pages(images: &mut [SlotImage], mut user: Vec<u64>) {
 }
 
 /// mincore's answer for a range (one byte per page; all zero if unmapped).
-fn residency(hva: u64, size: u64) -> Vec<u8> {
+pub(crate) fn residency(hva: u64, size: u64) -> Vec<u8> {
     let pages = size.div_ceil(PAGE_SIZE) as usize;
     let mut vec = vec![0u8; pages];
     // SAFETY: one byte per page of the range; mincore only reads page

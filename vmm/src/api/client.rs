@@ -20,7 +20,7 @@ pub fn request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(StatusCode, String), String> {
-    let timeout = if path == "/vm/snapshot" {
+    let timeout = if path == "/vm/snapshot" || path == "/vm/migrate" {
         SNAPSHOT_TIMEOUT
     } else {
         TIMEOUT

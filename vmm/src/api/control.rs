@@ -85,6 +85,11 @@ pub trait VmActions: Send + Sync {
     fn is_paused(&self) -> bool;
     /// End the working-set recording now and write it; what was written.
     fn save_working_set(&self) -> Result<serde_json::Value, ActionError>;
+    /// Migrate the VM live (blocks until it is done or failed); the
+    /// migration's status.
+    fn migrate(&self, r: &MigrateRequest) -> Result<serde_json::Value, ActionError>;
+    /// The running (or last) migration's status.
+    fn migration(&self) -> serde_json::Value;
 }
 
 /// `PUT /vm/snapshot`.
@@ -106,6 +111,30 @@ pub struct SnapshotRequest {
 
 fn yes() -> bool {
     true
+}
+
+/// `PUT /vm/migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH`: a `vmm run --incoming` there.
+    pub to: String,
+    /// The pre-shared key file (the destination's `--migration-key`).
+    pub key_file: PathBuf,
+    /// Stop the guest once the rest fits this (milliseconds).
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    /// Rounds after the first before the guest is stopped anyway.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+
+fn default_rounds() -> u32 {
+    30
 }
 
 impl ControlError {
@@ -272,6 +301,19 @@ impl VmControl {
 
     pub fn resume(&self) -> Result<(), ControlError> {
         Ok(self.actions()?.resume()?)
+    }
+
+    /// Migrate the VM live (`PUT /vm/migrate`).
+    pub fn migrate(&self, r: &MigrateRequest) -> Result<serde_json::Value, ControlError> {
+        if r.max_rounds == 0 || r.max_rounds > 1000 {
+            return Err(ActionError::refused("max_rounds is 1..1000").into());
+        }
+        Ok(self.actions()?.migrate(r)?)
+    }
+
+    /// The running or last migration (`GET /vm/migrate`).
+    pub fn migration(&self) -> Result<serde_json::Value, ControlError> {
+        Ok(self.actions()?.migration())
     }
 
     pub fn save_working_set(&self) -> Result<serde_json::Value, ControlError> {

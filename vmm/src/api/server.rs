@@ -20,7 +20,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::control::{
-    BalloonTarget, ControlError, MemoryRequest, SnapshotRequest, StatsInterval, VmControl,
+    BalloonTarget, ControlError, MemoryRequest, MigrateRequest, SnapshotRequest, StatsInterval,
+    VmControl,
 };
 use crate::exit::VmExit;
 
@@ -211,6 +212,7 @@ pub const ROUTES: &[(&str, &[Method])] = &[
     ("/vm/pause", &[Method::PUT]),
     ("/vm/resume", &[Method::PUT]),
     ("/vm/working-set", &[Method::PUT]),
+    ("/vm/migrate", &[Method::GET, Method::PUT]),
     ("/balloon", &[Method::GET, Method::PUT]),
     ("/balloon/statistics", &[Method::PUT]),
     ("/memory", &[Method::GET, Method::PUT]),
@@ -256,6 +258,17 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
                 Err(e) => from_control(e),
             },
             Err(r) => r,
+        },
+        (Method::PUT, "/vm/migrate") => match body::<MigrateRequest>(req).await {
+            Ok(r) => match control.migrate(&r) {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => from_control(e),
+            },
+            Err(r) => r,
+        },
+        (Method::GET, "/vm/migrate") => match control.migration() {
+            Ok(status) => json(StatusCode::OK, &status),
+            Err(e) => from_control(e),
         },
         (Method::PUT, "/vm/pause") => done(control.pause()),
         (Method::PUT, "/vm/resume") => done(control.resume()),

@@ -85,9 +85,14 @@ pub enum RestoreError {
 /// cycle of them).
 const MAX_LAYERS: usize = 64;
 
-/// A snapshot read and checked: everything a restore needs, decoded.
+/// A snapshot read and checked (or a migration received): everything a
+/// restore needs, decoded.
 pub struct Loaded {
-    pub reader: SnapshotReader<VmRecord>,
+    /// The snapshot directory (none for a migration).
+    pub reader: Option<SnapshotReader<VmRecord>>,
+    pub record: VmRecord,
+    /// The memory file as the manifest gives it.
+    pub memory: vmm_snapshot::MemoryFile,
     pub vm: VmSnapshot,
     pub devices: DevicesSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
@@ -111,55 +116,54 @@ impl Loaded {
     ) -> Result<Self, RestoreError> {
         let reader = SnapshotReader::<VmRecord>::open(dir)?;
         let record = &reader.manifest.info;
-        if record.host != flavor.tag() {
-            return Err(RestoreError::Host {
-                saved: record.host.clone(),
-                here: flavor.tag().to_string(),
-            });
-        }
-        if record.vcpus > max_vcpus {
-            return Err(RestoreError::TooManyVcpus {
-                saved: record.vcpus,
-                max: max_vcpus,
-            });
-        }
-        let inconsistent = |section: &str, why: String| RestoreError::Inconsistent {
-            section: section.to_string(),
-            why,
-        };
-        if record.vcpus == 0 || record.vcpus != record.config.vcpus {
-            return Err(inconsistent(
-                "manifest",
-                format!(
-                    "{} vCPUs, its configuration says {}",
-                    record.vcpus, record.config.vcpus
-                ),
-            ));
-        }
-        check_cpuid("manifest", &record.cpuid, supported)?;
+        check_record(record, flavor, max_vcpus, supported)?;
         let vcpus: Vec<VcpuSnapshot> = (0..record.vcpus)
             .map(|i| reader.section(&vcpu_section(i)))
             .collect::<Result<_, _>>()?;
-        for (i, v) in vcpus.iter().enumerate() {
-            check_cpuid(&vcpu_section(i), &v.cpuid, supported)?;
-        }
         let layout = checked_layout(&reader)?;
         let mut bases = Vec::new();
         let (layout, image) = layered(&reader, layout, &mut bases, 0)?;
-        Ok(Self {
+        let loaded = Self {
             vm: reader.section(VM)?,
             devices: reader.section(DEVICES)?,
             vcpus,
             layout,
             image,
             bases,
-            reader,
-        })
+            record: reader.manifest.info.clone(),
+            memory: reader.manifest.memory,
+            reader: Some(reader),
+        };
+        loaded.check(flavor, max_vcpus, supported)?;
+        Ok(loaded)
+    }
+
+    /// Check the VM against this host: its kind, vCPU limit and CPUID.
+    pub fn check(
+        &self,
+        flavor: KvmFlavor,
+        max_vcpus: usize,
+        supported: &CpuId,
+    ) -> Result<(), RestoreError> {
+        let record = &self.record;
+        check_record(record, flavor, max_vcpus, supported)?;
+        if self.vcpus.len() != record.vcpus {
+            return Err(RestoreError::Inconsistent {
+                section: "manifest".into(),
+                why: format!("{} vCPUs, {} vCPU states", record.vcpus, self.vcpus.len()),
+            });
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            check_cpuid(&vcpu_section(i), &v.cpuid, supported)?;
+        }
+        Ok(())
     }
 
     /// Check every memory file's checksum: the snapshot's and its bases'.
     pub fn verify_memory(&self) -> Result<(), RestoreError> {
-        self.reader.verify_memory()?;
+        if let Some(r) = &self.reader {
+            r.verify_memory()?;
+        }
         for b in &self.bases {
             b.verify_memory()?;
         }
@@ -167,7 +171,7 @@ impl Loaded {
     }
 
     pub fn record(&self) -> &VmRecord {
-        &self.reader.manifest.info
+        &self.record
     }
 
     /// `base` (the restoring command's options) with the saved VM's shape:
@@ -207,7 +211,13 @@ impl Loaded {
     /// The recorded working set (`--record-working-set` of an earlier
     /// restore): runs of (gpa, pages) in touch order.
     pub fn working_set(&self) -> Result<Vec<(u64, u64)>, RestoreError> {
-        let path = self.reader.dir().join(WORKING_SET);
+        let Some(reader) = &self.reader else {
+            return Err(RestoreError::WorkingSet {
+                path: WORKING_SET.into(),
+                why: "a migrated VM has no snapshot directory".into(),
+            });
+        };
+        let path = reader.dir().join(WORKING_SET);
         let bad = |why: String| RestoreError::WorkingSet {
             path: path.display().to_string(),
             why,
@@ -478,4 +488,39 @@ fn layered(
         layout,
         ImageFile::open_over(&path, len, below_image, redirects)?,
     ))
+}
+
+/// The manifest's record against this host: its kind, vCPU limit, CPUID.
+fn check_record(
+    record: &VmRecord,
+    flavor: KvmFlavor,
+    max_vcpus: usize,
+    supported: &CpuId,
+) -> Result<(), RestoreError> {
+    if record.host != flavor.tag() {
+        return Err(RestoreError::Host {
+            saved: record.host.clone(),
+            here: flavor.tag().to_string(),
+        });
+    }
+    if record.vcpus > max_vcpus {
+        return Err(RestoreError::TooManyVcpus {
+            saved: record.vcpus,
+            max: max_vcpus,
+        });
+    }
+    let inconsistent = |section: &str, why: String| RestoreError::Inconsistent {
+        section: section.to_string(),
+        why,
+    };
+    if record.vcpus == 0 || record.vcpus != record.config.vcpus {
+        return Err(inconsistent(
+            "manifest",
+            format!(
+                "{} vCPUs, its configuration says {}",
+                record.vcpus, record.config.vcpus
+            ),
+        ));
+    }
+    check_cpuid("manifest", &record.cpuid, supported)
 }

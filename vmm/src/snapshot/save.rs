@@ -26,7 +26,7 @@ use crate::memory::{MemoryManager, RamRange};
 use crate::vcpu::pause::Pause;
 
 /// How long the vCPUs get to stop at an exit.
-const PAUSE_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a snapshot took.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -142,12 +142,7 @@ impl Snapshotter {
             let _ = self.pause.resume();
         }
         let (memory, layout) = taken?;
-        let mut record = self.record.clone();
-        record.cpuid = vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default();
-        record.created_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        w.commit(record, memory)?;
+        w.commit(self.record_now(&vcpus), memory)?;
         if self.memory.tracks_dirty() {
             *lock(&self.base) = Some(Base::new(&self.cwd, dir, memory, &layout));
         }
@@ -183,13 +178,7 @@ impl Snapshotter {
         base: Option<&Base>,
     ) -> Result<(MemoryFile, Vec<crate::memory::snapshot::SlotImage>), SnapshotError> {
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
-        let devices = DevicesSnapshot {
-            serial: lock(&self.serial).save(),
-            signal: self.signal.load(Ordering::Acquire),
-            transports: transports.iter().map(|t| t.save()).collect(),
-            balloon: self.balloon.as_ref().map(|b| lock(b).save()),
-            mem: self.mem.as_ref().map(|m| lock(m).save()),
-        };
+        let devices = self.save_devices(&transports);
         w.section(VM, &self.save_vm()?)?;
         w.section(DEVICES, &devices)?;
         for (i, v) in vcpus.iter().enumerate() {
@@ -223,7 +212,32 @@ impl Snapshotter {
         Ok((mw.finish()?, layout))
     }
 
-    fn save_vm(&self) -> Result<VmSnapshot, SnapshotError> {
+    /// The devices, with every virtio transport held (`transports`: their
+    /// locks).
+    pub(super) fn save_devices(
+        &self,
+        transports: &[std::sync::MutexGuard<'_, MmioTransport>],
+    ) -> DevicesSnapshot {
+        DevicesSnapshot {
+            serial: lock(&self.serial).save(),
+            signal: self.signal.load(Ordering::Acquire),
+            transports: transports.iter().map(|t| t.save()).collect(),
+            balloon: self.balloon.as_ref().map(|b| lock(b).save()),
+            mem: self.mem.as_ref().map(|m| lock(m).save()),
+        }
+    }
+
+    /// The manifest's record of the VM: vCPU 0's CPUID, the time.
+    pub(super) fn record_now(&self, vcpus: &[VcpuSnapshot]) -> VmRecord {
+        let mut record = self.record.clone();
+        record.cpuid = vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default();
+        record.created_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        record
+    }
+
+    pub(super) fn save_vm(&self) -> Result<VmSnapshot, SnapshotError> {
         let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
             let mut c = kvm_irqchip {
                 chip_id: id,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::Parts;
+use crate::api::control::MigrateRequest;
 use crate::api::{ActionError, VmActions};
 use crate::devices::lock;
 use crate::exit::VmExit;
@@ -25,6 +26,8 @@ use crate::memory::PAGE_SIZE;
 use crate::seccomp::{confine, SeccompMode, ThreadClass};
 use crate::snapshot::restore::WORKING_SET;
 use crate::snapshot::save::Snapshotter;
+use crate::snapshot::send::{MigrateError, MigrateOptions, Migrations};
+use crate::snapshot::stream::{Addr, Key, StreamError};
 use crate::snapshot::{SavedConfig, SnapshotError, VmRecord};
 use crate::vcpu::pause::{Pause, PauseError};
 
@@ -48,6 +51,7 @@ enum Job {
     Pause,
     Resume,
     SaveWorkingSet,
+    Migrate(MigrateRequest),
 }
 
 type Reply = mpsc::Sender<Result<Value, ActionError>>;
@@ -57,6 +61,9 @@ pub(super) struct Actions {
     pause: Arc<Pause>,
     exit: Arc<VmExit>,
     recording: Mutex<Option<Recording>>,
+    migrations: Migrations,
+    /// A migration is asked for or running.
+    migrating: std::sync::atomic::AtomicBool,
     /// The control thread's queue, while it runs.
     jobs: Mutex<Option<mpsc::Sender<(Job, Reply)>>>,
 }
@@ -100,6 +107,8 @@ impl Actions {
             pause: pause.clone(),
             exit: p.exit.clone(),
             recording: Mutex::new(None),
+            migrations: Migrations::default(),
+            migrating: std::sync::atomic::AtomicBool::new(false),
             jobs: Mutex::new(None),
         }
     }
@@ -137,6 +146,7 @@ impl Actions {
                 let mut deadline = deadline;
                 while !me.exit.is_stopping() {
                     match rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok((Job::Migrate(r), reply)) => me.migrate_job(&r, reply),
                         Ok((job, reply)) => {
                             let _ = reply.send(me.perform(job));
                         }
@@ -180,6 +190,9 @@ impl Actions {
                 .resume()
                 .map(|_| Value::Null)
                 .map_err(pause_error),
+            Job::Migrate(_) => Err(ActionError::refused(
+                "the VM is not running: nothing to migrate",
+            )),
             Job::SaveWorkingSet => self
                 .finish_recording("asked through the API")
                 .unwrap_or_else(|| {
@@ -202,6 +215,38 @@ impl Actions {
         }
         rx.recv()
             .unwrap_or_else(|_| Err(ActionError::refused("the VM is ending")))
+    }
+
+    /// A migration, on the control thread: `reply` is answered once the
+    /// destination is authenticated (or the migration failed before);
+    /// the rest shows in the status (`GET /vm/migrate`).
+    fn migrate_job(&self, r: &MigrateRequest, reply: Reply) {
+        let mut reply = Some(reply);
+        let r = migrate_options(r).and_then(|o| {
+            let m = &self.migrations;
+            let mut connected = || {
+                if let Some(tx) = reply.take() {
+                    let _ = tx.send(
+                        serde_json::to_value(m.status())
+                            .map_err(|e| ActionError::failed(e.to_string())),
+                    );
+                }
+            };
+            self.snapshotter.migrate(&o, m, &mut connected)
+        });
+        self.migrating
+            .store(false, std::sync::atomic::Ordering::Release);
+        if let (Err(e), Some(tx)) = (r, reply) {
+            let _ = tx.send(Err(match e {
+                e @ (MigrateError::Busy
+                | MigrateError::Snapshot(SnapshotError::Busy)
+                | MigrateError::Stream(StreamError::BadAddr(_) | StreamError::Key { .. })) => {
+                    ActionError::refused(e.to_string())
+                }
+                MigrateError::Snapshot(SnapshotError::Pause(e)) => pause_error(e),
+                e => ActionError::failed(e.to_string()),
+            }));
+        }
     }
 
     /// The VM is ending: a pause still on ends (its vCPU threads stop).
@@ -248,6 +293,18 @@ fn write_working_set(r: &Recording, why: &str) -> Result<Value, ActionError> {
     }
 }
 
+/// A request's address parsed and key read (on the control thread, which
+/// may open files).
+fn migrate_options(r: &MigrateRequest) -> Result<MigrateOptions, MigrateError> {
+    let to: Addr = r.to.parse()?;
+    Ok(MigrateOptions {
+        to,
+        key: Key::load(&r.key_file)?,
+        max_downtime: Duration::from_millis(r.max_downtime_ms),
+        max_rounds: r.max_rounds,
+    })
+}
+
 fn pause_error(e: PauseError) -> ActionError {
     match e {
         PauseError::AlreadyPaused | PauseError::NotPaused | PauseError::Ending => {
@@ -280,5 +337,26 @@ impl VmActions for Actions {
 
     fn save_working_set(&self) -> Result<Value, ActionError> {
         self.ask(Job::SaveWorkingSet)
+    }
+
+    fn migrate(&self, r: &MigrateRequest) -> Result<Value, ActionError> {
+        // Refused here, not queued behind the running one.
+        if self
+            .migrating
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Err(ActionError::refused(MigrateError::Busy.to_string()));
+        }
+        let answer = self.ask(Job::Migrate(r.clone()));
+        if answer.is_err() {
+            // Failed before it ran (the job clears it when it ends).
+            self.migrating
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        answer
+    }
+
+    fn migration(&self) -> Value {
+        serde_json::to_value(self.migrations.status_for_client()).unwrap_or(Value::Null)
     }
 }

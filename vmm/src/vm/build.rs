@@ -52,7 +52,7 @@ pub(super) fn read_image(config: &VmConfig) -> Result<Vec<u8>, VmError> {
         Kernel::File(path) => boot::read_image(path)?,
         Kernel::Embedded { image, .. } => image.to_vec(),
         // A restore loads no image (Vm::restore does not call this).
-        Kernel::Snapshot(_) => Vec::new(),
+        Kernel::Snapshot(_) | Kernel::Incoming(_) => Vec::new(),
     })
 }
 

@@ -93,6 +93,8 @@ pub enum VmError {
     SyscallAssist(vcpu::syscall::SyscallAssistError),
     #[error("restore from {dir}: {error}")]
     Restore { dir: String, error: RestoreError },
+    #[error("incoming migration: {0}")]
+    Incoming(String),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
@@ -155,6 +157,10 @@ impl Vm {
         if let Kernel::Snapshot(dir) = &config.kernel {
             let dir = dir.clone();
             return Self::restore(config, &dir, started);
+        }
+        if let Kernel::Incoming(o) = &config.kernel {
+            let o = o.clone();
+            return Self::incoming(config, &o, started);
         }
         let host = Host::open()?;
         let mode = build::check(&config, &host)?;

@@ -30,13 +30,58 @@ impl Vm {
             dir: dir.display().to_string(),
             error,
         };
-        let host = Host::open()?;
-        let supported = kvm(
-            "KVM_GET_SUPPORTED_CPUID",
-            host.kvm
-                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
-        )?;
-        let mut loaded = Loaded::open(dir, host.flavor, host.max_vcpus, &supported).map_err(err)?;
+        let (host, supported) = host_and_cpuid()?;
+        let loaded = Loaded::open(dir, host.flavor, host.max_vcpus, &supported).map_err(err)?;
+        Self::restore_loaded(config, host, loaded, &dir.display().to_string(), started)
+    }
+
+    /// Restore a VM received by a live migration on `o.addr`: wait for one
+    /// source, receive it, restore it, tell the source it is ready, and
+    /// once the source has stopped its VM (`Go`) hand it back to run.
+    pub(super) fn incoming(
+        config: VmConfig,
+        o: &crate::config::IncomingOptions,
+        started: Instant,
+    ) -> Result<Vm, VmError> {
+        use crate::snapshot::receive;
+        let (host, supported) = host_and_cpuid()?;
+        let label = format!("the migration on {}", o.addr);
+        let err = |error: receive::ReceiveError| VmError::Incoming(error.to_string());
+        let mut r = receive::receive(o).map_err(err)?;
+        let loaded = r.loaded();
+        let checked = loaded.check(host.flavor, host.max_vcpus, &supported);
+        let vm = checked
+            .map_err(|error| VmError::Restore {
+                dir: label.clone(),
+                error,
+            })
+            .and_then(|()| Self::restore_loaded(config, host, loaded, &label, started));
+        match vm {
+            Ok(vm) => {
+                r.ready_then_go().map_err(err)?;
+                eprintln!("vmm: migration done: the source has stopped, the VM runs here");
+                Ok(vm)
+            }
+            Err(e) => {
+                r.fail(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// The restore itself, from a snapshot or a migration (`what` names it).
+    fn restore_loaded(
+        config: VmConfig,
+        host: Host,
+        mut loaded: Loaded,
+        what: &str,
+        started: Instant,
+    ) -> Result<Vm, VmError> {
+        let err = |error: RestoreError| VmError::Restore {
+            dir: what.to_string(),
+            error,
+        };
+        let dir = loaded.reader.as_ref().map(|r| r.dir().to_path_buf());
         let config = loaded.config(&config);
         let mode = build::check(&config, &host)?;
         check_options(&config, mode).map_err(err)?;
@@ -69,17 +114,18 @@ impl Vm {
             log::info!("restore: copied {} MiB", bytes >> 20);
         }
         // A diff snapshot of this VM is taken on the one it came from.
-        let base = match memory.track_dirty() {
-            Ok(()) => Some(Base::new(
+        let base = match (&dir, memory.track_dirty()) {
+            (Some(dir), Ok(())) => Some(Base::new(
                 &std::env::current_dir().unwrap_or_default(),
                 dir,
-                loaded.reader.manifest.memory,
+                loaded.memory,
                 &loaded.layout,
             )),
-            Err(e) => {
+            (_, Err(e)) => {
                 log::warn!("guest RAM changes are not tracked ({e}): no diff snapshot can be taken on this one");
                 None
             }
+            (None, Ok(())) => None,
         };
         let exit = Arc::new(VmExit::new());
         let devices = build::Devices::build(&config, &vm_fd, &memory, &exit)?;
@@ -97,7 +143,7 @@ impl Vm {
         let record = config
             .restore
             .record_working_set
-            .map(|_| (loaded.reader.manifest.memory.bytes / PAGE_SIZE) as usize);
+            .map(|_| (loaded.memory.bytes / PAGE_SIZE) as usize);
         let engine = crate::fault::setup(
             mode,
             &memory,
@@ -139,21 +185,33 @@ impl Vm {
             vcpus,
             base,
         })?;
-        if let (Some(d), Some(e)) = (record_for, &vm.engine) {
+        if let (Some(d), Some(e), Some(dir)) = (record_for, &vm.engine, &dir) {
             vm.actions.start_recording(e.clone(), dir);
             vm.record_for = Some(d);
         }
         vm.prefetch = (!plan.is_empty()).then_some(plan);
         log::info!(
             "restored {} ({} vCPUs, {} MiB, {} MiB of data) in {:.1} ms",
-            dir.display(),
+            what,
             vm.config.vcpus,
             vm.config.mem_size >> 20,
-            loaded.reader.manifest.memory.data_bytes >> 20,
+            loaded.memory.data_bytes >> 20,
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(vm)
     }
+}
+
+/// This host and the CPUID its KVM offers (what a saved VM is checked
+/// against).
+fn host_and_cpuid() -> Result<(Host, kvm_bindings::CpuId), VmError> {
+    let host = Host::open()?;
+    let supported = kvm(
+        "KVM_GET_SUPPORTED_CPUID",
+        host.kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
+    )?;
+    Ok((host, supported))
 }
 
 /// Restore modes and fault modes that go together.

@@ -1,0 +1,242 @@
+//! The destination of a live migration: listen where the user said,
+//! accept one connection, authenticate it, receive pages into a sparse
+//! file indexed by guest-physical address, then the VM's state; the VM is
+//! restored from them like a snapshot (its RAM served lazily from that
+//! file by the fault engine, or copied first), the source is told `Ready`,
+//! and the VM runs once the source says `Go` (it has stopped its copy).
+//! The file is unlinked as soon as it is open: nothing is left behind.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::restore::Loaded;
+use super::stream::{Addr, Channel, Key, Listener, Msg, StreamError, VmState};
+use crate::config::IncomingOptions;
+use crate::memory::snapshot::check_layout;
+use crate::memory::{ImageFile, Redirect, PAGE_SIZE};
+
+/// How long the source may be silent between frames.
+const IDLE: Duration = Duration::from_secs(60);
+/// Highest guest-physical address a page may be sent for (1 TiB).
+const GPA_LIMIT: u64 = 1 << 40;
+
+#[derive(Debug, Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the source sent {0} before the VM's state")]
+    Unexpected(&'static str),
+    #[error("the stream is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("the source gave up: {0}")]
+    SourceFailed(String),
+    #[error("the source did not say Go ({0}): its VM may still run, this one does not")]
+    NoGo(String),
+}
+
+/// A VM received, not yet running.
+pub struct Received {
+    channel: Channel,
+    state: Option<VmState>,
+    image: Arc<ImageFile>,
+}
+
+/// Receive one migration (see the module docs).
+pub fn receive(o: &IncomingOptions) -> Result<Received, ReceiveError> {
+    let addr: Addr = o.addr.parse()?;
+    let key = Key::load(&o.key_file)?;
+    let listener = Listener::bind(&addr)?;
+    eprintln!("vmm: waiting for a migration on {addr}");
+    let (conn, peer) = listener.accept()?;
+    // One connection only: nobody else gets in after it.
+    drop(listener);
+    let t0 = Instant::now();
+    let mut ch = Channel::accept(conn, &key, IDLE)?;
+    eprintln!("vmm: migration from {peer}: authenticated, receiving");
+    let path = std::env::temp_dir().join(format!("vmm-incoming-{}", std::process::id()));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| ReceiveError::File {
+            what: "creating",
+            path: path.clone(),
+            source,
+        })?;
+    let r = receive_into(&mut ch, &file, &path, t0);
+    let _ = std::fs::remove_file(&path);
+    match r {
+        Ok((state, image)) => Ok(Received {
+            channel: ch,
+            state: Some(state),
+            image,
+        }),
+        Err(e) => {
+            let _ = ch.send(&Msg::Failed(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+fn receive_into(
+    ch: &mut Channel,
+    file: &File,
+    path: &std::path::Path,
+    t0: Instant,
+) -> Result<(VmState, Arc<ImageFile>), ReceiveError> {
+    let werr = |source| ReceiveError::File {
+        what: "writing",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut data = BTreeSet::new();
+    let (mut frames, mut pages) = (0u64, 0u64);
+    let state = loop {
+        match ch.recv()? {
+            Msg::Pages { gpas, data: bytes } => {
+                let mut at = 0;
+                for (gpa, has) in gpas {
+                    if gpa >= GPA_LIMIT {
+                        return Err(ReceiveError::Inconsistent(format!("a page at {gpa:#x}")));
+                    }
+                    if has {
+                        file.write_all_at(&bytes[at..at + PAGE_SIZE as usize], gpa)
+                            .map_err(werr)?;
+                        at += PAGE_SIZE as usize;
+                        data.insert(gpa);
+                    } else if data.remove(&gpa) {
+                        punch_hole(file, gpa).map_err(werr)?;
+                    }
+                    pages += 1;
+                }
+                frames += 1;
+            }
+            Msg::State(s) => break *s,
+            Msg::Failed(why) => return Err(ReceiveError::SourceFailed(why)),
+            Msg::Ready => return Err(ReceiveError::Unexpected("Ready")),
+            Msg::Go => return Err(ReceiveError::Unexpected("Go")),
+        }
+    };
+    eprintln!(
+        "vmm: migration received: {pages} pages in {frames} frames, {} MiB of data, in {:.1} s",
+        (data.len() as u64 * PAGE_SIZE) >> 20,
+        t0.elapsed().as_secs_f64()
+    );
+    let total: u64 = state.layout.iter().map(|s| s.size).sum();
+    check_layout(&state.layout, total).map_err(|e| ReceiveError::Inconsistent(e.to_string()))?;
+    // The layout's data pages are exactly the pages received.
+    let mut listed = 0u64;
+    for s in &state.layout {
+        for p in (0..s.pages()).filter(|&p| s.has_data(p)) {
+            if !data.contains(&(s.gpa + p * PAGE_SIZE)) {
+                return Err(ReceiveError::Inconsistent(format!(
+                    "page {:#x} holds data but was never sent",
+                    s.gpa + p * PAGE_SIZE
+                )));
+            }
+            listed += 1;
+        }
+    }
+    if listed != data.len() as u64 {
+        return Err(ReceiveError::Inconsistent(format!(
+            "{} pages received, the layout lists {listed}",
+            data.len()
+        )));
+    }
+    // The memory "file" of the layout, slot after slot, read from where
+    // each slot's pages are: at their GPA.
+    let end = state
+        .layout
+        .iter()
+        .map(|s| s.gpa + s.size)
+        .max()
+        .unwrap_or(0);
+    file.set_len(end.max(total)).map_err(werr)?;
+    let below =
+        ImageFile::open(path, end).map_err(|e| ReceiveError::Inconsistent(e.to_string()))?;
+    let redirects = state
+        .layout
+        .iter()
+        .map(|s| Redirect {
+            offset: s.offset,
+            len: s.size,
+            at: s.gpa,
+        })
+        .collect();
+    let image = ImageFile::open_over(path, total, below, redirects)
+        .map_err(|e| ReceiveError::Inconsistent(e.to_string()))?;
+    Ok((state, image))
+}
+
+fn punch_hole(file: &File, gpa: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            gpa as libc::off_t,
+            PAGE_SIZE as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Received {
+    /// What a restore reads (taken once).
+    pub fn loaded(&mut self) -> Loaded {
+        let s = self.state.take().expect("the state is taken once");
+        let data_bytes = s.layout.iter().map(|l| l.data_pages()).sum::<u64>() * PAGE_SIZE;
+        Loaded {
+            reader: None,
+            memory: vmm_snapshot::MemoryFile {
+                bytes: s.layout.iter().map(|l| l.size).sum(),
+                data_bytes,
+                crc32: 0,
+            },
+            record: s.record,
+            vm: s.vm,
+            devices: s.devices,
+            vcpus: s.vcpus,
+            layout: s.layout,
+            image: self.image.clone(),
+            bases: Vec::new(),
+        }
+    }
+
+    /// Tell the source the VM is restored, and wait until it has stopped
+    /// its own (`Go`).
+    pub fn ready_then_go(&mut self) -> Result<(), ReceiveError> {
+        self.channel.send(&Msg::Ready)?;
+        self.channel.set_timeout(Some(IDLE));
+        match self.channel.recv() {
+            Ok(Msg::Go) => Ok(()),
+            Ok(Msg::Failed(why)) => Err(ReceiveError::SourceFailed(why)),
+            Ok(_) => Err(ReceiveError::NoGo("another message".into())),
+            Err(e) => Err(ReceiveError::NoGo(e.to_string())),
+        }
+    }
+
+    /// Tell the source the restore failed (it runs on).
+    pub fn fail(&mut self, why: &str) {
+        let _ = self.channel.send(&Msg::Failed(why.to_string()));
+    }
+}
