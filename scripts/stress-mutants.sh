@@ -16,8 +16,8 @@ export CARGO_TARGET_DIR=$ROOT/target/stress-mutants/target
 
 # name | expected invariant | file | python regex (must match once) | replacement | extra stress args
 MUTANTS=(
-  "a discard does not zap the pages|I3|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n\}|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n}"
-  "an unplug does not zap the block|I6|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)drop\(exclusive\);\n(\s*)r\n(\s*)\}\n\n(\s*)fn range_in_slot|let r: Result<(), MemError> = Ok(());\n\1drop(exclusive);\n\2r\n\3}\n\n\4fn range_in_slot"
+  "a discard does not zap the pages|I3|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)slot\.backing\.mark_changed\(gpa - slot\.gpa, len\);\n(\s*)drop\(exclusive\);\n(\s*)r\n\}|let r: Result<(), MemError> = Ok(());\n\1slot.backing.mark_changed(gpa - slot.gpa, len);\n\2drop(exclusive);\n\3r\n}"
+  "an unplug does not zap the block|I6|vmm/memory/src/manager.rs|let r = madvise\(hva, len, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);\n(\s*)slot\.backing\.mark_changed\(gpa - slot\.gpa, len\);\n(\s*)drop\(exclusive\);\n(\s*)r\n(\s*)\}\n\n(\s*)fn range_in_slot|let r: Result<(), MemError> = Ok(());\n\1slot.backing.mark_changed(gpa - slot.gpa, len);\n\2drop(exclusive);\n\3r\n\4}\n\n\5fn range_in_slot"
   "neither unplug nor slot removal drops pages|I1|vmm/memory/src/manager.rs|let zapped = madvise\(hva, slot\.size, libc::MADV_DONTNEED, \"MADV_DONTNEED\"\);|let zapped: Result<(), MemError> = Ok(()); let _ = hva; if false { let _ = madvise(hva, 0, 0, \"\"); }"
   "a write completed through an exit is dropped|I2|vmm/fault/src/engine.rs|unsafe \{ std::ptr::write_volatile\(\(hva \+ i as u64\) as \*mut u8, \*b\) \};|let _ = (hva, i, b);"
   "a speculative install is not counted|I4|vmm/fault/src/engine.rs|Path::Speculative => stats\.add\(ThreadStat::SpeculativeInstalls, 1\),|Path::Speculative => {}"
