@@ -381,14 +381,14 @@ impl MemoryManager {
             false,
         )?;
         let hva = backing.hva();
-        if self.tracks_dirty() {
+        let log = self.tracks_dirty();
+        if log {
             // All new since any snapshot: a diff takes every page.
             backing.mark_changed(0, new.size);
         }
         if let Some(uffd) = self.uffd() {
             register(uffd, hva, new.size)?;
         }
-        let log = self.log_dirty.load(Ordering::Acquire);
         if let Err(e) = set_region(&*self.kvm, id, new.gpa, new.size, hva, log) {
             if let Some(uffd) = self.uffd() {
                 let _ = uffd.unregister(hva as *mut libc::c_void, new.size as usize);

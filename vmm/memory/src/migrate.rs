@@ -9,9 +9,10 @@
 use std::collections::BTreeSet;
 
 use crate::snapshot::{
-    bit, looks_like_page_table, plugged_blocks, residency, set_bit, SaveError, SlotImage, MMIO_TOP,
+    bit, looks_like_page_table, phys_top, plugged_blocks, residency, set_bit, SaveError, SlotImage,
+    SlotSaver,
 };
-use crate::{MemoryManager, PageSource, PAGE_SIZE};
+use crate::{MemoryManager, PAGE_SIZE};
 
 /// One page a round sends: its content, or a hole (it holds nothing now).
 pub enum Page<'a> {
@@ -28,10 +29,6 @@ pub struct Sent {
 }
 
 impl Sent {
-    pub fn pages(&self) -> u64 {
-        self.data.len() as u64
-    }
-
     fn record(&mut self, gpa: u64, page: &Page<'_>, phys_top: u64) {
         match page {
             Page::Data(bytes) => {
@@ -73,17 +70,25 @@ impl MemoryManager {
         let mut count = 0;
         for slot in &snap.slots {
             let changed = self.take_dirty(slot).map_err(SaveError::Dirty)?;
-            let resident = residency(slot.backing.hva(), slot.size);
-            let file = matches!(slot.backing.source(), PageSource::File(_));
+            // Which pages hold something and how they are read: as a
+            // snapshot saves them. A resident page discarded after the
+            // residency check reads as zero (faulted in by the SIGBUS
+            // handler or the host's zero page), and the discard has marked
+            // it changed: the next round sends it again.
+            let saver = SlotSaver {
+                slot,
+                offset: 0,
+                resident: residency(slot.backing.hva(), slot.size),
+                phys_top,
+                changed: None,
+            };
             for p in 0..slot.size / PAGE_SIZE {
                 if !first && !bit(&changed, p) {
                     continue;
                 }
                 let gpa = slot.gpa + p * PAGE_SIZE;
-                let holds = resident[p as usize] & 1 != 0 || (file && !slot.is_discarded(p));
-                let page = if holds {
-                    read_page(slot, p, resident[p as usize] & 1 != 0, &mut buf)
-                        .map_err(|source| SaveError::Source { gpa, source })?;
+                let page = if saver.keep(p) {
+                    saver.read(p, &mut buf)?;
                     Page::Data(&buf)
                 } else if first || !sent.data.contains(&gpa) {
                     continue;
@@ -131,47 +136,5 @@ impl MemoryManager {
             offset += slot.size;
         }
         images
-    }
-}
-
-fn phys_top(slots: &[std::sync::Arc<crate::Slot>]) -> u64 {
-    slots
-        .iter()
-        .map(|s| s.gpa + s.size)
-        .max()
-        .unwrap_or(0)
-        .max(MMIO_TOP)
-}
-
-/// Page `p` of `slot` into `buf`: from its mapping if resident, else from
-/// its file source.
-fn read_page(
-    slot: &crate::Slot,
-    p: u64,
-    resident: bool,
-    buf: &mut [u8],
-) -> Result<(), crate::SourceError> {
-    let at = p * PAGE_SIZE;
-    if resident {
-        // SAFETY: a page of the slot's mapping, alive while the table
-        // snapshot holds the slot. Were it discarded since the residency
-        // check, the read faults it in as zero (userfaultfd SIGBUS handler
-        // or the host's zero page), and the discard has marked it changed:
-        // the next round sends it again.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (slot.backing.hva() + at) as *const u8,
-                buf.as_mut_ptr(),
-                PAGE_SIZE as usize,
-            )
-        };
-        return Ok(());
-    }
-    match slot.backing.source() {
-        PageSource::File(img) => img.read_page(slot.backing.source_offset() + at, buf),
-        PageSource::Zero => {
-            buf.fill(0);
-            Ok(())
-        }
     }
 }

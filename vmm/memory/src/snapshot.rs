@@ -139,7 +139,18 @@ pub fn looks_like_page_table(page: &[u8], phys_top: u64) -> bool {
 
 /// Page tables may map MMIO up to 4 GiB (the I/O window, the LAPIC and
 /// IOAPIC) whatever the RAM.
-pub(crate) const MMIO_TOP: u64 = 1 << 32;
+const MMIO_TOP: u64 = 1 << 32;
+
+/// The top of guest-physical memory a page table may point below: RAM's
+/// end, or the MMIO window's.
+pub(crate) fn phys_top(slots: &[std::sync::Arc<crate::Slot>]) -> u64 {
+    slots
+        .iter()
+        .map(|s| s.gpa + s.size)
+        .max()
+        .unwrap_or(0)
+        .max(MMIO_TOP)
+}
 
 /// The first page from `from` (at most `end`) whose bit is not `set`:
 /// where a run of data pages (`set`) or of holes ends. Whole words at a
@@ -173,9 +184,7 @@ pub(crate) fn set_bit(words: &mut [u64], i: u64) {
 pub enum SaveError<E: std::error::Error + 'static> {
     #[error("guest RAM on hugetlb pages cannot be saved yet (restart without --mem-hugepages)")]
     HugePages,
-    #[error(
-        "a diff snapshot needs the pages changed since the last one, and they are not tracked"
-    )]
+    #[error("the pages changed since the last snapshot are not tracked (a diff snapshot or a migration needs them)")]
     NotTracked,
     #[error("reading what changed: {0}")]
     Dirty(MemError),
@@ -219,16 +228,17 @@ pub type PageSink<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
 /// diff's file), the base's, or a hole.
 pub type BasePages = Vec<Vec<u64>>;
 
-/// One slot's pages being saved.
-struct SlotSaver<'s> {
-    slot: &'s crate::Slot,
+/// One slot's pages being saved (into a snapshot, or a migration's
+/// stream).
+pub(crate) struct SlotSaver<'s> {
+    pub(crate) slot: &'s crate::Slot,
     /// Where the slot starts in the file.
-    offset: u64,
-    resident: Vec<u8>,
-    phys_top: u64,
+    pub(crate) offset: u64,
+    pub(crate) resident: Vec<u8>,
+    pub(crate) phys_top: u64,
     /// A diff: the pages changed since the base (the others are the
     /// base's and are not written).
-    changed: Option<Vec<u64>>,
+    pub(crate) changed: Option<Vec<u64>>,
 }
 
 impl SlotSaver<'_> {
@@ -238,7 +248,7 @@ impl SlotSaver<'_> {
 
     /// Whether page `p` is saved: changed since the base (a diff), and
     /// resident or still its file source's.
-    fn keep(&self, p: u64) -> bool {
+    pub(crate) fn keep(&self, p: u64) -> bool {
         if self.changed.as_ref().is_some_and(|c| !bit(c, p)) {
             return false;
         }
@@ -263,7 +273,7 @@ impl SlotSaver<'_> {
     }
 
     /// Page `p`'s content into `page`.
-    fn read<E: std::error::Error + 'static>(
+    pub(crate) fn read<E: std::error::Error + 'static>(
         &self,
         p: u64,
         page: &mut [u8],
@@ -375,13 +385,7 @@ impl MemoryManager {
         }
         let locked = self.slots().lock_slots();
         let snap = locked.snapshot();
-        let phys_top = snap
-            .slots
-            .iter()
-            .map(|s| s.gpa + s.size)
-            .max()
-            .unwrap_or(0)
-            .max(MMIO_TOP);
+        let phys_top = phys_top(&snap.slots);
         let mut offset = 0;
         let mut images = Vec::with_capacity(snap.slots.len());
         let mut buf = vec![0u8; (RUN * PAGE_SIZE) as usize];

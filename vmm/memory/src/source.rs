@@ -107,46 +107,67 @@ impl ImageFile {
     }
 
     /// Ask the host to read `[offset, offset + len)` into its page cache
-    /// (asynchronously; advice only). One disk request for a block around
-    /// a random first touch, where a 4 KiB read would be one per page: the
-    /// read-around the kernel does for a file mapping's faults.
+    /// (asynchronously; advice only), each part in the layer that has it.
+    /// One disk request for a block around a random first touch, where a
+    /// 4 KiB read would be one per page: the read-around the kernel does
+    /// for a file mapping's faults.
     pub fn read_around(&self, offset: u64, len: u64) {
         use std::os::fd::AsRawFd;
-        // SAFETY: advice on a descriptor we own; no memory is passed.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        self.each_part(offset, len, &mut |layer, at, n| {
+            // SAFETY: advice on a descriptor we own; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    layer.file.as_raw_fd(),
+                    at as libc::off_t,
+                    n as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            Ok(())
+        })
+        .unwrap_or(());
     }
 
     /// Fill `buf` from `offset`, each part from the layer that has it; a
     /// short read (the file shrank) is an error.
     pub fn read_page(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let mut done = 0usize;
+        self.each_part(offset, buf.len() as u64, &mut |layer, at, n| {
+            let r = layer.read_own(at, &mut buf[done..done + n as usize]);
+            done += n as usize;
+            r
+        })
+    }
+
+    /// `[offset, offset + len)` split where the layers split: `f(layer,
+    /// offset in the layer's own file, bytes)` for each part, in order.
+    fn each_part(
+        &self,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&ImageFile, u64, u64) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
         let Some((below, redirects)) = &self.below else {
-            return self.read_own(offset, buf);
+            return f(self, offset, len);
         };
         let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let left = (buf.len() - done) as u64;
+        while done < len {
+            let at = offset + done;
+            let left = len - done;
             let i = redirects.partition_point(|r| r.offset + r.len <= at);
             let n = match redirects.get(i) {
                 Some(r) if r.offset <= at => {
                     let n = left.min(r.offset + r.len - at);
-                    below.read_page(r.at + (at - r.offset), &mut buf[done..done + n as usize])?;
+                    below.each_part(r.at + (at - r.offset), n, f)?;
                     n
                 }
                 next => {
                     let n = left.min(next.map_or(u64::MAX, |r| r.offset) - at);
-                    self.read_own(at, &mut buf[done..done + n as usize])?;
+                    f(self, at, n)?;
                     n
                 }
             };
-            done += n as usize;
+            done += n;
         }
         Ok(())
     }

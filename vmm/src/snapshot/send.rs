@@ -76,11 +76,11 @@ pub struct MigrationStatus {
     pub error: Option<String>,
 }
 
-/// One migration at a time, and what the last one did.
+/// What the running or last migration did. (One runs at a time: the
+/// caller refuses a second, `vm::actions`.)
 #[derive(Default)]
 pub struct Migrations {
-    pub status: Mutex<MigrationStatus>,
-    running: Mutex<()>,
+    status: Mutex<MigrationStatus>,
     /// A client read the final status of a migration that succeeded.
     reported: std::sync::atomic::AtomicBool,
 }
@@ -170,7 +170,6 @@ impl Snapshotter {
         m: &Migrations,
         connected: &mut dyn FnMut(),
     ) -> Result<MigrationStatus, MigrateError> {
-        let _one = m.running.try_lock().map_err(|_| MigrateError::Busy)?;
         m.reported
             .store(false, std::sync::atomic::Ordering::Release);
         let _no_snapshot = self.busy.try_lock().map_err(|_| SnapshotError::Busy)?;
