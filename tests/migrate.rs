@@ -275,3 +275,226 @@ fn a_destination_lost_in_precopy_leaves_the_source_running() {
     );
     assert!(s_err.contains("the VM runs on"), "{s_err}");
 }
+
+/// Post-copy: the guest runs on the destination at once, before its
+/// pages; each first touch of a missing page is asked of the source and
+/// the rest are pushed. Every page the guest wrote on the source is there
+/// (it verifies all of them on the destination), and `auto` falls back to
+/// post-copy when pre-copy does not converge.
+#[test]
+fn postcopy_runs_the_guest_at_once_and_every_page_follows() {
+    let k = key("post", b"a key for the post-copy tests...");
+    let port = free_tcp_port();
+    let unix = format!("unix:{}", tmp("post-dst.sock").display());
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    for (addr, vcpus, mode) in [
+        (unix.as_str(), "1", "postcopy"),
+        (tcp.as_str(), "2", "postcopy"),
+        (unix.as_str(), "2", "auto"),
+    ] {
+        common::say(&format!("{mode} over {addr}, {vcpus} vCPUs"));
+        let dst = destination(addr, &k);
+        let (src, socket) = source("post", vcpus, "touch", TOUCH);
+        // Post-copy: most pages written on the source, so that the
+        // guest's verification reads them on the destination while they
+        // are still coming.
+        wait_resident(&socket, if mode == "auto" { 96.0 } else { 600.0 });
+        let extra: &[&str] = if mode == "auto" {
+            &["--mode", "auto", "--max-rounds", "1", "--max-downtime", "1"]
+        } else {
+            // The push held to 100 MiB/s: the guest reads most pages
+            // before they would come unasked.
+            &["--mode", "postcopy", "--max-postcopy-bandwidth", "100"]
+        };
+        let r = migrate(&socket, addr, &k, extra);
+        r.assert_ok();
+        let s: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(
+            (s["state"].as_str(), s["mode"].as_str()),
+            (Some("done"), Some(mode)),
+            "{s}"
+        );
+        let pending = s["pages_pending"].as_u64().unwrap();
+        let (asked, pushed) = (
+            s["pages_requested"].as_u64().unwrap(),
+            s["pages_pushed"].as_u64().unwrap(),
+        );
+        assert!(pending > 1000, "pages left for post-copy: {s}");
+        if mode == "postcopy" {
+            // (auto's pending pages are the last round's: the guest has
+            // moved past them, and the push may beat every touch.)
+            assert!(
+                asked > 0 && s["requests"].as_u64().unwrap() > 0,
+                "the destination asked: {s}"
+            );
+        }
+        assert!(
+            asked + pushed >= pending,
+            "every pending page went, asked or pushed: {s}"
+        );
+        if mode == "auto" {
+            assert_eq!(
+                s["pages_per_round"].as_array().unwrap().len(),
+                3,
+                "rounds 0 and 1, then the stop: {s}"
+            );
+        } else {
+            assert!(pending > 20_000, "nothing was sent before the stop: {s}");
+        }
+        let (s_status, s_out, s_err) = src.finish();
+        assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
+        assert!(s_err.contains(&format!("migrated to {addr}")), "{s_err}");
+        let (d_status, d_out, d_err) = dst.finish();
+        assert_eq!(d_status, Some(0), "{addr}:\n{d_out}\n{d_err}");
+        assert!(
+            d_out.contains("touch: OK") && d_out.contains("errors=0"),
+            "{addr}: the destination's guest verifies every page:\n{d_out}\n{d_err}"
+        );
+        assert!(d_err.contains("post-copy complete"), "{d_err}");
+    }
+}
+
+/// A TCP relay to `to` that a test can cut: every connection it carries
+/// is shut down at once.
+struct Relay {
+    port: u16,
+    /// Bytes carried towards `to`.
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn new(to: u16) -> Relay {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, c) = (bytes.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for a in l.incoming() {
+                let Ok(a) = a else { return };
+                let Ok(d) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                c.lock()
+                    .unwrap()
+                    .extend([a.try_clone().unwrap(), d.try_clone().unwrap()]);
+                let copy = |mut from: std::net::TcpStream, mut to: std::net::TcpStream, count: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>| {
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            if let Some(c) = &count {
+                                c.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                copy(
+                    a.try_clone().unwrap(),
+                    d.try_clone().unwrap(),
+                    Some(b.clone()),
+                );
+                copy(d, a, None);
+            }
+        });
+        Relay { port, bytes, conns }
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The connection breaks in the middle of post-copy: the source says it is
+/// paused and keeps its stopped VM; the destination's vCPUs that need a
+/// missing page wait, and it listens again; `migrate recover` resumes it
+/// and the destination's guest finds every page.
+#[test]
+fn a_postcopy_cut_in_the_middle_waits_and_recovers() {
+    let k = key("recover", b"a key for the recovery test.....");
+    let port = free_tcp_port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let dst = destination(&addr, &k);
+    let relay = Relay::new(port);
+    let (src, socket) = source("recover", "2", "touch", TOUCH);
+    // Most of it resident: post-copy has ~700 MiB to carry.
+    wait_resident(&socket, 700.0);
+    let (s2, k2, via) = (
+        socket.clone(),
+        k.clone(),
+        format!("tcp:127.0.0.1:{}", relay.port),
+    );
+    let first = std::thread::spawn(move || migrate(&s2, &via, &k2, &["--mode", "postcopy"]));
+    common::wait_for(
+        "post-copy to carry 200 MiB",
+        Duration::from_secs(120),
+        || {
+            let b = relay.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            if first.is_finished() {
+                panic!("the migration ended: {b} bytes");
+            }
+            b > 200 << 20
+        },
+    );
+    relay.cut();
+    let r = first.join().unwrap();
+    assert_ne!(r.status, Some(0), "{}", r.stdout);
+    assert!(r.stderr.contains("post-copy paused"), "{}", r.stderr);
+    let s = get(&socket, "/vm/migrate");
+    assert_eq!(s["state"], "postcopy-paused", "{s}");
+    // A recovery to nowhere fails and leaves it paused.
+    let mut c = vmm();
+    c.arg("ctl")
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["migrate", "recover", "--to", "unix:/nonexistent/x", "--key"])
+        .arg(&k);
+    let bad = run_with(c, Duration::from_secs(60));
+    assert_ne!(bad.status, Some(0), "{}", bad.stdout);
+    common::wait_for("the failed recovery", Duration::from_secs(30), || {
+        get(&socket, "/vm/migrate")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("recovery"))
+    });
+    assert_eq!(get(&socket, "/vm/migrate")["state"], "postcopy-paused");
+    let mut c = vmm();
+    c.arg("ctl")
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["--json", "migrate", "recover", "--to", &addr, "--key"])
+        .arg(&k);
+    let r = run_with(c, Duration::from_secs(600));
+    if r.status != Some(0) {
+        let (mut src, mut dst) = (src, dst);
+        let _ = (src.child.kill(), dst.child.kill());
+        let (_, _, se) = src.finish();
+        let (_, _, de) = dst.finish();
+        panic!(
+            "recovery failed: {}\n{}\nsource:\n{se}\ndestination:\n{de}",
+            r.stdout, r.stderr
+        );
+    }
+    let s: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["state"], "done", "{s}");
+    let (s_status, s_out, s_err) = src.finish();
+    assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
+    assert!(s_err.contains("post-copy resumed"), "{s_err}");
+    let (d_status, d_out, d_err) = dst.finish();
+    assert_eq!(d_status, Some(0), "{d_out}\n{d_err}");
+    assert!(
+        d_err.contains("post-copy paused") && d_err.contains("post-copy resumed"),
+        "{d_err}"
+    );
+    assert!(
+        d_out.contains("touch: OK") && d_out.contains("errors=0"),
+        "the destination's guest verifies every page:\n{d_out}\n{d_err}"
+    );
+}

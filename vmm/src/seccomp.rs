@@ -56,6 +56,8 @@ pub enum ThreadClass {
     Signals,
     /// `vmm run`'s main thread, after it started the others.
     Main,
+    /// A post-copy destination's page receivers (`snapshot::receive`).
+    Migration,
 }
 
 impl ThreadClass {
@@ -69,6 +71,7 @@ impl ThreadClass {
             ThreadClass::Metrics => "metrics",
             ThreadClass::Signals => "signals",
             ThreadClass::Main => "main",
+            ThreadClass::Migration => "migration",
         }
     }
 }
@@ -206,11 +209,13 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
         // virtio-mem's memslots when a notification takes the bus path);
         // image pages read for a fault; the kick (tgkill by the main
         // thread arrives as a signal, nothing to allow).
+        // A post-copy destination's page request (sendto on its socket).
         ThreadClass::Vcpu => &[
             libc::SYS_read,
             libc::SYS_pread64,
             libc::SYS_fadvise64,
             libc::SYS_mincore,
+            libc::SYS_sendto,
         ],
         ThreadClass::Events => &[
             libc::SYS_epoll_create1,
@@ -223,6 +228,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_mincore,
             libc::SYS_fadvise64,
             libc::SYS_timerfd_settime,
+            libc::SYS_sendto,
         ],
         ThreadClass::Handler => &[
             libc::SYS_read,
@@ -232,6 +238,7 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_fadvise64,
             // A restore's prefetch (this class) skips installed pages.
             libc::SYS_mincore,
+            libc::SYS_sendto,
         ],
         ThreadClass::Api | ThreadClass::Metrics => &[
             libc::SYS_epoll_wait,
@@ -297,6 +304,37 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_recvfrom,
             libc::SYS_shutdown,
             libc::SYS_getrandom,
+            // Post-copy: the thread that answers the destination's
+            // requests (started by this one, under this filter).
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_prctl,
+        ],
+        // A post-copy destination's receivers: pages from the source's
+        // connections into the incoming file; a recovery listens again
+        // (a Unix socket's path is removed when it closes).
+        ThreadClass::Migration => &[
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_pwrite64,
+            libc::SYS_setsockopt,
+            libc::SYS_shutdown,
+            libc::SYS_socket,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_accept4,
+            libc::SYS_fcntl,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            // A recovery starts the thread that receives the answers.
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_prctl,
         ],
         ThreadClass::Main => &[
             libc::SYS_tgkill,
@@ -413,7 +451,7 @@ fn ioctls(class: ThreadClass) -> Option<Vec<u64>> {
         ThreadClass::Events => memslot_ioctls().to_vec(),
         // tokio/mio make each accepted socket non-blocking (FIONBIO); a
         // request that reads guest memory serves its own missing pages.
-        ThreadClass::Api | ThreadClass::Metrics => vec![libc::FIONBIO],
+        ThreadClass::Api | ThreadClass::Metrics | ThreadClass::Migration => vec![libc::FIONBIO],
         ThreadClass::Main => TERMINAL_IOCTLS.to_vec(),
         // The VM's in-kernel state, for a snapshot; KVM's dirty log, for
         // a diff snapshot (turned on on each memslot by registering it

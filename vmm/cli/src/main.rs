@@ -70,7 +70,7 @@ enum CtlCmd {
     /// Snapshots of the running VM.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Live migration to a `vmm run --incoming` (pre-copy).
+    /// Live migration to a `vmm run --incoming` (pre-copy, post-copy).
     #[command(subcommand)]
     Migrate(MigrateCmd),
     /// End a restore's working-set recording now and write it.
@@ -111,9 +111,27 @@ enum MigrateCmd {
         /// Rounds after the first before the guest is stopped anyway.
         #[arg(long, default_value_t = 30)]
         max_rounds: u32,
+        /// precopy: rounds while the guest runs, then the rest while it is
+        /// stopped; postcopy: the guest runs on the destination at once and
+        /// its pages follow (asked for when touched, pushed otherwise);
+        /// auto: pre-copy, post-copy if the rounds do not converge.
+        #[arg(long, default_value = "precopy", value_parser = ["precopy", "postcopy", "auto"])]
+        mode: String,
+        /// Post-copy pushes pages at most this fast (MiB/s; 0: no limit);
+        /// the destination's requests are answered at once regardless.
+        #[arg(long, default_value_t = 0)]
+        max_postcopy_bandwidth: u64,
+    },
+    /// Resume a post-copy whose connection broke: the destination listens
+    /// again at its --incoming address.
+    Recover {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        key: PathBuf,
     },
     /// The running (or last) migration: state, round, pages sent, dirty
-    /// rate, expected downtime.
+    /// rate, expected downtime; post-copy's requests and pushes.
     Show,
 }
 
@@ -450,6 +468,8 @@ fn ctl(a: CtlArgs) -> ExitCode {
             key,
             max_downtime,
             max_rounds,
+            mode,
+            max_postcopy_bandwidth,
         }) => (
             Method::PUT,
             "/vm/migrate",
@@ -458,6 +478,16 @@ fn ctl(a: CtlArgs) -> ExitCode {
                 "key_file": std::path::absolute(&key).unwrap_or(key),
                 "max_downtime_ms": max_downtime,
                 "max_rounds": max_rounds,
+                "mode": mode,
+                "max_postcopy_bandwidth_mib": max_postcopy_bandwidth,
+            })),
+        ),
+        CtlCmd::Migrate(MigrateCmd::Recover { to, key }) => (
+            Method::PUT,
+            "/vm/migrate/recover",
+            Some(json!({
+                "to": to,
+                "key_file": std::path::absolute(&key).unwrap_or(key),
             })),
         ),
         CtlCmd::Migrate(MigrateCmd::Show) => (Method::GET, "/vm/migrate", None),
@@ -491,8 +521,8 @@ fn ctl(a: CtlArgs) -> ExitCode {
             Some(json!({ "interval_s": seconds })),
         ),
     };
-    if path == "/vm/migrate" && method == Method::PUT {
-        return follow_migration(&a.api_socket, body, a.json);
+    if path.starts_with("/vm/migrate") && method == Method::PUT {
+        return follow_migration(&a.api_socket, path, body, a.json);
     }
     match vmm::api::client::request(&a.api_socket, method, path, body) {
         Ok((status, body)) => {
@@ -523,13 +553,14 @@ fn ctl(a: CtlArgs) -> ExitCode {
 /// (a line per round) until it is done or failed.
 fn follow_migration(
     socket: &std::path::Path,
+    path: &str,
     body: Option<serde_json::Value>,
     json: bool,
 ) -> ExitCode {
     use hyper::{Method, StatusCode};
     use vmm::api::client::{render, request, Format};
     let format = if json { Format::Json } else { Format::Human };
-    match request(socket, Method::PUT, "/vm/migrate", body) {
+    match request(socket, Method::PUT, path, body) {
         Ok((StatusCode::OK, _)) => {}
         Ok((status, body)) => {
             eprintln!("vmm ctl: {status}: {}", render(status, &body, format).0);
@@ -556,14 +587,36 @@ fn follow_migration(
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let state = v["state"].as_str().unwrap_or("").to_string();
         let round = v["round"].as_u64().unwrap_or(0);
-        if !json && (state != shown.0 || round != shown.1) && state != "done" && state != "failed" {
-            eprintln!(
-                "migration: {state}, round {round}, {} pages sent, {:.0} pages/s dirtied, expected downtime {:.1} ms",
-                v["pages_sent"], v["dirty_pages_per_s"].as_f64().unwrap_or(0.0),
-                v["expected_downtime_ms"].as_f64().unwrap_or(0.0)
-            );
+        let ended = ["done", "failed", "postcopy-paused"].contains(&state.as_str());
+        // Post-copy progresses in pushed pages, not rounds: a line a second.
+        let tick = if state == "postcopy" {
+            v["pages_pushed"].as_u64().unwrap_or(0) >> 18
+        } else {
+            round
+        };
+        if !json && (state != shown.0 || tick != shown.1) && !ended {
+            if state == "postcopy" {
+                eprintln!(
+                    "migration: postcopy, {} of {} pending pages pushed, {} asked for by the destination",
+                    v["pages_pushed"], v["pages_pending"], v["pages_requested"]
+                );
+            } else {
+                eprintln!(
+                    "migration: {state}, round {round}, {} pages sent, {:.0} pages/s dirtied, expected downtime {:.1} ms",
+                    v["pages_sent"], v["dirty_pages_per_s"].as_f64().unwrap_or(0.0),
+                    v["expected_downtime_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
         }
-        shown = (state.clone(), round);
+        shown = (state.clone(), tick);
+        if state == "postcopy-paused" {
+            println!("{}", render(status, &body, format).0);
+            eprintln!(
+                "vmm ctl: post-copy paused ({}): the VM waits stopped here; 'vmm ctl migrate recover --to ADDR --key FILE' resumes it",
+                v["error"].as_str().unwrap_or("?")
+            );
+            return ExitCode::from(1);
+        }
         if state == "done" || state == "failed" {
             println!("{}", render(status, &body, format).0);
             if state == "failed" {

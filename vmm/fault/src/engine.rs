@@ -541,12 +541,18 @@ impl Installer<SlotBacking> for UffdInstaller<'_, '_> {
                 if !self.prefetch {
                     self.want = self.want.max(FILE_WINDOW.min(self.engine.fault_around));
                 }
-                let pages = self.window(slot, page);
+                let offset = slot.backing.source_offset() + (page - slot.gpa);
+                let mut pages = self.window(slot, page);
+                // A post-copy destination's image: what is there from the
+                // faulting page on (it waits for that page alone).
+                let ready = img
+                    .ready(offset, pages * PAGE_SIZE)
+                    .map_err(InstallError::Source)?;
+                pages = pages.min(ready / PAGE_SIZE).max(1);
                 let bounce = &mut self.ctx.bounce;
                 if bounce.len() < pages as usize {
                     bounce.resize_with(pages as usize, || Page([0; PAGE_SIZE as usize]));
                 }
-                let offset = slot.backing.source_offset() + (page - slot.gpa);
                 if pages < READ_AROUND / PAGE_SIZE {
                     // A short read (a random touch): have the host read the
                     // block around it, so the neighbours' faults find it in

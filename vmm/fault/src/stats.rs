@@ -273,6 +273,28 @@ pub struct Latency {
     max_ns: Counter,
 }
 
+impl Latency {
+    /// Owner-only: count one latency of `ns`.
+    #[inline]
+    pub fn record(&self, ns: u64) {
+        self.buckets[bucket_of(ns)].add(1);
+        self.sum_ns.add(ns);
+        self.count.add(1);
+        if ns > self.max_ns.get() {
+            self.max_ns.set(ns);
+        }
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].get()),
+            sum_ns: self.sum_ns.get(),
+            count: self.count.get(),
+            max_ns: self.max_ns.get(),
+        }
+    }
+}
+
 /// A copy of a [`Latency`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LatencySnapshot {
@@ -311,13 +333,7 @@ impl FaultStats {
 
     #[inline]
     pub fn record_latency(&self, ns: u64) {
-        let l = &self.latency;
-        l.buckets[bucket_of(ns)].add(1);
-        l.sum_ns.add(ns);
-        l.count.add(1);
-        if ns > l.max_ns.get() {
-            l.max_ns.set(ns);
-        }
+        self.latency.record(ns);
     }
 
     pub fn faults(&self) -> u64 {
@@ -326,15 +342,9 @@ impl FaultStats {
 
     /// A plain copy for reporting.
     pub fn snapshot(&self) -> FaultSnapshot {
-        let l = &self.latency;
         FaultSnapshot {
             values: self.counters.read(),
-            latency: LatencySnapshot {
-                buckets: std::array::from_fn(|i| l.buckets[i].get()),
-                sum_ns: l.sum_ns.get(),
-                count: l.count.get(),
-                max_ns: l.max_ns.get(),
-            },
+            latency: self.latency.snapshot(),
         }
     }
 }

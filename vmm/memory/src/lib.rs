@@ -18,7 +18,7 @@ pub use manager::{
     MemStat, MemoryManager, MemoryStats, NewSlot, Slot, SlotBacking, MEMORY_METRICS,
 };
 pub use memslots::PAGE_SIZE;
-pub use source::{ImageFile, PageSource, Redirect, SourceError};
+pub use source::{Arrival, ImageFile, PageSource, Redirect, SourceError};
 
 /// The guest-memory view used by loaders and devices (a snapshot of it).
 /// Every write through it marks its pages in the region's bitmap: the

@@ -14,10 +14,13 @@ use crate::snapshot::{
 };
 use crate::{MemoryManager, PAGE_SIZE};
 
-/// One page a round sends: its content, or a hole (it holds nothing now).
+/// One page a round sends: its content, or a hole (it holds nothing now),
+/// or (post-copy) a page that holds data the destination will be sent
+/// later, not read now.
 pub enum Page<'a> {
     Data(&'a [u8]),
     Hole,
+    Later,
 }
 
 /// What the destination has, page by page, as the source sent it: which
@@ -39,6 +42,10 @@ impl Sent {
                     self.tables.remove(&gpa);
                 }
             }
+            Page::Later => {
+                self.data.insert(gpa);
+                self.tables.remove(&gpa);
+            }
             Page::Hole => {
                 self.data.remove(&gpa);
                 self.tables.remove(&gpa);
@@ -50,11 +57,14 @@ impl Sent {
 impl MemoryManager {
     /// One round: `first`: every page that holds something (resident, or
     /// still its file source's); otherwise each page changed since the last
-    /// round (or since tracking began), as data or as a hole. Each page
-    /// goes to `out(gpa, page)` and into `sent`. Returns the pages sent.
+    /// round (or since tracking began), as data or as a hole. `later`:
+    /// data pages are not read but given as [`Page::Later`] (post-copy's
+    /// stop: the destination fetches them). Each page goes to `out(gpa,
+    /// page)` and into `sent`. Returns the pages given.
     pub fn migration_round<E: std::error::Error + 'static>(
         &self,
         first: bool,
+        later: bool,
         sent: &mut Sent,
         out: &mut dyn FnMut(u64, Page<'_>) -> Result<(), E>,
     ) -> Result<u64, SaveError<E>> {
@@ -79,6 +89,7 @@ impl MemoryManager {
                 slot,
                 offset: 0,
                 resident: residency(slot.backing.hva(), slot.size),
+                from: 0,
                 phys_top,
                 changed: None,
             };
@@ -87,7 +98,15 @@ impl MemoryManager {
                     continue;
                 }
                 let gpa = slot.gpa + p * PAGE_SIZE;
-                let page = if saver.keep(p) {
+                let page = if saver.keep(p) && later {
+                    // Page tables go now (the destination's restore walks
+                    // them before any vCPU runs), the rest later.
+                    if saver.is_table(p, &mut buf, phys_top)? {
+                        Page::Data(&buf)
+                    } else {
+                        Page::Later
+                    }
+                } else if saver.keep(p) {
                     saver.read(p, &mut buf)?;
                     Page::Data(&buf)
                 } else if first || !sent.data.contains(&gpa) {
@@ -101,6 +120,43 @@ impl MemoryManager {
             }
         }
         Ok(count)
+    }
+
+    /// Read `buf.len()` bytes of guest RAM at `gpa` (whole pages, one
+    /// slot) as a round would send them: resident pages from memory,
+    /// others from the slot's file source, holes as zeros. For a stopped
+    /// VM (post-copy serves its pages from here).
+    pub fn read_stopped(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        let snap = self.snapshot();
+        let len = buf.len() as u64;
+        let slot = snap
+            .lookup(gpa)
+            .filter(|s| {
+                gpa.is_multiple_of(PAGE_SIZE)
+                    && len.is_multiple_of(PAGE_SIZE)
+                    && gpa + len <= s.end()
+            })
+            .ok_or_else(|| format!("{len} bytes at {gpa:#x} are not whole pages of one memslot"))?;
+        let from = (gpa - slot.gpa) / PAGE_SIZE;
+        let saver = SlotSaver {
+            slot,
+            offset: 0,
+            resident: residency(slot.backing.hva() + (gpa - slot.gpa), len),
+            from,
+            phys_top: 0,
+            changed: None,
+        };
+        for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
+            let p = from + i as u64;
+            if saver.keep(p) {
+                saver
+                    .read::<std::io::Error>(p, page)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                page.fill(0);
+            }
+        }
+        Ok(())
     }
 
     /// The layout the destination restores: every slot now (the caller

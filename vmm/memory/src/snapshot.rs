@@ -234,7 +234,9 @@ pub(crate) struct SlotSaver<'s> {
     pub(crate) slot: &'s crate::Slot,
     /// Where the slot starts in the file.
     pub(crate) offset: u64,
+    /// Residency (mincore) of the slot's pages from page `from` on.
     pub(crate) resident: Vec<u8>,
+    pub(crate) from: u64,
     pub(crate) phys_top: u64,
     /// A diff: the pages changed since the base (the others are the
     /// base's and are not written).
@@ -243,7 +245,9 @@ pub(crate) struct SlotSaver<'s> {
 
 impl SlotSaver<'_> {
     fn resident(&self, p: u64) -> bool {
-        self.resident[p as usize] & 1 != 0
+        p.checked_sub(self.from)
+            .and_then(|i| self.resident.get(i as usize))
+            .is_some_and(|r| r & 1 != 0)
     }
 
     /// Whether page `p` is saved: changed since the base (a diff), and
@@ -270,6 +274,31 @@ impl SlotSaver<'_> {
             }
             words
         })
+    }
+
+    /// Whether page `p` (kept) looks like a page table; if so its content
+    /// is in `page`. A resident page is looked at in place (post-copy's
+    /// stop looks at every page and copies only the tables).
+    pub(crate) fn is_table<E: std::error::Error + 'static>(
+        &self,
+        p: u64,
+        page: &mut [u8],
+        phys_top: u64,
+    ) -> Result<bool, SaveError<E>> {
+        if self.resident(p) {
+            // SAFETY: as in `read`: a resident page of the slot's mapping.
+            let src = unsafe {
+                std::slice::from_raw_parts(
+                    (self.slot.backing.hva() + p * PAGE_SIZE) as *const u8,
+                    PAGE_SIZE as usize,
+                )
+            };
+            if !looks_like_page_table(src, phys_top) {
+                return Ok(false);
+            }
+        }
+        self.read(p, page)?;
+        Ok(looks_like_page_table(page, phys_top))
     }
 
     /// Page `p`'s content into `page`.
@@ -412,6 +441,7 @@ impl MemoryManager {
                 slot,
                 offset,
                 resident: residency(slot.backing.hva(), slot.size),
+                from: 0,
                 phys_top,
                 changed,
             };

@@ -35,6 +35,24 @@ pub enum PageSource {
     File(Arc<ImageFile>),
 }
 
+/// Pages of an image file that are still on their way (a post-copy
+/// migration's destination receives them while the guest runs): a read
+/// of them waits until they are there.
+pub trait Arrival: Send + Sync {
+    /// Return once `[offset, offset + len)` of the file holds its final
+    /// content (asking for what is missing, if it can), or say why it
+    /// never will.
+    fn wait(&self, offset: u64, len: u64) -> Result<(), String>;
+
+    /// Return once the page at `offset` is there (asking for it and a few
+    /// after it, if it can): how many bytes of `[offset, offset + len)`
+    /// are there from `offset` on (at least the page).
+    fn ready(&self, offset: u64, len: u64) -> Result<u64, String>;
+
+    /// How many bytes from `offset` (at most `len`) are there now.
+    fn ready_now(&self, offset: u64, len: u64) -> u64;
+}
+
 pub struct ImageFile {
     pub path: PathBuf,
     pub file: File,
@@ -43,6 +61,8 @@ pub struct ImageFile {
     /// A diff snapshot's memory: the image below it, and the ranges of
     /// this file read from it instead.
     below: Option<(Arc<ImageFile>, Vec<Redirect>)>,
+    /// Pages not in the file yet.
+    arriving: Option<Arc<dyn Arrival>>,
 }
 
 /// `[offset, offset+len)` of a layered image is the image below's
@@ -66,6 +86,18 @@ impl ImageFile {
     ) -> Result<Arc<ImageFile>, SourceError> {
         let mut image = Self::open_file(path, need)?;
         image.below = Some((below, redirects));
+        Ok(Arc::new(image))
+    }
+
+    /// Open an image whose pages `arrival` says are still coming: a read
+    /// of them waits for them.
+    pub fn open_arriving(
+        path: &Path,
+        need: u64,
+        arrival: Arc<dyn Arrival>,
+    ) -> Result<Arc<ImageFile>, SourceError> {
+        let mut image = Self::open_file(path, need)?;
+        image.arriving = Some(arrival);
         Ok(Arc::new(image))
     }
 
@@ -103,6 +135,7 @@ impl ImageFile {
             file,
             len,
             below: None,
+            arriving: None,
         })
     }
 
@@ -126,6 +159,34 @@ impl ImageFile {
             Ok(())
         })
         .unwrap_or(());
+    }
+
+    /// How many bytes from `offset` (at most `len`) can be read without
+    /// waiting, once the first page can (a post-copy destination's image
+    /// waits for it): a fault reads that much rather than wait for its
+    /// whole window.
+    pub fn ready(&self, offset: u64, len: u64) -> Result<u64, SourceError> {
+        let mut done = 0u64;
+        let mut short = false;
+        self.each_part(offset, len, &mut |layer, at, n| {
+            if short {
+                return Ok(());
+            }
+            let got = match &layer.arriving {
+                None => n,
+                // Wait only for the very first page.
+                Some(a) if done == 0 => a.ready(at, n).map_err(|reason| SourceError::Read {
+                    path: layer.path.clone(),
+                    offset: at,
+                    reason,
+                })?,
+                Some(a) => a.ready_now(at, n),
+            };
+            done += got.min(n);
+            short = got < n;
+            Ok(())
+        })?;
+        Ok(done)
     }
 
     /// Fill `buf` from `offset`, each part from the layer that has it; a
@@ -173,6 +234,14 @@ impl ImageFile {
     }
 
     fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        if let Some(a) = &self.arriving {
+            a.wait(offset, buf.len() as u64)
+                .map_err(|reason| SourceError::Read {
+                    path: self.path.clone(),
+                    offset,
+                    reason,
+                })?;
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| SourceError::Read {

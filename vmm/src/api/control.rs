@@ -90,6 +90,8 @@ pub trait VmActions: Send + Sync {
     fn migrate(&self, r: &MigrateRequest) -> Result<serde_json::Value, ActionError>;
     /// The running (or last) migration's status.
     fn migration(&self) -> serde_json::Value;
+    /// Resume a paused post-copy (`PUT /vm/migrate/recover`).
+    fn recover(&self, r: &RecoverRequest) -> Result<serde_json::Value, ActionError>;
 }
 
 /// `PUT /vm/snapshot`.
@@ -127,6 +129,23 @@ pub struct MigrateRequest {
     /// Rounds after the first before the guest is stopped anyway.
     #[serde(default = "default_rounds")]
     pub max_rounds: u32,
+    /// precopy (default), postcopy, or auto (post-copy when the rounds
+    /// do not converge).
+    #[serde(default)]
+    pub mode: crate::snapshot::send::MigrationMode,
+    /// Post-copy's push at most this many MiB/s (0: as fast as it goes);
+    /// answers to the destination's requests are never held back.
+    #[serde(default)]
+    pub max_postcopy_bandwidth_mib: u64,
+}
+
+/// `PUT /vm/migrate/recover`: resume a post-copy whose connection broke.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// Where the destination listens again (its --incoming).
+    pub to: String,
+    pub key_file: PathBuf,
 }
 
 fn default_downtime() -> u64 {
@@ -309,6 +328,11 @@ impl VmControl {
             return Err(ActionError::refused("max_rounds is 1..1000").into());
         }
         Ok(self.actions()?.migrate(r)?)
+    }
+
+    /// Resume a paused post-copy (`PUT /vm/migrate/recover`).
+    pub fn recover(&self, r: &RecoverRequest) -> Result<serde_json::Value, ControlError> {
+        Ok(self.actions()?.recover(r)?)
     }
 
     /// The running or last migration (`GET /vm/migrate`).

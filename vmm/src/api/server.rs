@@ -20,8 +20,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::control::{
-    BalloonTarget, ControlError, MemoryRequest, MigrateRequest, SnapshotRequest, StatsInterval,
-    VmControl,
+    BalloonTarget, ControlError, MemoryRequest, MigrateRequest, RecoverRequest, SnapshotRequest,
+    StatsInterval, VmControl,
 };
 use crate::exit::VmExit;
 
@@ -213,6 +213,7 @@ pub const ROUTES: &[(&str, &[Method])] = &[
     ("/vm/resume", &[Method::PUT]),
     ("/vm/working-set", &[Method::PUT]),
     ("/vm/migrate", &[Method::GET, Method::PUT]),
+    ("/vm/migrate/recover", &[Method::PUT]),
     ("/balloon", &[Method::GET, Method::PUT]),
     ("/balloon/statistics", &[Method::PUT]),
     ("/memory", &[Method::GET, Method::PUT]),
@@ -261,6 +262,13 @@ async fn handle(req: Request<Incoming>, control: &VmControl) -> Response<Full<By
         },
         (Method::PUT, "/vm/migrate") => match body::<MigrateRequest>(req).await {
             Ok(r) => match control.migrate(&r) {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => from_control(e),
+            },
+            Err(r) => r,
+        },
+        (Method::PUT, "/vm/migrate/recover") => match body::<RecoverRequest>(req).await {
+            Ok(r) => match control.recover(&r) {
                 Ok(status) => json(StatusCode::OK, &status),
                 Err(e) => from_control(e),
             },

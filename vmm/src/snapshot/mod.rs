@@ -14,10 +14,12 @@
 //! every virtio device still, writes everything, lets the guest go on, and
 //! only then syncs and renames the snapshot into place.
 
+pub mod postcopy;
 pub mod receive;
 pub mod restore;
 pub mod save;
 pub mod send;
+pub mod serve;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,13 @@
 //! and once the destination has restored the VM (`Ready`) the source says
 //! `Go` and its VM ends ("migrated"). Any failure before `Go` leaves the
 //! source running as if nothing happened.
+//!
+//! Post-copy (`mode: postcopy`, or `auto` when the rounds do not converge):
+//! at the stop, only holes and page-table pages go (the destination's
+//! restore walks those before any vCPU runs); the other pages that hold
+//! data are listed as pending, and after `Go` the source serves them
+//! (`serve`): on request first, pushed otherwise, until the destination has
+//! them all. Its VM ends only then.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,7 +20,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::postcopy::{runs, Arrivals, PostcopyStatus};
 use super::save::{Snapshotter, PAUSE_LIMIT};
+use super::serve::{is_connection, Answering, Owed};
 use super::stream::{Addr, Channel, Key, Msg, StreamError, VmState};
 use super::SnapshotError;
 use crate::devices::lock;
@@ -42,6 +54,41 @@ pub enum MigrateError {
     Busy,
 }
 
+/// How guest memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Rounds while the guest runs, the rest while it is stopped.
+    #[default]
+    Precopy,
+    /// The guest runs on the destination at once; its pages follow.
+    Postcopy,
+    /// Pre-copy, and post-copy if the rounds do not converge.
+    Auto,
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Self::Precopy),
+            "postcopy" => Ok(Self::Postcopy),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("{s}: a mode is precopy, postcopy or auto")),
+        }
+    }
+}
+
+impl MigrationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Precopy => "precopy",
+            Self::Postcopy => "postcopy",
+            Self::Auto => "auto",
+        }
+    }
+}
+
 /// What `PUT /vm/migrate` asks.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -51,13 +98,19 @@ pub struct MigrateOptions {
     pub max_downtime: Duration,
     /// Rounds after the first before the guest is stopped anyway.
     pub max_rounds: u32,
+    pub mode: MigrationMode,
+    /// Bytes per second post-copy's push may take (0: no limit).
+    pub max_postcopy_bandwidth: u64,
 }
 
 /// A migration's progress (`GET /vm/migrate`, `vmm ctl migrate show`).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MigrationStatus {
-    /// idle, connecting, precopy, stopped, done, failed.
+    /// idle, connecting, precopy, stopped, postcopy, postcopy-paused
+    /// (waiting for `migrate recover`), recovering, done, failed.
     pub state: String,
+    /// precopy, postcopy or auto, as asked.
+    pub mode: String,
     pub to: String,
     /// Rounds after the first (which sends every page that holds something).
     pub round: u32,
@@ -70,10 +123,20 @@ pub struct MigrationStatus {
     pub pages_per_s: f64,
     /// The last round's pages at that rate.
     pub expected_downtime_ms: f64,
-    /// How long the guest was stopped (when done).
+    /// How long the guest was stopped (when done; post-copy: until it
+    /// ran on the destination).
     pub downtime_ms: Option<f64>,
     pub total_ms: f64,
     pub error: Option<String>,
+    /// Post-copy: pages the destination lacked when it started.
+    pub pages_pending: u64,
+    /// Post-copy: the destination's requests, the pages they asked, and
+    /// the pages pushed without a request.
+    pub requests: u64,
+    pub pages_requested: u64,
+    pub pages_pushed: u64,
+    /// This VM came by a post-copy migration: its progress.
+    pub incoming: Option<PostcopyStatus>,
 }
 
 /// What the running or last migration did. (One runs at a time: the
@@ -81,8 +144,12 @@ pub struct MigrationStatus {
 #[derive(Default)]
 pub struct Migrations {
     status: Mutex<MigrationStatus>,
+    /// This VM's own arrival by post-copy, while its pages come.
+    incoming: Mutex<Option<Arc<Arrivals>>>,
     /// A client read the final status of a migration that succeeded.
     reported: std::sync::atomic::AtomicBool,
+    /// A post-copy whose connection broke waits here for a new one.
+    recover: Mutex<Option<mpsc::Sender<(Addr, Key)>>>,
 }
 
 /// How long a migrated source waits for its client to read the result
@@ -101,31 +168,54 @@ impl Migrations {
     }
 
     pub fn status(&self) -> MigrationStatus {
-        let s = lock(&self.status).clone();
+        let mut s = lock(&self.status).clone();
+        if let Some(a) = lock(&self.incoming).as_ref() {
+            s.incoming = Some(a.status());
+        }
         if s.state.is_empty() {
-            MigrationStatus {
-                state: "idle".into(),
-                ..s
+            s.state = "idle".into();
+        }
+        s
+    }
+
+    pub fn incoming(&self, a: Arc<Arrivals>) {
+        *lock(&self.incoming) = Some(a);
+    }
+
+    /// The destination's post-copy request-latency histogram.
+    pub fn incoming_latency(&self) -> Option<crate::fault::stats::LatencySnapshot> {
+        lock(&self.incoming).as_ref().map(|a| a.histogram())
+    }
+
+    /// Resume a paused post-copy through `to` (`migrate recover`).
+    pub fn recover(&self, to: Addr, key: Key) -> Result<(), String> {
+        match lock(&self.recover).as_ref() {
+            Some(tx) if self.status().state == "postcopy-paused" => {
+                self.update(|s| s.state = "recovering".into());
+                tx.send((to, key))
+                    .map_err(|_| "the migration ended".to_string())
             }
-        } else {
-            s
+            _ => Err(format!(
+                "no post-copy migration is waiting for a recovery (the migration is {})",
+                self.status().state
+            )),
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+    pub(super) fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         f(&mut lock(&self.status));
     }
 }
 
 /// Pages on their way into one frame.
-struct Batch {
-    gpas: Vec<(u64, bool)>,
+pub(super) struct Batch {
+    pub(super) gpas: Vec<(u64, bool)>,
     data: Vec<u8>,
-    pages: u64,
+    pub(super) pages: u64,
 }
 
 impl Batch {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             gpas: Vec::with_capacity(BATCH),
             data: Vec::with_capacity(BATCH * PAGE_SIZE as usize),
@@ -133,13 +223,20 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, ch: &mut Channel, gpa: u64, page: Page<'_>) -> Result<(), StreamError> {
+    pub(super) fn push(
+        &mut self,
+        ch: &mut Channel,
+        gpa: u64,
+        page: Page<'_>,
+    ) -> Result<(), StreamError> {
         match page {
             Page::Data(bytes) => {
                 self.gpas.push((gpa, true));
                 self.data.extend_from_slice(bytes);
             }
             Page::Hole => self.gpas.push((gpa, false)),
+            // Listed, not sent (the caller collects them).
+            Page::Later => return Ok(()),
         }
         if self.gpas.len() >= BATCH {
             self.flush(ch)?;
@@ -147,7 +244,7 @@ impl Batch {
         Ok(())
     }
 
-    fn flush(&mut self, ch: &mut Channel) -> Result<(), StreamError> {
+    pub(super) fn flush(&mut self, ch: &mut Channel) -> Result<(), StreamError> {
         if self.gpas.is_empty() {
             return Ok(());
         }
@@ -176,6 +273,7 @@ impl Snapshotter {
         let t0 = Instant::now();
         *lock(&m.status) = MigrationStatus {
             state: "connecting".into(),
+            mode: o.mode.name().into(),
             to: o.to.to_string(),
             ..Default::default()
         };
@@ -217,18 +315,23 @@ impl Snapshotter {
         }
     }
 
-    /// One round of pages into the stream.
+    /// One round of pages into the stream; `later`: data pages (but
+    /// page tables) go into it, not into the stream.
     fn round(
         &self,
         first: bool,
         sent: &mut Sent,
         ch: &mut Channel,
         batch: &mut Batch,
+        mut later: Option<&mut Vec<u64>>,
     ) -> Result<u64, MigrateError> {
         let mut stream_err = None;
         let n = self
             .memory
-            .migration_round(first, sent, &mut |gpa, page| {
+            .migration_round(first, later.is_some(), sent, &mut |gpa, page| {
+                if let (Page::Later, Some(l)) = (&page, later.as_mut()) {
+                    l.push(gpa);
+                }
                 batch.push(ch, gpa, page).map_err(|e| {
                     let msg = e.to_string();
                     stream_err = Some(e);
@@ -250,25 +353,111 @@ impl Snapshotter {
         t0: Instant,
         connected: &mut dyn FnMut(),
     ) -> Result<(), MigrateError> {
-        let mut ch = Channel::connect(&o.to, &o.key, Duration::from_secs(10))?;
+        let (mut ch, urgent) = Channel::connect_session(&o.to, &o.key, Duration::from_secs(10))?;
         // What changed since the last snapshot is consumed here: a diff
         // after this needs a full snapshot first.
         lock(&self.base).take();
         self.memory
             .track_dirty()
             .map_err(|e| MigrateError::Memory(e.to_string()))?;
-        m.update(|s| s.state = "precopy".into());
-        connected();
         let mut sent = Sent::default();
         let mut batch = Batch::new();
-        let first = self.round(true, &mut sent, &mut ch, &mut batch)?;
+        let mut converged = false;
+        if o.mode != MigrationMode::Postcopy {
+            m.update(|s| s.state = "precopy".into());
+            connected();
+            converged = self.precopy(o, m, t0, &mut sent, &mut ch, &mut batch)?;
+        } else {
+            connected();
+        }
+        let post =
+            o.mode == MigrationMode::Postcopy || (o.mode == MigrationMode::Auto && !converged);
+        // Stop the guest: the last changes and the state.
+        m.update(|s| s.state = "stopped".into());
+        let stopped = Instant::now();
+        let vcpus = self
+            .pause
+            .pause(true, &self.exit, PAUSE_LIMIT)
+            .map_err(SnapshotError::from)?;
+        // The devices stay still until this VM ends or runs on.
+        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        let mut pending = Vec::new();
+        let went = (|| -> Result<(), MigrateError> {
+            let first = o.mode == MigrationMode::Postcopy;
+            let later = post.then_some(&mut pending);
+            let last = self.round(first, &mut sent, &mut ch, &mut batch, later)?;
+            let state = VmState {
+                record: self.record_now(&vcpus),
+                vm: self.save_vm()?,
+                devices: self.save_devices(&transports),
+                vcpus,
+                layout: self.memory.migration_layout(&sent),
+            };
+            m.update(|s| {
+                s.pages_per_round.push(last - pending.len() as u64);
+                s.pages_sent = batch.pages;
+                s.pages_pending = pending.len() as u64;
+            });
+            if post {
+                ch.send(&Msg::Postcopy {
+                    pending: runs(pending.iter().copied()),
+                })?;
+            }
+            ch.send(&Msg::State(Box::new(state)))?;
+            Ok(())
+        })();
+        let owed = Arc::new(Owed::new(
+            self.memory.clone(),
+            std::mem::take(&mut pending),
+            o.max_postcopy_bandwidth,
+        ));
+        // Post-copy: the destination's restore reads pending pages (the
+        // pages the host walks for a vCPU): they are answered already.
+        let mut answering = None;
+        let went = went.and_then(|()| {
+            if post {
+                answering = Some(owed.answer(urgent)?);
+            } else {
+                drop(urgent);
+            }
+            ready_then_go(&mut ch)
+        });
+        if let Err(e) = went {
+            if let Some(a) = answering {
+                a.stop();
+            }
+            drop(transports);
+            let _ = self.pause.resume();
+            ch.shutdown();
+            return Err(e);
+        }
+        m.update(|s| s.downtime_ms = Some(stopped.elapsed().as_secs_f64() * 1e3));
+        if post {
+            // No way back: the destination runs the guest.
+            self.postcopy(&owed, answering, ch, m)?;
+        }
+        drop(transports);
+        Ok(())
+    }
+
+    /// Rounds while the guest runs; whether the last fits the budget.
+    fn precopy(
+        &self,
+        o: &MigrateOptions,
+        m: &Migrations,
+        t0: Instant,
+        sent: &mut Sent,
+        ch: &mut Channel,
+        batch: &mut Batch,
+    ) -> Result<bool, MigrateError> {
+        let first = self.round(true, sent, ch, batch, None)?;
         m.update(|s| s.pages_per_round.push(first));
         let budget = o.max_downtime.as_secs_f64();
         let mut r = 0;
         loop {
             r += 1;
             let t = Instant::now();
-            let n = self.round(false, &mut sent, &mut ch, &mut batch)?;
+            let n = self.round(false, sent, ch, batch, None)?;
             let dt = t.elapsed().as_secs_f64().max(1e-6);
             let rate = batch.pages as f64 / t0.elapsed().as_secs_f64().max(1e-6);
             let expected = n as f64 / rate.max(1.0);
@@ -280,49 +469,116 @@ impl Snapshotter {
                 s.pages_per_s = rate;
                 s.expected_downtime_ms = expected * 1e3;
             });
-            if expected <= budget || r >= o.max_rounds {
-                break;
+            if expected <= budget {
+                return Ok(true);
+            }
+            if r >= o.max_rounds {
+                return Ok(false);
             }
         }
-        // Stop the guest: the last changes and the state.
-        m.update(|s| s.state = "stopped".into());
-        let stopped = Instant::now();
-        let vcpus = self
-            .pause
-            .pause(true, &self.exit, PAUSE_LIMIT)
-            .map_err(SnapshotError::from)?;
-        let done = (|| -> Result<(), MigrateError> {
-            let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
-            let last = self.round(false, &mut sent, &mut ch, &mut batch)?;
-            let state = VmState {
-                record: self.record_now(&vcpus),
-                vm: self.save_vm()?,
-                devices: self.save_devices(&transports),
-                vcpus,
-                layout: self.memory.migration_layout(&sent),
-            };
-            m.update(|s| {
-                s.pages_per_round.push(last);
-                s.pages_sent = batch.pages;
-            });
-            ch.send(&Msg::State(Box::new(state)))?;
-            ch.set_timeout(Some(RESTORE_LIMIT));
-            match ch.recv()? {
-                Msg::Ready => {}
-                Msg::Failed(why) => return Err(MigrateError::Destination(why)),
-                Msg::Pages { .. } => return Err(MigrateError::Protocol("pages")),
-                Msg::State(_) => return Err(MigrateError::Protocol("a state")),
-                Msg::Go => return Err(MigrateError::Protocol("go")),
-            }
-            ch.send(&Msg::Go)?;
-            Ok(())
-        })();
-        if done.is_err() {
-            let _ = self.pause.resume();
-            ch.shutdown();
-            return done;
-        }
-        m.update(|s| s.downtime_ms = Some(stopped.elapsed().as_secs_f64() * 1e3));
-        Ok(())
     }
+
+    /// After `Go`: serve the pages still owed until the destination has
+    /// them all; a broken connection waits for `migrate recover` (or for
+    /// this VM's end).
+    fn postcopy(
+        &self,
+        owed: &Arc<Owed>,
+        mut answering: Option<Answering>,
+        mut ch: Channel,
+        m: &Migrations,
+    ) -> Result<(), MigrateError> {
+        m.update(|s| s.state = "postcopy".into());
+        let (tx, rx) = mpsc::channel();
+        *lock(&m.recover) = Some(tx);
+        loop {
+            let r = owed.push(&mut ch, m);
+            if let Some(a) = answering.take() {
+                a.stop();
+            }
+            match r {
+                Ok(()) => {
+                    lock(&m.recover).take();
+                    return Ok(());
+                }
+                Err(e) if is_connection(&e) => {
+                    ch.shutdown();
+                    eprintln!(
+                        "vmm: post-copy paused: {e}; the VM stays stopped here with the pages the destination lacks (resume with 'vmm ctl migrate recover --to ADDR')"
+                    );
+                    m.update(|s| {
+                        s.state = "postcopy-paused".into();
+                        s.error = Some(e.to_string());
+                    });
+                }
+                Err(e) => {
+                    lock(&m.recover).take();
+                    return Err(e);
+                }
+            }
+            let (c, u) = loop {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok((to, key)) => match self.reconnect(&to, &key, owed, m) {
+                        Ok(pair) => break pair,
+                        Err(e) => {
+                            eprintln!("vmm: post-copy recovery through {to} failed: {e}");
+                            m.update(|s| {
+                                s.state = "postcopy-paused".into();
+                                s.error = Some(format!("recovery: {e}"));
+                            });
+                        }
+                    },
+                    Err(mpsc::RecvTimeoutError::Timeout) if !self.exit.is_stopping() => {}
+                    Err(_) => {
+                        lock(&m.recover).take();
+                        return Err(MigrateError::Destination(
+                            "this VM ended during a paused post-copy".into(),
+                        ));
+                    }
+                }
+            };
+            ch = c;
+            answering = Some(owed.answer(u)?);
+        }
+    }
+
+    /// A recovery: a new session, `Recover`, and what the destination
+    /// still lacks.
+    fn reconnect(
+        &self,
+        to: &Addr,
+        key: &Key,
+        owed: &Owed,
+        m: &Migrations,
+    ) -> Result<(Channel, Channel), MigrateError> {
+        let (mut ch, urgent) = Channel::connect_session(to, key, Duration::from_secs(10))?;
+        ch.send(&Msg::Recover)?;
+        match ch.recv()? {
+            Msg::Postcopy { pending } => owed.only(&pending)?,
+            Msg::Failed(why) => return Err(MigrateError::Destination(why)),
+            other => return Err(MigrateError::Protocol(other.name())),
+        }
+        eprintln!(
+            "vmm: post-copy resumed through {to}: {} pages to go",
+            owed.left()
+        );
+        m.update(|s| {
+            s.state = "postcopy".into();
+            s.to = to.to_string();
+            s.error = None;
+        });
+        Ok((ch, urgent))
+    }
+}
+
+/// Pre-copy's end: the destination restored the VM (`Ready`); `Go`.
+fn ready_then_go(ch: &mut Channel) -> Result<(), MigrateError> {
+    ch.rx.set_timeout(Some(RESTORE_LIMIT));
+    match ch.recv()? {
+        Msg::Ready => {}
+        Msg::Failed(why) => return Err(MigrateError::Destination(why)),
+        other => return Err(MigrateError::Protocol(other.name())),
+    }
+    ch.send(&Msg::Go)?;
+    Ok(())
 }

@@ -38,7 +38,7 @@ use crate::memory::snapshot::SlotImage;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The stream's version; both sides must speak it.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"vmm-mig\x01";
 const NONCE: usize = 32;
 const MAC: usize = 32;
@@ -72,6 +72,8 @@ pub enum StreamError {
     Decode(String),
     #[error("the peer closed the stream")]
     Closed,
+    #[error("the second connection does not belong to this migration: refused")]
+    NotJoined,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {
@@ -195,6 +197,9 @@ fn nonce() -> Result<[u8; NONCE], StreamError> {
 pub trait Conn: Read + Write + Send {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     fn shutdown(&self);
+    /// The same connection on a second descriptor (one thread sends while
+    /// another receives).
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>>;
 }
 
 impl Conn for TcpStream {
@@ -205,6 +210,9 @@ impl Conn for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
 }
 
 impl Conn for UnixStream {
@@ -214,6 +222,9 @@ impl Conn for UnixStream {
     }
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
     }
 }
 
@@ -234,6 +245,44 @@ pub enum Msg {
     Go,
     /// Either side: it gives up, and why.
     Failed(String),
+    /// Source → destination, first frame of the second (urgent)
+    /// connection: the main connection's [`Channel::token`], which binds
+    /// it to that session.
+    Join([u8; MAC]),
+    /// Source → destination, post-copy, before the state: these runs of
+    /// pages `(gpa, pages)` hold data the destination does not have yet;
+    /// the source pushes them after `Go`, and serves any of them asked for
+    /// on the urgent connection first. (Also the destination's answer to
+    /// `Recover`: what it still lacks.)
+    Postcopy { pending: Vec<(u64, u64)> },
+    /// Destination → source, urgent connection: send these pages now.
+    Request { gpa: u64, pages: u64 },
+    /// Source → destination: every pending page has been pushed.
+    Done,
+    /// Destination → source: every page is here; the source may end.
+    Complete,
+    /// Source → destination, first frame of a main connection that
+    /// resumes a post-copy whose connection broke (`migrate recover`).
+    Recover,
+}
+
+impl Msg {
+    /// Its name, for an error about an unexpected one.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Pages { .. } => "pages",
+            Msg::State(_) => "the state",
+            Msg::Ready => "Ready",
+            Msg::Go => "Go",
+            Msg::Failed(_) => "Failed",
+            Msg::Join(_) => "Join",
+            Msg::Postcopy { .. } => "Postcopy",
+            Msg::Request { .. } => "a request",
+            Msg::Done => "Done",
+            Msg::Complete => "Complete",
+            Msg::Recover => "Recover",
+        }
+    }
 }
 
 /// Everything of a stopped VM but its pages.
@@ -246,14 +295,100 @@ pub struct VmState {
     pub layout: Vec<SlotImage>,
 }
 
-/// An authenticated stream.
+/// An authenticated stream: its sending and receiving halves (which may
+/// go to different threads, [`Channel::split`]).
 pub struct Channel {
+    pub tx: Sender,
+    pub rx: Receiver,
+    /// Binds a second connection to this session ([`Msg::Join`]).
+    token: [u8; MAC],
+}
+
+/// The sending half of a [`Channel`].
+pub struct Sender {
     conn: Box<dyn Conn>,
     key: [u8; MAC],
     /// This side's direction byte (1: source, 2: destination).
     me: u8,
     sent: u64,
+}
+
+/// The receiving half of a [`Channel`].
+pub struct Receiver {
+    conn: Box<dyn Conn>,
+    key: [u8; MAC],
+    /// The peer's direction byte.
+    peer: u8,
     received: u64,
+}
+
+/// A frame's payload up to this size goes out in one write with its
+/// length and MAC (one segment for a request or a small reply).
+const ONE_WRITE: usize = 64 << 10;
+
+impl Sender {
+    pub fn send(&mut self, msg: &Msg) -> Result<(), StreamError> {
+        let payload = vmm_snapshot::encode(msg);
+        if payload.len() > MAX_FRAME {
+            return Err(StreamError::TooLarge(payload.len()));
+        }
+        let len = (payload.len() as u32).to_le_bytes();
+        let mac = mac_with(
+            &self.key,
+            &[&self.sent.to_le_bytes(), &[self.me], &len, &payload],
+        );
+        self.sent += 1;
+        let w = &mut self.conn;
+        if payload.len() <= ONE_WRITE {
+            let mut frame = Vec::with_capacity(4 + payload.len() + MAC);
+            frame.extend_from_slice(&len);
+            frame.extend_from_slice(&payload);
+            frame.extend_from_slice(&mac);
+            return w.write_all(&frame).map_err(io("sending"));
+        }
+        w.write_all(&len)
+            .and_then(|_| w.write_all(&payload))
+            .and_then(|_| w.write_all(&mac))
+            .map_err(io("sending"))
+    }
+
+    pub fn shutdown(&self) {
+        self.conn.shutdown();
+    }
+}
+
+impl Receiver {
+    pub fn recv(&mut self) -> Result<Msg, StreamError> {
+        let mut len = [0u8; 4];
+        self.conn.read_exact(&mut len).map_err(io("receiving"))?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_FRAME {
+            return Err(StreamError::TooLarge(n));
+        }
+        let mut payload = vec![0u8; n];
+        self.conn
+            .read_exact(&mut payload)
+            .map_err(io("receiving"))?;
+        let mut mac = [0u8; MAC];
+        self.conn.read_exact(&mut mac).map_err(io("receiving"))?;
+        let want = mac_with(
+            &self.key,
+            &[&self.received.to_le_bytes(), &[self.peer], &len, &payload],
+        );
+        if !same(&mac, &want) {
+            return Err(StreamError::BadMac);
+        }
+        self.received += 1;
+        decode_msg(&payload)
+    }
+
+    pub fn set_timeout(&self, t: Option<Duration>) {
+        let _ = self.conn.set_timeout(t);
+    }
+
+    pub fn shutdown(&self) {
+        self.conn.shutdown();
+    }
 }
 
 impl Channel {
@@ -289,13 +424,7 @@ impl Channel {
         }
         conn.write_all(&key.mac(&[b"source", &mine, &theirs]))
             .map_err(io("sending proof"))?;
-        Ok(Channel {
-            conn,
-            key: key.mac(&[b"session", &mine, &theirs]),
-            me: 1,
-            sent: 0,
-            received: 0,
-        })
+        Channel::new(conn, key.mac(&[b"session", &mine, &theirs]), 1)
     }
 
     /// Authenticate a source on an accepted connection (the
@@ -327,64 +456,76 @@ impl Channel {
                 "the source does not hold the key: refused",
             ));
         }
+        Channel::new(conn, key.mac(&[b"session", &theirs, &mine]), 2)
+    }
+
+    fn new(conn: Box<dyn Conn>, key: [u8; MAC], me: u8) -> Result<Channel, StreamError> {
+        let rx = conn.try_clone_conn().map_err(io("duplicating"))?;
         Ok(Channel {
-            conn,
-            key: key.mac(&[b"session", &theirs, &mine]),
-            me: 2,
-            sent: 0,
-            received: 0,
+            tx: Sender {
+                conn,
+                key,
+                me,
+                sent: 0,
+            },
+            rx: Receiver {
+                conn: rx,
+                key,
+                peer: 3 - me,
+                received: 0,
+            },
+            token: mac_with(&key, &[b"urgent"]),
         })
     }
 
+    /// What a second connection of this session sends first ([`Msg::Join`]).
+    pub fn token(&self) -> [u8; MAC] {
+        self.token
+    }
+
+    /// Whether `theirs` is this session's token.
+    pub fn is_token(&self, theirs: &[u8]) -> bool {
+        same(&self.token, theirs)
+    }
+
     pub fn set_timeout(&self, t: Option<Duration>) {
-        let _ = self.conn.set_timeout(t);
+        let _ = self.tx.conn.set_timeout(t);
     }
 
     pub fn send(&mut self, msg: &Msg) -> Result<(), StreamError> {
-        let payload = vmm_snapshot::encode(msg);
-        if payload.len() > MAX_FRAME {
-            return Err(StreamError::TooLarge(payload.len()));
-        }
-        let len = (payload.len() as u32).to_le_bytes();
-        let mac = mac_with(
-            &self.key,
-            &[&self.sent.to_le_bytes(), &[self.me], &len, &payload],
-        );
-        self.sent += 1;
-        let w = &mut self.conn;
-        w.write_all(&len)
-            .and_then(|_| w.write_all(&payload))
-            .and_then(|_| w.write_all(&mac))
-            .map_err(io("sending"))
+        self.tx.send(msg)
     }
 
     pub fn recv(&mut self) -> Result<Msg, StreamError> {
-        let mut len = [0u8; 4];
-        self.conn.read_exact(&mut len).map_err(io("receiving"))?;
-        let n = u32::from_le_bytes(len) as usize;
-        if n > MAX_FRAME {
-            return Err(StreamError::TooLarge(n));
-        }
-        let mut payload = vec![0u8; n];
-        self.conn
-            .read_exact(&mut payload)
-            .map_err(io("receiving"))?;
-        let mut mac = [0u8; MAC];
-        self.conn.read_exact(&mut mac).map_err(io("receiving"))?;
-        let peer = 3 - self.me;
-        let want = mac_with(
-            &self.key,
-            &[&self.received.to_le_bytes(), &[peer], &len, &payload],
-        );
-        if !same(&mac, &want) {
-            return Err(StreamError::BadMac);
-        }
-        self.received += 1;
-        decode_msg(&payload)
+        self.rx.recv()
     }
 
     pub fn shutdown(&self) {
-        self.conn.shutdown();
+        self.tx.conn.shutdown();
+    }
+
+    /// Connect a session: the main connection (pages, state, control)
+    /// and the urgent one (post-copy's page requests and their answers,
+    /// never queued behind the main one's pages).
+    pub fn connect_session(
+        addr: &Addr,
+        key: &Key,
+        timeout: Duration,
+    ) -> Result<(Channel, Channel), StreamError> {
+        let main = Channel::connect(addr, key, timeout)?;
+        let mut urgent = Channel::connect(addr, key, timeout)?;
+        urgent.send(&Msg::Join(main.token()))?;
+        Ok((main, urgent))
+    }
+
+    /// A handle that can shut the connection down from another thread.
+    pub fn closer(&self) -> Option<Box<dyn Conn>> {
+        self.tx.conn.try_clone_conn().ok()
+    }
+
+    /// Its halves, for two threads.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.tx, self.rx)
     }
 }
 
@@ -434,6 +575,23 @@ impl Listener {
                 Listener::Unix(UnixListener::bind(p).map_err(io("listening"))?, p.clone())
             }
         })
+    }
+
+    /// A session ([`Channel::connect_session`]): its main and urgent
+    /// connections, authenticated and bound together; and the peer.
+    pub fn accept_session(
+        &self,
+        key: &Key,
+        timeout: Duration,
+    ) -> Result<(Channel, Channel, String), StreamError> {
+        let (conn, peer) = self.accept()?;
+        let main = Channel::accept(conn, key, timeout)?;
+        let (conn, _) = self.accept()?;
+        let mut urgent = Channel::accept(conn, key, timeout)?;
+        match urgent.recv()? {
+            Msg::Join(t) if main.is_token(&t) => Ok((main, urgent, peer)),
+            _ => Err(StreamError::NotJoined),
+        }
     }
 
     /// The first connection.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::Parts;
-use crate::api::control::MigrateRequest;
+use crate::api::control::{MigrateRequest, RecoverRequest};
 use crate::api::{ActionError, VmActions};
 use crate::devices::lock;
 use crate::exit::VmExit;
@@ -249,6 +249,12 @@ impl Actions {
         }
     }
 
+    /// This VM came by a post-copy migration still under way: its
+    /// progress shows in the migration status.
+    pub fn incoming(&self, a: Arc<crate::snapshot::postcopy::Arrivals>) {
+        self.migrations.incoming(a);
+    }
+
     /// The VM is ending: a pause still on ends (its vCPU threads stop).
     /// A recording still on is written by the control thread as it ends.
     pub fn vm_ended(&self) {
@@ -302,6 +308,8 @@ fn migrate_options(r: &MigrateRequest) -> Result<MigrateOptions, MigrateError> {
         key: Key::load(&r.key_file)?,
         max_downtime: Duration::from_millis(r.max_downtime_ms),
         max_rounds: r.max_rounds,
+        mode: r.mode,
+        max_postcopy_bandwidth: r.max_postcopy_bandwidth_mib << 20,
     })
 }
 
@@ -358,5 +366,16 @@ impl VmActions for Actions {
 
     fn migration(&self) -> Value {
         serde_json::to_value(self.migrations.status_for_client()).unwrap_or(Value::Null)
+    }
+
+    fn recover(&self, r: &RecoverRequest) -> Result<Value, ActionError> {
+        let to: Addr =
+            r.to.parse()
+                .map_err(|e: StreamError| ActionError::refused(e.to_string()))?;
+        let key = Key::load(&r.key_file).map_err(|e| ActionError::refused(e.to_string()))?;
+        self.migrations
+            .recover(to, key)
+            .map_err(ActionError::refused)?;
+        Ok(self.migration())
     }
 }

@@ -131,6 +131,9 @@ pub struct Vm {
     prefetch: Option<Plan>,
     /// A restore records its working set this long.
     record_for: Option<Duration>,
+    /// A post-copy migration's pages still coming: readers waiting for
+    /// one give up when the VM ends.
+    postcopy: Option<Arc<crate::snapshot::postcopy::Arrivals>>,
     shared: Arc<VcpuShared>,
     serial_input: Option<serial::SerialInput>,
     /// Event-loop subscribers of the virtio devices, and their ticker.
@@ -275,6 +278,7 @@ impl Vm {
             restore_stats,
             prefetch: None,
             record_for: None,
+            postcopy: None,
             shared,
             serial_input: Some(serial_input),
             virtio_events: virtio.subscribers(),
@@ -363,6 +367,9 @@ impl Vm {
             );
         }
         let reason = self.exit.wait();
+        if let Some(p) = &self.postcopy {
+            p.end("the VM is ending");
+        }
         self.actions.vm_ended();
         let stopped_at = threads::stop_vcpus(vcpus);
         let elapsed = start.elapsed();

@@ -47,7 +47,7 @@ impl Vm {
         let (host, supported) = host_and_cpuid()?;
         let label = format!("the migration on {}", o.addr);
         let err = |error: receive::ReceiveError| VmError::Incoming(error.to_string());
-        let mut r = receive::receive(o).map_err(err)?;
+        let mut r = receive::receive(o, config.seccomp).map_err(err)?;
         let loaded = r.loaded();
         let checked = loaded.check(host.flavor, host.max_vcpus, &supported);
         let vm = checked
@@ -57,9 +57,19 @@ impl Vm {
             })
             .and_then(|()| Self::restore_loaded(config, host, loaded, &label, started));
         match vm {
-            Ok(vm) => {
+            Ok(mut vm) => {
                 r.ready_then_go().map_err(err)?;
-                eprintln!("vmm: migration done: the source has stopped, the VM runs here");
+                if let Some(p) = &r.postcopy {
+                    eprintln!(
+                        "vmm: the source has stopped, the VM runs here; {} pages still come (post-copy)",
+                        p.left()
+                    );
+                    vm.actions.incoming(p.clone());
+                    vm.postcopy = Some(p.clone());
+                } else {
+                    eprintln!("vmm: migration done: the source has stopped, the VM runs here");
+                }
+                r.follow().map_err(err)?;
                 Ok(vm)
             }
             Err(e) => {
