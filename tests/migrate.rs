@@ -62,13 +62,19 @@ impl Drop for Proc {
 
 /// A destination waiting on `addr`.
 fn destination(addr: &str, key: &Path) -> Proc {
-    let d = Proc::spawn(&[
+    destination_with(addr, key, &[])
+}
+
+fn destination_with(addr: &str, key: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
         "run",
         "--incoming",
         addr,
         "--migration-key",
         key.to_str().unwrap(),
-    ]);
+    ];
+    args.extend(extra);
+    let d = Proc::spawn(&args);
     let line = d
         .err
         .recv_timeout(Duration::from_secs(30))
@@ -422,7 +428,9 @@ fn a_postcopy_cut_in_the_middle_waits_and_recovers() {
     let k = key("recover", b"a key for the recovery test.....");
     let port = free_tcp_port();
     let addr = format!("tcp:127.0.0.1:{port}");
-    let dst = destination(&addr, &k);
+    let dst_api = tmp("recover-dst-api.sock");
+    let _ = std::fs::remove_file(&dst_api);
+    let dst = destination_with(&addr, &k, &["--api-socket", dst_api.to_str().unwrap()]);
     let relay = Relay::new(port);
     let (src, socket) = source("recover", "2", "touch", TOUCH);
     // Most of it resident: post-copy has ~700 MiB to carry.
@@ -450,6 +458,20 @@ fn a_postcopy_cut_in_the_middle_waits_and_recovers() {
     assert!(r.stderr.contains("post-copy paused"), "{}", r.stderr);
     let s = get(&socket, "/vm/migrate");
     assert_eq!(s["state"], "postcopy-paused", "{s}");
+    // The destination says so too, and its metrics count what came.
+    common::wait_for(
+        "the destination to see the cut",
+        Duration::from_secs(30),
+        || get(&dst_api, "/vm/migrate")["incoming"]["state"] == "paused",
+    );
+    let d = get(&dst_api, "/vm/migrate")["incoming"].clone();
+    assert!(d["pages_left"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["requests"].as_u64().unwrap() > 0, "{d}");
+    let m = get(&dst_api, "/vm/metrics");
+    assert_eq!(
+        m["migration"]["incoming"]["pages_left"], d["pages_left"],
+        "{m}"
+    );
     // A recovery to nowhere fails and leaves it paused.
     let mut c = vmm();
     c.arg("ctl")

@@ -9,6 +9,7 @@
 //! summary walk the same rows. See docs/METRICS.md.
 
 mod http;
+pub mod migration;
 mod prometheus;
 
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct VmMetrics {
     /// The fault engine (its stall and recording counters are copied into
     /// `restore` at each scrape).
     pub engine: Option<Arc<FaultEngine>>,
+    /// Live migrations, out of and into this VM.
+    pub migration: Option<migration::MigrationProbe>,
 }
 
 impl VmMetrics {
@@ -76,6 +79,7 @@ impl VmMetrics {
             hotplug: None,
             restore: None,
             engine: None,
+            migration: None,
         }
     }
 
@@ -110,6 +114,7 @@ impl VmMetrics {
             devices: self.devices.iter().map(|f| f()).collect(),
             balloon: self.balloon.as_ref().map(BalloonHandle::info),
             hotplug: self.hotplug.as_ref().map(HotplugHandle::info),
+            migration: self.migration.as_ref().map(|f| f()),
         }
     }
 }
@@ -143,6 +148,7 @@ pub struct MetricsSnapshot {
     pub hotplug: Option<HotplugInfo>,
     /// [`RESTORE_METRICS`] values (empty when not kept).
     pub restore: Vec<u64>,
+    pub migration: Option<migration::MigrationReading>,
 }
 
 impl MetricsSnapshot {
@@ -201,6 +207,9 @@ impl MetricsSnapshot {
         if let Some(r) = self.restore_readings() {
             out.extend(r.samples(&[]));
         }
+        if let Some(m) = &self.migration {
+            out.extend(migration::samples(m));
+        }
         out.push(Sample {
             metric: &FAULT_MODE,
             labels: vec![("mode", self.fault_mode.to_string())],
@@ -243,6 +252,9 @@ impl MetricsSnapshot {
         out.insert("hotplug".into(), json!(self.hotplug));
         if let Some(r) = self.restore_readings() {
             out.insert("restore".into(), Value::Object(r.to_json()));
+        }
+        if let Some(m) = &self.migration {
+            out.insert("migration".into(), json!(m.status));
         }
         Value::Object(out)
     }

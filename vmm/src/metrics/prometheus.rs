@@ -69,22 +69,37 @@ impl Collector for Snap {
         )?;
         for t in s.threads() {
             let l = &t.stats.latency;
-            let buckets: Vec<(f64, u64)> = (0..LATENCY_BUCKETS)
-                .map(|i| {
-                    let bound = bucket_bound_ns(i).map_or(f64::INFINITY, |b| b as f64 / 1e9);
-                    (bound, l.buckets[i])
-                })
-                .collect();
             m.encode_family(&vec![t.label.clone()])?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                     l.sum_ns as f64 / 1e9,
                     l.count,
-                    &buckets,
+                    &buckets(l),
                     None,
                 )?;
         }
+        if let Some(l) = s.migration.as_ref().and_then(|m| m.incoming_latency) {
+            let r = &super::migration::REQUEST_LATENCY;
+            let mut m = enc.encode_descriptor(r.name, r.help, None, MetricType::Histogram)?;
+            m.encode_family(&Vec::<(&str, String)>::new())?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                l.sum_ns as f64 / 1e9,
+                l.count,
+                &buckets(&l),
+                None,
+            )?;
+        }
         Ok(())
     }
+}
+
+/// A latency histogram's buckets as (upper bound in seconds, count).
+fn buckets(l: &crate::fault::stats::LatencySnapshot) -> Vec<(f64, u64)> {
+    (0..LATENCY_BUCKETS)
+        .map(|i| {
+            let bound = bucket_bound_ns(i).map_or(f64::INFINITY, |b| b as f64 / 1e9);
+            (bound, l.buckets[i])
+        })
+        .collect()
 }
 
 /// OpenMetrics text of one snapshot.

@@ -249,6 +249,14 @@ impl Actions {
         }
     }
 
+    /// What the metrics read of migrations.
+    pub fn migration_reading(&self) -> crate::metrics::migration::MigrationReading {
+        crate::metrics::migration::MigrationReading {
+            status: self.migrations.status(),
+            incoming_latency: self.migrations.incoming_latency(),
+        }
+    }
+
     /// This VM came by a post-copy migration still under way: its
     /// progress shows in the migration status.
     pub fn incoming(&self, a: Arc<crate::snapshot::postcopy::Arrivals>) {

@@ -239,9 +239,11 @@ impl Vm {
             base: _,
         } = p;
         let servers = build::Servers::bind(&config)?;
+        let a = actions.clone();
         let metrics = Arc::new(VmMetrics {
             restore: Some(restore_stats.clone()),
             engine: engine.clone(),
+            migration: Some(Box::new(move || a.migration_reading())),
             ..devices.metrics(&config, mode, &memory)
         });
         let control = Arc::new(devices.control(&config, mode, &memory, &exit));
