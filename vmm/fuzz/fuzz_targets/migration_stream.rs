@@ -5,17 +5,20 @@
 #![no_main]
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use vmm::snapshot::stream::{decode_msg, Channel, Conn, Key};
 
-/// A connection whose peer sends `data` and then hangs up.
-struct Replay(std::io::Cursor<Vec<u8>>);
+/// A connection whose peer sends `data` and then hangs up (its clones
+/// read the same bytes, as a duplicated socket would).
+#[derive(Clone)]
+struct Replay(Arc<Mutex<std::io::Cursor<Vec<u8>>>>);
 
 impl Read for Replay {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
+        self.0.lock().unwrap().read(buf)
     }
 }
 
@@ -33,6 +36,9 @@ impl Conn for Replay {
         Ok(())
     }
     fn shutdown(&self) {}
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.clone()))
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -44,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let key = Key::from_bytes(b"the fuzzer's key, 32 bytes long!");
-    let conn = Box::new(Replay(std::io::Cursor::new(bytes.to_vec())));
+    let conn = Box::new(Replay(Arc::new(Mutex::new(std::io::Cursor::new(
+        bytes.to_vec(),
+    )))));
     if let Ok(mut ch) = Channel::accept(conn, &key, Duration::from_secs(1)) {
         for _ in 0..16 {
             if ch.recv().is_err() {

@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
             // A diff over its base: both layouts checked first, as a
             // restore checks them.
             type Diff = (Vec<SlotImage>, Vec<SlotImage>, BasePages);
-            if let Ok((mut top, below, pages)) = vmm_snapshot::decode::<Diff>("memory-base", bytes) {
+            if let Ok((mut top, below, pages)) = vmm_snapshot::decode::<Diff>("memory-base", bytes)
+            {
                 if check_layout(&top, 1 << 28).is_ok() && check_layout(&below, 1 << 28).is_ok() {
                     let _ = layer(&mut top, &pages, &below);
                 }
