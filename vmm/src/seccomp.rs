@@ -311,6 +311,8 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_set_robust_list,
             libc::SYS_rseq,
             libc::SYS_prctl,
+            // Its request and answer threads run at a higher priority.
+            libc::SYS_setpriority,
         ],
         // A post-copy destination's receivers: pages from the source's
         // connections into the incoming file; a recovery listens again
@@ -335,6 +337,8 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_set_robust_list,
             libc::SYS_rseq,
             libc::SYS_prctl,
+            // Its request and answer threads run at a higher priority.
+            libc::SYS_setpriority,
         ],
         ThreadClass::Main => &[
             libc::SYS_tgkill,

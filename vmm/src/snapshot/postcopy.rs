@@ -347,6 +347,7 @@ impl Arrivals {
     /// Serve the urgent connection's answers (of `epoch`) until it breaks.
     pub fn receive_answers(&self, mut rx: Receiver, epoch: u64) {
         rx.set_timeout(None);
+        urgent_priority();
         loop {
             match rx.recv() {
                 Ok(Msg::Pages { gpas, data }) => {
@@ -430,9 +431,11 @@ impl Arrivals {
 }
 
 /// Pages a fault asks for at once: its own and the missing ones after it
-/// in its window, up to this many (a 64 KiB answer; the rest of a large
-/// window comes by the push, or by the next fault's request).
-const URGENT_WINDOW: u64 = 16;
+/// in its window, up to this many (the rest of a large window comes by
+/// the push, or by the next fault's request). Measured on loopback with
+/// the push running (1 GiB guest rewriting 256 MiB, 2 vCPUs, 2 host
+/// cores): 1 page p50 ~55 us, 4 pages ~50-75 us, 16 pages ~125 us.
+const URGENT_WINDOW: u64 = 4;
 
 impl Arrival for Arrivals {
     fn wait(&self, offset: u64, len: u64) -> Result<(), String> {
@@ -459,6 +462,17 @@ impl Arrival for Arrivals {
             return len;
         }
         (self.run_here(offset / PAGE_SIZE, len.div_ceil(PAGE_SIZE)) * PAGE_SIZE).min(len)
+    }
+}
+
+/// Raise the calling thread's scheduling priority (nice -10) if the host
+/// lets it: the threads that carry page requests and answers wake ahead of
+/// the vCPUs and the push they share the cores with. Best effort.
+pub fn urgent_priority() {
+    // SAFETY: setpriority on this thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10);
     }
 }
 

@@ -102,6 +102,7 @@ impl Owed {
 
     fn answer_all(&self, mut urgent: Channel) {
         urgent.rx.set_timeout(None);
+        super::postcopy::urgent_priority();
         let mut buf = Vec::new();
         loop {
             let (gpa, pages) = match urgent.recv() {

@@ -235,6 +235,9 @@ pub enum Msg {
     /// (in `data`, in order), `None` a hole.
     Pages {
         gpas: Vec<(u64, bool)>,
+        /// One copy, not a sequence of bytes (measured: a 64 KiB answer
+        /// took ~150 µs more to encode and decode byte by byte).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Source → destination: the VM, stopped: restore it and say `Ready`.
