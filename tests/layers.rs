@@ -82,7 +82,7 @@ const VMM_MODULES: &[(&str, &[&str])] = &[
     (
         "snapshot",
         &[
-            "exit", "memory", "devices", "fault", "host", "vcpu", "config",
+            "exit", "memory", "devices", "fault", "host", "vcpu", "config", "seccomp",
         ],
     ),
     ("vm", &["*"]),

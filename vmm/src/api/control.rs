@@ -132,11 +132,21 @@ pub struct MigrateRequest {
     /// precopy (default), postcopy, or auto (post-copy when the rounds
     /// do not converge).
     #[serde(default)]
-    pub mode: crate::snapshot::send::MigrationMode,
+    pub mode: MigrationModeName,
     /// Post-copy's push at most this many MiB/s (0: as fast as it goes);
     /// answers to the destination's requests are never held back.
     #[serde(default)]
     pub max_postcopy_bandwidth_mib: u64,
+}
+
+/// How memory moves (`PUT /vm/migrate`'s `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationModeName {
+    #[default]
+    Precopy,
+    Postcopy,
+    Auto,
 }
 
 /// `PUT /vm/migrate/recover`: resume a post-copy whose connection broke.

@@ -4,14 +4,38 @@
 
 use crate::counters::{Metric, Sample};
 use crate::fault::stats::LatencySnapshot;
-use crate::snapshot::send::MigrationStatus;
 
-/// What a scrape reads of migrations.
-#[derive(Debug, Clone)]
+/// What a scrape reads of migrations (the VM fills it from its status).
+#[derive(Debug, Clone, Default)]
 pub struct MigrationReading {
-    pub status: MigrationStatus,
-    /// A post-copy destination's request latency.
+    /// The status as `GET /vm/migrate` gives it (for `/metrics.json`).
+    pub json: serde_json::Value,
+    /// The outgoing migration's numbers, once one ran.
+    pub outgoing: Option<Outgoing>,
+    /// A post-copy destination's incoming pages.
+    pub incoming: Option<Incoming>,
     pub incoming_latency: Option<LatencySnapshot>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub total_ns: u64,
+    pub downtime_ns: u64,
+    pub rounds: u64,
+    pub pages_sent: u64,
+    pub pages_pending: u64,
+    pub pages_requested: u64,
+    pub pages_pushed: u64,
+    pub dirty_pages_per_s: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub pending_at_start: u64,
+    pub left: u64,
+    pub requests: u64,
+    pub pages_requested: u64,
+    pub pages_pushed: u64,
 }
 
 /// Reads it (the VM's control plane keeps the status).
@@ -90,25 +114,23 @@ fn sample(metric: &'static Metric, value: u64) -> Sample {
 /// Its samples: the outgoing migration's once one ran, the incoming
 /// pages' on a post-copy destination.
 pub fn samples(r: &MigrationReading) -> Vec<Sample> {
-    let s = &r.status;
     let mut out = Vec::new();
-    if s.state != "idle" {
-        let ms = |v: Option<f64>| (v.unwrap_or(0.0) * 1e6) as u64;
+    if let Some(o) = &r.outgoing {
         out.extend([
-            sample(&TOTAL, ms(Some(s.total_ms))),
-            sample(&DOWNTIME, ms(s.downtime_ms)),
-            sample(&ROUNDS, u64::from(s.round)),
-            sample(&PAGES_SENT, s.pages_sent),
-            sample(&PAGES_PENDING, s.pages_pending),
-            sample(&PAGES_REQUESTED, s.pages_requested),
-            sample(&PAGES_PUSHED, s.pages_pushed),
-            sample(&DIRTY_RATE, s.dirty_pages_per_s as u64),
+            sample(&TOTAL, o.total_ns),
+            sample(&DOWNTIME, o.downtime_ns),
+            sample(&ROUNDS, o.rounds),
+            sample(&PAGES_SENT, o.pages_sent),
+            sample(&PAGES_PENDING, o.pages_pending),
+            sample(&PAGES_REQUESTED, o.pages_requested),
+            sample(&PAGES_PUSHED, o.pages_pushed),
+            sample(&DIRTY_RATE, o.dirty_pages_per_s),
         ]);
     }
-    if let Some(i) = &s.incoming {
+    if let Some(i) = &r.incoming {
         out.extend([
-            sample(&IN_AT_START, i.pages_pending_at_start),
-            sample(&IN_LEFT, i.pages_left),
+            sample(&IN_AT_START, i.pending_at_start),
+            sample(&IN_LEFT, i.left),
             sample(&IN_REQUESTED, i.pages_requested),
             sample(&IN_PUSHED, i.pages_pushed),
             sample(&IN_REQUESTS, i.requests),

@@ -254,7 +254,7 @@ impl MetricsSnapshot {
             out.insert("restore".into(), Value::Object(r.to_json()));
         }
         if let Some(m) = &self.migration {
-            out.insert("migration".into(), json!(m.status));
+            out.insert("migration".into(), m.json.clone());
         }
         Value::Object(out)
     }

@@ -55,8 +55,7 @@ pub enum MigrateError {
 }
 
 /// How guest memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MigrationMode {
     /// Rounds while the guest runs, the rest while it is stopped.
     #[default]
@@ -65,18 +64,6 @@ pub enum MigrationMode {
     Postcopy,
     /// Pre-copy, and post-copy if the rounds do not converge.
     Auto,
-}
-
-impl std::str::FromStr for MigrationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Self::Precopy),
-            "postcopy" => Ok(Self::Postcopy),
-            "auto" => Ok(Self::Auto),
-            _ => Err(format!("{s}: a mode is precopy, postcopy or auto")),
-        }
-    }
 }
 
 impl MigrationMode {

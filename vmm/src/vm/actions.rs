@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::Parts;
-use crate::api::control::{MigrateRequest, RecoverRequest};
+use crate::api::control::{MigrateRequest, MigrationModeName, RecoverRequest};
 use crate::api::{ActionError, VmActions};
 use crate::devices::lock;
 use crate::exit::VmExit;
@@ -26,7 +26,7 @@ use crate::memory::PAGE_SIZE;
 use crate::seccomp::{confine, SeccompMode, ThreadClass};
 use crate::snapshot::restore::WORKING_SET;
 use crate::snapshot::save::Snapshotter;
-use crate::snapshot::send::{MigrateError, MigrateOptions, Migrations};
+use crate::snapshot::send::{MigrateError, MigrateOptions, MigrationMode, Migrations};
 use crate::snapshot::stream::{Addr, Key, StreamError};
 use crate::snapshot::{SavedConfig, SnapshotError, VmRecord};
 use crate::vcpu::pause::{Pause, PauseError};
@@ -251,8 +251,28 @@ impl Actions {
 
     /// What the metrics read of migrations.
     pub fn migration_reading(&self) -> crate::metrics::migration::MigrationReading {
-        crate::metrics::migration::MigrationReading {
-            status: self.migrations.status(),
+        use crate::metrics::migration::{Incoming, MigrationReading, Outgoing};
+        let s = self.migrations.status();
+        let ns = |ms: f64| (ms * 1e6) as u64;
+        MigrationReading {
+            json: serde_json::to_value(&s).unwrap_or(Value::Null),
+            outgoing: (s.state != "idle").then(|| Outgoing {
+                total_ns: ns(s.total_ms),
+                downtime_ns: ns(s.downtime_ms.unwrap_or(0.0)),
+                rounds: u64::from(s.round),
+                pages_sent: s.pages_sent,
+                pages_pending: s.pages_pending,
+                pages_requested: s.pages_requested,
+                pages_pushed: s.pages_pushed,
+                dirty_pages_per_s: s.dirty_pages_per_s as u64,
+            }),
+            incoming: s.incoming.as_ref().map(|i| Incoming {
+                pending_at_start: i.pages_pending_at_start,
+                left: i.pages_left,
+                requests: i.requests,
+                pages_requested: i.pages_requested,
+                pages_pushed: i.pages_pushed,
+            }),
             incoming_latency: self.migrations.incoming_latency(),
         }
     }
@@ -316,7 +336,11 @@ fn migrate_options(r: &MigrateRequest) -> Result<MigrateOptions, MigrateError> {
         key: Key::load(&r.key_file)?,
         max_downtime: Duration::from_millis(r.max_downtime_ms),
         max_rounds: r.max_rounds,
-        mode: r.mode,
+        mode: match r.mode {
+            MigrationModeName::Precopy => MigrationMode::Precopy,
+            MigrationModeName::Postcopy => MigrationMode::Postcopy,
+            MigrationModeName::Auto => MigrationMode::Auto,
+        },
         max_postcopy_bandwidth: r.max_postcopy_bandwidth_mib << 20,
     })
 }
