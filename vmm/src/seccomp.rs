@@ -340,7 +340,9 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             // Its request and answer threads run at a higher priority.
             libc::SYS_setpriority,
         ],
+        // (sendto: a post-copy destination whose VM ends tells the source.)
         ThreadClass::Main => &[
+            libc::SYS_sendto,
             libc::SYS_tgkill,
             libc::SYS_ioctl,
             libc::SYS_mincore,

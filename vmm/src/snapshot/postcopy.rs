@@ -278,7 +278,8 @@ impl Arrivals {
         lock(&self.urgent).take();
     }
 
-    /// Readers give up (the VM ends, or the migration failed for good).
+    /// Readers give up (the VM ends, or the migration failed for good);
+    /// the source is told, if pages were still coming (it ends too).
     pub fn end(&self, why: &str) {
         let mut g = lock(&self.gate);
         if !matches!(g.link, Link::Ended(_)) {
@@ -286,6 +287,11 @@ impl Arrivals {
         }
         drop(g);
         self.cond.notify_all();
+        if self.left() > 0 {
+            if let Some(tx) = lock(&self.urgent).as_mut() {
+                let _ = tx.send(&Msg::Failed(why.to_string()));
+            }
+        }
     }
 
     /// Wait (at most `limit`) until nothing is missing.

@@ -486,6 +486,12 @@ impl Snapshotter {
             match r {
                 Ok(()) => {
                     lock(&m.recover).take();
+                    if let Some(why) = owed.gone() {
+                        eprintln!("vmm: the VM ended on the destination before all its pages went ({why}); nothing more is owed");
+                        m.update(|s| {
+                            s.error = Some(format!("the VM ended on the destination first: {why}"))
+                        });
+                    }
                     return Ok(());
                 }
                 Err(e) if is_connection(&e) => {

@@ -35,6 +35,9 @@ pub struct Owed {
     answered: Mutex<HashSet<u64>>,
     requests: AtomicU64,
     pages_requested: AtomicU64,
+    /// The destination's VM ended before it had every page (it said why):
+    /// nothing more is owed.
+    gone: Mutex<Option<String>>,
     /// Bytes per second the push may take (0: no limit).
     bandwidth: u64,
 }
@@ -63,6 +66,7 @@ impl Owed {
             answered: Mutex::new(HashSet::new()),
             requests: AtomicU64::new(0),
             pages_requested: AtomicU64::new(0),
+            gone: Mutex::new(None),
             bandwidth,
         }
     }
@@ -107,6 +111,10 @@ impl Owed {
         loop {
             let (gpa, pages) = match urgent.recv() {
                 Ok(Msg::Request { gpa, pages }) => (gpa, pages),
+                Ok(Msg::Failed(why)) => {
+                    *lock(&self.gone) = Some(why);
+                    return;
+                }
                 Ok(m) => {
                     log::warn!(
                         "post-copy: the destination sent {} on the urgent connection",
@@ -144,9 +152,31 @@ impl Owed {
         });
     }
 
+    /// Why the destination's VM ended before it had every page, if it did.
+    pub fn gone(&self) -> Option<String> {
+        lock(&self.gone).clone()
+    }
+
     /// The main connection: every pending page not answered, then `Done`,
-    /// then the destination's `Complete`.
+    /// then the destination's `Complete` (or the destination's VM ended:
+    /// nothing more is owed).
     pub fn push(&self, main: &mut Channel, m: &Migrations) -> Result<(), MigrateError> {
+        let r = self.push_all(main, m);
+        if r.is_err() {
+            // The destination says why before it closes, on the urgent
+            // connection: give the answer thread a moment to read it.
+            let t = std::time::Instant::now();
+            while self.gone().is_none() && t.elapsed() < Duration::from_millis(500) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.gone().is_some() {
+                return Ok(());
+            }
+        }
+        r
+    }
+
+    fn push_all(&self, main: &mut Channel, m: &Migrations) -> Result<(), MigrateError> {
         let pending = lock(&self.pending).clone();
         let mut batch = Batch::new();
         let mut buf = Vec::new();
@@ -154,6 +184,9 @@ impl Owed {
         let started = std::time::Instant::now();
         let mut i = 0;
         while i < pending.len() {
+            if self.gone().is_some() {
+                return Ok(());
+            }
             if self.bandwidth > 0 {
                 // Ahead of the allowed rate: wait until it catches up.
                 let due = (batch.pages * PAGE_SIZE) as f64 / self.bandwidth as f64;

@@ -370,7 +370,7 @@ impl Vm {
         }
         let reason = self.exit.wait();
         if let Some(p) = &self.postcopy {
-            p.end("the VM is ending");
+            p.end("the VM ended on the destination");
         }
         self.actions.vm_ended();
         let stopped_at = threads::stop_vcpus(vcpus);
