@@ -618,3 +618,108 @@ fn balloon_churn_during_postcopy_keeps_holes_and_writes() {
         "{s}"
     );
 }
+
+/// virtio-mem plugged (128 MiB, workers writing in it) and a balloon when
+/// post-copy starts; on the destination, over pages still at the source,
+/// blocks are unplugged and plugged again and the balloon inflates. The
+/// guest's checks all hold there: plugged blocks read zero, unplugged
+/// blocks kept what the workers wrote until they went, pool and worker
+/// patterns intact.
+#[test]
+fn hotplug_and_balloon_churn_during_postcopy_hold_every_check() {
+    let k = key("churn", b"a key for the churn post-copy....");
+    let addr = format!("unix:{}", tmp("churn-dst.sock").display());
+    let dst_api = tmp("churn-dst-api.sock");
+    let _ = std::fs::remove_file(&dst_api);
+    let mut dst = destination_with(&addr, &k, &["--api-socket", dst_api.to_str().unwrap()]);
+    let socket = tmp("churn-src.sock");
+    let _ = std::fs::remove_file(&socket);
+    let src = Proc::spawn(&[
+        "run",
+        "--vcpus",
+        "3",
+        "--mem",
+        "256M",
+        "--balloon",
+        "0",
+        "--hotplug",
+        "256M",
+        "--hotplug-requested",
+        "128M",
+        "--kernel",
+        guest("memchurn").to_str().unwrap(),
+        "--cmdline",
+        "steps=4 wbytes=32M",
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let reached = |p: &Proc, n: usize| {
+        for _ in 0..n {
+            loop {
+                let l = p
+                    .out
+                    .recv_timeout(Duration::from_secs(120))
+                    .expect("the guest reaches its target");
+                if l.contains("memchurn: reached") {
+                    break;
+                }
+            }
+        }
+    };
+    reached(&src, 1);
+    let (s2, a2, k2) = (socket.clone(), addr.clone(), k.clone());
+    let mig = std::thread::spawn(move || {
+        migrate(
+            &s2,
+            &a2,
+            &k2,
+            &["--mode", "postcopy", "--max-postcopy-bandwidth", "8"],
+        )
+    });
+    common::wait_for(
+        "the VM to run on the destination",
+        Duration::from_secs(60),
+        || {
+            std::os::unix::net::UnixStream::connect(&dst_api).is_ok()
+                && !get(&dst_api, "/vm/migrate")["incoming"].is_null()
+        },
+    );
+    let ctl = |args: &[&str]| {
+        let mut c = vmm();
+        c.arg("ctl").arg("--api-socket").arg(&dst_api).args(args);
+        run_with(c, Duration::from_secs(60)).assert_ok();
+    };
+    ctl(&["mem", "resize", "64M"]);
+    reached(&dst, 1);
+    let during = get(&dst_api, "/vm/migrate")["incoming"].clone();
+    ctl(&["balloon", "set", "8M"]);
+    reached(&dst, 1);
+    ctl(&["mem", "resize", "192M"]);
+    let r = mig.join().unwrap();
+    r.assert_ok();
+    let (s_status, s_out, s_err) = src.finish();
+    assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
+    let status = wait_child(&mut dst.child, Duration::from_secs(120));
+    let out: Vec<String> = dst.out.iter().collect();
+    let err: Vec<String> = dst.err.iter().collect();
+    let all = format!("{}\n{}", out.join("\n"), err.join("\n"));
+    let done = out
+        .iter()
+        .find(|l| l.contains("memchurn: done"))
+        .unwrap_or_else(|| panic!("the guest finished:\n{all}"));
+    for bad in [
+        "state_bad=0 ",
+        "errors=0 ",
+        "zero_bad=0 ",
+        "pattern_bad=0 ",
+        "worker_bad=0 ",
+    ] {
+        assert!(done.contains(bad), "{bad}: {done}\n{all}");
+    }
+    assert!(done.contains("steps=4 "), "{done}");
+    assert_eq!(status, Some(0), "{all}");
+    assert!(
+        during["pages_left"].as_u64().unwrap() > 0,
+        "the unplug raced pages still coming: {during}"
+    );
+}
