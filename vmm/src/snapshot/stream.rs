@@ -235,8 +235,8 @@ pub enum Msg {
     /// (in `data`, in order), `None` a hole.
     Pages {
         gpas: Vec<(u64, bool)>,
-        /// One copy, not a sequence of bytes (measured: a 64 KiB answer
-        /// took ~150 µs more to encode and decode byte by byte).
+        /// One copy, not a sequence of bytes (measured by hand: a 64 KiB
+        /// answer took ~100 µs more to encode and decode byte by byte).
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
