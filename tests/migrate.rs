@@ -521,44 +521,40 @@ fn a_postcopy_cut_in_the_middle_waits_and_recovers() {
     );
 }
 
-/// The balloon inflated and deflated on the destination during post-copy,
-/// over pages still at the source: a ballooned page stays a hole (it reads
-/// zero when the guest takes it back, whatever arrives for it later) and
-/// every other page keeps what the guest wrote.
-#[test]
-fn balloon_churn_during_postcopy_keeps_holes_and_writes() {
-    let k = key("balloon", b"a key for the balloon post-copy.");
-    let addr = format!("unix:{}", tmp("balloon-dst.sock").display());
-    let dst_api = tmp("balloon-dst-api.sock");
+/// A post-copy in the middle, for tests that act on the destination while
+/// pages are still coming.
+struct SlowPostcopy {
+    src: Proc,
+    dst: Proc,
+    dst_api: PathBuf,
+    mig: std::thread::JoinHandle<Run>,
+}
+
+/// A source running `src_args` (its API on a socket) and a destination
+/// with its own API; once `ready(source, its API)` returns, a post-copy
+/// with the push held to 8 MiB/s starts (in a thread), and this returns
+/// when the VM runs on the destination.
+fn slow_postcopy(name: &str, src_args: &[&str], ready: impl FnOnce(&Proc, &Path)) -> SlowPostcopy {
+    let k = key(name, b"a key for a slow post-copy test..");
+    let addr = format!("unix:{}", tmp(&format!("{name}-dst.sock")).display());
+    let dst_api = tmp(&format!("{name}-dst-api.sock"));
     let _ = std::fs::remove_file(&dst_api);
     let dst = destination_with(&addr, &k, &["--api-socket", dst_api.to_str().unwrap()]);
-    let socket = tmp("balloon-src.sock");
+    let socket = tmp(&format!("{name}-src.sock"));
     let _ = std::fs::remove_file(&socket);
-    let src = Proc::spawn(&[
-        "run",
-        "--mem",
-        "256M",
-        "--balloon",
-        "0",
-        "--kernel",
-        guest("balloon").to_str().unwrap(),
-        "--cmdline",
-        "base=16M bytes=64M steps=2",
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
+    let mut args = vec!["run"];
+    args.extend(src_args);
+    args.extend(["--api-socket", socket.to_str().unwrap()]);
+    let src = Proc::spawn(&args);
     common::wait_for("the source's API", Duration::from_secs(30), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
-    wait_resident(&socket, 64.0);
-    let (s2, a2, k2) = (socket.clone(), addr.clone(), k.clone());
-    // The push held to 8 MiB/s: the pool's top (pushed last) is still at
-    // the source when the balloon takes it.
+    ready(&src, &socket);
     let mig = std::thread::spawn(move || {
         migrate(
-            &s2,
-            &a2,
-            &k2,
+            &socket,
+            &addr,
+            &k,
             &["--mode", "postcopy", "--max-postcopy-bandwidth", "8"],
         )
     });
@@ -570,32 +566,77 @@ fn balloon_churn_during_postcopy_keeps_holes_and_writes() {
                 && !get(&dst_api, "/vm/migrate")["incoming"].is_null()
         },
     );
-    let ctl = |args: &[&str]| {
+    SlowPostcopy {
+        src,
+        dst,
+        dst_api,
+        mig,
+    }
+}
+
+impl SlowPostcopy {
+    /// `vmm ctl` on the destination.
+    fn ctl(&self, args: &[&str]) -> Run {
         let mut c = vmm();
-        c.arg("ctl").arg("--api-socket").arg(&dst_api).args(args);
+        c.arg("ctl")
+            .arg("--api-socket")
+            .arg(&self.dst_api)
+            .args(args);
         run_with(c, Duration::from_secs(60))
-    };
+    }
+
+    /// The migration's end (it must succeed): its `vmm ctl` run, and the
+    /// two processes.
+    fn migrated(self) -> (Run, Proc, Proc) {
+        let r = self.mig.join().unwrap();
+        if r.status != Some(0) {
+            let (mut src, mut dst) = (self.src, self.dst);
+            let _ = (src.child.kill(), dst.child.kill());
+            let (_, so, se) = src.finish();
+            let (_, d_out, de) = dst.finish();
+            panic!(
+                "{}\nsource:\n{so}\n{se}\ndestination:\n{d_out}\n{de}",
+                r.stderr
+            );
+        }
+        (r, self.src, self.dst)
+    }
+}
+
+/// The balloon inflated and deflated on the destination during post-copy,
+/// over pages still at the source: a ballooned page stays a hole (it reads
+/// zero when the guest takes it back, whatever arrives for it later) and
+/// every other page keeps what the guest wrote.
+#[test]
+fn balloon_churn_during_postcopy_keeps_holes_and_writes() {
+    // The push held to 8 MiB/s: the pool's top (pushed last) is still at
+    // the source when the balloon takes it.
+    let p = slow_postcopy(
+        "balloon",
+        &[
+            "--mem",
+            "256M",
+            "--balloon",
+            "0",
+            "--kernel",
+            guest("balloon").to_str().unwrap(),
+            "--cmdline",
+            "base=16M bytes=64M steps=2",
+        ],
+        |_, socket| wait_resident(socket, 64.0),
+    );
+    let (dst_api, ctl) = (&p.dst_api, |a: &[&str]| p.ctl(a));
     ctl(&["balloon", "set", "32M"]).assert_ok();
     common::wait_for("the balloon to inflate", Duration::from_secs(60), || {
-        get(&dst_api, "/balloon")["actual_mib"].as_u64() == Some(32)
+        get(dst_api, "/balloon")["actual_mib"].as_u64() == Some(32)
     });
-    let during = get(&dst_api, "/vm/migrate")["incoming"].clone();
+    let during = get(dst_api, "/vm/migrate")["incoming"].clone();
     assert!(
         during["pages_left"].as_u64().unwrap() > 0,
         "the balloon took pages while some were still coming: {during}"
     );
     ctl(&["balloon", "set", "0"]).assert_ok();
-    let r = mig.join().unwrap();
-    if r.status != Some(0) {
-        let (mut src, mut dst) = (src, dst);
-        let _ = (src.child.kill(), dst.child.kill());
-        let (_, so, se) = src.finish();
-        let (_, d_out, de) = dst.finish();
-        panic!(
-            "{}\nsource:\n{so}\n{se}\ndestination:\n{d_out}\n{de}",
-            r.stderr
-        );
-    }
+    let (r, src, dst) = p.migrated();
     let (s_status, s_out, s_err) = src.finish();
     assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
     let (d_status, d_out, d_err) = dst.finish();
@@ -627,32 +668,6 @@ fn balloon_churn_during_postcopy_keeps_holes_and_writes() {
 /// patterns intact.
 #[test]
 fn hotplug_and_balloon_churn_during_postcopy_hold_every_check() {
-    let k = key("churn", b"a key for the churn post-copy....");
-    let addr = format!("unix:{}", tmp("churn-dst.sock").display());
-    let dst_api = tmp("churn-dst-api.sock");
-    let _ = std::fs::remove_file(&dst_api);
-    let mut dst = destination_with(&addr, &k, &["--api-socket", dst_api.to_str().unwrap()]);
-    let socket = tmp("churn-src.sock");
-    let _ = std::fs::remove_file(&socket);
-    let src = Proc::spawn(&[
-        "run",
-        "--vcpus",
-        "3",
-        "--mem",
-        "256M",
-        "--balloon",
-        "0",
-        "--hotplug",
-        "256M",
-        "--hotplug-requested",
-        "128M",
-        "--kernel",
-        guest("memchurn").to_str().unwrap(),
-        "--cmdline",
-        "steps=4 wbytes=32M",
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
     let reached = |p: &Proc, n: usize| {
         for _ in 0..n {
             loop {
@@ -666,37 +681,35 @@ fn hotplug_and_balloon_churn_during_postcopy_hold_every_check() {
             }
         }
     };
-    reached(&src, 1);
-    let (s2, a2, k2) = (socket.clone(), addr.clone(), k.clone());
-    let mig = std::thread::spawn(move || {
-        migrate(
-            &s2,
-            &a2,
-            &k2,
-            &["--mode", "postcopy", "--max-postcopy-bandwidth", "8"],
-        )
-    });
-    common::wait_for(
-        "the VM to run on the destination",
-        Duration::from_secs(60),
-        || {
-            std::os::unix::net::UnixStream::connect(&dst_api).is_ok()
-                && !get(&dst_api, "/vm/migrate")["incoming"].is_null()
-        },
+    let p = slow_postcopy(
+        "churn",
+        &[
+            "--vcpus",
+            "3",
+            "--mem",
+            "256M",
+            "--balloon",
+            "0",
+            "--hotplug",
+            "256M",
+            "--hotplug-requested",
+            "128M",
+            "--kernel",
+            guest("memchurn").to_str().unwrap(),
+            "--cmdline",
+            "steps=4 wbytes=32M",
+        ],
+        |src, _| reached(src, 1),
     );
-    let ctl = |args: &[&str]| {
-        let mut c = vmm();
-        c.arg("ctl").arg("--api-socket").arg(&dst_api).args(args);
-        run_with(c, Duration::from_secs(60)).assert_ok();
-    };
+    let ctl = |a: &[&str]| p.ctl(a).assert_ok();
+    let dst = &p.dst;
     ctl(&["mem", "resize", "64M"]);
-    reached(&dst, 1);
-    let during = get(&dst_api, "/vm/migrate")["incoming"].clone();
+    reached(dst, 1);
+    let during = get(&p.dst_api, "/vm/migrate")["incoming"].clone();
     ctl(&["balloon", "set", "8M"]);
-    reached(&dst, 1);
+    reached(dst, 1);
     ctl(&["mem", "resize", "192M"]);
-    let r = mig.join().unwrap();
-    r.assert_ok();
+    let (_, src, mut dst) = p.migrated();
     let (s_status, s_out, s_err) = src.finish();
     assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
     let status = wait_child(&mut dst.child, Duration::from_secs(120));

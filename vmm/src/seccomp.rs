@@ -304,15 +304,8 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_recvfrom,
             libc::SYS_shutdown,
             libc::SYS_getrandom,
-            // Post-copy: the thread that answers the destination's
-            // requests (started by this one, under this filter).
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_prctl,
-            // Its request and answer threads run at a higher priority.
-            libc::SYS_setpriority,
+            // (+ POSTCOPY_THREADS: the thread that answers the
+            // destination's requests.)
         ],
         // A post-copy destination's receivers: pages from the source's
         // connections into the incoming file; a recovery listens again
@@ -331,14 +324,8 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_fcntl,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
-            // A recovery starts the thread that receives the answers.
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_prctl,
-            // Its request and answer threads run at a higher priority.
-            libc::SYS_setpriority,
+            // (+ POSTCOPY_THREADS: a recovery starts the thread that
+            // receives the answers.)
         ],
         // (sendto: a post-copy destination whose VM ends tells the source.)
         ThreadClass::Main => &[
@@ -353,8 +340,24 @@ fn allowed(class: ThreadClass) -> Vec<i64> {
             libc::SYS_fcntl,
         ],
     };
-    COMMON.iter().chain(own).copied().collect()
+    let threads: &[i64] = match class {
+        ThreadClass::Control | ThreadClass::Migration => POSTCOPY_THREADS,
+        _ => &[],
+    };
+    COMMON.iter().chain(own).chain(threads).copied().collect()
 }
+
+/// A post-copy thread started under its starter's filter (the source's
+/// answer thread from the control thread, a recovered receiver from the
+/// destination's follower), at a higher priority.
+const POSTCOPY_THREADS: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_setpriority,
+];
 
 const KVMIO: c_uint = 0xAE;
 const UFFDIO: c_uint = 0xAA;
