@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use super::postcopy::{runs, Arrivals, PostcopyStatus};
 use super::save::{Snapshotter, PAUSE_LIMIT};
-use super::serve::{is_connection, Answering, Owed};
+use super::serve::{Answering, Owed};
 use super::stream::{Addr, Channel, Key, Msg, StreamError, VmState};
 use super::SnapshotError;
 use crate::devices::lock;
@@ -52,6 +52,8 @@ pub enum MigrateError {
     Protocol(&'static str),
     #[error("a migration is running already")]
     Busy,
+    #[error("this VM was stopped during a paused post-copy: the destination never got all its pages")]
+    Abandoned,
 }
 
 /// How guest memory moves.
@@ -295,6 +297,10 @@ impl Snapshotter {
                 self.exit.request(ExitReason::Migrated(o.to.to_string()));
                 Ok(m.status())
             }
+            Err(MigrateError::Abandoned) => {
+                eprintln!("vmm: migration to {}: {}", o.to, MigrateError::Abandoned);
+                Err(MigrateError::Abandoned)
+            }
             Err(e) => {
                 eprintln!("vmm: migration to {} failed, the VM runs on: {e}", o.to);
                 Err(e)
@@ -494,7 +500,10 @@ impl Snapshotter {
                     }
                     return Ok(());
                 }
-                Err(e) if is_connection(&e) => {
+                // A broken connection, or a stream that broke: nothing can
+                // resume this VM (the destination ran it); it waits with
+                // its pages for a recovery, or for its end.
+                Err(e) => {
                     ch.shutdown();
                     eprintln!(
                         "vmm: post-copy paused: {e}; the VM stays stopped here with the pages the destination lacks (resume with 'vmm ctl migrate recover --to ADDR')"
@@ -503,10 +512,6 @@ impl Snapshotter {
                         s.state = "postcopy-paused".into();
                         s.error = Some(e.to_string());
                     });
-                }
-                Err(e) => {
-                    lock(&m.recover).take();
-                    return Err(e);
                 }
             }
             let (c, u) = loop {
@@ -524,9 +529,7 @@ impl Snapshotter {
                     Err(mpsc::RecvTimeoutError::Timeout) if !self.exit.is_stopping() => {}
                     Err(_) => {
                         lock(&m.recover).take();
-                        return Err(MigrateError::Destination(
-                            "this VM ended during a paused post-copy".into(),
-                        ));
+                        return Err(MigrateError::Abandoned);
                     }
                 }
             };

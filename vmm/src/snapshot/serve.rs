@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::postcopy::MAX_REQUEST;
 use super::send::{Batch, MigrateError, Migrations};
-use super::stream::{Channel, Conn, Msg, StreamError};
+use super::stream::{Channel, Conn, Msg};
 use crate::devices::lock;
 use crate::memory::migrate::Page;
 use crate::memory::{MemoryManager, PAGE_SIZE};
@@ -242,12 +242,4 @@ impl Owed {
         self.report(m, batch.pages);
         r
     }
-}
-
-/// Whether a post-copy error is the connection's (recoverable).
-pub fn is_connection(e: &MigrateError) -> bool {
-    matches!(
-        e,
-        MigrateError::Stream(StreamError::Io { .. } | StreamError::Closed | StreamError::Auth(_))
-    )
 }
