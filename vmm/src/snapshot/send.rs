@@ -52,7 +52,9 @@ pub enum MigrateError {
     Protocol(&'static str),
     #[error("a migration is running already")]
     Busy,
-    #[error("this VM was stopped during a paused post-copy: the destination never got all its pages")]
+    #[error(
+        "this VM was stopped during a paused post-copy: the destination never got all its pages"
+    )]
     Abandoned,
 }
 
