@@ -104,6 +104,33 @@ fn bad_vcpu_counts() {
 }
 
 #[test]
+fn bad_dirty_logs() {
+    for bad in ["ring:1000", "ring:0", "ring:x", "rings", "bitmap:4096", ""] {
+        run(&["run", &format!("--dirty-log={bad}")]).assert_error("invalid dirty log");
+    }
+    run(&["run", "--dirty-log", "ring:4194304", "--force-dirty-ring"])
+        .assert_error("must be a power of two from 1024 to");
+    // A PVM host writes past the ring (docs/FAULT-PATH.md, "Dirty log"):
+    // refused up front there, as on a destination before it listens.
+    if vmm::host::detect_flavor() == vmm::host::KvmFlavor::Pvm {
+        run(&["run", "--dirty-log", "ring"]).assert_error("writes past the dirty ring");
+        let key = tmp("key", b"a key both sides hold, 32 bytes!");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        run(&[
+            "run",
+            "--incoming",
+            "unix:/nonexistent/never-listened",
+            "--migration-key",
+            &key,
+            "--dirty-log",
+            "ring:1024",
+        ])
+        .assert_error("writes past the dirty ring");
+    }
+}
+
+#[test]
 fn bad_flag() {
     run(&["run", "--no-such-flag"]).assert_error("unexpected argument");
 }

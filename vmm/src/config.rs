@@ -32,6 +32,15 @@ pub enum ConfigError {
     Hotplug(#[from] crate::devices::virtio::mem::RegionError),
     #[error("--hotplug needs a userfaultfd fault mode (vcpu or handler), not {0}: only those enforce that unplugged blocks stay empty")]
     HotplugNeedsUffd(&'static str),
+    #[error(
+        "--dirty-log ring: this host's KVM is PVM, which writes past the dirty ring (each \
+         emulated guest store takes an entry and the vCPU is not stopped in time: entries are \
+         overwritten and a vCPU can be left unable to run); use --dirty-log bitmap \
+         (--force-dirty-ring to measure it anyway)"
+    )]
+    DirtyRingOnPvm,
+    #[error("invalid dirty log {0:?}: expected bitmap, ring or ring:ENTRIES (a power of two, at least 1024), e.g. ring:4096")]
+    BadDirtyLog(String),
     #[error("--mem-hugepages: {0}")]
     HugePages(&'static str),
     #[error("--vcpus must be at least 1")]
@@ -189,6 +198,63 @@ pub struct VmConfig {
     pub seccomp_caller: bool,
     /// How a restore (`Kernel::Snapshot`) brings the memory back.
     pub restore: RestoreOptions,
+    /// How KVM reports the pages the guest writes (migration, diff
+    /// snapshots): a bitmap per memslot or a ring per vCPU.
+    pub dirty_log: DirtyLog,
+}
+
+/// How KVM reports the pages the guest writes (`--dirty-log`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DirtyLog {
+    /// `KVM_GET_DIRTY_LOG`: a bitmap per memslot, read and cleared per
+    /// round (Cloud Hypervisor, Firecracker).
+    #[default]
+    Bitmap,
+    /// `KVM_CAP_DIRTY_LOG_RING`: a ring of this many entries per vCPU
+    /// (QEMU's `dirty-ring-size`); a full ring exits to its vCPU thread.
+    /// `force`: also on a host known to write past the ring (PVM), for
+    /// measuring it.
+    Ring { entries: u32, force: bool },
+}
+
+/// Entries per vCPU when `--dirty-log ring` names no size (QEMU's usual
+/// 4096: 64 KiB per vCPU).
+pub const DEFAULT_RING_ENTRIES: u32 = 4096;
+
+impl DirtyLog {
+    pub fn name(self) -> String {
+        match self {
+            DirtyLog::Bitmap => "bitmap".into(),
+            DirtyLog::Ring { entries, .. } => format!("ring:{entries}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DirtyLog {
+    type Err = ConfigError;
+
+    /// `bitmap`, `ring` or `ring:ENTRIES`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadDirtyLog(s.to_string());
+        if s == "bitmap" {
+            return Ok(DirtyLog::Bitmap);
+        }
+        let (kind, n) = s.split_once(':').unwrap_or((s, ""));
+        if kind != "ring" {
+            return Err(bad());
+        }
+        let entries = match n {
+            "" => DEFAULT_RING_ENTRIES,
+            n => n.parse().map_err(|_| bad())?,
+        };
+        if !entries.is_power_of_two() || entries < 1024 {
+            return Err(bad());
+        }
+        Ok(DirtyLog::Ring {
+            entries,
+            force: false,
+        })
+    }
 }
 
 /// How a restored VM's memory comes back (`vmm restore --restore-mode`).
@@ -291,6 +357,7 @@ impl VmConfig {
             seccomp: crate::seccomp::SeccompMode::Kill,
             seccomp_caller: false,
             restore: RestoreOptions::default(),
+            dirty_log: DirtyLog::default(),
         }
     }
 }

@@ -399,6 +399,9 @@ pub const UFFDIO_WAKE: u64 = ior::<UffdioRange>(UFFDIO, 0x02);
 pub const UFFDIO_COPY: u64 = crate::fault::uffd::UFFDIO_COPY;
 pub const UFFDIO_ZEROPAGE: u64 = crate::fault::uffd::UFFDIO_ZEROPAGE;
 
+/// `KVM_RESET_DIRTY_RINGS` (`--dirty-log ring`): after a harvest.
+const KVM_RESET_DIRTY_RINGS: u64 = io(KVMIO, 0xc7);
+
 /// The fault engine's ioctls (any thread that serves a fault).
 const FAULT_IOCTLS: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];
 
@@ -427,7 +430,8 @@ fn vcpu_ioctls() -> Vec<u64> {
         ior::<kvm_xcrs>(KVMIO, 0xa6),
         ior::<kvm_lapic_state>(KVMIO, 0x8e),
         ior::<kvm_debugregs>(KVMIO, 0xa1),
-        io(KVMIO, 0xa3), // KVM_GET_TSC_KHZ
+        io(KVMIO, 0xa3),       // KVM_GET_TSC_KHZ
+        KVM_RESET_DIRTY_RINGS, // a full dirty ring's harvest
     ];
     v.extend_from_slice(&memslot_ioctls());
     v.extend_from_slice(FAULT_IOCTLS);
@@ -471,6 +475,7 @@ fn ioctls(class: ThreadClass) -> Option<Vec<u64>> {
             ior::<kvm_bindings::kvm_pit_state2>(KVMIO, 0x9f), // KVM_GET_PIT2
             iow::<kvm_bindings::kvm_userspace_memory_region>(KVMIO, 0x46),
             iow::<kvm_bindings::kvm_dirty_log>(KVMIO, 0x42), // KVM_GET_DIRTY_LOG
+            KVM_RESET_DIRTY_RINGS,                           // or its rings' (`--dirty-log ring`)
         ],
     };
     v.extend_from_slice(FAULT_IOCTLS);

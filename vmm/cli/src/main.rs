@@ -286,6 +286,17 @@ struct ServeArgs {
     /// the VMM with a report), log (the kernel logs it, `dmesg`), off.
     #[arg(long, value_enum, default_value = "kill")]
     seccomp: vmm::seccomp::SeccompMode,
+    /// How KVM reports the pages the guest writes (live migration, diff
+    /// snapshots): bitmap (KVM_GET_DIRTY_LOG per memslot) or ring[:ENTRIES]
+    /// (a ring per vCPU, a power of two from 1024; ring = ring:4096).
+    #[arg(long, default_value = "bitmap")]
+    dirty_log: vmm::config::DirtyLog,
+    /// Use --dirty-log ring even on a PVM host, which writes past the ring
+    /// (measured: every emulated guest store takes an entry and the host
+    /// does not stop the vCPU in time; a vCPU can be left unable to run,
+    /// which ends the VM). For measuring it.
+    #[arg(long)]
+    force_dirty_ring: bool,
 }
 
 impl ServeArgs {
@@ -301,6 +312,13 @@ impl ServeArgs {
             api_socket: self.api_socket.clone(),
             seccomp: self.seccomp,
             seccomp_caller: true,
+            dirty_log: match self.dirty_log {
+                vmm::config::DirtyLog::Ring { entries, .. } => vmm::config::DirtyLog::Ring {
+                    entries,
+                    force: self.force_dirty_ring,
+                },
+                d => d,
+            },
             ..config
         }
     }

@@ -89,6 +89,11 @@ metrics! {
         ExitDebug = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "debug")]).only(VCPU),
         /// `KVM_EXIT_X86_WRMSR`/`RDMSR` (the MSR filter).
         ExitMsr = Metric::counter("vmm_exits", "exits", EXITS).labels(&[("reason", "msr")]).only(VCPU),
+        /// `KVM_EXIT_DIRTY_RING_FULL` (`--dirty-log ring`): the vCPU
+        /// harvested the rings before it ran again.
+        ExitDirtyRingFull = Metric::counter("vmm_exits", "exits", EXITS)
+            .labels(&[("reason", "dirty_ring_full")])
+            .only(VCPU),
         /// `int3` the emulator failed on: RIP+1, #BP injected.
         AssistInt3 = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "int3")]).only(VCPU),
         AssistClac = Metric::counter("vmm_assists", "assists", ASSISTS).labels(&[("kind", "clac")]).only(VCPU),
@@ -194,6 +199,7 @@ pub enum ExitKind {
     Other,
     Debug,
     Msr,
+    DirtyRingFull,
 }
 
 impl From<ExitKind> for ThreadStat {
@@ -210,6 +216,7 @@ impl From<ExitKind> for ThreadStat {
             ExitKind::Other => ThreadStat::ExitOther,
             ExitKind::Debug => ThreadStat::ExitDebug,
             ExitKind::Msr => ThreadStat::ExitMsr,
+            ExitKind::DirtyRingFull => ThreadStat::ExitDirtyRingFull,
         }
     }
 }

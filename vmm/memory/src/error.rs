@@ -33,7 +33,7 @@ pub enum MemError {
         size: u64,
         source: kvm_ioctls::Error,
     },
-    #[error("KVM_GET_DIRTY_LOG slot {slot} (GPA {gpa:#x}) failed: {source}")]
+    #[error("reading the dirty log of slot {slot} (GPA {gpa:#x}) failed: {source}")]
     DirtyLog {
         slot: u32,
         gpa: u64,

@@ -9,11 +9,12 @@ mod kvm;
 mod manager;
 pub mod migrate;
 mod partial;
+pub mod ring;
 pub mod snapshot;
 mod source;
 
 pub use error::MemError;
-pub use kvm::{KvmSlots, NoKvm};
+pub use kvm::{DirtyLogStats, KvmSlots, NoKvm};
 pub use manager::{
     MemStat, MemoryManager, MemoryStats, NewSlot, Slot, SlotBacking, MEMORY_METRICS,
 };

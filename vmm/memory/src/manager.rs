@@ -140,6 +140,8 @@ impl std::ops::Index<MemStat> for MemoryStats {
 struct Counters {
     changes: AtomicU64,
     discarded_pages: AtomicU64,
+    /// Nanoseconds in `KvmSlots::dirty_log`.
+    dirty_log_ns: AtomicU64,
 }
 
 pub struct MemoryManager {
@@ -679,6 +681,13 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// How KVM keeps the dirty log, and what reading it cost so far.
+    pub fn dirty_log_stats(&self) -> crate::DirtyLogStats {
+        let mut s = self.kvm.dirty_log_stats();
+        s.read_ns = self.counters.dirty_log_ns.load(Ordering::Relaxed);
+        s
+    }
+
     /// Whether [`track_dirty`](Self::track_dirty) is on.
     pub fn tracks_dirty(&self) -> bool {
         self.log_dirty.load(Ordering::Acquire)
@@ -688,14 +697,16 @@ impl MemoryManager {
     /// (one bit per page): the guest's writes (KVM's log) and the VMM's
     /// (the region's bitmap); both are cleared.
     pub fn take_dirty(&self, slot: &Slot) -> Result<Vec<u64>, MemError> {
-        let mut bits =
-            self.kvm
-                .dirty_log(slot.id, slot.size)
-                .map_err(|source| MemError::DirtyLog {
-                    slot: slot.id,
-                    gpa: slot.gpa,
-                    source,
-                })?;
+        let t = std::time::Instant::now();
+        let bits = self.kvm.dirty_log(slot.id, slot.size);
+        self.counters
+            .dirty_log_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let mut bits = bits.map_err(|source| MemError::DirtyLog {
+            slot: slot.id,
+            gpa: slot.gpa,
+            source,
+        })?;
         bits.resize(slot.size.div_ceil(PAGE_SIZE * 64) as usize, 0);
         for (w, vmm) in bits
             .iter_mut()

@@ -128,6 +128,16 @@ pub struct MigrationStatus {
     pub pages_pushed: u64,
     /// This VM came by a post-copy migration: its progress.
     pub incoming: Option<PostcopyStatus>,
+    /// How KVM logged the guest's writes: `bitmap` or `ring:ENTRIES`
+    /// (`vmm run --dirty-log`).
+    pub dirty_log: String,
+    /// Time spent reading the dirty log, every round together.
+    pub dirty_log_ms: f64,
+    /// Ring only: vCPU exits for a full ring during this migration.
+    pub dirty_ring_full: u64,
+    /// Ring only: times the host wrote past a ring during this migration
+    /// (every page was then sent again).
+    pub dirty_ring_lost: u64,
 }
 
 /// What the running or last migration did. (One runs at a time: the
@@ -355,13 +365,21 @@ impl Snapshotter {
         self.memory
             .track_dirty()
             .map_err(|e| MigrateError::Memory(e.to_string()))?;
+        let log0 = self.memory.dirty_log_stats();
+        m.update(|s| s.dirty_log = log0.kind.clone());
+        let log = |s: &mut MigrationStatus| {
+            let now = self.memory.dirty_log_stats();
+            s.dirty_log_ms = (now.read_ns - log0.read_ns) as f64 / 1e6;
+            s.dirty_ring_full = now.ring_full - log0.ring_full;
+            s.dirty_ring_lost = now.ring_lost - log0.ring_lost;
+        };
         let mut sent = Sent::default();
         let mut batch = Batch::new();
         let mut converged = false;
         if o.mode != MigrationMode::Postcopy {
             m.update(|s| s.state = "precopy".into());
             connected();
-            converged = self.precopy(o, m, t0, &mut sent, &mut ch, &mut batch)?;
+            converged = self.precopy(o, m, t0, &mut sent, &mut ch, &mut batch, &log)?;
         } else {
             connected();
         }
@@ -392,6 +410,7 @@ impl Snapshotter {
                 s.pages_per_round.push(last - pending.len() as u64);
                 s.pages_sent = batch.pages;
                 s.pages_pending = pending.len() as u64;
+                log(s);
             });
             if post {
                 ch.send(&Msg::Postcopy {
@@ -436,6 +455,8 @@ impl Snapshotter {
     }
 
     /// Rounds while the guest runs; whether the last fits the budget.
+    /// `log` adds the dirty log's counters to the status.
+    #[allow(clippy::too_many_arguments)]
     fn precopy(
         &self,
         o: &MigrateOptions,
@@ -444,6 +465,7 @@ impl Snapshotter {
         sent: &mut Sent,
         ch: &mut Channel,
         batch: &mut Batch,
+        log: &dyn Fn(&mut MigrationStatus),
     ) -> Result<bool, MigrateError> {
         let first = self.round(true, sent, ch, batch, None)?;
         m.update(|s| s.pages_per_round.push(first));
@@ -463,6 +485,7 @@ impl Snapshotter {
                 s.dirty_pages_per_s = n as f64 / dt;
                 s.pages_per_s = rate;
                 s.expected_downtime_ms = expected * 1e3;
+                log(s);
             });
             if expected <= budget {
                 return Ok(true);

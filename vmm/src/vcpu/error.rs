@@ -39,6 +39,8 @@ pub enum VcpuError {
          this host does not report missing pages to the vCPU here; use --fault-mode handler"
     )]
     EfaultWithoutAddress { vcpu: usize, rip: u64, cpl: u8 },
+    #[error("vCPU {vcpu}: its dirty ring is full and could not be harvested: {error}")]
+    DirtyRing { vcpu: usize, error: String },
     #[error("vCPU {vcpu}: KVM_RUN failed at RIP {rip:#x} (CPL {cpl}): {}", std::io::Error::from_raw_os_error(*.errno))]
     Run {
         vcpu: usize,

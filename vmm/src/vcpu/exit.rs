@@ -1,7 +1,7 @@
 //! A `KVM_RUN` exit, decoded into a type of our own so that exit handling
 //! can be driven without KVM (unit tests synthesise exits).
 
-use kvm_bindings::{kvm_run, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::VcpuExit;
 
 use crate::fault::stats::ExitKind;
@@ -65,6 +65,9 @@ pub enum Exit<'a> {
         data: u64,
         error: &'a mut u8,
     },
+    /// `KVM_EXIT_DIRTY_RING_FULL`: this vCPU's dirty ring must be harvested
+    /// before it may run again.
+    DirtyRingFull,
     /// An exit this VMM does not handle.
     Unhandled(String),
     /// `KVM_RUN` itself failed.
@@ -86,6 +89,7 @@ impl Exit<'_> {
             Exit::Intr => ExitKind::Intr,
             Exit::Debug { .. } => ExitKind::Debug,
             Exit::WrMsr { .. } => ExitKind::Msr,
+            Exit::DirtyRingFull => ExitKind::DirtyRingFull,
             Exit::Failed { errno } if *errno == libc::EINTR || *errno == libc::EAGAIN => {
                 ExitKind::Intr
             }
@@ -140,6 +144,7 @@ pub unsafe fn decode<'a>(
             data: w.data,
             error: w.error,
         },
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::DirtyRingFull,
         Ok(other) => Exit::Unhandled(format!("{other:?}")),
         Err(e) => Exit::Failed { errno: e.errno() },
     }

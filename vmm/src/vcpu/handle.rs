@@ -48,6 +48,17 @@ pub struct VcpuShared {
     pub pause: Arc<super::pause::Pause>,
     /// The host's `KVM_GET_MSR_INDEX_LIST` (what a snapshot saves).
     pub msr_list: Vec<u32>,
+    /// The VM's dirty rings (`--dirty-log ring`): a vCPU whose ring is full
+    /// harvests them before it runs again.
+    pub dirty_rings: Option<Arc<dyn RingFull>>,
+}
+
+/// What a vCPU calls on `KVM_EXIT_DIRTY_RING_FULL`: the VM's dirty rings
+/// (`vmm_memory::ring::DirtyRings`, wired in by `vm`).
+pub trait RingFull: Send + Sync {
+    /// Harvest every ring so that vCPU `vcpu` may run again; an error once
+    /// its ring cannot be emptied.
+    fn full(&self, vcpu: usize) -> Result<u64, String>;
 }
 
 /// What the loop does after an exit.
@@ -180,6 +191,7 @@ impl ExitHandler {
             Exit::WrMsr { index, data, error } => self.wrmsr(vcpu, index, data, error),
             Exit::Debug { pc, .. } => self.debug(vcpu, pc, exited),
             Exit::Failed { errno } => self.failed(vcpu, errno),
+            Exit::DirtyRingFull => self.dirty_ring_full(),
             Exit::Unhandled(what) => self.unhandled(vcpu, &what),
         }
     }
@@ -315,6 +327,25 @@ impl ExitHandler {
 
     fn stop(&self, e: VcpuError) -> Next {
         Next::Fail(e)
+    }
+
+    /// This vCPU's dirty ring is full: harvest every ring (the pages wait
+    /// in the per-slot sets for whoever reads the log) so KVM lets it run.
+    fn dirty_ring_full(&self) -> Next {
+        let Some(rings) = &self.shared.dirty_rings else {
+            return self.stop(VcpuError::Unhandled {
+                vcpu: self.index,
+                what: "KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into(),
+                rip: 0,
+            });
+        };
+        match rings.full(self.index) {
+            Ok(_) => Next::Continue,
+            Err(error) => self.stop(VcpuError::DirtyRing {
+                vcpu: self.index,
+                error,
+            }),
+        }
     }
 
     fn unhandled(&self, vcpu: &dyn VcpuState, what: &str) -> Next {
@@ -550,6 +581,7 @@ mod tests {
             syscall_assist: None,
             pause: Arc::new(crate::vcpu::pause::Pause::new(1)),
             msr_list: Vec::new(),
+            dirty_rings: None,
         });
         Rig {
             handler: ExitHandler::new(0, shared, Arc::new(FaultStats::default())),

@@ -29,7 +29,7 @@ pub use error::VcpuError;
 /// manager publishes. The vCPU layer never goes through the memory manager:
 /// a missing page is the fault engine's business.
 pub type GuestView = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
-pub use handle::{Assists, ExitHandler, Next, VcpuShared};
+pub use handle::{Assists, ExitHandler, Next, RingFull, VcpuShared};
 pub use regs::VcpuState;
 
 use crate::exit::VmExit;

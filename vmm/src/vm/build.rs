@@ -13,7 +13,9 @@ use crate::arch::x86_64 as arch;
 use crate::arch::x86_64::layout::{self, MmioDeviceInfo};
 use crate::boot::vcpu::VcpuBoot;
 use crate::boot::{self, Boot, BootKind, BootSpec};
-use crate::config::{BalloonOptions, ConfigError, FaultMode, HotplugOptions, Kernel, VmConfig};
+use crate::config::{
+    BalloonOptions, ConfigError, DirtyLog, FaultMode, HotplugOptions, Kernel, VmConfig,
+};
 use crate::devices::marker::MarkerLog;
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use crate::devices::virtio::manager::VirtioDevices;
@@ -21,13 +23,29 @@ use crate::devices::virtio::mem::{HotplugHandle, MemRegion, VirtioMem};
 use crate::devices::{legacy, lock, serial, Bus};
 use crate::exit::VmExit;
 use crate::host::{Host, KvmFlavor};
-use crate::memory::{ImageFile, MemoryManager, PageSource, PAGE_SIZE};
+use crate::memory::ring::DirtyRings;
+use crate::memory::{ImageFile, KvmSlots, MemoryManager, PageSource, PAGE_SIZE};
 use crate::metrics::{MetricsServer, VmMetrics};
 use crate::vcpu::{self, Assists};
+
+/// Whether the host can keep the dirty log the configuration asks for.
+pub(super) fn check_dirty_log(config: &VmConfig, host: &Host) -> Result<(), ConfigError> {
+    match config.dirty_log {
+        // Measured (docs/FAULT-PATH.md, "Dirty log"): PVM emulates guest
+        // supervisor code and every emulated store takes a ring entry,
+        // past the ring's end before the vCPU is stopped; KVM's count of
+        // the ring never recovers and the vCPU can be left unable to run.
+        DirtyLog::Ring { force: false, .. } if host.flavor == KvmFlavor::Pvm => {
+            Err(ConfigError::DirtyRingOnPvm)
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Check the configuration against the host; the fault mode to use.
 pub(super) fn check(config: &VmConfig, host: &Host) -> Result<FaultMode, VmError> {
     config.validate(host.max_vcpus)?;
+    check_dirty_log(config, host)?;
     let mode = config
         .fault_mode
         .unwrap_or_else(|| host.flavor.default_fault_mode());
@@ -85,18 +103,49 @@ pub(super) fn create_vm(host: &Host) -> Result<Arc<VmFd>, VmError> {
     Ok(vm_fd)
 }
 
+/// The dirty ring, when the configuration asks for it: enabled now, before
+/// any vCPU exists (KVM's rule).
+pub(super) fn dirty_rings(
+    config: &VmConfig,
+    vm_fd: &Arc<VmFd>,
+) -> Result<Option<Arc<DirtyRings>>, VmError> {
+    match config.dirty_log {
+        DirtyLog::Bitmap => Ok(None),
+        DirtyLog::Ring { entries, .. } => {
+            let r = DirtyRings::enable(vm_fd.clone(), entries)?;
+            log::info!("dirty log: a ring of {entries} entries per vCPU");
+            Ok(Some(r))
+        }
+    }
+}
+
+impl vcpu::RingFull for DirtyRings {
+    fn full(&self, vcpu: usize) -> Result<u64, String> {
+        DirtyRings::full(self, vcpu).map_err(|e| e.to_string())
+    }
+}
+
+/// Where the memory manager registers memslots and reads the dirty log:
+/// the VM itself, or its rings.
+pub(super) fn kvm_slots(vm_fd: &Arc<VmFd>, rings: &Option<Arc<DirtyRings>>) -> Arc<dyn KvmSlots> {
+    match rings {
+        Some(r) => r.clone(),
+        None => vm_fd.clone(),
+    }
+}
+
 /// Boot RAM, mapped and registered with KVM, backed by the memory image if
 /// one was given.
 pub(super) fn create_memory(
     config: &VmConfig,
     host: &Host,
-    vm_fd: &Arc<VmFd>,
+    kvm: Arc<dyn KvmSlots>,
     mode: FaultMode,
 ) -> Result<MemoryManager, VmError> {
     let ranges = layout::ram_ranges(config.mem_size);
     if config.mem_hugepages {
         return Ok(MemoryManager::new_hugetlb(
-            vm_fd.clone(),
+            kvm,
             &ranges,
             config.hotplug.map_or(0, |h| h.size),
             host.max_memslots,
@@ -106,7 +155,7 @@ pub(super) fn create_memory(
         // No fault engine: the host kernel serves the file (MAP_PRIVATE).
         Some(p) if mode == FaultMode::Kernel => {
             return Ok(MemoryManager::new_file_mapped(
-                vm_fd.clone(),
+                kvm,
                 &ranges,
                 ImageFile::open(p, config.mem_size)?,
                 host.max_memslots,
@@ -115,12 +164,7 @@ pub(super) fn create_memory(
         Some(p) => PageSource::File(ImageFile::open(p, config.mem_size)?),
         None => PageSource::Zero,
     };
-    Ok(MemoryManager::new(
-        vm_fd.clone(),
-        &ranges,
-        source,
-        host.max_memslots,
-    )?)
+    Ok(MemoryManager::new(kvm, &ranges, source, host.max_memslots)?)
 }
 
 /// The VM's devices, built before the image is loaded (Linux learns of the
@@ -391,6 +435,7 @@ pub(super) fn create_vcpus(
     vm_fd: &VmFd,
     supported: &CpuId,
     boot: &Boot,
+    rings: Option<&DirtyRings>,
 ) -> Result<Vec<ReadyVcpu>, VmError> {
     let b = VcpuBoot {
         boot,
@@ -403,6 +448,9 @@ pub(super) fn create_vcpus(
     (0..config.vcpus)
         .map(|index| {
             let fd = kvm("KVM_CREATE_VCPU", vm_fd.create_vcpu(index as u64))?;
+            if let Some(r) = rings {
+                r.attach(index, &fd)?;
+            }
             let cpuid = boot::vcpu::configure(&fd, index, &b)
                 .map_err(|source| VmError::VcpuSetup { index, source })?;
             Ok(ReadyVcpu {

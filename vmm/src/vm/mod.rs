@@ -64,6 +64,8 @@ pub enum VmError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    DirtyRing(#[from] crate::memory::ring::RingError),
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,
@@ -175,7 +177,13 @@ impl Vm {
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
         )?;
         let vm_fd = build::create_vm(&host)?;
-        let memory = Arc::new(build::create_memory(&config, &host, &vm_fd, mode)?);
+        let rings = build::dirty_rings(&config, &vm_fd)?;
+        let memory = Arc::new(build::create_memory(
+            &config,
+            &host,
+            build::kvm_slots(&vm_fd, &rings),
+            mode,
+        )?);
         let exit = Arc::new(VmExit::new());
         let devices = build::Devices::build(&config, &vm_fd, &memory, &exit)?;
         let boot = build::load_boot_image(
@@ -196,7 +204,8 @@ impl Vm {
             engine_options(&config, &restore_stats, None),
         )?;
         let syscall_assist = build::syscall_assist(&config, &host, &vm_fd, &boot)?;
-        let vcpus = build::create_vcpus(&config, &host, &vm_fd, &supported, &boot)?;
+        let vcpus =
+            build::create_vcpus(&config, &host, &vm_fd, &supported, &boot, rings.as_deref())?;
         log::info!(
             "VM: {} vCPUs, {} MiB RAM, entry {:#x}",
             config.vcpus,
@@ -216,6 +225,7 @@ impl Vm {
             syscall_assist,
             vcpus,
             base: None,
+            rings,
         })
     }
 
@@ -237,6 +247,7 @@ impl Vm {
             syscall_assist,
             vcpus,
             base: _,
+            rings,
         } = p;
         let servers = build::Servers::bind(&config)?;
         let a = actions.clone();
@@ -270,6 +281,7 @@ impl Vm {
             syscall_assist: syscall_assist.then(|| memory.view()),
             pause: pause.clone(),
             msr_list: build::msr_list(&host)?,
+            dirty_rings: rings.map(|r| r as Arc<dyn crate::vcpu::RingFull>),
         });
         Ok(Vm {
             mode,
@@ -399,6 +411,9 @@ struct Parts {
     /// What a diff snapshot of this VM is taken on (a restored VM's
     /// snapshot).
     base: Option<crate::snapshot::save::Base>,
+    /// The dirty ring (`--dirty-log ring`), harvested by a vCPU whose ring
+    /// is full.
+    rings: Option<Arc<crate::memory::ring::DirtyRings>>,
 }
 
 fn engine_options(

@@ -45,6 +45,7 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         use crate::snapshot::receive;
         let (host, supported) = host_and_cpuid()?;
+        build::check_dirty_log(&config, &host)?;
         let label = format!("the migration on {}", o.addr);
         let err = |error: receive::ReceiveError| VmError::Incoming(error.to_string());
         let mut r = receive::receive(o, config.seccomp).map_err(err)?;
@@ -102,6 +103,7 @@ impl Vm {
             .plan(prefetch_for(&config, &host, mode, &loaded))
             .map_err(err)?;
         let vm_fd = build::create_vm(&host)?;
+        let rings = build::dirty_rings(&config, &vm_fd)?;
         let image = loaded.image.clone();
         let mapping = match config.restore.mode {
             RestoreMode::MapPrivate => RestoreMapping::Private,
@@ -109,7 +111,7 @@ impl Vm {
         };
         let memory = Arc::new(
             MemoryManager::restore(
-                vm_fd.clone(),
+                build::kvm_slots(&vm_fd, &rings),
                 &loaded.layout,
                 image.clone(),
                 mapping,
@@ -172,6 +174,11 @@ impl Vm {
             no_async_pf(&mut loaded);
         }
         let vcpus = restore_vcpus(&loaded, &vm_fd).map_err(err)?;
+        if let Some(r) = &rings {
+            for (i, v) in vcpus.iter().enumerate() {
+                r.attach(i, &v.fd)?;
+            }
+        }
         if let Some(p) = &mut early {
             p.after_vcpus(&loaded, &vcpus)?;
             log::info!(
@@ -194,6 +201,7 @@ impl Vm {
             syscall_assist,
             vcpus,
             base,
+            rings,
         })?;
         if let (Some(d), Some(e), Some(dir)) = (record_for, &vm.engine, &dir) {
             vm.actions.start_recording(e.clone(), dir);
