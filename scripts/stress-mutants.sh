@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Plant each defect the stress checks exist to find into a copy of the VMM,
-# build it, run a short `vmm stress`, and require the matching invariant to
-# report violations (and the run to fail). Shows that each check of the
-# stress report can fail. The snapshot mutants run the stress across a
-# snapshot and restore (`--restore-at`). Exits non-zero if a planted defect
-# went unseen.
+# Plant each defect the checks exist to find into a copy of the VMM, build
+# it, and require the matching check to fail: for the stress invariants a
+# short `vmm stress` must report violations of that invariant (and fail;
+# the snapshot mutants run it across a snapshot and restore,
+# `--restore-at`); a `test:` mutant's unit test must fail (a race a short
+# stress run hits only sometimes, the dirty ring's defences against a host
+# that writes past it); an `itest:` mutant's integration test must fail
+# (live migration between two vmm processes: the destination's guest finds
+# bad words). Exits non-zero if a planted defect went unseen.
 #
-#   scripts/stress-mutants.sh            # all mutants (a build and a ~10 s run each)
+#   scripts/stress-mutants.sh            # all mutants (a build and a short run each)
 #   scripts/stress-mutants.sh prefetch   # only those whose name contains "prefetch"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,16 @@ MUTANTS=(
   "a restore skips the vCPU's registers|I2|vmm/src/vcpu/state.rs|        kvm\(\"KVM_SET_REGS\", fd\.set_regs\(&self\.regs\)\)\?;\n||--restore-at 3s"
   "a prefetch overwrites a page a vCPU installed|test:vmm-fault:prefetch_keeps_what_a_vcpu_installed|vmm/fault/src/engine.rs|Ok\(uffd::Install::Exists\(_\)\) => \{\n|Ok(uffd::Install::Exists(_)) => {\nif self.prefetch { unsafe { std::ptr::copy_nonoverlapping(self.ctx.bounce.as_ptr().cast::<u8>(), hva as *mut u8, PAGE_SIZE as usize) }; }\n|"
   "a copy restore fills the holes|R1|vmm/memory/src/snapshot.rs|for \(p, n\) in s\.data_runs\(RUN\)|for (p, n) in (0..s.pages()).step_by(RUN as usize).zip(std::iter::repeat(RUN))|--restore-at 3s --restore-mode copy"
+  # The dirty ring's defences against a host that writes past it (unit
+  # tests against a model of the kernel's ring).
+  "an overflowed dirty ring is not counted whole|test:vmm-memory:a_ring_written_past_its_end|vmm/memory/src/ring.rs|            bits\.fill\(u64::MAX\);|            let _ = &mut bits;"
+  "a full vCPU's astray ring is not scanned|test:vmm-memory:a_full_vcpu_with_entries_away|vmm/memory/src/ring.rs|let astray = full == Some\(i\)|let astray = false && full == Some(i)"
+  "KVM's reset count is not checked|test:vmm-memory:an_entry_overwritten_between|vmm/memory/src/ring.rs|if in_step && cleared < marked \{|if false && in_step && cleared < marked {"
+  "a wedged vCPU spins on its full ring|test:vmm-memory:a_vcpu_whose_full_ring_never_yields|vmm/memory/src/ring.rs|if r\.empty_fulls >= WEDGED \{|if false && r.empty_fulls >= WEDGED {"
+  # Live migration, between two vmm processes (the integration test fails:
+  # the destination's guest finds bad words).
+  "a migration round skips the pages KVM logged|itest:vmm-cli:migrate:a_guest_migrated_while_writing_finds_every_page|vmm/memory/src/migrate.rs|if !first && !bit\(&changed, p\) \{|if !first { let _ = &changed;"
+  "a vCPU reads a page post-copy has not brought|itest:vmm-cli:migrate:postcopy_runs_the_guest_at_once_and_every_page_follows|vmm/src/snapshot/postcopy.rs|g = self\.cond\.wait\(g\)\.unwrap_or_else\(.e. e\.into_inner\(\)\);|return Ok(());"
 )
 # The I1 mutant also needs the unplug one (blocks must still hold pages
 # when their slice goes): applied together.
@@ -54,11 +67,18 @@ PY
     IFS='|' read -r _ _ f2 p2 r2 <<<"${MUTANTS[1]}"
     plant "$f2" "$p2" "$r2"
   fi
-  if [[ $inv == test:* ]]; then
+  if [[ $inv == test:* || $inv == itest:* ]]; then
     # A race a short stress run hits only sometimes: a unit test that sets
-    # it up every time (real userfaultfd, no KVM) must fail instead.
-    IFS=: read -r _ crate test <<<"$inv"
-    if (cd "$WORK" && cargo test --release -q -p "$crate" --lib -- "$test" \
+    # it up every time (real userfaultfd, no KVM) must fail instead. An
+    # `itest` is an integration test (real KVM, vmm processes).
+    if [[ $inv == test:* ]]; then
+      IFS=: read -r _ crate test <<<"$inv"
+      which=(--lib)
+    else
+      IFS=: read -r _ crate file test <<<"$inv"
+      which=(--test "$file")
+    fi
+    if (cd "$WORK" && cargo test --release -q -p "$crate" "${which[@]}" -- "$test" \
       >"$WORK/test.log" 2>&1); then
       printf 'MUTANT SURVIVED %-46s %s passed\n' "$name" "$test"; fails=$((fails + 1))
     elif grep -q "panicked" "$WORK/test.log"; then

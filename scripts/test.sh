@@ -24,7 +24,7 @@ CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \
   cargo test --release -p memslots -- --test-threads=1
 step "planted defects the loom models must catch"
 scripts/mutants.sh
-step "planted defects the stress report must catch"
+step "planted defects the stress report, unit and migration tests must catch"
 scripts/stress-mutants.sh
 step "fuzz targets, 30 s each (libFuzzer + ASan, nightly)"
 scripts/fuzz.sh 30

@@ -403,7 +403,17 @@ fn postcopy_runs_the_guest_at_once_and_every_page_follows() {
             &["--mode", "postcopy", "--max-postcopy-bandwidth", "100"]
         };
         let r = migrate(&socket, addr, &k, extra);
+        let (d_status, d_out, d_err) = dst.finish();
+        assert!(
+            d_out.contains("touch: OK") && d_out.contains("errors=0"),
+            "{addr}: the destination's guest verifies every page:\n{d_out}\n{d_err}"
+        );
+        assert_eq!(d_status, Some(0), "{addr}:\n{d_out}\n{d_err}");
+        assert!(d_err.contains("post-copy complete"), "{d_err}");
         r.assert_ok();
+        let (s_status, s_out, s_err) = src.finish();
+        assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
+        assert!(s_err.contains(&format!("migrated to {addr}")), "{s_err}");
         let s: Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(
             (s["state"].as_str(), s["mode"].as_str()),
@@ -437,16 +447,6 @@ fn postcopy_runs_the_guest_at_once_and_every_page_follows() {
         } else {
             assert!(pending > 20_000, "nothing was sent before the stop: {s}");
         }
-        let (s_status, s_out, s_err) = src.finish();
-        assert_eq!(s_status, Some(0), "{s_out}\n{s_err}");
-        assert!(s_err.contains(&format!("migrated to {addr}")), "{s_err}");
-        let (d_status, d_out, d_err) = dst.finish();
-        assert_eq!(d_status, Some(0), "{addr}:\n{d_out}\n{d_err}");
-        assert!(
-            d_out.contains("touch: OK") && d_out.contains("errors=0"),
-            "{addr}: the destination's guest verifies every page:\n{d_out}\n{d_err}"
-        );
-        assert!(d_err.contains("post-copy complete"), "{d_err}");
     }
 }
 

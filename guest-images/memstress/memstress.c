@@ -176,6 +176,7 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     u64 mode = cmdline_u64(cmdline, "mode", MODE_PATTERN);
     u64 seed = cmdline_u64(cmdline, "seed", 1);
     hold = cmdline_u64(cmdline, "hold", 0);
+    u64 check = cmdline_u64(cmdline, "check", 1);
     u64 random_order = cmdline_u64(cmdline, "random", 0);
 
     if (mode > MODE_WRITE_VERIFY || (rounds == 0 && mode != MODE_IMAGE)) {
@@ -228,6 +229,12 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
             scatter(start, count, r.stride, s, seed + cpu);
         fill(start, count, r.stride, s);
         barrier_wait(&bar, ncpus);
+        if (!check) {
+            /* A steady writer (dirty-log benchmarks): fill again at once. */
+            if (cpu == 0)
+                printk("memstress round=%lu filled\n", round);
+            continue;
+        }
         if (mode == MODE_PATTERN) {
             if (cpu == 0)
                 marker((u32)round);

@@ -133,6 +133,9 @@ pub struct MigrationStatus {
     pub dirty_log: String,
     /// Time spent reading the dirty log, every round together.
     pub dirty_log_ms: f64,
+    /// Ring only: entries harvested during this migration (one per page
+    /// per round on a host that logs a page once until it is reset).
+    pub dirty_ring_entries: u64,
     /// Ring only: vCPU exits for a full ring during this migration.
     pub dirty_ring_full: u64,
     /// Ring only: times the host wrote past a ring during this migration
@@ -370,6 +373,7 @@ impl Snapshotter {
         let log = |s: &mut MigrationStatus| {
             let now = self.memory.dirty_log_stats();
             s.dirty_log_ms = (now.read_ns - log0.read_ns) as f64 / 1e6;
+            s.dirty_ring_entries = now.ring_entries - log0.ring_entries;
             s.dirty_ring_full = now.ring_full - log0.ring_full;
             s.dirty_ring_lost = now.ring_lost - log0.ring_lost;
         };
