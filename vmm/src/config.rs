@@ -221,15 +221,6 @@ pub enum DirtyLog {
 /// 4096: 64 KiB per vCPU).
 pub const DEFAULT_RING_ENTRIES: u32 = 4096;
 
-impl DirtyLog {
-    pub fn name(self) -> String {
-        match self {
-            DirtyLog::Bitmap => "bitmap".into(),
-            DirtyLog::Ring { entries, .. } => format!("ring:{entries}"),
-        }
-    }
-}
-
 impl std::str::FromStr for DirtyLog {
     type Err = ConfigError;
 

@@ -7,7 +7,7 @@
 //! `KVM_RESET_DIRTY_RINGS` write-protects those pages again so the next
 //! write is logged anew. A vCPU whose ring is (nearly) full exits with
 //! `KVM_EXIT_DIRTY_RING_FULL` and may not run again until its ring is
-//! harvested: the vCPU thread does that itself ([`DirtyRings::harvest`]).
+//! harvested: the vCPU thread does that itself ([`DirtyRings::full`]).
 //!
 //! kvm-ioctls 0.25 has the capability's number but no ring (no mapping, no
 //! harvest, no reset), so this module is ours.
@@ -146,16 +146,10 @@ struct State {
     lost: u64,
     /// Per slot, the `lost` its last `take` accounted for.
     seen: HashMap<u32, u64>,
-    stats: RingStats,
-}
-
-/// Counters of the rings' work since the VM began.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct RingStats {
-    /// Entries harvested.
-    entries: u64,
+    /// Entries harvested since the VM began.
+    harvested: u64,
     /// Harvests by a vCPU whose ring was full.
-    full: u64,
+    full_exits: u64,
 }
 
 impl State {
@@ -218,7 +212,7 @@ impl State {
             }
             marked += u64::from(n);
         }
-        self.stats.entries += marked;
+        self.harvested += marked;
         (marked, in_step)
     }
 
@@ -305,10 +299,6 @@ impl DirtyRings {
         }))
     }
 
-    pub fn entries(&self) -> u32 {
-        self.entries
-    }
-
     /// Map vCPU `vcpu`'s ring (vCPUs attach in index order, right after
     /// `KVM_CREATE_VCPU`).
     pub fn attach(&self, vcpu: usize, fd: &impl AsRawFd) -> Result<(), RingError> {
@@ -333,7 +323,7 @@ impl DirtyRings {
     /// them all so that it may run again.
     pub fn full(&self, vcpu: usize) -> Result<u64, RingError> {
         let mut state = self.lock();
-        state.stats.full += 1;
+        state.full_exits += 1;
         let n = self.harvest_locked(&mut state, Some(vcpu))?;
         state.full_done(vcpu, n)?;
         Ok(n)
@@ -341,11 +331,8 @@ impl DirtyRings {
 
     /// Collect every published entry of every ring into the per-slot sets
     /// and let KVM reuse them (`KVM_RESET_DIRTY_RINGS` write-protects those
-    /// pages again). Returns the entries collected.
-    pub fn harvest(&self) -> Result<u64, RingError> {
-        self.harvest_locked(&mut self.lock(), None)
-    }
-
+    /// pages again); `full`: the vCPU whose ring is full, if one asks.
+    /// Returns the entries collected.
     fn harvest_locked(&self, state: &mut State, full: Option<usize>) -> Result<u64, RingError> {
         let (marked, in_step) = state.harvest(full);
         if marked > 0 {
@@ -422,8 +409,8 @@ impl KvmSlots for DirtyRings {
         let s = self.lock();
         DirtyLogStats {
             kind: format!("ring:{}", self.entries),
-            ring_entries: s.stats.entries,
-            ring_full: s.stats.full,
+            ring_entries: s.harvested,
+            ring_full: s.full_exits,
             ring_lost: s.lost,
             read_ns: 0,
         }

@@ -191,7 +191,7 @@ impl ExitHandler {
             Exit::WrMsr { index, data, error } => self.wrmsr(vcpu, index, data, error),
             Exit::Debug { pc, .. } => self.debug(vcpu, pc, exited),
             Exit::Failed { errno } => self.failed(vcpu, errno),
-            Exit::DirtyRingFull => self.dirty_ring_full(),
+            Exit::DirtyRingFull => self.dirty_ring_full(vcpu),
             Exit::Unhandled(what) => self.unhandled(vcpu, &what),
         }
     }
@@ -331,13 +331,9 @@ impl ExitHandler {
 
     /// This vCPU's dirty ring is full: harvest every ring (the pages wait
     /// in the per-slot sets for whoever reads the log) so KVM lets it run.
-    fn dirty_ring_full(&self) -> Next {
+    fn dirty_ring_full(&self, vcpu: &dyn VcpuState) -> Next {
         let Some(rings) = &self.shared.dirty_rings else {
-            return self.stop(VcpuError::Unhandled {
-                vcpu: self.index,
-                what: "KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into(),
-                rip: 0,
-            });
+            return self.unhandled(vcpu, "KVM_EXIT_DIRTY_RING_FULL without a dirty ring");
         };
         match rings.full(self.index) {
             Ok(_) => Next::Continue,
@@ -534,6 +530,10 @@ mod tests {
     /// A handler over 4 MiB of demand-paged RAM (real userfaultfd, no KVM)
     /// and a recording device at `DEV` on both buses.
     fn rig(with_engine: bool, assists: Assists) -> Rig {
+        rig_with(with_engine, assists, None)
+    }
+
+    fn rig_with(with_engine: bool, assists: Assists, rings: Option<Arc<dyn RingFull>>) -> Rig {
         let memory = Arc::new(
             MemoryManager::new(
                 Arc::new(NoKvm),
@@ -581,7 +581,7 @@ mod tests {
             syscall_assist: None,
             pause: Arc::new(crate::vcpu::pause::Pause::new(1)),
             msr_list: Vec::new(),
-            dirty_rings: None,
+            dirty_rings: rings,
         });
         Rig {
             handler: ExitHandler::new(0, shared, Arc::new(FaultStats::default())),
@@ -861,6 +861,42 @@ mod tests {
                 .handle(Exit::Failed { errno: libc::EINTR }, &v, Instant::now()),
             Next::Continue
         ));
+    }
+
+    /// Rings that answer a full exit with a harvest, then with an error.
+    struct FakeRings(std::sync::atomic::AtomicU32);
+
+    impl RingFull for FakeRings {
+        fn full(&self, vcpu: usize) -> Result<u64, String> {
+            assert_eq!(vcpu, 0);
+            match self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                0 => Ok(7),
+                _ => Err("wedged".into()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_dirty_ring_is_harvested_by_its_vcpu_or_ends_the_vm() {
+        let v = FakeVcpu::at(0x2000);
+        let t = Instant::now();
+        let rings = Arc::new(FakeRings(Default::default()));
+        let mut r = rig_with(false, Assists::None, Some(rings.clone()));
+        assert!(matches!(
+            r.handler.handle(Exit::DirtyRingFull, &v, t),
+            Next::Continue
+        ));
+        let Next::Fail(e) = r.handler.handle(Exit::DirtyRingFull, &v, t) else {
+            panic!("a ring that cannot be emptied ends the VM")
+        };
+        assert!(e.to_string().contains("dirty ring is full") && e.to_string().contains("wedged"));
+        assert_eq!(rings.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // Without rings the exit is a clear error at the vCPU's RIP.
+        let mut r = rig(false, Assists::None);
+        let Next::Fail(e) = r.handler.handle(Exit::DirtyRingFull, &v, t) else {
+            panic!("not a failure")
+        };
+        assert!(e.to_string().contains("0x2000"), "{e}");
     }
 
     #[test]
