@@ -157,8 +157,12 @@ fn test_guest_follows_requested_size() {
 /// another memslot as fast as it can, so that faults really race generation
 /// changes): no lost write (I2), every re-plugged block reads zero (I3), no
 /// resident page in an unplugged block or a removed slice (I1/I6, mincore at
-/// every step), retries happened (the race is real) and every fault ended
-/// installed (I4).
+/// every step) and every fault ended installed (I4). Retries are reported,
+/// not required: a fault here installs a zero page, a window so short that a
+/// run on this host counts 0 to a few retries across ~50,000 changes (CI
+/// once counted 0 and failed on it). The retry path is required where its
+/// window is wide, `fault_stress::writes_survive_memslot_churn` (each fault
+/// reads an image before its trylock: ~100 to ~1,000 retries a run).
 #[test]
 fn faults_survive_100_resizes() {
     let seed: u64 = std::env::var("VMM_STRESS_SEED")
@@ -258,9 +262,11 @@ fn faults_survive_100_resizes() {
         "workers faulted in only {rounds} blocks: {out}"
     );
     let retries: u64 = report.vcpus.iter().map(|s| s[ThreadStat::Retries]).sum();
+    // The churn really overlapped the faults (a race was possible): both
+    // went on for the whole run.
     assert!(
-        retries > 0,
-        "no fault retried across {} memslot changes",
+        report.memory[MemStat::Changes] > 1000,
+        "only {} memslot changes while the vCPUs faulted",
         report.memory[MemStat::Changes]
     );
     assert!(info.get(HotplugStat::SlicesAdded) >= 10, "{info:?}");
