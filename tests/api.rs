@@ -325,6 +325,27 @@ fn vmm_ctl_drives_every_endpoint() {
     ctl(&["balloon", "set", "1G"]).assert_error("larger than guest RAM");
     ctl(&["balloon", "set", "1500K"]).assert_error("whole MiB");
     ctl(&["mem", "show"]).assert_error("no hotplug memory is configured");
+    // Piped into a reader that has gone (`vmm ctl vm show | head -0`):
+    // ends quietly, as Unix tools do, without a panic.
+    for args in [&["vm", "show"][..], &["--json", "balloon", "show"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = vmm()
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&live.socket)
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?} into a closed pipe: {:?}, stderr {err}",
+            out.status
+        );
+    }
     ctl(&["vm", "stop"]).assert_ok();
     assert_eq!(wait(&mut live.child), Some(0));
     // Nobody on the socket now: a clear error.

@@ -551,10 +551,11 @@ fn ctl(a: CtlArgs) -> ExitCode {
             };
             let (text, ok) = vmm::api::client::render(status, &body, format);
             if ok {
-                if !text.is_empty() {
-                    println!("{text}");
+                if text.is_empty() || print_out(&text) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
                 }
-                ExitCode::SUCCESS
             } else {
                 eprintln!("vmm ctl: {status}: {text}");
                 ExitCode::from(1)
@@ -563,6 +564,23 @@ fn ctl(a: CtlArgs) -> ExitCode {
         Err(e) => {
             eprintln!("vmm ctl: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints `text` and a newline on stdout. A reader that went away early
+/// (`vmm ctl vm show | head -1`) is no error: Rust ignores SIGPIPE, so the
+/// write fails with EPIPE, and `println!` would panic on it. Any other
+/// failure to write is said on stderr and returns false.
+fn print_out(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            eprintln!("vmm ctl: cannot write the answer: {e}");
+            false
         }
     }
 }
@@ -628,7 +646,7 @@ fn follow_migration(
         }
         shown = (state.clone(), tick);
         if state == "postcopy-paused" {
-            println!("{}", render(status, &body, format).0);
+            print_out(&render(status, &body, format).0);
             eprintln!(
                 "vmm ctl: post-copy paused ({}): the VM waits stopped here; 'vmm ctl migrate recover --to ADDR --key FILE' resumes it",
                 v["error"].as_str().unwrap_or("?")
@@ -636,7 +654,7 @@ fn follow_migration(
             return ExitCode::from(1);
         }
         if state == "done" || state == "failed" {
-            println!("{}", render(status, &body, format).0);
+            print_out(&render(status, &body, format).0);
             if state == "failed" {
                 eprintln!(
                     "vmm ctl: migration failed: {}",
