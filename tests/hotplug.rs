@@ -159,8 +159,8 @@ fn test_guest_follows_requested_size() {
 /// resident page in an unplugged block or a removed slice (I1/I6, mincore at
 /// every step) and every fault ended installed (I4). Retries are reported,
 /// not required: a fault here installs a zero page, a window so short that a
-/// run on this host counts 0 to a few retries across ~50,000 changes (CI
-/// once counted 0 and failed on it). The retry path is required where its
+/// run on this host counts 0 to a few retries across ~50,000 changes. The
+/// retry path is required where its
 /// window is wide, `fault_stress::writes_survive_memslot_churn` (each fault
 /// reads an image before its trylock: ~100 to ~1,000 retries a run).
 #[test]
@@ -262,8 +262,8 @@ fn faults_survive_100_resizes() {
         "workers faulted in only {rounds} blocks: {out}"
     );
     let retries: u64 = report.vcpus.iter().map(|s| s[ThreadStat::Retries]).sum();
-    // The churn really overlapped the faults (a race was possible): both
-    // went on for the whole run.
+    // Memslots changed while the vCPUs faulted (the report is taken when
+    // the guest ends, the churn thread stops after it): a race was possible.
     assert!(
         report.memory[MemStat::Changes] > 1000,
         "only {} memslot changes while the vCPUs faulted",

@@ -568,8 +568,8 @@ fn ctl(a: CtlArgs) -> ExitCode {
     }
 }
 
-/// Prints `text` and a newline on stdout. A reader that went away early
-/// (`vmm ctl vm show | head -1`) is no error: Rust ignores SIGPIPE, so the
+/// Prints `text` and a newline on stdout. A reader that went away before
+/// reading (`vmm ctl vm show | head -0`) is no error: Rust ignores SIGPIPE, so the
 /// write fails with EPIPE, and `println!` would panic on it. Any other
 /// failure to write is said on stderr and returns false.
 fn print_out(text: &str) -> bool {
@@ -646,7 +646,7 @@ fn follow_migration(
         }
         shown = (state.clone(), tick);
         if state == "postcopy-paused" {
-            print_out(&render(status, &body, format).0);
+            let _ = print_out(&render(status, &body, format).0);
             eprintln!(
                 "vmm ctl: post-copy paused ({}): the VM waits stopped here; 'vmm ctl migrate recover --to ADDR --key FILE' resumes it",
                 v["error"].as_str().unwrap_or("?")
@@ -654,7 +654,7 @@ fn follow_migration(
             return ExitCode::from(1);
         }
         if state == "done" || state == "failed" {
-            print_out(&render(status, &body, format).0);
+            let written = print_out(&render(status, &body, format).0);
             if state == "failed" {
                 eprintln!(
                     "vmm ctl: migration failed: {}",
@@ -662,7 +662,11 @@ fn follow_migration(
                 );
                 return ExitCode::from(1);
             }
-            return ExitCode::SUCCESS;
+            return if written {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
         }
     }
 }
