@@ -270,8 +270,11 @@ else
 	# Progress: a line every 30 s while make runs (it is silent otherwise),
 	# against the file count of the last build of any tree here (1114 for
 	# linux-source-6.12's tinyconfig + microvm.config).
-	expect=$(cat "$BUILD"/micro-*/cc-files 2>/dev/null | tail -n 1)
-	[ "${expect:-0}" -gt 0 ] 2>/dev/null || expect=1114
+	expect=1114
+	for f in "$BUILD"/micro-*/cc-files; do
+		[ -s "$f" ] && expect=$(tail -n 1 "$f")
+	done
+	[ "$expect" -gt 0 ] 2>/dev/null || expect=1114
 	( while sleep 30; do
 		n=$(grep -c '^  CC' "$MICRO_LOG" 2>/dev/null || true)
 		n=${n:-0}
