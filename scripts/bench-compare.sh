@@ -6,6 +6,8 @@
 #
 #   scripts/bench-compare.sh OLD_REV [bench args, e.g. --vcpus 2 --pages 20000]
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 old=${1:?usage: scripts/bench-compare.sh OLD_REV [bench args]}
 shift
@@ -27,6 +29,9 @@ for round in 1 2; do
     bin=target/release/vmm
     [ "$side" = old ] && bin=$dir/target/release/vmm
     echo "--- round $round: $side ($([ "$side" = old ] && echo "$old" || git rev-parse --short HEAD))"
-    "$bin" bench faults "${args[@]}" | grep -E 'ratios|^vcpu |^handler |^kernel |^prefault '
+    "$bin" bench faults "${args[@]}" | grep -E 'ratios|^vcpu |^handler |^kernel |^prefault ' || {
+      echo "bench-compare: $side ($bin): vmm bench faults failed or printed none of the rows compared" >&2
+      exit 1
+    }
   done
 done

@@ -4,6 +4,8 @@
 # virtio-mem (plug/unplug latency per block and per slice, fault latency
 # while plugging/unplugging vs not). Extra arguments go to both.
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -p vmm-cli >/dev/null

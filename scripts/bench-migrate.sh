@@ -16,13 +16,17 @@
 #
 #   scripts/bench-migrate.sh [REPEAT] [precopy|postcopy|dirty]   (default 3, all)
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 repeat=${1:-3}
 only=${2:-}
 scripts/setup.sh >/dev/null
 cargo build --release -p vmm-cli -p vmm-guests >/dev/null
 vmm=target/release/vmm
-guest=$(ls -t target/release/build/vmm-guests-*/out/guests/memstress.elf | head -n 1)
+# The newest build's guest (none: the check below says so; head may end ls early).
+guest=$(ls -t target/release/build/vmm-guests-*/out/guests/memstress.elf 2>/dev/null | head -n 1 || true)
+[ -n "$guest" ] || { echo "bench-migrate: no target/release/build/vmm-guests-*/out/guests/memstress.elf after cargo build" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c 32 /dev/urandom >"$work/key"

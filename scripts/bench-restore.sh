@@ -7,6 +7,8 @@
 # memory, in one run. Snapshots go to /var/tmp (sparse, as large as the RAM).
 # Extra arguments go to `vmm bench restore` (e.g. --mem-mib 1024 --ws-mib 64).
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -p vmm-cli >/dev/null

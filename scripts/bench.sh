@@ -7,6 +7,8 @@
 # or docs/plots/bench-<flags> for another table (--source file, --hugepages,
 # --busy N; sizes and repeats do not change the table's rows).
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 variant=""
 skip=0

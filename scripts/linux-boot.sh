@@ -14,6 +14,9 @@
 # On a PVM host: the micro kernel completes user-mode SYSCALL itself (its
 # patch); the cloud kernel needs vmm's SYSCALL assist, which QEMU does not
 # have, so QEMU's cloud boot stops at /init's first system call.
+#
+# No `set -e`: a boot that times out or a milestone that never shows is a
+# result, not an error. What must work first exits with a message.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=${LIMIT:-900}
@@ -24,13 +27,23 @@ RUN=${RUN:-memtest 16}
 EXTRA=${EXTRA:-}
 L=guest-images/out/linux
 INITRD=$L/initramfs-userland.cpio
-[ -f "$INITRD" ] && [ -f $L/bzImage-micro ] || guest-images/build.sh >/dev/null
-scripts/setup.sh >/dev/null
+if [ ! -f "$INITRD" ] || [ ! -f $L/bzImage-micro ]; then
+	guest-images/build.sh >/dev/null || { echo "linux-boot: guest-images/build.sh failed" >&2; exit 1; }
+fi
+scripts/setup.sh >/dev/null || { echo "linux-boot: scripts/setup.sh failed" >&2; exit 1; }
 cargo build --release -p vmm-cli >/dev/null 2>&1 || { echo "cargo build failed" >&2; exit 1; }
+# apt_get_install PKG...: quietly; a fresh machine has no package lists: update once and retry.
+apt_get_install() {
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; }
+}
+# bc: the milestone times below.
+if ! command -v bc >/dev/null; then
+	apt_get_install bc || { echo "linux-boot: cannot install bc" >&2; exit 1; }
+fi
 if [[ " $VMMS " == *" qemu "* ]] && ! command -v qemu-system-x86_64 >/dev/null; then
 	echo "installing qemu-system-x86 (apt) for the side-by-side runs"
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null 2>&1 ||
-		echo "(qemu-system-x86 could not be installed: vmm only)"
+	apt_get_install qemu-system-x86 || echo "(qemu-system-x86 could not be installed: vmm only)"
 fi
 milestones=("Linux version" "Run /init as init process" "VMM-USERLAND: up" "VMM-MEMTEST: ok" "reboot: Power down")
 labels=("banner" "Run /init" "first userland output" "memtest done" "power off")

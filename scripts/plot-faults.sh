@@ -6,8 +6,13 @@
 # Usage: scripts/plot-faults.sh DIR OUT. Draws with gnuplot (Debian's
 # gnuplot-nox, installed if missing).
 set -euo pipefail
-dir=$1
-out=$2
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
+dir=${1:?usage: scripts/plot-faults.sh DIR OUT}
+out=${2:?usage: scripts/plot-faults.sh DIR OUT}
+for f in faults.tsv latency.tsv; do
+  [ -f "$dir/$f" ] || { echo "plot-faults: no $dir/$f (vmm bench faults --plot-data DIR writes it)" >&2; exit 1; }
+done
 mkdir -p "$out"
 if ! command -v gnuplot >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive

@@ -4,13 +4,22 @@
 # exit per page) under `perf record -g`, and the vCPU thread's time is split
 # into the VMM's own code, the userfaultfd install, and the host's KVM_RUN
 # (the exit, the re-entry and, on a PVM host, the emulation of the guest's
-# supervisor-mode loop). Needs perf (linux-perf).
+# supervisor-mode loop). Needs perf (linux-perf, installed if missing).
 #
 #   scripts/profile-fault.sh [PAGES]   (default 65536)
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 pages=${1:-65536}
-command -v perf >/dev/null || { echo "profile-fault: perf is missing (apt-get install linux-perf)" >&2; exit 1; }
+scripts/setup.sh >/dev/null
+if ! command -v perf >/dev/null; then
+	echo "profile-fault: installing linux-perf"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y -qq --no-install-recommends linux-perf >/dev/null 2>&1 ||
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends linux-perf >/dev/null; } || true
+	command -v perf >/dev/null || { echo "profile-fault: perf is missing (apt-get install linux-perf failed)" >&2; exit 1; }
+fi
 cargo build --release -p vmm-cli >/dev/null
 make -s -C guest-images >/dev/null
 tmp=$(mktemp -d)
@@ -23,6 +32,11 @@ perf record -q -g -o "$tmp/perf.data" -- target/release/vmm run --fault-mode vcp
 	--cmdline "mode=0 rounds=1 base=16777216 bytes=$bytes stride=4096 random=1" >"$tmp/run.out" 2>&1
 secs=$(sed -n 's/^fault summary: mode vcpu, \([0-9.]*\) s.*/\1/p' "$tmp/run.out")
 faults=$(awk '$1 == "vcpu0" { print $2 }' "$tmp/run.out")
+if [ -z "$secs" ] || [ -z "$faults" ] || [ "$faults" = 0 ]; then
+	echo "profile-fault: the run printed no fault summary for vcpu0:" >&2
+	tail -n 20 "$tmp/run.out" >&2
+	exit 1
+fi
 perf report -i "$tmp/perf.data" --comm vcpu0 --children --sort sym -g none 2>/dev/null >"$tmp/children"
 perf report -i "$tmp/perf.data" --no-children --sort comm,dso -g none 2>/dev/null >"$tmp/dso"
 pct() { awk -v s="$1" '$NF == s { gsub("%", "", $1); print $1; exit }' "$tmp/children"; }

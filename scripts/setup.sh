@@ -2,6 +2,8 @@
 # Install what building and testing need on a fresh Debian machine (as root).
 # Idempotent: skips what is already there.
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)

@@ -6,6 +6,8 @@
 #
 #   scripts/soak.sh [DURATION]        # e.g. 10m (default), 30m
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 d=${1:-10m}
 scripts/setup.sh

@@ -6,6 +6,8 @@
 # samples beside it (.tsv). Extra arguments go to `vmm stress` (default: 30 s,
 # 256 MiB virtio-mem region, the default balloon and hotplug rates).
 set -euo pipefail
+set -E
+trap '__st=$?; if [ "$BASHPID" = "$$" ]; then printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$__st" >&2; fi' ERR
 cd "$(dirname "$0")/.."
 out=${OUT:-docs/plots}
 scripts/setup.sh
@@ -20,7 +22,7 @@ args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--duration 30s --hotplug 256M)
 echo "\$ vmm stress ${args[*]} --metrics-addr 127.0.0.1:$port"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.top"' EXIT
 target/release/vmm stress "${args[@]}" --metrics-addr "127.0.0.1:$port" --metrics-linger 0s \
   >"$log" 2>&1 &
 stress=$!
@@ -29,9 +31,11 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 # Plain frames (stdout is a file) every 250 ms until the endpoint goes away.
-target/release/vmm top --interval 0.25 --metrics-url "http://127.0.0.1:$port" >"$out/.frames" 2>/dev/null
+target/release/vmm top --interval 0.25 --metrics-url "http://127.0.0.1:$port" >"$out/.frames" 2>"$log.top" ||
+  { cat "$log.top" >&2; kill "$stress" 2>/dev/null || true; echo "stress-timeline: vmm top failed" >&2; exit 1; }
 wait $stress || { cat "$log" >&2; echo "the stress run failed" >&2; exit 1; }
-grep -v 'metrics on' "$log" | tail -n 15
+# (display only: a log with nothing but the metrics line is no error)
+grep -v 'metrics on' "$log" | tail -n 15 || true
 # One line per frame: seconds, resident, balloon target/actual, virtio-mem
 # requested/plugged (MiB), faults/s of all threads.
 awk '
