@@ -16,6 +16,7 @@ typedef long               i64;
 #define SERIAL_PORT     0x3f8           /* 8250 THR */
 #define SERIAL_LSR      (SERIAL_PORT + 5)
 #define SERIAL_LSR_THRE 0x20
+#define SERIAL_LSR_DR   0x01            /* a received byte waits in RBR */
 #define EXIT_PORT       0x501
 
 #define likely(x)   __builtin_expect(!!(x), 1)
@@ -62,6 +63,29 @@ void serial_putc(char c);
 void serial_puts(const char *s);
 void serial_print_hex(u64 v);           /* "0x" + minimal hex digits */
 void serial_print_dec(u64 v);
+
+/* ---- serial input: the host's word to a guest ----
+ * The VMM feeds its stdin to the UART: a byte there is how a test tells a guest
+ * to go on (touch holds=, memstress wait_after=) or to stop (touch loop=1). A VMM
+ * whose stdin is /dev/null never sends one. Inline, so guests that do not use
+ * them keep their layout. */
+
+/* 1 if a byte had arrived (it is consumed), else 0. One port read when none has. */
+static inline int serial_take_byte(void)
+{
+    if (!(inb(SERIAL_LSR) & SERIAL_LSR_DR))
+        return 0;
+    (void)inb(SERIAL_PORT);             /* RBR (DLAB is never set): pops the byte */
+    return 1;
+}
+
+/* Wait for a byte from the host and consume it (a port read per ~100 pauses). */
+static inline void serial_wait_byte(void)
+{
+    while (!serial_take_byte())
+        for (int i = 0; i < 100; i++)
+            cpu_relax();
+}
 
 /* printf subset: %% %c %s %d %i %u %x %X %p with optional '0'/'-' flags, width and
  * l/ll/z length. Output (up to 255 bytes) is written atomically w.r.t. other printk calls. */

@@ -178,6 +178,10 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
     hold = cmdline_u64(cmdline, "hold", 0);
     u64 check = cmdline_u64(cmdline, "check", 1);
     u64 random_order = cmdline_u64(cmdline, "random", 0);
+    /* wait_after=R: after round R, vCPU 0 waits for a byte on the serial port
+     * (the host's stdin) while the others wait at the barrier: a test acts on
+     * a guest in the middle of its rounds, whatever the speed of the host. */
+    u64 wait_after = cmdline_u64(cmdline, "wait_after", 0);
 
     if (mode > MODE_WRITE_VERIFY || (rounds == 0 && mode != MODE_IMAGE)) {
         if (cpu != 0)
@@ -249,6 +253,13 @@ void guest_main(unsigned long cpu, unsigned long ncpus, unsigned long memsize,
             failed += bad;
             printk("memstress round=%lu pattern=%lu zero=%lu bad=%lu\n",
                    round, ok, zero, bad);
+        }
+        if (round == wait_after && round < rounds) {
+            if (cpu == 0) {
+                printk("memstress: waiting after round=%lu\n", round);
+                serial_wait_byte();
+            }
+            barrier_wait(&bar, ncpus);
         }
     }
     finish(cpu, rounds, r.nwords, failed);
