@@ -48,18 +48,19 @@ if [ "$STANDIN" = 1 ] && { [ -z "${1:-}" ] || [ -z "${BUILD_DIR:-}" ]; }; then
 	exit 1
 fi
 OUT=${1:-$HERE/out/linux}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 BUILD=${BUILD_DIR:-/var/cache/vmm/guest-images}
-mkdir -p "$BUILD"
-BUILD=$(cd "$BUILD" && pwd)
-if [ "$STANDIN" = 1 ]; then
-	case "$BUILD/" in /var/cache/vmm/*)
+if [ "$STANDIN" = 1 ]; then # (checked before anything is made there)
+	case "$(realpath -m "$BUILD")/" in /var/cache/vmm/*)
 		printf 'build.sh: error: BUILD_STANDIN=1 must not use the real cache (%s)\n' "$BUILD" >&2
 		exit 1 ;;
 	esac
-	[ "$OUT" != "$HERE/out/linux" ] || { printf 'build.sh: error: BUILD_STANDIN=1 must not write %s\n' "$OUT" >&2; exit 1; }
+	[ "$(realpath -m "$OUT")" != "$HERE/out/linux" ] ||
+		{ printf 'build.sh: error: BUILD_STANDIN=1 must not write %s\n' "$OUT" >&2; exit 1; }
 fi
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+mkdir -p "$BUILD"
+BUILD=$(cd "$BUILD" && pwd)
 JOBS=${JOBS:-2}
 FORCE=${FORCE:-0}
 if [ "$STANDIN" = 1 ]; then TICK=${TICK:-0.5}; else TICK=${TICK:-30}; fi
