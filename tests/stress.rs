@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{run_with, spawn_lines, vmm};
 use serde_json::Value;
+use vmm_stress::schedule::{self, Action, Limits};
 
 fn stress(args: &[&str]) -> (Value, common::Run) {
     let mut c = vmm();
@@ -69,7 +70,10 @@ fn get(addr: SocketAddr, path: &str) -> String {
 }
 
 /// About 20 s, 2 vCPUs, every rate on: every invariant checked and held;
-/// the report's numbers equal the metrics endpoint's at the end.
+/// the report's numbers equal the metrics endpoint's at the end. The guest
+/// runs until the run's time is up, so the churn counted happened while it
+/// ran; how much churn a run makes is the schedule's (see
+/// `the_seed_fixes_the_schedule`), how fast is a benchmark's question.
 #[test]
 fn short_stress_passes_and_matches_the_metrics() {
     let mut c = vmm();
@@ -170,8 +174,8 @@ fn short_stress_passes_and_matches_the_metrics() {
         report["hotplug"]["unplugs"],
         m["hotplug"]["requests"]["unplug"]["ack"]
     );
-    assert!(report["hotplug"]["resizes"].as_u64().unwrap() >= 30);
-    assert!(report["extra_memslot_changes"].as_u64().unwrap() >= 1500);
+    assert!(report["hotplug"]["resizes"].as_u64().unwrap() > 0);
+    assert!(report["extra_memslot_changes"].as_u64().unwrap() > 0);
 }
 
 /// UFFDIO_COPY answering EAGAIN (as if a discard were in flight) on every
@@ -269,10 +273,17 @@ fn guest_plugging_beyond_requested_size_is_nacked() {
     assert_eq!(report["guest"]["overplug_acked"], 0);
 }
 
-/// The same seed gives the same schedule.
+/// The seed fixes the schedule a run follows. That `schedule::build` is a
+/// function of the seed alone is the unit test
+/// `vmm_stress::schedule::tests::the_same_seed_gives_the_same_schedule`;
+/// what only a run shows is that the command line reaches it and the churn
+/// follows it: one short run reports the digest of the schedule built here
+/// from its seed and limits (another seed's differs), and counts exactly
+/// that schedule's changes of each kind.
 #[test]
 fn the_seed_fixes_the_schedule() {
-    let args = [
+    let mib = 1u64 << 20;
+    let (report, r) = stress(&[
         "--duration",
         "3s",
         "--vcpus",
@@ -283,14 +294,47 @@ fn the_seed_fixes_the_schedule() {
         "128M",
         "--seed",
         "42",
-    ];
-    let (a, _) = stress(&args);
-    let (b, _) = stress(&args);
-    assert_eq!(a["schedule_digest"], b["schedule_digest"]);
-    let mut other = args;
-    other[9] = "43";
-    let (c, _) = stress(&other);
-    assert_ne!(a["schedule_digest"], c["schedule_digest"]);
+        "--balloon-rate",
+        "2",
+        "--hotplug-rate",
+        "2",
+        "--memslot-rate",
+        "100",
+    ]);
+    assert_eq!(report["ok"], true, "{report:#}\n{}", r.stderr);
+    // The limits `vmm stress` derives from those arguments: the balloon
+    // moves in MiB up to its pool (a quarter of RAM), virtio-mem in blocks
+    // (2 MiB by default) up to its region, over 4 extra memslots.
+    let limits = Limits {
+        duration: Duration::from_secs(3),
+        balloon_rate: 2.0,
+        hotplug_rate: 2.0,
+        memslot_rate: 100.0,
+        balloon_max: 32 * mib,
+        balloon_unit: mib,
+        hotplug_max: 128 * mib,
+        hotplug_unit: 2 * mib,
+        extra_slots: 4,
+    };
+    let events = schedule::build(42, &limits);
+    let digest = |e: &[schedule::Event]| format!("{:016x}", schedule::digest(e));
+    assert_eq!(
+        report["schedule_digest"],
+        digest(&events),
+        "the run did not follow seed 42's schedule"
+    );
+    assert_ne!(
+        report["schedule_digest"],
+        digest(&schedule::build(43, &limits))
+    );
+    let count = |f: fn(&Action) -> bool| events.iter().filter(|e| f(&e.action)).count() as u64;
+    let balloon = count(|a| matches!(a, Action::Balloon(_)));
+    let hotplug = count(|a| matches!(a, Action::Hotplug(_)));
+    let slots = count(|a| matches!(a, Action::SlotAdd(_) | Action::SlotRemove(_)));
+    assert!(balloon > 0 && hotplug > 0 && slots > 0, "{events:?}");
+    assert_eq!(report["balloon"]["target_changes"], balloon, "{report:#}");
+    assert_eq!(report["hotplug"]["resizes"], hotplug, "{report:#}");
+    assert_eq!(report["extra_memslot_changes"], slots, "{report:#}");
 }
 
 /// The same churn against Linux (the microVM kernel, `idle` /init): balloon
@@ -324,7 +368,9 @@ fn linux_churn() {
     for name in ["I1", "I4", "I6"] {
         assert_eq!(invariant(&report, name)["violations"], 0, "{report:#}");
     }
-    assert!(report["extra_memslot_changes"].as_u64().unwrap() > 100);
+    // Memslots churned while Linux ran (how many depends on how long its
+    // cycles took: counted, not timed).
+    assert!(report["extra_memslot_changes"].as_u64().unwrap() > 0);
     assert!(report["balloon"]["inflated_pages"].as_u64().unwrap() > 0);
     assert!(report["hotplug"]["slices_added"].as_u64().unwrap() > 0);
 }
