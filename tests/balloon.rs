@@ -18,6 +18,18 @@ use vmm::vm::Vm;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
+/// Stops the VM if the thread holding it panics (a wait that timed out):
+/// the guest waits for targets that will never come otherwise.
+struct StopIfPanicking(std::sync::Arc<vmm::api::VmControl>);
+
+impl Drop for StopIfPanicking {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop();
+        }
+    }
+}
+
 fn balloon(target: u64) -> Option<BalloonOptions> {
     Some(BalloonOptions {
         target,
@@ -42,7 +54,11 @@ fn test_guest_follows_the_target_with_exact_accounting() {
     let control = vm.control().clone();
     let memory = vm.memory().clone();
     let pool_pages = bytes / PAGE;
+    let console = out.clone();
+    let guard = vm.control().clone();
     let driver = std::thread::spawn(move || {
+        let _stop = StopIfPanicking(guard);
+        let reached = || text(&console).matches("balloon: reached target=").count();
         let pool = || memory.resident_pages_in(base, bytes);
         let actual = || {
             control
@@ -56,19 +72,19 @@ fn test_guest_follows_the_target_with_exact_accounting() {
             || pool() == pool_pages,
         );
         let mut log = Vec::new();
-        for target in [16 * MIB, 4 * MIB, 0] {
+        for (step, target) in [16 * MIB, 4 * MIB, 0].into_iter().enumerate() {
             let before = pool();
             let was = actual();
             control.set_balloon_target(target).unwrap();
+            // The guest prints the step once its last chain is done and
+            // every deflated page re-touched: measure after that line, not
+            // after some time.
             wait_for(
-                "the balloon to reach its target",
-                Duration::from_secs(120),
-                || actual() == target / PAGE,
+                "the guest to reach the target",
+                Duration::from_secs(300),
+                || reached() > step,
             );
-            // The guest re-touches deflated pages after it updated `actual`:
-            // let it finish before measuring.
-            std::thread::sleep(Duration::from_millis(300));
-            log.push((was, target / PAGE, before, pool()));
+            log.push((was, actual(), before, pool()));
         }
         log
     });
@@ -76,6 +92,12 @@ fn test_guest_follows_the_target_with_exact_accounting() {
     let steps = driver.join().unwrap();
     let out = text(&out);
     assert_eq!(report.reason, ExitReason::GuestStatus(0), "{out}");
+    let reached: Vec<u64> = steps.iter().map(|s| s.1).collect();
+    assert_eq!(
+        reached,
+        [16 * MIB / PAGE, 4 * MIB / PAGE, 0],
+        "the device's `actual` at each step the guest reached"
+    );
     for (was, now, before, after) in &steps {
         if now > was {
             assert_eq!(
