@@ -1,6 +1,18 @@
 //! Boot Debian's stock cloud kernel (bzImage) under vmm with all guest RAM
-//! demand-paged (vcpu mode) and follow the serial console through the boot
-//! milestones. Needs `guest-images/build.sh` (scripts/test.sh runs it).
+//! demand-paged (the host's fault mode) and follow the serial console
+//! through the boot milestones. Needs `guest-images/build.sh`
+//! (scripts/test.sh runs it).
+//!
+//! What this proves: an unmodified distribution kernel, loaded from its
+//! compressed bzImage (payload decompressed on the host), runs from its
+//! first instruction through memory set-up to bringing up every vCPU on RAM
+//! that only exists once touched. It does not prove the stock kernel's
+//! userland: on a PVM host that needs ~14 minutes of emulated initcalls
+//! (`initcall_blacklist=jent_mod_init` included, ../shared/PLATFORM.md),
+//! too long for the suite, so the test stops at the last milestone every
+//! host reaches quickly. Userland is proven with the micro kernel
+//! (`tests/linux_userland.rs`, `tests/linux_snapshot.rs`), and the stock
+//! kernel's way to /init by `scripts/linux-boot.sh`.
 
 mod common;
 
@@ -8,23 +20,9 @@ use std::time::{Duration, Instant};
 
 use common::{linux_file, run, spawn_lines, vmm};
 
-/// Console milestones, in boot order.
-const MILESTONES: &[&str] = &[
-    "Linux version",
-    "Memory: ",
-    "smp: Brought up",
-    "Run /init as init process",
-    "VMM-INIT-MARKER: /init started",
-    "VMM-INIT-CHECKSUM: ok",
-];
-
-/// How far the test follows the kernel: every milestone up to and including
-/// this one, in order. On a PVM host the stock kernel does reach its
-/// userland (through the VMM's SYSCALL assist, `scripts/linux-boot.sh`), but
-/// only after ~15 minutes of emulated initcalls, too long for the suite; the
-/// assist's userland path is tested with the micro kernel
-/// (`tests/linux_userland.rs`, `novmmsyscall`).
-const FURTHEST: &str = "smp: Brought up";
+/// Console milestones, in boot order; the test follows the kernel to the
+/// last one.
+const MILESTONES: &[&str] = &["Linux version", "Memory: ", "smp: Brought up"];
 
 #[test]
 fn debian_cloud_kernel_boots_demand_paged() {
@@ -44,7 +42,6 @@ fn debian_cloud_kernel_boots_demand_paged() {
     let (mut child, rx, err) = spawn_lines(c);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(17 * 60);
-    let want = MILESTONES.iter().position(|m| *m == FURTHEST).unwrap();
     let mut reached: Vec<(usize, Duration)> = Vec::new();
     let mut console = Vec::new();
     while Instant::now() < deadline {
@@ -52,7 +49,7 @@ fn debian_cloud_kernel_boots_demand_paged() {
             break; // vmm ended (or the deadline passed)
         };
         let next = reached.len();
-        if next < MILESTONES.len() && line.contains(MILESTONES[next]) {
+        if line.contains(MILESTONES[next]) {
             common::say(&format!(
                 "[{:7.1}s] milestone: {}",
                 start.elapsed().as_secs_f64(),
@@ -61,8 +58,7 @@ fn debian_cloud_kernel_boots_demand_paged() {
             reached.push((next, start.elapsed()));
         }
         console.push(line);
-        if reached.len() > want {
-            // The furthest milestone this host reaches: stop here.
+        if reached.len() == MILESTONES.len() {
             break;
         }
     }
@@ -81,19 +77,12 @@ fn debian_cloud_kernel_boots_demand_paged() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(
-        reached.len() > want,
+        reached.len() == MILESTONES.len(),
         "reached {:?} of {MILESTONES:?} in {:?}; status {status}\nconsole tail:\n{tail}\nvmm stderr:\n{}",
         reached.iter().map(|(i, _)| MILESTONES[*i]).collect::<Vec<_>>(),
         start.elapsed(),
         errors.join("\n")
     );
-    if reached.len() == MILESTONES.len() {
-        let expected = std::fs::read_to_string(linux_file("expected-checksum")).unwrap();
-        assert!(
-            console.iter().any(|l| l.contains(expected.trim())),
-            "checksum differs: {tail}"
-        );
-    }
 }
 
 #[test]

@@ -228,12 +228,26 @@ pub mod inproc {
         m
     }
 
-    /// Every demand-paging mode this host can run.
+    /// Every demand-paging mode this host can run. Said on the CI log: a
+    /// host that cannot run `vcpu` mode (hardware KVM without exit-on-
+    /// missing) runs these tests in `handler` mode only, and says so.
     pub fn demand_modes() -> Vec<FaultMode> {
-        match host_mode() {
+        let modes = match host_mode() {
             FaultMode::Vcpu => vec![FaultMode::Vcpu, FaultMode::Handler],
             m => vec![m],
+        };
+        if !modes.contains(&FaultMode::Vcpu) {
+            super::say(&format!(
+                "this host ({}) cannot run vcpu mode: demand-paging cases run in {} only",
+                vmm::host::detect_flavor(),
+                modes
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
+        modes
     }
 
     /// Every fault mode this host can run.
@@ -302,10 +316,13 @@ pub fn image_file(name: &str, len: u64) -> std::path::PathBuf {
 
 /// The micro kernel booted to its shell (1 vCPU, 256 MiB, the userland
 /// initramfs) and snapshotted there: made once and cached outside the
-/// clone, keyed by the kernel, the initramfs and the snapshot format
+/// clone, keyed by the kernel, the initramfs, the snapshot format, the
+/// boot arguments and the `vmm` binary that made it (a restore test must
+/// not pass against a snapshot an older `vmm` wrote)
 /// (`VMM_SNAPSHOT_CACHE`, default /var/cache/vmm/snapshots). Tests that do
 /// not test the boot itself restore from it. A lock file serializes the
-/// first making across test processes.
+/// first making across test processes; snapshots other binaries made are
+/// removed then (each is the guest's resident RAM, ~100 MiB).
 pub fn micro_linux_snapshot() -> PathBuf {
     use std::hash::{Hash, Hasher};
     use std::os::fd::AsRawFd;
@@ -316,6 +333,9 @@ pub fn micro_linux_snapshot() -> PathBuf {
     std::fs::read(&initrd).unwrap().hash(&mut h);
     vmm::snapshot::FORMAT_VERSION.hash(&mut h);
     MICRO_ARGS.hash(&mut h);
+    std::fs::read(env!("CARGO_BIN_EXE_vmm"))
+        .expect("the vmm binary")
+        .hash(&mut h);
     let cache = std::env::var_os("VMM_SNAPSHOT_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/vmm/snapshots"));
@@ -325,6 +345,15 @@ pub fn micro_linux_snapshot() -> PathBuf {
     // SAFETY: flock on a descriptor we own; released when it is closed.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     if !dir.join("manifest.json").exists() {
+        // Older entries (another binary, kernel or initramfs) are stale:
+        // nothing will restore them again.
+        for e in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("micro-shell-") && p != dir {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
         make_micro_snapshot(&kernel, &initrd, &dir);
     }
     dir
