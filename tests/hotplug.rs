@@ -22,6 +22,18 @@ use vmm::vm::{RunReport, Vm};
 
 const MIB: u64 = 1 << 20;
 
+/// Stops the VM if the thread holding it panics (a wait that timed out):
+/// the guest would otherwise wait for sizes, or a signal, that never come.
+struct StopIfPanicking(Arc<vmm::api::VmControl>);
+
+impl Drop for StopIfPanicking {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop();
+        }
+    }
+}
+
 fn hotplug(size: u64) -> Option<HotplugOptions> {
     Some(HotplugOptions {
         size,
@@ -99,7 +111,9 @@ fn test_guest_follows_requested_size() {
         let m = control.memory_info().unwrap();
         (m.region_addr, m.region_mib * MIB)
     };
+    let stop_if_panicking = StopIfPanicking(control.clone());
     let driver = std::thread::spawn(move || {
+        let _stop = stop_if_panicking;
         let mut seen = Vec::new();
         let mut checks = 0;
         for mib in [64, 16, 0] {
@@ -212,8 +226,9 @@ fn faults_survive_100_resizes() {
         })
     };
     let driver = {
-        let churned = churned.clone();
+        let (churned, stop_if_panicking) = (churned.clone(), StopIfPanicking(control.clone()));
         std::thread::spawn(move || {
+            let _stop = stop_if_panicking;
             let mut rng = seed | 1;
             let mut next = || {
                 rng ^= rng << 13;
@@ -299,7 +314,9 @@ fn linux_driver_follows_requested_size() {
     c.hotplug = hotplug(512 * MIB);
     let vm = Vm::new(c).unwrap();
     let control = vm.control().clone();
+    let stop_if_panicking = StopIfPanicking(control.clone());
     let driver = std::thread::spawn(move || {
+        let _stop = stop_if_panicking;
         let info = || control.memory_info().unwrap();
         wait_for(
             "Linux's virtio-mem driver",
