@@ -1,15 +1,21 @@
-//! Snapshot and restore on real KVM: a guest snapshotted while it is still
-//! faulting comes back in every restore mode and fault mode and finds every
-//! page it wrote; a prefetch racing the vCPUs loses no write; every bad
-//! snapshot gives its error before any vCPU runs; a failed snapshot leaves
-//! nothing and the VM runs on; a recorded working set is replayed; nothing
-//! in a snapshot directory is modified by a restore.
+//! Snapshot and restore on real KVM: a guest snapshotted halfway through
+//! its first touches comes back in every restore mode and fault mode and
+//! finds every page it wrote; a prefetch racing the vCPUs loses no write;
+//! every bad snapshot gives its error before any vCPU runs; a failed
+//! snapshot leaves nothing and the VM runs on; a recorded working set is
+//! replayed; nothing in a snapshot directory is modified by a restore.
+//!
+//! The guests stop where a test acts on them (`touch holds=N`, `memstress
+//! wait_after=R`) and go on when a byte arrives on their serial port (the
+//! `vmm`'s stdin): a snapshot holds exactly what the guest wrote up to
+//! there, on any host, and no test races a guest's own end.
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,12 +32,34 @@ fn http(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, 
     common::unix_http(socket, method, path, &body, Duration::from_secs(300))
 }
 
-/// A `vmm run` with the API on a socket.
+/// Bytes for a restored guest's serial port, one per hold (or wait) it may
+/// still have ahead: a guest snapshotted at a hold goes on at once.
+const GO_ON: &[u8] = b"gggggggg";
+
+/// A pipe that holds `bytes`, then ends: a child's stdin (the guest's
+/// serial input; a regular file could not be polled).
+fn stdin_with(bytes: &[u8]) -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and ours alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    std::fs::File::from(wr).write_all(bytes).unwrap();
+    Stdio::from(rd)
+}
+
+/// A `vmm run` with the API on a socket; its stdin is the guest's serial
+/// input.
 struct Live {
     child: Child,
     socket: PathBuf,
+    stdin: ChildStdin,
     out: Receiver<String>,
     err: Receiver<String>,
+    /// Console lines read so far.
+    console: Vec<String>,
 }
 
 impl Live {
@@ -39,17 +67,59 @@ impl Live {
         let socket = tmp(&format!("{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let mut c = vmm();
-        c.arg("run").args(args).arg("--api-socket").arg(&socket);
-        let (child, out, err) = spawn_lines(c);
+        c.arg("run")
+            .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::piped());
+        let (mut child, out, err) = spawn_lines(c);
+        let stdin = child.stdin.take().unwrap();
         common::wait_for("the API socket", Duration::from_secs(30), || {
             UnixStream::connect(&socket).is_ok()
         });
         Live {
             child,
             socket,
+            stdin,
             out,
             err,
+            console: Vec::new(),
         }
+    }
+
+    /// Wait for the console line starting with `prefix` (the guest at a
+    /// hold): the line.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        let limit = Duration::from_secs(600);
+        let mut progress = common::Progress::new(prefix, limit);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(l) = self.console.iter().find(|l| l.starts_with(prefix)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {prefix:?} line:\n{}",
+                self.console.join("\n")
+            );
+            progress.tick();
+            match self.out.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => self.console.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => panic!(
+                    "the VM ended before {prefix:?}:\n{}",
+                    self.console.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// A byte on the guest's serial port: it goes on from its hold.
+    fn go_on(&mut self) {
+        self.stdin
+            .write_all(b"g")
+            .and_then(|()| self.stdin.flush())
+            .expect("a byte to the guest's serial port");
     }
 
     fn vm(&self) -> Value {
@@ -91,7 +161,8 @@ impl Live {
     /// Wait for the process to end: (status, console, stderr).
     fn finish(mut self) -> (Option<i32>, String, String) {
         let status = self.child.wait().unwrap().code();
-        let console: Vec<String> = self.out.iter().collect();
+        let mut console = std::mem::take(&mut self.console);
+        console.extend(self.out.iter());
         let err: Vec<String> = self.err.iter().collect();
         let _ = std::fs::remove_file(&self.socket);
         (status, console.join("\n"), err.join("\n"))
@@ -107,7 +178,10 @@ impl Drop for Live {
 
 fn restore(dir: &Path, args: &[&str]) -> Run {
     let mut c = vmm();
-    c.args(["restore", "--snapshot"]).arg(dir).args(args);
+    c.args(["restore", "--snapshot"])
+        .arg(dir)
+        .args(args)
+        .stdin(stdin_with(GO_ON));
     run_with(c, Duration::from_secs(300))
 }
 
@@ -140,15 +214,24 @@ fn field(console: &str, prefix: &str, key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-const TOUCH: &str = "bytes=640M stride=4096 seed=7";
+/// Halfway through its first touches, `touch` holds.
+const TOUCH: &str = "bytes=640M stride=4096 seed=7 holds=1";
+
+/// Pages a `touch` hold line says are written (one word per page).
+fn hold_pages(line: &str) -> u64 {
+    field(line, "touch: hold", "words")
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no words= in {line:?}"))
+}
 
 /// `touch` on 2 vCPUs writes a pattern over 640 MiB, one word per page;
-/// snapshotted (through `vmm ctl`) while it is still faulting, then left
-/// to finish. Returns the snapshot and the checksum of the whole run.
+/// snapshotted (through `vmm ctl`) at its hold, with the first half of its
+/// pages written and the rest never touched, then left to finish. Returns
+/// the snapshot and the checksum of the whole run.
 fn touch_snapshot(name: &str) -> (PathBuf, String) {
     let dir = tmp(name);
     let _ = std::fs::remove_dir_all(&dir);
-    let live = Live::start(
+    let mut live = Live::start(
         name,
         &[
             "--vcpus",
@@ -161,14 +244,17 @@ fn touch_snapshot(name: &str) -> (PathBuf, String) {
             TOUCH,
         ],
     );
-    live.wait_resident(96.0);
+    let written = hold_pages(&live.wait_line("touch: hold 1/1")) * 4096;
     let summary = live.ctl_snapshot(&dir, &[]);
     let data = summary["data_bytes"].as_u64().unwrap();
+    // The written pages, and the guest's image, stacks and tables (8 MiB
+    // at most) beside them.
     assert!(
-        data > 64 << 20 && data < 600 << 20,
-        "snapshotted while faulting: {summary}"
+        data >= written && data <= written + (8 << 20) && written < 640 << 20,
+        "the snapshot holds what the guest wrote ({written} bytes) and no more: {summary}"
     );
     assert_eq!(summary["resumed"], true);
+    live.go_on();
     let (status, console, err) = live.finish();
     assert_eq!(status, Some(0), "{console}\n{err}");
     let sum = field(&console, "touch: OK", "checksum")
@@ -225,8 +311,9 @@ fn a_guest_snapshotted_while_faulting_restores_in_every_mode() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `touch` snapshotted while it faults: a full snapshot, then two diffs,
-/// each on the one before, while the guest goes on writing. Each diff
+/// `touch` snapshotted on its way through its first touches, at each of
+/// three holds: a full snapshot, then two diffs, each on the one before,
+/// the guest writing a quarter of its pages between them. Each diff
 /// holds only what was written since its base, names it, and restores —
 /// the chain laid together — to a guest that finds every page it wrote;
 /// a restore never writes into any of them; a diff whose base was
@@ -241,8 +328,8 @@ fn diff_snapshots_restore_to_every_page_written() {
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
     }
-    // One vCPU over 900 MiB: it is still writing at the last diff.
-    let live = Live::start(
+    // One vCPU over 900 MiB, holding after each quarter.
+    let mut live = Live::start(
         "diff",
         &[
             "--vcpus",
@@ -252,33 +339,37 @@ fn diff_snapshots_restore_to_every_page_written() {
             "--kernel",
             guest("touch").to_str().unwrap(),
             "--cmdline",
-            "bytes=900M stride=4096 seed=3",
+            "bytes=900M stride=4096 seed=3 holds=3",
         ],
     );
     let data = |v: &Value| v["data_bytes"].as_u64().unwrap();
-    let resident = || (live.vm()["memory"]["resident_mib"].as_f64().unwrap() * 1048576.0) as u64;
-    live.wait_resident(64.0);
+    // The guest's image, stacks and tables beside the pages it wrote (it
+    // rewrites its stack between holds).
+    let slack = 8 << 20;
+    let mut written = hold_pages(&live.wait_line("touch: hold 1/3")) * 4096;
     let full = live.ctl_snapshot(&dirs[0], &[]);
     assert!(full.get("base").is_none(), "{full}");
-    let mut saved = data(&full);
-    for (i, mib) in [(1, 200.0), (2, 360.0)] {
-        live.wait_resident(mib);
-        let before = resident();
+    assert!(
+        data(&full) >= written && data(&full) <= written + slack,
+        "the full snapshot holds the {written} bytes written: {full}"
+    );
+    for i in [1, 2] {
+        live.go_on();
+        let now = hold_pages(&live.wait_line(&format!("touch: hold {}/3", i + 1))) * 4096;
         let diff = live.ctl_snapshot(&dirs[i], &["--diff"]);
-        let after = resident();
         let base = std::fs::canonicalize(&dirs[i - 1]).unwrap();
         assert_eq!(diff["base"], json!(base), "{diff}");
-        // touch writes each page once: the diff holds the pages that
-        // became resident since its base (give or take the guest's
-        // stack and tables, which it rewrites).
-        let slack = 8 << 20;
+        // touch writes each page once: the diff holds the pages written
+        // since its base.
         assert!(
-            data(&diff) + slack >= before - saved && data(&diff) <= after - saved + slack,
-            "diff {i}: {} bytes of data; resident {before}..{after}, {saved} in the snapshots before",
-            data(&diff)
+            data(&diff) >= now - written && data(&diff) <= now - written + slack,
+            "diff {i}: {} bytes of data; {} bytes written since its base",
+            data(&diff),
+            now - written
         );
-        saved += data(&diff);
+        written = now;
     }
+    live.go_on();
     let (status, console, err) = live.finish();
     assert_eq!(status, Some(0), "{console}\n{err}");
     let sum = field(&console, "touch: OK", "checksum")
@@ -335,8 +426,10 @@ fn diff_snapshots_restore_to_every_page_written() {
 fn a_prefetch_racing_the_vcpus_loses_no_write() {
     let dir = tmp("race");
     let _ = std::fs::remove_dir_all(&dir);
-    let cmdline = "mode=0 rounds=20 bytes=256M stride=4096 random=1";
-    let live = Live::start(
+    // It waits after its first round: every page has data in the
+    // snapshot, and 19 rounds rewrite them all after the restore.
+    let cmdline = "mode=0 rounds=20 bytes=256M stride=4096 random=1 wait_after=1";
+    let mut live = Live::start(
         "race",
         &[
             "--vcpus",
@@ -349,8 +442,7 @@ fn a_prefetch_racing_the_vcpus_loses_no_write() {
             cmdline,
         ],
     );
-    // After the first round: every page has data in the snapshot.
-    live.wait_resident(250.0);
+    live.wait_line("memstress: waiting after round=1");
     let (status, summary) = live.snapshot(&dir, false);
     assert_eq!(status, 200, "{summary}");
     assert_eq!(live.vm()["state"], "paused");
@@ -547,7 +639,8 @@ fn every_bad_snapshot_gives_its_error() {
 
 /// A snapshot that cannot be written (a full file system) fails with the
 /// reason, leaves no snapshot and no partial directory, and the VM runs on
-/// to its end; a snapshot over an existing directory is refused.
+/// to its end (the guest holds halfway until the test is done with it); a
+/// snapshot over an existing directory is refused.
 #[test]
 fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
     let mnt = tmp("full");
@@ -561,7 +654,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
         ok.success(),
         "mounting a small tmpfs (the test runs as root)"
     );
-    let live = Live::start(
+    let mut live = Live::start(
         "full",
         &[
             "--vcpus",
@@ -571,10 +664,10 @@ fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
             "--kernel",
             guest("touch").to_str().unwrap(),
             "--cmdline",
-            "bytes=384M stride=4096",
+            "bytes=384M stride=4096 holds=1",
         ],
     );
-    live.wait_resident(32.0);
+    live.wait_line("touch: hold 1/1");
     let dir = mnt.join("snap");
     let (status, body) = live.snapshot(&dir, true);
     assert_eq!(status, 500, "{body}");
@@ -595,12 +688,42 @@ fn a_failed_snapshot_leaves_nothing_and_the_vm_runs_on() {
     let (status, body) = live.snapshot_with(&json!({ "dir": tmp("nobase"), "diff": true }));
     assert_eq!(status, 409, "{body}");
     assert!(body.to_string().contains("needs a base"), "{body}");
+    live.go_on();
     let (status, console, err) = live.finish();
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     let _ = std::fs::remove_dir_all(&mnt);
     let _ = std::fs::remove_dir_all(&existing);
     assert_eq!(status, Some(0), "{console}\n{err}");
     assert!(console.contains("touch: OK"), "{console}");
+}
+
+/// Lines from `rx` up to the first that starts with `prefix` (included);
+/// panics after 10 minutes or at the stream's end without one.
+fn lines_until(rx: &Receiver<String>, prefix: &str) -> Vec<String> {
+    let limit = Duration::from_secs(600);
+    let deadline = Instant::now() + limit;
+    let mut progress = common::Progress::new(prefix, limit);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => {
+                let last = l.starts_with(prefix);
+                seen.push(l);
+                if last {
+                    return seen;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no {prefix:?} line:\n{}",
+                    seen.join("\n")
+                );
+                progress.tick();
+            }
+            Err(_) => panic!("no {prefix:?} line:\n{}", seen.join("\n")),
+        }
+    }
 }
 
 fn metrics_json(r_stderr: &str) -> Option<std::net::SocketAddr> {
@@ -613,7 +736,9 @@ fn metrics_json(r_stderr: &str) -> Option<std::net::SocketAddr> {
 /// A restore records the pages the guest touches first (into the snapshot
 /// directory, beside its files); the next restore prefetches that set
 /// first and its metrics count the hits; the restore → first entry time
-/// and the vCPUs' blocktime are reported.
+/// and the vCPUs' blocktime are reported. The replayed guest stays at its
+/// hold until the prefetch is done, so the whole set is prefetched, not
+/// whatever a fast or slow guest left to it.
 #[test]
 fn a_recorded_working_set_is_replayed() {
     let (dir, sum) = touch_snapshot("ws");
@@ -633,8 +758,10 @@ fn a_recorded_working_set_is_replayed() {
     c.args(["restore", "--snapshot"])
         .arg(&dir)
         .args(["--prefetch", "working-set"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--metrics-linger", "20s"]);
+        .args(["--metrics-addr", "127.0.0.1:0", "--metrics-linger", "10m"])
+        .stdin(Stdio::piped());
     let (mut child, out, err) = spawn_lines(c);
+    let mut stdin = child.stdin.take().unwrap();
     let mut stderr = Vec::new();
     let addr = loop {
         let l = err
@@ -645,20 +772,24 @@ fn a_recorded_working_set_is_replayed() {
             break a;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let console = loop {
-        let text: Vec<String> = out.try_iter().collect();
-        if text.iter().any(|l| l.starts_with("touch: ")) {
-            break text.join("\n");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replayed guest never finished"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    let m: Value = serde_json::from_str(&common::http_get(addr, "/metrics.json")).unwrap();
+    let metrics =
+        || -> Value { serde_json::from_str(&common::http_get(addr, "/metrics.json")).unwrap() };
+    common::wait_for(
+        "the working set's prefetch",
+        Duration::from_secs(300),
+        || {
+            let p = &metrics()["restore"]["prefetch_pages"];
+            let planned = p["planned"].as_u64().unwrap_or(0);
+            planned > 0 && p["done"].as_u64().unwrap_or(0) >= planned
+        },
+    );
+    stdin.write_all(b"g").unwrap();
+    stdin.flush().unwrap();
+    // The guest's last line, then the VM's end: the fault summary (the
+    // counters are final; the endpoint lingers for this scrape).
+    let console = lines_until(&out, "touch: ").join("\n");
+    stderr.extend(lines_until(&err, "fault summary:"));
+    let m = metrics();
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(
