@@ -1,11 +1,15 @@
 //! The metrics endpoint against a running 2-vCPU guest on real KVM.
+//!
+//! The guests (`memstress hold=1`) stay up after their rounds, and a test
+//! that must see them mid-run has them wait (`wait_after=R`) for a byte on
+//! their serial port (the `vmm`'s stdin): no scrape races a guest's speed.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +19,8 @@ use common::{guest, spawn_lines, vmm};
 /// metrics address are collected as they appear.
 struct Live {
     child: Child,
+    /// The guest's serial input.
+    stdin: ChildStdin,
     addr: SocketAddr,
     stdout: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -40,8 +46,10 @@ impl Live {
         ])
         .arg("--kernel")
         .arg(guest("memstress"))
-        .args(["--cmdline", cmdline]);
-        let (child, rx, err) = spawn_lines(c);
+        .args(["--cmdline", cmdline])
+        .stdin(Stdio::piped());
+        let (mut child, rx, err) = spawn_lines(c);
+        let stdin = child.stdin.take().unwrap();
         let (atx, arx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in err {
@@ -59,10 +67,19 @@ impl Live {
             .expect("metrics address");
         Live {
             child,
+            stdin,
             addr,
             stdout: rx,
             seen: Vec::new(),
         }
+    }
+
+    /// A byte on the guest's serial port: it goes on from its wait.
+    fn go_on(&mut self) {
+        self.stdin
+            .write_all(b"g")
+            .and_then(|()| self.stdin.flush())
+            .expect("a byte to the guest's serial port");
     }
 
     /// Wait for a stdout line starting with `prefix`.
@@ -70,7 +87,7 @@ impl Live {
         if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
             return l.clone();
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(600);
         while let Ok(l) = self
             .stdout
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -147,55 +164,74 @@ const PER_VCPU: &[&str] = &[
     "vmm_fault_latency_seconds_bucket{le=\"+Inf\",vcpu=\"N\"}",
 ];
 
+/// One scrape of `/metrics`: every per-vCPU and VM series is there, and
+/// no counter went down since `prev`.
+fn scrape(addr: SocketAddr, prev: Option<&BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+    let (status, body) = http(addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let m = samples(&body);
+    for vcpu in ["0", "1"] {
+        for key in PER_VCPU {
+            get(&m, &key.replace('N', vcpu));
+        }
+    }
+    for key in [
+        "vmm_memslot_generation",
+        "vmm_memslot_changes_total",
+        "vmm_resident_pages",
+        "vmm_discarded_pages_total",
+    ] {
+        get(&m, key);
+    }
+    get(
+        &m,
+        &format!("vmm_fault_mode{{mode=\"{}\"}}", host_mode().name()),
+    );
+    if let Some(prev) = prev {
+        for (k, v) in prev {
+            if k.contains("_total") || k.contains("_count") || k.contains("_bucket") {
+                assert!(get(&m, k) >= *v, "{k} went down: {v} -> {}", get(&m, k));
+            }
+        }
+    }
+    m
+}
+
 #[test]
 fn scrapes_of_a_running_guest() {
-    let mut live = Live::start("mode=0 rounds=30 bytes=96M stride=4096 hold=1");
+    // The guest waits after its first round: the scrapes then see it
+    // mid-run, on any host; told to go on, it runs 29 more rounds under
+    // scrapes.
+    let mut live = Live::start("mode=0 rounds=30 bytes=96M stride=4096 hold=1 wait_after=1");
+    live.wait_line("memstress: waiting after round=1");
     let mut last: Option<BTreeMap<String, f64>> = None;
-    let mut scrapes = 0;
-    let mut mid_run = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    for _ in 0..3 {
+        let m = scrape(live.addr, last.as_ref());
+        assert!(
+            installed_total(&m) > 0.0,
+            "a scrape mid-run counts the pages the first round installed"
+        );
+        last = Some(m);
+    }
+    live.go_on();
+    let limit = Duration::from_secs(600);
+    let deadline = Instant::now() + limit;
+    let mut progress = common::Progress::new("memstress: done", limit);
     loop {
         live.poll_lines();
         let done = live.seen.iter().any(|l| l.starts_with("memstress: done"));
-        let (status, body) = http(live.addr, "GET", "/metrics");
-        assert_eq!(status, 200);
-        let m = samples(&body);
-        for vcpu in ["0", "1"] {
-            for key in PER_VCPU {
-                get(&m, &key.replace('N', vcpu));
-            }
-        }
-        for key in [
-            "vmm_memslot_generation",
-            "vmm_memslot_changes_total",
-            "vmm_resident_pages",
-            "vmm_discarded_pages_total",
-        ] {
-            get(&m, key);
-        }
-        get(
-            &m,
-            &format!("vmm_fault_mode{{mode=\"{}\"}}", host_mode().name()),
-        );
-        if let Some(prev) = &last {
-            for (k, v) in prev {
-                if k.contains("_total") || k.contains("_count") || k.contains("_bucket") {
-                    assert!(get(&m, k) >= *v, "{k} went down: {v} -> {}", get(&m, k));
-                }
-            }
-        }
-        if !done && installed_total(&m) > 0.0 {
-            mid_run += 1;
-        }
-        last = Some(m);
-        scrapes += 1;
-        if done || Instant::now() > deadline {
+        last = Some(scrape(live.addr, last.as_ref()));
+        if done {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not finish: {:?}",
+            live.seen
+        );
+        progress.tick();
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(scrapes >= 3, "only {scrapes} scrapes");
-    assert!(mid_run >= 1, "no scrape saw the guest mid-run");
     let done = live.wait_line("memstress: done");
     let words: f64 = done
         .split_whitespace()
@@ -205,8 +241,7 @@ fn scrapes_of_a_running_guest() {
         .unwrap();
     assert!(done.contains("bad=0"), "{done}");
     // Final scrape of the finished (halted, still live) guest.
-    let (_, body) = http(live.addr, "GET", "/metrics");
-    let m = samples(&body);
+    let m = scrape(live.addr, last.as_ref());
     assert_eq!(
         installed_total(&m),
         words,
@@ -273,12 +308,20 @@ fn bad_clients_do_not_hurt_the_vm_or_other_scrapes() {
             s
         })
         .collect();
-    let t = Instant::now();
+    // A scrape is answered while every stalled client still waits with
+    // its half request: the server has neither answered nor dropped any
+    // of them (a read on each would block), so the scrape did not wait
+    // for them to be given up on.
     assert_eq!(http(live.addr, "GET", "/metrics").0, 200);
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "scrape held up by stalled clients"
-    );
+    for (i, s) in stalled.iter().enumerate() {
+        s.set_nonblocking(true).unwrap();
+        let r = (&*s).read(&mut [0u8; 1]);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "stalled client {i} was answered or dropped before the scrape was answered: {r:?}"
+        );
+        s.set_nonblocking(false).unwrap();
+    }
     // Oversized headers: rejected or closed, never a crash.
     {
         let mut s = TcpStream::connect(live.addr).unwrap();
