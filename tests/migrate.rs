@@ -260,9 +260,9 @@ fn moved_and_verified(src: Proc, mut dst: Proc, addr: &str) {
 /// to stop a vCPU for a full ring: hardware KVM logs a page once until the
 /// harvest resets it, whatever the number of passes. (A PVM host takes an
 /// entry per store and does not stop the vCPU in time, so there the ring
-/// is refused unless forced; a round of this region takes well under the
-/// eight passes of a vCPU that would fill it: `docs/BENCHMARKS.md`
-/// measured ~5,900 entries a round for a 64 MiB writer.)
+/// is refused unless forced; there a round of this region takes well
+/// under the eight passes of a vCPU that would fill its ring: measured on
+/// the PVM dev host, ~35,000 entries a round over both rings.)
 #[test]
 fn the_dirty_ring_moves_a_writer_without_losing_a_page() {
     let k = key("ring-key", b"a key both sides hold, 32 bytes!");
