@@ -557,7 +557,10 @@ mod tests {
         let cleared = kvm[0].reset();
         assert_eq!(cleared, 0);
         s.after_reset(marked, in_step, cleared);
-        assert_eq!(s.lost, 1);
+        assert_eq!(
+            s.lost, 1,
+            "the reset count shows an entry overwritten before the reset"
+        );
         assert_eq!(pages(&s.take(0, SLOT)).len(), 4096);
         // Scanning from now on, later pages are still seen. KVM's walk,
         // though, now stops for good where it counts an entry twice (one
@@ -586,7 +589,11 @@ mod tests {
         }
         assert_eq!(harvest(&mut s, &mut kvm, None), 0, "a reader alone waits");
         assert_eq!(s.lost, 0);
-        assert_eq!(harvest(&mut s, &mut kvm, Some(0)), 900);
+        assert_eq!(
+            harvest(&mut s, &mut kvm, Some(0)),
+            900,
+            "the full vCPU's ring is scanned for entries away from the fetch index"
+        );
         assert_eq!(s.lost, 1);
         assert!(s.rings[0].scan);
         assert_eq!(kvm[0].reset_index, kvm[0].dirty_index);
@@ -609,12 +616,15 @@ mod tests {
         for _ in 0..WEDGED - 1 {
             full(&mut s, &mut kvm).unwrap();
         }
-        assert!(matches!(
-            full(&mut s, &mut kvm),
-            Err(RingError::Wedged {
-                vcpu: 0,
-                times: WEDGED
-            })
-        ));
+        assert!(
+            matches!(
+                full(&mut s, &mut kvm),
+                Err(RingError::Wedged {
+                    vcpu: 0,
+                    times: WEDGED
+                })
+            ),
+            "a vCPU whose full ring never yields is reported stuck"
+        );
     }
 }
