@@ -3,28 +3,65 @@
 # sound), unit tests, the loom models of the fault protocol and the planted
 # defects they must catch, and the integration tests that boot guests on the
 # machine's real /dev/kvm (test guests, the microVM kernel, Debian's cloud
-# kernel). Installs what it needs first; arguments go to `cargo test`.
+# kernel). Installs what it needs first; arguments go to every test binary
+# (a name filter, --nocapture). Test binaries run three at a time
+# (TEST_LANES), every one even when another fails; the time of each step
+# is printed at the end, whatever the outcome.
 set -euo pipefail
+set -E
+trap 'rc=$?; printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/.."
-step() { printf '\n==> %s\n' "$*"; }
 
-step "setup"
-scripts/setup.sh
-step "guest images (cached outside the clone after the first build)"
-guest-images/build.sh
-step "cargo fmt --check"
-cargo fmt --all -- --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets --release -- -D warnings
-step "unit and integration tests"
-cargo build --release -p vmm-cli
-cargo test --workspace --release "$@"
-step "loom models of the fault protocol (own target dir: --cfg loom rebuilds loom)"
-CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \
-  cargo test --release -p memslots -- --test-threads=1
-step "planted defects the loom models must catch"
-scripts/mutants.sh
-step "planted defects the stress report, unit and migration tests must catch"
-scripts/stress-mutants.sh
-step "fuzz targets, 30 s each (libFuzzer + ASan, nightly)"
-scripts/fuzz.sh 30
+T0=$(date +%s)
+TIMES=()
+FAILED=()
+# step NAME CMD...: run one step, timed. A failing step is recorded and the
+# later steps still run (one failure must not hide another), except where
+# `need` follows: what the rest depends on (set-up, images, the build).
+# cpu_ticks: busy and total jiffies of all CPUs (for each step's CPU use).
+cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+step() {
+  local name=$1 t0 rc=0 b0 a0 b1 a1
+  shift
+  t0=$(date +%s)
+  read -r b0 a0 <<<"$(cpu_ticks)"
+  printf '\n==> %s\n' "$name"
+  "$@" || rc=$?
+  read -r b1 a1 <<<"$(cpu_ticks)"
+  TIMES+=("$(printf '%6d s  cpu %3d%%  %s%s' $(($(date +%s) - t0)) $(((b1 - b0) * 100 / (a1 - a0 + 1))) "$name" "$([ "$rc" = 0 ] || echo "  (FAILED, status $rc)")")")
+  [ "$rc" = 0 ] || FAILED+=("$name")
+  return "$rc"
+}
+need() { exit 1; }
+summary() {
+  printf '\n==> step times\n'
+  printf '%s\n' "${TIMES[@]}"
+  printf '%6d s  total\n' $(($(date +%s) - T0))
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'test.sh: failed: %s\n' "$(printf '%s; ' "${FAILED[@]}")" >&2
+  fi
+}
+trap summary EXIT
+
+# The steps' own failures are reported by the steps; no ERR line for them.
+trap - ERR
+step "setup" scripts/setup.sh || need
+step "cold image build, with stand-ins for the kernel build and downloads" scripts/check-cold-build.sh || true
+step "guest images (cached outside the clone after the first build)" guest-images/build.sh || need
+step "cargo fmt --check" cargo fmt --all -- --check || true
+step "cargo clippy --all-targets -- -D warnings" \
+  cargo clippy --workspace --all-targets --release -- -D warnings || true
+build() { cargo build --release -p vmm-cli && cargo test --workspace --release --no-run; }
+step "build (release: the vmm binary and every test binary)" build || need
+step "unit and integration tests: every test binary, three at a time (scripts/test-lanes.sh)" \
+  scripts/test-lanes.sh "${TEST_LANES:-3}" -- "$@" || true
+step "doc tests" cargo test --workspace --release --doc || true
+loom() {
+  CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" RUST_BACKTRACE=0 \
+    cargo test --release -p memslots -- --test-threads=1
+}
+step "loom models of the fault protocol (own target dir: --cfg loom rebuilds loom)" loom || true
+step "planted defects the loom models must catch" scripts/mutants.sh || true
+step "planted defects the stress report, unit and migration tests must catch" scripts/stress-mutants.sh || true
+step "fuzz targets, 30 s each (libFuzzer + ASan, nightly)" scripts/fuzz.sh 30 || true
+[ ${#FAILED[@]} -eq 0 ]
