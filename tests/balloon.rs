@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::inproc::{config, field, host_mode, text};
+use common::inproc::{config, field, host_mode, text, StopIfPanicking};
 use common::{guest, linux_file, run_with, vmm, wait_for};
 use vmm::config::{BalloonOptions, FaultMode};
 use vmm::devices::virtio::balloon::BalloonStat;
@@ -17,18 +17,6 @@ use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-/// Stops the VM if the thread holding it panics (a wait that timed out):
-/// the guest waits for targets that will never come otherwise.
-struct StopIfPanicking(std::sync::Arc<vmm::api::VmControl>);
-
-impl Drop for StopIfPanicking {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.stop();
-        }
-    }
-}
 
 fn balloon(target: u64) -> Option<BalloonOptions> {
     Some(BalloonOptions {

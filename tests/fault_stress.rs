@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::inproc::{all_modes, config, demand_modes, field, host_mode, lines, text};
+use common::inproc::{all_modes, config, demand_modes, field, host_mode, lines, text, StopOnDrop};
 use common::{image_file, say, wait_for};
-use vmm::api::VmControl;
 use vmm::config::FaultMode;
 use vmm::exit::ExitReason;
 use vmm::fault::stats::ThreadStat;
@@ -52,17 +51,6 @@ impl Rng {
 
 /// `rounds=` for a guest that runs until the test stops it.
 const UNTIL_STOPPED: u64 = 1 << 40;
-
-/// Stops the VM when dropped: the thread that decides when a guest which
-/// never ends by itself has done enough ends it, however that thread ends
-/// (a wait that times out panics, and must not leave the guest running).
-struct StopOnDrop(Arc<VmControl>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
 
 /// Round lines the guest printed so far (each one a whole round checked).
 fn rounds_printed(out: &common::inproc::Output) -> usize {

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::inproc::{config, field, host_mode, text};
+use common::inproc::{config, field, host_mode, text, StopIfPanicking};
 use common::{linux_file, say, wait_for};
 use vmm::config::HotplugOptions;
 use vmm::devices::virtio::mem::HotplugStat;
@@ -21,18 +21,6 @@ use vmm::memory::{resident_pages, MemoryManager, Slot};
 use vmm::vm::{RunReport, Vm};
 
 const MIB: u64 = 1 << 20;
-
-/// Stops the VM if the thread holding it panics (a wait that timed out):
-/// the guest would otherwise wait for sizes, or a signal, that never come.
-struct StopIfPanicking(Arc<vmm::api::VmControl>);
-
-impl Drop for StopIfPanicking {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.stop();
-        }
-    }
-}
 
 fn hotplug(size: u64) -> Option<HotplugOptions> {
     Some(HotplugOptions {

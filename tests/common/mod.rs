@@ -257,6 +257,31 @@ pub mod inproc {
         v
     }
 
+    /// Stops the VM if the thread holding it panics (a wait that timed
+    /// out): a guest waiting for a step that will never come would
+    /// otherwise keep the test running.
+    pub struct StopIfPanicking(pub Arc<vmm::api::VmControl>);
+
+    impl Drop for StopIfPanicking {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.stop();
+            }
+        }
+    }
+
+    /// Stops the VM when dropped: the thread that decides when a guest
+    /// which never ends by itself has done enough ends it, however that
+    /// thread ends (a wait that times out panics, and must not leave the
+    /// guest running).
+    pub struct StopOnDrop(pub Arc<vmm::api::VmControl>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+
     pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
     }
