@@ -15,6 +15,11 @@ trap 'rc=$?; printf "%s: line %s: \"%s\" failed (status %s)\n" "${BASH_SOURCE[0]
 cd "$(dirname "$0")/.."
 secs=${1:-30}
 min_execs=${MIN_EXECS:-1000}
+# The instrumented build lives outside the clone (like the image cache): a
+# fresh clone then rebuilds only the workspace's own crates, not every
+# dependency with ASan and coverage (VMM_CARGO_CACHE moves it).
+target_dir=${VMM_CARGO_CACHE:-/var/cache/vmm/cargo}/fuzz
+mkdir -p "$target_dir"
 root=$PWD
 if ! cargo +nightly --version >/dev/null 2>&1; then
 	echo "fuzz.sh: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
@@ -34,7 +39,7 @@ for t in $targets; do
 	mkdir -p "$scratch"
 	log=$root/target/fuzz-$t.log
 	echo "== $t: ${secs}s"
-	if ! cargo +nightly fuzz run "$t" "$scratch" "fuzz/corpus/$t" -- \
+	if ! cargo +nightly fuzz run --target-dir "$target_dir" "$t" "$scratch" "fuzz/corpus/$t" -- \
 		-max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
 		tail -n 40 "$log"
 		echo "fuzz.sh: $t crashed; input in vmm/fuzz/artifacts/$t/" >&2

@@ -17,7 +17,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-export CARGO_TARGET_DIR=$ROOT/target/loom-mutants
+# Outside the clone (like the image cache): loom and its dependencies stay
+# built across clones (VMM_CARGO_CACHE moves it).
+export CARGO_TARGET_DIR=${VMM_CARGO_CACHE:-/var/cache/vmm/cargo}/loom-mutants
 export RUSTFLAGS="--cfg loom"
 export RUST_BACKTRACE=0
 
