@@ -74,13 +74,27 @@ fn faults(metrics: &Value, vcpu: usize) -> u64 {
 struct Linux {
     child: std::process::Child,
     socket: PathBuf,
+    console: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Linux {
+    /// Ends the VM; a failed test also shows how the VM was doing (its
+    /// console's tail, its stderr: a VM that ended early says why there).
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let status = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
+        if std::thread::panicking() {
+            let console: Vec<String> = self.console.try_iter().collect();
+            let tail = &console[console.len().saturating_sub(40)..];
+            let stderr: Vec<String> = self.stderr.try_iter().collect();
+            common::say(&format!(
+                "the Linux VM ({status:?}):\nconsole tail:\n{}\nvmm stderr:\n{}",
+                tail.join("\n"),
+                stderr.join("\n")
+            ));
+        }
     }
 }
 
@@ -106,8 +120,13 @@ fn boot_linux(metrics_port: u16) -> Linux {
         .arg("--api-socket")
         .arg(&socket)
         .stdin(Stdio::null());
-    let (child, _out, _err) = spawn_lines(c);
-    let linux = Linux { child, socket };
+    let (child, console, stderr) = spawn_lines(c);
+    let linux = Linux {
+        child,
+        socket,
+        console,
+        stderr,
+    };
     let s = linux.socket.clone();
     let t0 = Instant::now();
     eprintln!("waiting for Linux's balloon and virtio-mem drivers (up to 10 min)");
@@ -275,11 +294,16 @@ fn holding_vm(name: &str) -> Linux {
         .arg(&socket)
         .args(["--kernel", common::guest("memstress").to_str().unwrap()])
         .args(["--cmdline", "mode=0 rounds=1 bytes=4M hold=1"]);
-    let (child, _out, _err) = spawn_lines(c);
+    let (child, console, stderr) = spawn_lines(c);
     wait_for("the API socket", Duration::from_secs(30), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
-    Linux { child, socket }
+    Linux {
+        child,
+        socket,
+        console,
+        stderr,
+    }
 }
 
 /// The live view on a terminal (a pseudo-terminal here): it draws on the
